@@ -1,0 +1,270 @@
+"""Typed configuration for the whole stack, loaded from one YAML file with environment overrides.
+
+Where the file comes from: ``--config`` / ``TRITON_HYBRID_CONFIG`` / ``deploy/local.yaml``.
+Overrides: ``TRITON_HYBRID__<SECTION>__<FIELD>=value`` (double underscores walk into nested
+sections, e.g. ``TRITON_HYBRID__S3__PORT=9100``; list items by index:
+``TRITON_HYBRID__INSTANCES__0__HTTP_PORT=9100``). Values are parsed as YAML scalars.
+Secrets are ``SecretStr``: they never show up in a repr, a log line or ``status --json``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "deploy" / "local.yaml"
+ENV_CONFIG = "TRITON_HYBRID_CONFIG"
+ENV_PREFIX = "TRITON_HYBRID__"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class S3Config(_Section):
+    host: str = "127.0.0.1"
+    port: int = 9000
+    # Empty: the local endpoint server at host:port. Production: AWS S3 or MinIO/Ceph RGW URL.
+    endpoint_url: str = ""
+    bucket: str = "triton-models"
+    prefix: str = "repository"
+    region: str = "us-east-1"
+    access_key_id: SecretStr = SecretStr("local-access-key")
+    secret_access_key: SecretStr = SecretStr("local-secret-key")
+    sse: Literal["AES256", "aws:kms"] = "AES256"
+    kms_key_id: str | None = None
+    start_local_server: bool = True
+    multipart_threshold_mb: int = 8
+    keep_versions: int = 3
+    retry_attempts: int = 5
+    retry_base_delay_s: float = 0.5
+
+    @property
+    def url(self) -> str:
+        return self.endpoint_url or f"http://{self.host}:{self.port}"
+
+    @field_validator("prefix")
+    @classmethod
+    def _strip_prefix(cls, v: str) -> str:
+        return v.strip("/")
+
+
+class InstanceConfig(_Section):
+    name: str
+    site: Literal["onprem", "cloud"]
+    host: str = "127.0.0.1"
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    weight: int = Field(100, ge=0, le=256)
+    capacity: float = 1.0  # relative throughput, used by the policy and the scaler
+    cost_per_hour: float = 0.0
+    sensitive_ok: bool = False  # may serve requests marked sensitive (data residency)
+    # Started and stopped by `triton-hybrid up/down`; False for an instance run elsewhere.
+    managed: bool = True
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+class TritonConfig(_Section):
+    admin_key: SecretStr = SecretStr("change-me-triton-admin-key")
+    startup_timeout_s: float = 90.0
+    log_verbose: int = 0
+    # Extra tritonserver flags, e.g. ["--exit-timeout-secs=5"].
+    extra_args: list[str] = Field(default_factory=lambda: ["--exit-timeout-secs=5"])
+
+
+class HAProxyConfig(_Section):
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    stats_port: int = 8404  # stats page + Prometheus exporter at /metrics
+    binary: str = "haproxy"
+    sensitive_header: str = "X-Data-Sensitive"
+    health_interval_ms: int = 500
+    health_fall: int = 2
+    health_rise: int = 2
+    timeout_connect_ms: int = 500
+    timeout_server_ms: int = 10000
+    retries: int = 3
+
+
+class PolicyConfig(_Section):
+    """Knobs of the traffic policy (a pure function in control/policy.py)."""
+
+    onprem_util_high: float = 0.80
+    onprem_util_low: float = 0.50
+    queue_time_high_ms: float = 20.0
+    queue_time_low_ms: float = 5.0
+    sustain_ticks: int = 3
+    max_step: int = 20
+    min_onprem_weight: int = 0
+    max_cloud_weight: int = 100
+    cooldown_s: float = 3.0
+    failback_healthy_s: float = 10.0
+    stale_after_s: float = 5.0
+
+
+class ControlConfig(_Section):
+    api_host: str = "127.0.0.1"
+    api_port: int = 8300
+    metrics_port: int = 8301
+    admin_token: SecretStr = SecretStr("change-me-admin-token")
+    poll_interval_s: float = 1.0
+    sync_interval_s: float = 10.0
+    actuator: Literal["haproxy", "route53", "dry-run"] = "haproxy"
+    database: str = "control.db"  # relative to run_dir
+    start_daemon: bool = True
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+
+class ModelsConfig(_Section):
+    exports_dir: str = "artifacts/exports"
+    repository_dir: str = "model_repository/generated/cpu"
+    target: Literal["cpu", "gpu"] = "cpu"
+    # Export profile `make demo` builds when no export exists yet.
+    profile: Literal["tiny", "full"] = "full"
+
+
+class Settings(_Section):
+    run_dir: str = ".run"
+    s3: S3Config = Field(default_factory=S3Config)
+    triton: TritonConfig = Field(default_factory=TritonConfig)
+    haproxy: HAProxyConfig = Field(default_factory=HAProxyConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    instances: list[InstanceConfig] = Field(default_factory=list)
+    # Where this config came from; relative paths resolve against the project root.
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        names = [i.name for i in self.instances]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"instance names must be unique, repeated: {sorted(dup)}")
+        ports: dict[tuple[str, int], str] = {}
+        own = [
+            ("s3", self.s3.host, self.s3.port),
+            ("haproxy http", self.haproxy.host, self.haproxy.http_port),
+            ("haproxy grpc", self.haproxy.host, self.haproxy.grpc_port),
+            ("haproxy stats", self.haproxy.host, self.haproxy.stats_port),
+            ("control api", self.control.api_host, self.control.api_port),
+            ("control metrics", self.control.api_host, self.control.metrics_port),
+        ]
+        for i in self.instances:
+            own += [(f"{i.name} http", i.host, i.http_port), (f"{i.name} grpc", i.host, i.grpc_port),
+                    (f"{i.name} metrics", i.host, i.metrics_port)]
+        for what, host, port in own:
+            if (host, port) in ports:
+                raise ValueError(f"port {port} is used twice: by {ports[(host, port)]} and by {what}")
+            ports[(host, port)] = what
+        return self
+
+    # Paths -----------------------------------------------------------------------------------
+    def path(self, p: str | Path) -> Path:
+        p = Path(p)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    @property
+    def run_path(self) -> Path:
+        return self.path(self.run_dir)
+
+    @property
+    def database_path(self) -> Path:
+        return self.run_path / self.control.database
+
+    def instance(self, name: str) -> InstanceConfig:
+        for i in self.instances:
+            if i.name == name:
+                return i
+        known = ", ".join(i.name for i in self.instances) or "none"
+        raise ConfigError(f"unknown instance {name!r} (known: {known})")
+
+    def site_instances(self, site: str) -> list[InstanceConfig]:
+        return [i for i in self.instances if i.site == site]
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_env_overrides(data: dict, environ: dict[str, str]) -> dict:
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{key}: {part!r} is not an index of that list (0..{len(node) - 1})")
+                if last:
+                    node[int(part)] = _parse_scalar(raw)
+                else:
+                    node = node[int(part)]
+            else:
+                if last:
+                    node[part] = _parse_scalar(raw)
+                else:
+                    node = node.setdefault(part, {})
+    return data
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None,
+                overrides: dict | None = None) -> Settings:
+    """Load the settings; raise ConfigError naming the file and field on any problem."""
+    environ = dict(os.environ if environ is None else environ)
+    path = Path(path or environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found (set {ENV_CONFIG} or pass --config)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping")
+    if overrides:
+        data = _deep_merge(data, overrides)
+    data = apply_env_overrides(data, environ)
+    data["source"] = str(path)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from None
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
