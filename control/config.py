@@ -88,8 +88,8 @@ class TritonConfig(_Section):
     admin_key: SecretStr = SecretStr("change-me-triton-admin-key")
     startup_timeout_s: float = 90.0
     log_verbose: int = 0
-    # Extra tritonserver flags, e.g. ["--exit-timeout-secs=5"].
-    extra_args: list[str] = Field(default_factory=lambda: ["--exit-timeout-secs=5"])
+    # Extra tritonserver flags, e.g. ["--log-info=false"].
+    extra_args: list[str] = Field(default_factory=list)
 
 
 class HAProxyConfig(_Section):
