@@ -148,7 +148,8 @@ def start_process(name: str, argv: list[str], run_dir: Path, env: dict[str, str]
         raise ComponentError(name, f"cannot start: {argv[0]} not found") from None
     finally:
         log.close()
-    pid_file.write_text(json.dumps({"pid": proc.pid, "argv": argv, "started": time.time()}))
+    pid_file.write_text(json.dumps({"pid": proc.pid, "argv": argv, "started": time.time(),
+                                    "proc_start": _proc_start_time(proc.pid)}))
     return ManagedProcess(name, proc.pid, pid_file, log_path)
 
 
@@ -161,14 +162,18 @@ def load_managed(run_dir: Path, name: str) -> ManagedProcess | None:
         return None
     pid = int(info["pid"])
     mp = ManagedProcess(name, pid, pid_file, log_file_for(Path(run_dir), name))
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except FileNotFoundError:
-        cmdline = ""
-    if not cmdline or Path(cmdline).name != Path(info["argv"][0]).name:
+    if _proc_start_time(pid) != info.get("proc_start"):
         # The pid died or was reused by an unrelated process: never signal it.
         mp.pid = -1
     return mp
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of a pid (field 22 of /proc/PID/stat): tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (FileNotFoundError, IndexError):
+        return None
 
 
 def managed_names(run_dir: Path) -> list[str]:
