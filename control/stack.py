@@ -42,13 +42,13 @@ def running_components(settings) -> list[str]:
 
 def stage_repositories(settings, say: Say = _quiet) -> dict[str, object]:
     """Publish the built repository to S3, then pull a verified copy for every managed instance."""
-    from control.publish import publish_repository  # noqa: PLC0415 - boto3 only when needed
-    from control.sync import prepare_instance_repository  # noqa: PLC0415
-
     repo_dir = settings.path(settings.models.repository_dir)
     if not repo_dir.is_dir() or not any(repo_dir.iterdir()):
         raise ComponentError("model repository", f"{repo_dir} is missing or empty; build it first with "
                                                  "`triton-hybrid export` and `triton-hybrid repo build` (`make demo` does both)")
+    from control.publish import publish_repository  # noqa: PLC0415 - boto3 only when needed
+    from control.sync import prepare_instance_repository  # noqa: PLC0415
+
     say(f"publishing {repo_dir} to s3://{settings.s3.bucket}/{settings.s3.prefix}/")
     publish_repository(settings, repo_dir, progress=False)
     staged = {}
@@ -77,6 +77,31 @@ def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
     return proc
 
 
+def planned_ports(settings, with_control: bool) -> list[tuple[str, str, str, int]]:
+    """(component, config field, host, port) of every port `up` will bind."""
+    out = []
+    if settings.s3.start_local_server:
+        out.append(("s3", "s3.port", settings.s3.host, settings.s3.port))
+    for idx, inst in enumerate(settings.instances):
+        if inst.managed:
+            out += [(inst.name, f"instances[{idx}].{f}", inst.host, getattr(inst, f))
+                    for f in ("http_port", "grpc_port", "metrics_port")]
+    h = settings.haproxy
+    out += [("haproxy", f"haproxy.{f}", h.host, getattr(h, f)) for f in ("http_port", "grpc_port", "stats_port")]
+    if with_control:
+        c = settings.control
+        out += [(CONTROL_NAME, f"control.{f}", c.api_host, getattr(c, f)) for f in ("api_port", "metrics_port")]
+    return out
+
+
+def preflight(settings, with_control: bool) -> None:
+    """Fail before starting anything when a port is taken: nothing to clean up, a precise message."""
+    for component, fld, host, port in planned_ports(settings, with_control):
+        if port_in_use(host, port):
+            raise ComponentError(component, f"port {host}:{port} ({fld}) is already in use; stop what holds it "
+                                            "or change it in the config")
+
+
 def up(settings, with_prometheus: bool = False, with_control: bool | None = None, say: Say = _quiet) -> Stack:
     from control.haproxy_proc import start_haproxy  # noqa: PLC0415
     from control.s3server import start_s3_server  # noqa: PLC0415
@@ -85,6 +110,8 @@ def up(settings, with_prometheus: bool = False, with_control: bool | None = None
     already = running_components(settings)
     if already:
         raise ComponentError("stack", f"already running ({', '.join(already)}); run `triton-hybrid down` first")
+    with_control = settings.control.start_daemon if with_control is None else with_control
+    preflight(settings, with_control)
     stack = Stack(settings)
     try:
         if settings.s3.start_local_server:
@@ -98,7 +125,7 @@ def up(settings, with_prometheus: bool = False, with_control: bool | None = None
         say(f"starting HAProxy on {settings.haproxy.host}:{settings.haproxy.http_port} (HTTP) and "
             f":{settings.haproxy.grpc_port} (gRPC)")
         stack.procs.append(start_haproxy(settings))
-        if settings.control.start_daemon if with_control is None else with_control:
+        if with_control:
             say("starting the control-plane daemon")
             stack.procs.append(start_control_daemon(settings))
         if with_prometheus:
