@@ -108,19 +108,49 @@ class HAProxyConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    """Knobs of the traffic policy (a pure function in control/policy.py)."""
+    """Knobs of the traffic policy (a pure function in control/policy.py). Weights are per site,
+    0..100, onprem + cloud = 100."""
 
+    # Which load signal: "auto" = GPU utilization where the site reports GPUs, else CPU;
+    # "none" = queue time only (e.g. two Tritons sharing one host share its CPU utilization).
+    util_signal: Literal["auto", "gpu", "cpu", "none"] = "auto"
     onprem_util_high: float = 0.80
     onprem_util_low: float = 0.50
     queue_time_high_ms: float = 20.0
     queue_time_low_ms: float = 5.0
-    sustain_ticks: int = 3
-    max_step: int = 20
-    min_onprem_weight: int = 0
-    max_cloud_weight: int = 100
-    cooldown_s: float = 3.0
-    failback_healthy_s: float = 10.0
-    stale_after_s: float = 5.0
+    sustain_ticks: int = Field(3, ge=1)        # consecutive hot (or cool) ticks before a step
+    max_step: int = Field(20, ge=1, le=100)    # weight points moved per step
+    home_onprem_weight: int = Field(100, ge=0, le=100)  # where the weight returns when calm
+    min_onprem_weight: int = Field(0, ge=0, le=100)     # scaling never goes below (failover/drain may)
+    max_cloud_weight: int = Field(100, ge=0, le=100)    # scaling never goes above
+    cooldown_s: float = 3.0                    # minimum time between two weight changes by scaling
+    failback_healthy_s: float = 10.0           # a failed site must stay healthy this long
+    stale_after_s: float = 5.0                 # metrics older than this make an instance unknown
+
+    @model_validator(mode="after")
+    def _bands(self) -> "PolicyConfig":
+        if self.onprem_util_low >= self.onprem_util_high:
+            raise ValueError("onprem_util_low must be below onprem_util_high (hysteresis band)")
+        if self.queue_time_low_ms >= self.queue_time_high_ms:
+            raise ValueError("queue_time_low_ms must be below queue_time_high_ms (hysteresis band)")
+        if self.min_onprem_weight + self.max_cloud_weight < 100:
+            raise ValueError("min_onprem_weight + max_cloud_weight must be at least 100")
+        return self
+
+
+class Route53Config(_Section):
+    """Weighted DNS records, one per site, for `record_name` (DNS-level hybrid routing)."""
+
+    endpoint_url: str = ""          # empty: AWS; tests: the local moto server
+    region: str = "us-east-1"
+    hosted_zone_id: str = ""
+    record_name: str = "triton.search.example.com."
+    record_type: Literal["A", "AAAA", "CNAME"] = "CNAME"
+    ttl: int = 30
+    targets: dict[str, str] = Field(default_factory=lambda: {
+        "onprem": "triton.onprem.example.com.", "cloud": "triton.cloud.example.com."})
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
 
 
 class ControlConfig(_Section):
@@ -129,8 +159,19 @@ class ControlConfig(_Section):
     metrics_port: int = 8301
     admin_token: SecretStr = SecretStr("change-me-admin-token")
     poll_interval_s: float = 1.0
+    poll_timeout_s: float = 0.8
+    decide_interval_s: float = 1.0
     sync_interval_s: float = 10.0
     actuator: Literal["haproxy", "route53", "dry-run"] = "haproxy"
+    # HAProxy backends whose servers (named like the instances) get the weights, and the
+    # on-prem-only backends for sensitive requests (drain applies there too).
+    haproxy_backends: list[str] = Field(default_factory=lambda: ["be_triton_http", "be_triton_grpc"])
+    sensitive_backends: list[str] = Field(default_factory=lambda: ["be_onprem_http", "be_onprem_grpc"])
+    haproxy_socket: str = ""  # empty: <run_dir>/haproxy.sock
+    # Optional DCGM exporter per instance name, e.g. {"onprem-1": "http://10.0.0.5:9400/metrics"}.
+    dcgm_exporter_urls: dict[str, str] = Field(default_factory=dict)
+    route53: Route53Config = Field(default_factory=Route53Config)
+    audit_retention_h: float = 72.0
     database: str = "control.db"  # relative to run_dir
     start_daemon: bool = True
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
