@@ -6,7 +6,11 @@ import shutil
 
 import pytest
 
-from control.config import load_config
+from pathlib import Path
+
+import yaml
+
+from control.config import DEFAULT_CONFIG, _deep_merge, load_config
 from control.procs import free_port
 
 
@@ -38,8 +42,16 @@ def make_settings(run_dir, instances=(("onprem-1", "onprem", 90, True), ("cloud-
         ],
     }
     for key, value in sections.items():
-        overrides.setdefault(key, {}).update(value) if isinstance(value, dict) else overrides.__setitem__(key, value)
-    return load_config(environ={}, overrides=overrides)
+        if isinstance(value, dict):
+            overrides.setdefault(key, {}).update(value)
+        else:
+            overrides[key] = value
+    # Written to a file so that CLI calls and the daemon `up` starts (`--config`) see the same ports.
+    data = _deep_merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), overrides)
+    path = Path(run_dir).parent / f"config-{Path(run_dir).name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, environ={})
 
 
 @pytest.fixture
