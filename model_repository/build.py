@@ -1,0 +1,182 @@
+"""Assemble the Triton model repository `<out>/<model>/<version>/...` from one export.
+
+Each model gets the next integer version in `out_dir` (previous versions stay; the version policy
+serves the latest). Every config.pbtxt comes from the spec through `configgen`, is parsed back,
+and the ensemble wiring and the ONNX-served models' I/O are checked before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model_repository import configgen
+from model_repository.spec import ENSEMBLE, PLACEHOLDER, TARGETS, RepositorySpec, Signature, search_ranking_spec
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENSEMBLES_DIR = PROJECT_ROOT / "ensembles"
+TOKENIZER_SOURCE = PROJECT_ROOT / "export" / "tokenizer.py"
+DEFAULT_EXPORTS = PROJECT_ROOT / "artifacts" / "exports"
+SMOKE_FILE = "smoke.json"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass
+class BuildResult:
+    target: str
+    out_dir: Path
+    export_dir: Path
+    versions: dict[str, int] = field(default_factory=dict)   # model -> version written
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.versions)
+
+    def __str__(self) -> str:
+        rows = ", ".join(f"{m} v{v}" for m, v in self.versions.items())
+        return f"{self.target} repository {self.out_dir} from {self.export_dir}: {rows}"
+
+
+def default_out_dir(target: str) -> Path:
+    return PROJECT_ROOT / "model_repository" / "generated" / target
+
+
+def latest_export_dir(root: Path = DEFAULT_EXPORTS) -> Path:
+    try:
+        from export.artifacts import latest_export  # noqa: PLC0415 - export owns the layout
+        found = latest_export(root)
+        if found is not None:
+            return Path(found)
+    except ImportError:
+        pass
+    numbered = sorted((p for p in Path(root).glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if not numbered:
+        raise BuildError(f"no export under {root}; run `triton-hybrid export` first")
+    return numbered[-1]
+
+
+def export_signature(export_dir: Path) -> Signature:
+    qi = configgen.onnx_signature(Path(export_dir) / "query_intent.onnx")
+    rk = configgen.onnx_signature(Path(export_dir) / "ranker.onnx")
+    try:
+        return Signature(num_intents=int(qi["outputs"]["intent_logits"][1][1]),
+                         embedding_dim=int(qi["outputs"]["query_embedding"][1][1]),
+                         feature_dim=int(rk["inputs"]["item_features"][1][2]))
+    except (KeyError, IndexError, TypeError) as e:
+        raise BuildError(f"the export's ONNX graphs do not have the expected I/O ({e!r}): {qi} {rk}") from None
+
+
+def spec_for_export(export_dir: Path, **overrides) -> RepositorySpec:
+    return search_ranking_spec(export_signature(export_dir), **overrides)
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in Path(model_dir).glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def generate_configs(spec: RepositorySpec, target: str, export_dir: Path) -> dict:
+    """All model configs of a target, checked; raises BuildError listing every problem."""
+    if target not in TARGETS:
+        raise BuildError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    configs = {m.name: configgen.model_config(m, spec, target) for m in spec.models}
+    problems = configgen.check_ensemble(configs, ENSEMBLE)
+    for m in spec.models:
+        if m.onnx_export_file:
+            sig = configgen.onnx_signature(Path(export_dir) / m.onnx_export_file)
+            problems += configgen.check_against_onnx(configs[m.name], sig)
+    if problems:
+        raise BuildError("the generated configs are inconsistent:\n  " + "\n  ".join(problems))
+    return configs
+
+
+def _use_plan(model, target: str, export_dir: Path) -> bool:
+    return target == "gpu" and bool(model.plan_export_file) and (Path(export_dir) / model.plan_export_file).exists()
+
+
+def _files_for(model, target: str, export_dir: Path) -> dict[Path, str]:
+    """{source file: name in the version dir} for one model."""
+    rt = model.runtime(target)
+    files: dict[Path, str] = {Path(export_dir) / src: dst for src, dst in model.data_files.items()}
+    if rt.kind == "python":
+        files[ENSEMBLES_DIR / rt.python_impl / "model.py"] = "model.py"
+        if rt.python_impl == "preprocess":
+            files[TOKENIZER_SOURCE] = "tokenizer.py"
+    if model.onnx_export_file and rt.kind in ("python", "onnxruntime"):
+        files[Path(export_dir) / model.onnx_export_file] = "model.onnx"
+    if rt.kind == "tensorrt_plan":
+        files[Path(export_dir) / model.plan_export_file] = "model.plan"
+    return files
+
+
+def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = "cpu", version: int | None = None,
+                     spec: RepositorySpec | None = None, dynamic_batching: bool = True) -> BuildResult:
+    export_dir, out_dir = Path(export_dir).resolve(), Path(out_dir)
+    if not (export_dir / "query_intent.onnx").exists():
+        raise BuildError(f"{export_dir} is not an export (no query_intent.onnx)")
+    spec = (spec or spec_for_export(export_dir)).with_dynamic_batching(dynamic_batching)
+    if target == "gpu":
+        # Plans in the export replace the ONNX runtime by a TensorRT engine for that model.
+        from dataclasses import replace  # noqa: PLC0415
+        models = []
+        for m in spec.models:
+            if _use_plan(m, target, export_dir):
+                rts = dict(m.runtimes)
+                rts["gpu"] = replace(rts["gpu"], kind="tensorrt_plan", tensorrt_accelerator=False)
+                m = replace(m, runtimes=rts, onnx_export_file=None)
+            models.append(m)
+        spec = replace(spec, models=tuple(models))
+    configs = generate_configs(spec, target, export_dir)
+
+    plan = {}
+    for m in spec.models:
+        files = _files_for(m, target, export_dir)
+        missing = [str(p) for p in files if not p.exists()]
+        if missing:
+            raise BuildError(f"{m.name}: missing source files: {', '.join(missing)}")
+        plan[m.name] = files
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = BuildResult(target, out_dir.resolve(), export_dir)
+    for m in spec.models:
+        model_dir = out_dir / m.name
+        v = version if version is not None else next_version(model_dir)
+        vdir = model_dir / str(v)
+        if vdir.exists():
+            raise BuildError(f"{vdir} exists; versions are never overwritten (omit --version for the next one)")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        # Write into a temp dir next to it and rename: a half-written version never shows up.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{v}.tmp-", dir=model_dir))
+        for src, dst in plan[m.name].items():
+            shutil.copy2(src, tmp / dst)
+        if m.runtime(target).kind == "ensemble":
+            (tmp / PLACEHOLDER).write_text(
+                f"Version {v} of the ensemble {m.name} (built from {export_dir.name}). An ensemble has no model\n"
+                "file, but Triton needs the version directory and S3 keeps no empty directories: this file keeps it.\n")
+            (tmp / SMOKE_FILE).write_text(json.dumps(smoke_payload(export_dir, spec), indent=1))
+        tmp.rename(vdir)
+        configgen.write_config(configs[m.name], model_dir)
+        result.versions[m.name] = v
+    return result
+
+
+def smoke_payload(export_dir: Path, spec: RepositorySpec) -> dict:
+    """A small valid request from the export's held-out set and the reference answer to it."""
+    held = json.loads((Path(export_dir) / "heldout_queries.json").read_text())
+    item = next(h for h in held if 0 < len(h["candidate_ids"]) <= spec.max_candidates
+                and 0 < len(h["query"]) <= spec.max_query_chars)
+    top_k = min(5, spec.top_k_default)
+    payload = {"query": item["query"], "candidate_ids": [int(c) for c in item["candidate_ids"]], "top_k": top_k}
+    try:
+        from export.reference import ReferencePipeline  # noqa: PLC0415
+        ids, scores, intent, intent_score = ReferencePipeline(export_dir).rank(item["query"], item["candidate_ids"], top_k)
+        payload["expected"] = {"top_ids": [int(i) for i in ids], "top_scores": [float(s) for s in scores],
+                               "intent": str(intent), "intent_score": float(intent_score)}
+    except ImportError:
+        pass
+    return payload
