@@ -63,10 +63,11 @@ def model_config(model: ModelSpec, spec: RepositorySpec, target: str) -> mc.Mode
         db.preferred_batch_size.extend(p for p in model.dynamic_batching.preferred_batch_sizes
                                        if p <= model.max_batch_size)
         db.max_queue_delay_microseconds = model.dynamic_batching.max_queue_delay_us
-    for key, value in model.parameters.items():
-        cfg.parameters[key].string_value = value
-    if rt.kind == "python" and model.onnx_export_file:
-        cfg.parameters["onnx_file"].string_value = "model.onnx"
+    if rt.kind == "python":  # read by our model.py files; the native backends get none
+        for key, value in model.parameters.items():
+            cfg.parameters[key].string_value = value
+        if model.onnx_export_file:
+            cfg.parameters["onnx_file"].string_value = "model.onnx"
     return cfg
 
 

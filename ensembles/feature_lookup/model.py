@@ -17,6 +17,14 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def bad_request(message):
+    """A Triton error for one request; INVALID_ARG makes it HTTP 400 / gRPC INVALID_ARGUMENT."""
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):  # older Python backends: no error codes
+        return pb_utils.TritonError(message)
+
+
 def softmax(logits):
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -59,7 +67,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("intent_probs", softmax(logits.astype(np.float32))),
                 ]))
             except ValueError as e:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {e}")))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=bad_request(f"bad request: {e}")))
             except Exception as e:  # noqa: BLE001
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"feature_lookup failed: {e!r}")))
         return responses

@@ -19,6 +19,14 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def bad_request(message):
+    """A Triton error for one request; INVALID_ARG makes it HTTP 400 / gRPC INVALID_ARGUMENT."""
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):  # older Python backends: no error codes
+        return pb_utils.TritonError(message)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -64,7 +72,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("INTENT_SCORE", probs.max(axis=-1).astype(np.float32).reshape(-1, 1)),
                 ]))
             except ValueError as e:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {e}")))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=bad_request(f"bad request: {e}")))
             except Exception as e:  # noqa: BLE001
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"postprocess failed: {e!r}")))
         return responses

@@ -19,6 +19,14 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def bad_request(message):
+    """A Triton error for one request; INVALID_ARG makes it HTTP 400 / gRPC INVALID_ARGUMENT."""
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):  # older Python backends: no error codes
+        return pb_utils.TritonError(message)
+
+
 def _load_tokenizer_class():
     spec = importlib.util.spec_from_file_location("search_ranking_tokenizer", os.path.join(HERE, "tokenizer.py"))
     module = importlib.util.module_from_spec(spec)
@@ -58,7 +66,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("attention_mask", np.ascontiguousarray(mask, dtype=np.int64)),
                 ]))
             except ValueError as e:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"bad request: {e}")))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=bad_request(f"bad request: {e}")))
             except Exception as e:  # noqa: BLE001 - one request's failure never takes the model down
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"preprocess failed: {e!r}")))
         return responses

@@ -1,0 +1,131 @@
+"""The model repository builder: configs from the spec (protobuf, parsed back), ensemble wiring,
+cpu and gpu configs against the export's ONNX signatures, versions, files, the CLI. No server."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from click.testing import CliRunner
+
+from model_repository import configgen
+from model_repository.build import BuildError, build_repository, export_signature, generate_configs, spec_for_export
+from model_repository.cli import repo_group
+from model_repository.spec import ENSEMBLE, PLACEHOLDER, Tensor
+from model_repository.testing import tiny_export_dir
+
+MODELS = ["preprocess", "query_intent", "feature_lookup", "ranker", "postprocess", ENSEMBLE]
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory):
+    return tiny_export_dir(tmp_path_factory)
+
+
+def read_config(model_dir):
+    return configgen.parse_pbtxt((model_dir / "config.pbtxt").read_text())
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_configs_parse_back_and_match_the_onnx_graphs(export_dir, target):
+    spec = spec_for_export(export_dir)
+    configs = generate_configs(spec, target, export_dir)   # raises on any inconsistency
+    assert set(configs) == set(MODELS)
+    for name, cfg in configs.items():
+        assert configgen.parse_pbtxt(configgen.to_pbtxt(cfg)) == cfg, name
+    for name, onnx_file in (("query_intent", "query_intent.onnx"), ("ranker", "ranker.onnx")):
+        assert configgen.check_against_onnx(configs[name], configgen.onnx_signature(export_dir / onnx_file)) == []
+    assert configgen.check_ensemble(configs, ENSEMBLE) == []
+
+
+def test_gpu_configs_use_the_native_backends(export_dir):
+    configs = generate_configs(spec_for_export(export_dir), "gpu", export_dir)
+    qi = configs["query_intent"]
+    assert qi.backend == "onnxruntime" and qi.default_model_filename == "model.onnx"
+    assert qi.instance_group[0].kind == qi.instance_group[0].KIND_GPU
+    accel = qi.optimization.execution_accelerators.gpu_execution_accelerator
+    assert [a.name for a in accel] == ["tensorrt"]
+    assert configs["preprocess"].backend == "python"
+    assert configs[ENSEMBLE].platform == "ensemble"
+
+
+def test_a_config_that_disagrees_with_the_graph_is_caught(export_dir):
+    spec = spec_for_export(export_dir)
+    ranker = spec.model("ranker")
+    wrong = replace(ranker, inputs=(Tensor("query_embedding", "TYPE_FP32", (3,)),) + ranker.inputs[1:],
+                    outputs=(Tensor("scores", "TYPE_INT64", (-1,)),))
+    cfg = configgen.model_config(wrong, spec, "gpu")
+    problems = configgen.check_against_onnx(cfg, configgen.onnx_signature(export_dir / "ranker.onnx"))
+    assert any("query_embedding dims" in p for p in problems)
+    assert any("scores dtype TYPE_INT64" in p for p in problems)
+    bad_spec = replace(spec, models=tuple(wrong if m.name == "ranker" else m for m in spec.models))
+    with pytest.raises(BuildError, match="inconsistent"):
+        generate_configs(bad_spec, "gpu", export_dir)
+
+
+def test_ensemble_wiring_errors_are_caught(export_dir):
+    spec = spec_for_export(export_dir)
+    ens = spec.ensemble
+    steps = list(ens.steps)
+    steps[3] = replace(steps[3], input_map={**steps[3].input_map, "item_features": "no_such_tensor"})
+    configs = {m.name: configgen.model_config(m, spec, "cpu") for m in spec.models}
+    configs[ENSEMBLE] = configgen.model_config(replace(ens, steps=tuple(steps)), spec, "cpu")
+    assert any("no_such_tensor" in p for p in configgen.check_ensemble(configs, ENSEMBLE))
+
+
+def test_build_versions_are_monotonic_and_kept(export_dir, tmp_path):
+    out = tmp_path / "repo"
+    first = build_repository(export_dir, out, "cpu")
+    second = build_repository(export_dir, out, "cpu")
+    assert set(first.versions.values()) == {1} and set(second.versions.values()) == {2}
+    for model in MODELS:
+        assert sorted(p.name for p in (out / model).iterdir() if p.is_dir()) == ["1", "2"]
+        cfg = read_config(out / model)
+        assert cfg.name == model and cfg.version_policy.latest.num_versions == 1
+    assert (out / ENSEMBLE / "2" / PLACEHOLDER).is_file()   # survives a trip through S3
+    smoke = json.loads((out / ENSEMBLE / "2" / "smoke.json").read_text())
+    assert smoke["query"] and smoke["candidate_ids"] and "expected" in smoke
+    assert {p.name for p in (out / "preprocess" / "2").iterdir()} == {"model.py", "tokenizer.py", "tokenizer.json"}
+    assert {p.name for p in (out / "query_intent" / "2").iterdir()} == {"model.py", "model.onnx"}
+    assert {p.name for p in (out / "feature_lookup" / "2").iterdir()} == {"model.py", "item_features.npz"}
+    assert {p.name for p in (out / "postprocess" / "2").iterdir()} == {"model.py", "intents.json"}
+    with pytest.raises(BuildError, match="never overwritten"):
+        build_repository(export_dir, out, "cpu", version=2)
+    assert build_repository(export_dir, out, "cpu", version=7).versions["ranker"] == 7
+    assert build_repository(export_dir, out, "cpu").versions["ranker"] == 8
+
+
+def test_cpu_build_batching_and_limits(export_dir, tmp_path):
+    build_repository(export_dir, tmp_path / "on", "cpu")
+    build_repository(export_dir, tmp_path / "off", "cpu", dynamic_batching=False)
+    on, off = read_config(tmp_path / "on" / "query_intent"), read_config(tmp_path / "off" / "query_intent")
+    assert on.HasField("dynamic_batching") and list(on.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert on.dynamic_batching.max_queue_delay_microseconds > 0
+    assert not off.HasField("dynamic_batching")
+    assert on.backend == "python" and on.parameters["onnx_file"].string_value == "model.onnx"
+    assert on.instance_group[0].kind == on.instance_group[0].KIND_CPU
+    fl = read_config(tmp_path / "on" / "feature_lookup")
+    assert int(fl.parameters["max_candidates"].string_value) == spec_for_export(export_dir).max_candidates
+
+
+def test_gpu_build_lays_out_onnx_for_the_onnxruntime_backend(export_dir, tmp_path):
+    result = build_repository(export_dir, tmp_path / "gpu", "gpu")
+    assert result.target == "gpu"
+    assert {p.name for p in (tmp_path / "gpu" / "ranker" / "1").iterdir()} == {"model.onnx"}
+    assert read_config(tmp_path / "gpu" / "ranker").backend == "onnxruntime"
+
+
+def test_signature_comes_from_the_export(export_dir):
+    sig = export_signature(export_dir)
+    intents = json.loads((export_dir / "intents.json").read_text())
+    assert sig.num_intents == len(intents)
+    assert sig.embedding_dim > 0 and sig.feature_dim > 0
+
+
+def test_cli_build(export_dir, tmp_path):
+    out = tmp_path / "cli_repo"
+    res = CliRunner().invoke(repo_group, ["build", "--target", "gpu", "--export", str(export_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "search_ranking" in res.output and (out / ENSEMBLE / "config.pbtxt").exists()
+    res = CliRunner().invoke(repo_group, ["build", "--export", str(tmp_path), "--out", str(out)])
+    assert res.exit_code != 0 and "not an export" in res.output
