@@ -1,0 +1,224 @@
+"""The generated cpu repository in a real Triton (the pytriton wheel's server): search_ranking's
+answers equal the in-process reference pipeline, top_k both ways, and every kind of bad request
+gets a clear Triton error while the server and other requests carry on."""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from control.procs import free_port
+from control.triton import start_triton
+from model_repository.build import build_repository
+from model_repository.smoke import OUTPUTS, check_response, run_smoke, smoke_request, to_infer_inputs
+from model_repository.spec import ENSEMBLE
+from model_repository.testing import tiny_export_dir
+
+pytestmark = pytest.mark.slow
+N_PARITY = 200
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tiny_export_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    build = build_repository(export_dir, root / "repo", "cpu")
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    proc = start_triton("triton-ensemble-test", build.out_dir, run_dir=root / "run", ready_timeout=120, **ports)
+    try:
+        yield {"http": f"127.0.0.1:{ports['http_port']}", "grpc": f"127.0.0.1:{ports['grpc_port']}",
+               "repo": build.out_dir, "proc": proc}
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(export_dir):
+    from export.reference import ReferencePipeline
+    return ReferencePipeline(export_dir)
+
+
+@pytest.fixture(scope="module")
+def limits(server):
+    cfg = requests.get(f"http://{server['http']}/v2/models/feature_lookup/config", timeout=5).json()
+    pre = requests.get(f"http://{server['http']}/v2/models/preprocess/config", timeout=5).json()
+    post = requests.get(f"http://{server['http']}/v2/models/postprocess/config", timeout=5).json()
+    return {"max_candidates": int(cfg["parameters"]["max_candidates"]["string_value"]),
+            "max_query_chars": int(pre["parameters"]["max_query_chars"]["string_value"]),
+            "top_k_default": int(post["parameters"]["top_k_default"]["string_value"])}
+
+
+def inputs(module, query, candidates, top_k=None, cand_dtype=np.int64, query_shape=None):
+    q = np.array([[query.encode() if isinstance(query, str) else query]], dtype=object)
+    if query_shape is not None:
+        q = np.array([query.encode()] * int(np.prod(query_shape)), dtype=object).reshape(query_shape)
+    arrays = {"QUERY": q, "CANDIDATE_IDS": np.array([candidates], dtype=cand_dtype).reshape(1, -1)}
+    if top_k is not None:
+        arrays["TOP_K"] = np.array([[top_k]], dtype=np.int32)
+    out = []
+    for name, a in arrays.items():
+        dtype = "BYTES" if a.dtype == object else {np.int64: "INT64", np.int32: "INT32"}[a.dtype.type]
+        t = module.InferInput(name, list(a.shape), dtype)
+        t.set_data_from_numpy(a)
+        out.append(t)
+    return out
+
+
+def infer(server, protocol, query, candidates, top_k=None, parameters=None, **kw):
+    module = grpcclient if protocol == "grpc" else httpclient
+    client = module.InferenceServerClient(server[protocol])
+    result = client.infer(ENSEMBLE, inputs(module, query, candidates, top_k, **kw), parameters=parameters)
+    return {n: result.as_numpy(n) for n in OUTPUTS}
+
+
+def parity_cases(export_dir, n):
+    """n requests from the held-out set: the held-out queries, then the same queries with rotated
+    and shortened candidate lists and varying top_k until there are n."""
+    held = json.loads((export_dir / "heldout_queries.json").read_text())
+    cases, i = [], 0
+    while len(cases) < n:
+        h = held[i % len(held)]
+        rnd = i // len(held)
+        cands = [int(c) for c in h["candidate_ids"]]
+        if rnd:
+            cands = cands[rnd % len(cands):] + cands[:rnd % len(cands)]
+            cands = cands[: max(1, len(cands) - rnd)]
+        cases.append((h["query"], cands, [None, 1, 3, 5, 10, 50][i % 6]))
+        i += 1
+    return cases
+
+
+def assert_same(out, expected, where):
+    ids, scores, intent, intent_score = expected
+    assert out["TOP_IDS"].reshape(-1).tolist() == [int(x) for x in ids], where
+    np.testing.assert_allclose(out["TOP_SCORES"].reshape(-1), np.asarray(scores, dtype=np.float32), atol=1e-4, rtol=0,
+                               err_msg=where)
+    assert out["INTENT"].reshape(-1)[0].decode() == intent, where
+    assert abs(float(out["INTENT_SCORE"].reshape(-1)[0]) - float(intent_score)) <= 1e-4, where
+
+
+def test_answers_equal_the_reference_pipeline(server, export_dir, reference, limits):
+    cases = parity_cases(export_dir, N_PARITY)
+    assert len(cases) >= 200
+
+    def one(i_case):
+        i, (query, cands, top_k) = i_case
+        protocol = "grpc" if i % 2 else "http"
+        out = infer(server, protocol, query, cands, top_k)
+        return i, out
+
+    # A few at a time, so the dynamic batcher does put several requests into one execute.
+    with ThreadPoolExecutor(4) as pool:
+        results = dict(pool.map(one, enumerate(cases)))
+    for i, (query, cands, top_k) in enumerate(cases):
+        expected = reference.rank(query, cands, top_k or limits["top_k_default"])
+        assert_same(results[i], expected, f"case {i}: {query!r} top_k={top_k} n={len(cands)}")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_top_k_by_input_and_by_request_parameter(server, export_dir, reference, protocol):
+    h = json.loads((export_dir / "heldout_queries.json").read_text())[0]
+    cands = [int(c) for c in h["candidate_ids"]]
+    by_input = infer(server, protocol, h["query"], cands, top_k=2)
+    by_param = infer(server, protocol, h["query"], cands, parameters={"top_k": 3})
+    both = infer(server, protocol, h["query"], cands, top_k=1, parameters={"top_k": 3})
+    assert by_input["TOP_IDS"].shape == (1, min(2, len(cands)))
+    assert by_param["TOP_IDS"].shape == (1, min(3, len(cands)))
+    assert both["TOP_IDS"].shape == (1, 1)           # the TOP_K input wins
+    assert_same(by_param, reference.rank(h["query"], cands, 3), "top_k parameter")
+    big = infer(server, protocol, h["query"], cands, top_k=10_000)
+    assert big["TOP_IDS"].shape == (1, len(cands))   # k is capped at N
+
+
+def bad_requests(export_dir, limits):
+    held = json.loads((export_dir / "heldout_queries.json").read_text())
+    known = [int(c) for c in held[0]["candidate_ids"]]
+    table = np.load(export_dir / "item_features.npz")["item_ids"]
+    unknown = int(table.max()) + 1000
+    q = held[0]["query"]
+    return {
+        "empty query": (dict(query="", candidates=known), "QUERY[0] is empty"),
+        "blank query": (dict(query="   ", candidates=known), "QUERY[0] is empty"),
+        "over-long query": (dict(query="a" * (limits["max_query_chars"] + 1), candidates=known),
+                            f"the maximum is {limits['max_query_chars']}"),
+        "not UTF-8": (dict(query=b"\xff\xfe shoes", candidates=known), "not valid UTF-8"),
+        "too many candidates": (dict(query=q, candidates=(known * (limits["max_candidates"] // len(known) + 2))
+                                     [: limits["max_candidates"] + 1]),
+                                f"{limits['max_candidates'] + 1} candidates; the maximum is {limits['max_candidates']}"),
+        "no candidates": (dict(query=q, candidates=[]), "CANDIDATE_IDS is empty"),
+        "unknown candidate ids": (dict(query=q, candidates=known[:3] + [unknown, -5]), "unknown candidate id(s): -5, "),
+        "wrong dtype": (dict(query=q, candidates=known, cand_dtype=np.int32), "CANDIDATE_IDS"),
+        "wrong shape": (dict(query=q, candidates=known, query_shape=(1, 2)), "QUERY"),
+        "zero top_k": (dict(query=q, candidates=known, top_k=0), "top_k must be at least 1"),
+        "bad top_k parameter": (dict(query=q, candidates=known, parameters={"top_k": "many"}),
+                                "request parameter top_k must be an integer"),
+    }
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_each_bad_request_gets_a_clear_error_and_the_server_carries_on(server, export_dir, limits, protocol):
+    held = json.loads((export_dir / "heldout_queries.json").read_text())[0]
+    good = dict(query=held["query"], candidates=[int(c) for c in held["candidate_ids"]])
+    for kind, (request, message) in bad_requests(export_dir, limits).items():
+        with pytest.raises(InferenceServerException) as err:
+            infer(server, protocol, **request)
+        assert message in str(err.value), f"{kind}: {err.value}"
+        assert infer(server, protocol, **good)["TOP_IDS"].size > 0, f"a good request after {kind}"
+    assert requests.get(f"http://{server['http']}/v2/health/ready", timeout=5).status_code == 200
+
+
+def test_client_errors_are_invalid_argument(server, export_dir, limits):
+    request, _ = bad_requests(export_dir, limits)["unknown candidate ids"]
+    client = httpclient.InferenceServerClient(server["http"])
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(ENSEMBLE, inputs(httpclient, request["query"], request["candidates"]))
+    assert err.value.status() == "400"
+    gclient = grpcclient.InferenceServerClient(server["grpc"])
+    with pytest.raises(InferenceServerException) as err:
+        gclient.infer(ENSEMBLE, inputs(grpcclient, request["query"], request["candidates"]))
+    assert "INVALID_ARGUMENT" in str(err.value.status())
+
+
+def test_bad_requests_mixed_into_a_batch_fail_alone(server, export_dir, reference, limits):
+    """Concurrent good and bad requests share executes of the batched steps; only the bad fail."""
+    held = json.loads((export_dir / "heldout_queries.json").read_text())
+    bad = list(bad_requests(export_dir, limits).values())
+
+    def send(i):
+        if i % 3 == 0:
+            request, message = bad[(i // 3) % len(bad)]
+            try:
+                infer(server, "http", **request)
+            except InferenceServerException as e:
+                return "error", message in str(e)
+            return "answer", False
+        h = held[i % len(held)]
+        out = infer(server, "http", h["query"], [int(c) for c in h["candidate_ids"]])
+        expected = reference.rank(h["query"], [int(c) for c in h["candidate_ids"]], limits["top_k_default"])
+        return "answer", out["TOP_IDS"].reshape(-1).tolist() == [int(x) for x in expected[0]]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, range(60)))
+    assert all(ok for _, ok in results), results
+    assert sum(kind == "error" for kind, _ in results) == 20
+
+
+def test_smoke_request_passes(server):
+    inputs_, expected = smoke_request(server["repo"])
+    assert expected is not None
+    assert run_smoke(server["http"], server["repo"]) == []
+    assert run_smoke(server["grpc"], server["repo"], protocol="grpc") == []
+    wrong = dict(expected, top_ids=list(reversed(expected["top_ids"])))
+    client = httpclient.InferenceServerClient(server["http"])
+    result = client.infer(ENSEMBLE, to_infer_inputs(inputs_, httpclient))
+    assert check_response({n: result.as_numpy(n) for n in OUTPUTS}, wrong) != [] or len(expected["top_ids"]) < 2
