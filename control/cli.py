@@ -18,6 +18,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export.cli", "export_cmd"),
     "export-bench": ("export.cli", "export_bench_cmd"),
     "repo": ("model_repository.cli", "repo_group"),
+    "report": ("control.report_cli", "report_cmd"),
+    "deploy": ("control.deploy_cli", "deploy_group"),
 }
 
 
