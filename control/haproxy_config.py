@@ -102,9 +102,11 @@ def render(settings, socket: str | Path | None = None) -> str:
         ]
         for i in instances:
             if grpc:
-                # gRPC needs h2 to the server; the health check goes to the instance's HTTP port.
+                # gRPC needs h2 to the server; the health check goes to the instance's HTTP port,
+                # which speaks HTTP/1.1: without `check-proto h1` the check would use h2 there and
+                # time out (every gRPC server DOWN, measured by the drills).
                 lines.append(f"    server {i.name} {i.host}:{i.grpc_port} proto h2 weight {i.weight} "
-                             f"check port {i.http_port}")
+                             f"check port {i.http_port} check-proto h1")
             else:
                 lines.append(f"    server {i.name} {i.host}:{i.http_port} weight {i.weight} check")
         lines.append("")

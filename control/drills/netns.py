@@ -1,0 +1,187 @@
+"""A site in a network namespace of its own, linked to the root namespace by a veth pair.
+
+Addresses: a private /30 we create ourselves (10.213.N.1 root side, 10.213.N.2 in the namespace);
+traffic flows only between those two endpoints. Names carry a unique prefix (`thd` + a short id)
+so cleanup never touches anything we did not make. `SiteNetns` is a context manager: the
+namespace and the veth pair are removed on exit, also when the drill fails.
+
+Needs root and iproute2. `available()` says whether namespaces can be made here, and why not.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+PREFIX = "thd"
+
+
+class NetnsError(RuntimeError):
+    pass
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    argv = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    if check and p.returncode != 0:
+        raise NetnsError(f"`{' '.join(argv)}` failed: {(p.stderr or p.stdout).strip()}")
+    return p
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when this machine can make a namespace and a veth pair; else (False, reason)."""
+    if os.geteuid() != 0:
+        return False, "network namespaces need root (running as uid %d)" % os.geteuid()
+    if not shutil.which("ip"):
+        return False, "iproute2 (`ip`) is not installed"
+    probe = f"{PREFIX}probe{os.getpid() % 100000}"
+    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if p.returncode != 0:
+        return False, f"cannot create a network namespace: {(p.stderr or p.stdout).strip()}"
+    try:
+        v = subprocess.run(["ip", "link", "add", f"{probe}a", "type", "veth", "peer", "name", f"{probe}b"],
+                           capture_output=True, text=True)
+        if v.returncode != 0:
+            return False, f"cannot create a veth pair: {(v.stderr or v.stdout).strip()}"
+        subprocess.run(["ip", "link", "del", f"{probe}a"], capture_output=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return True, ""
+
+
+def netem_available() -> tuple[bool, str]:
+    """tc netem needs the sch_netem kernel module; some kernels (containers, microVMs) lack it."""
+    ok, why = available()
+    if not ok:
+        return False, why
+    if not shutil.which("tc"):
+        return False, "`tc` (iproute2) is not installed"
+    name = f"{PREFIX}nt{os.getpid() % 100000}"
+    try:
+        _ip("link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b")
+        p = subprocess.run(["tc", "qdisc", "add", "dev", f"{name}a", "root", "netem", "delay", "1ms"],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            return False, f"tc netem unavailable: {(p.stderr or p.stdout).strip()}"
+        return True, ""
+    except NetnsError as e:
+        return False, str(e)
+    finally:
+        subprocess.run(["ip", "link", "del", f"{name}a"], capture_output=True)
+
+
+def _used_subnets() -> set[int]:
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    used = set()
+    for tok in out.split():
+        if tok.startswith("10.213."):
+            try:
+                used.add(int(tok.split(".")[2]))
+            except (IndexError, ValueError):
+                pass
+    return used
+
+
+@dataclass
+class SiteNetns:
+    """A namespace `thd<id>` with a veth pair `thd<id>r` (root side) / `thd<id>n` (namespace side)."""
+
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 10000:04d}{random.randrange(16**3):03x}")
+    subnet: int | None = None  # third octet of 10.213.N.0/30
+    created: bool = False
+    delay_ms: float = 0.0
+
+    @property
+    def ns(self) -> str:
+        return f"{PREFIX}{self.tag}"
+
+    @property
+    def veth_root(self) -> str:
+        return f"{PREFIX}{self.tag}r"
+
+    @property
+    def veth_ns(self) -> str:
+        return f"{PREFIX}{self.tag}n"
+
+    @property
+    def root_ip(self) -> str:
+        return f"10.213.{self.subnet}.1"
+
+    @property
+    def ns_ip(self) -> str:
+        return f"10.213.{self.subnet}.2"
+
+    def exec_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.ns]
+
+    def create(self) -> "SiteNetns":
+        if self.subnet is None:
+            used = _used_subnets()
+            free = [n for n in range(1, 255) if n not in used]
+            if not free:
+                raise NetnsError("no free 10.213.N.0/30 subnet left")
+            self.subnet = random.choice(free)
+        try:
+            _ip("netns", "add", self.ns)
+            self.created = True
+            _ip("link", "add", self.veth_root, "type", "veth", "peer", "name", self.veth_ns)
+            _ip("link", "set", self.veth_ns, "netns", self.ns)
+            _ip("addr", "add", f"{self.root_ip}/30", "dev", self.veth_root)
+            _ip("link", "set", self.veth_root, "up")
+            _ip("addr", "add", f"{self.ns_ip}/30", "dev", self.veth_ns, ns=self.ns)
+            _ip("link", "set", self.veth_ns, "up", ns=self.ns)
+            _ip("link", "set", "lo", "up", ns=self.ns)
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def destroy(self) -> None:
+        """Remove the veth pair and the namespace; safe to call twice."""
+        subprocess.run(["ip", "link", "del", self.veth_root], capture_output=True)
+        if self.created:
+            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+            self.created = False
+
+    def exists(self) -> bool:
+        return self.ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+
+    # Faults ----------------------------------------------------------------------------------
+    def link_down(self) -> None:
+        """Cut the site off: the namespace side goes down, packets to it are silently dropped
+        (the root side keeps its route), like a partition, not like a refused connection."""
+        _ip("link", "set", self.veth_ns, "down", ns=self.ns)
+
+    def link_up(self) -> None:
+        _ip("link", "set", self.veth_ns, "up", ns=self.ns)
+
+    def add_delay(self, ms: float) -> None:
+        """tc netem delay on both veth ends (each way ms/2, so the round trip grows by ms)."""
+        half = f"{ms / 2:.1f}ms"
+        for argv in (["tc", "qdisc", "replace", "dev", self.veth_root, "root", "netem", "delay", half],
+                     ["ip", "netns", "exec", self.ns, "tc", "qdisc", "replace", "dev", self.veth_ns, "root", "netem",
+                      "delay", half]):
+            p = subprocess.run(argv, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise NetnsError(f"`{' '.join(argv)}` failed: {(p.stderr or p.stdout).strip()}")
+        self.delay_ms = ms
+
+    def clear_delay(self) -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", self.veth_root, "root"], capture_output=True)
+        subprocess.run(["ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev", self.veth_ns, "root"],
+                       capture_output=True)
+        self.delay_ms = 0.0
+
+    def __enter__(self) -> "SiteNetns":
+        return self.create()
+
+    def __exit__(self, *exc) -> None:
+        self.destroy()
+
+
+def leftovers() -> list[str]:
+    """Namespaces with our prefix (for a test's cleanup assertion)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [ln.split()[0] for ln in out.splitlines() if ln.startswith(PREFIX)]

@@ -1,0 +1,607 @@
+"""The drill machinery: a stack of its own (Tritons, HAProxy, optionally the control daemon) on
+free ports under a drill run dir, an open-loop client load through HAProxy (HTTP and gRPC,
+alternating), and an observer that samples HAProxy's server states and weights, every Triton's
+success counter for the model and (when running) the control plane's decided weights.
+
+`run_drill(scenario, ...)` runs one scenario end to end: prepare -> start -> load -> inject at
+`fault_at` -> lift at `lift_at` -> stop -> analyse -> report files. Everything it started is stopped
+and every namespace it made is removed, also when the drill fails.
+
+Why a load generator here and not control/loadgen.py: a drill needs one record per request (send
+time, end time, protocol, error) at a fixed open-loop rate, so a stalled server shows up as late
+answers instead of a lower request rate; loadgen.py is closed-loop and keeps only totals.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import requests
+import yaml
+
+from control.config import Settings
+from control.procs import ComponentError, ManagedProcess, free_port, http_ok, start_process, wait_until
+
+MODEL_ADD_ONE = "add_one"
+
+# HAProxy settings a drill stack runs with (control/haproxy_config.py renders them): fast health
+# checks, a short connect timeout, and a server timeout that turns a hung server's request into a
+# retry on the other site (`retry-on response-timeout` + `option redispatch 1`).
+DRILL_HAPROXY = {"health_interval_ms": 200, "health_fall": 2, "health_rise": 2, "timeout_connect_ms": 300,
+                 "timeout_server_ms": 1000, "retries": 3}
+
+
+class DrillSkip(Exception):
+    """The scenario cannot run on this machine (the message says why)."""
+
+
+# Requests -----------------------------------------------------------------------------------------
+
+@dataclass
+class RequestSpec:
+    """What one inference request looks like: the model and a builder of its inputs for a
+    tritonclient module (`tritonclient.http` or `tritonclient.grpc`)."""
+
+    model: str
+    build: Callable[[object], list]
+    outputs: list[str] | None = None
+
+
+def add_one_spec() -> RequestSpec:
+    data = np.arange(4, dtype=np.float32).reshape(1, 4)
+
+    def build(m):
+        inp = m.InferInput("INPUT0", [1, 4], "FP32")
+        inp.set_data_from_numpy(data)
+        return [inp]
+    return RequestSpec(MODEL_ADD_ONE, build)
+
+
+_NP = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT64": np.int64,
+       "TYPE_INT32": np.int32, "TYPE_INT8": np.int8, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_,
+       "TYPE_STRING": np.object_}
+SAMPLE_QUERIES = [b"running shoes", b"wireless headphones", b"4k tv 55 inch", b"coffee grinder", b"kids bike"]
+
+
+def auto_spec(http_url: str, model: str, timeout: float = 5.0) -> RequestSpec:
+    """A request for any model, built from its config (`/v2/models/NAME/config`): dynamic dims
+    become 1, strings are sample search queries, numbers are small positive values."""
+    cfg = requests.get(f"{http_url}/v2/models/{model}/config", timeout=timeout).json()
+    batched = int(cfg.get("max_batch_size", 0)) > 0
+    arrays = []
+    for i in cfg.get("input", []):
+        dims = [int(d) for d in i.get("dims", [])]
+        shape = ([1] if batched else []) + [1 if d < 0 else d for d in dims]
+        dt = i.get("data_type", "TYPE_FP32")
+        np_t = _NP.get(dt, np.float32)
+        n = int(np.prod(shape)) if shape else 1
+        if np_t is np.object_:
+            arr = np.array([SAMPLE_QUERIES[k % len(SAMPLE_QUERIES)] for k in range(n)], dtype=np.object_)
+        elif np_t is np.bool_:
+            arr = np.ones(n, dtype=np.bool_)
+        else:
+            arr = (np.arange(n) % 7 + 1).astype(np_t)
+        arrays.append((i["name"], shape, dt.replace("TYPE_", "").replace("STRING", "BYTES"), arr.reshape(shape)))
+
+    def build(m):
+        out = []
+        for name, shape, dt, arr in arrays:
+            inp = m.InferInput(name, shape, dt)
+            inp.set_data_from_numpy(arr)
+            out.append(inp)
+        return out
+    return RequestSpec(model, build)
+
+
+# Load ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Req:
+    i: int
+    proto: str
+    t_sched: float     # seconds since load start
+    t_start: float
+    t_end: float
+    ok: bool
+    error: str = ""
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.t_end - self.t_start) * 1000
+
+
+def _error_kind(e: Exception) -> str:
+    status = getattr(e, "status", None)
+    s = status() if callable(status) else status
+    msg = str(e).replace("\n", " ")
+    return f"{s or type(e).__name__}: {msg[:120]}"
+
+
+class OpenLoopLoad:
+    """Requests at a fixed rate, alternating HTTP and gRPC through HAProxy, whatever the answers
+    take (open loop: a stalled backend shows up as late answers, not as fewer requests)."""
+
+    def __init__(self, http_url: str, grpc_url: str, spec: RequestSpec, rate: float, duration_s: float,
+                 timeout_s: float = 10.0, protocols: tuple[str, ...] = ("http", "grpc"), max_workers: int = 64,
+                 clock_zero: float | None = None):
+        if not 0 < rate <= 1000:
+            raise ValueError("rate must be in (0, 1000] requests/s")
+        if not 0 < duration_s <= 3600:
+            raise ValueError("duration must be in (0, 3600] s")
+        self.http_url, self.grpc_url = http_url, grpc_url
+        self.spec, self.rate, self.duration_s, self.timeout_s = spec, rate, duration_s, timeout_s
+        self.protocols = protocols
+        self.records: list[Req] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="drill-load")
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.t0 = clock_zero if clock_zero is not None else time.monotonic()
+
+    def _client(self, proto: str):
+        key = f"c_{proto}"
+        c = getattr(self._local, key, None)
+        if c is None:
+            if proto == "grpc":
+                import tritonclient.grpc as m  # noqa: PLC0415
+                c = (m, m.InferenceServerClient(url=self.grpc_url))
+            else:
+                import tritonclient.http as m  # noqa: PLC0415
+                c = (m, m.InferenceServerClient(url=self.http_url, connection_timeout=self.timeout_s,
+                                                network_timeout=self.timeout_s))
+            setattr(self._local, key, c)
+        return c
+
+    def _drop_client(self, proto: str) -> None:
+        c = getattr(self._local, f"c_{proto}", None)
+        setattr(self._local, f"c_{proto}", None)
+        if c is not None:
+            try:
+                c[1].close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _one(self, i: int, proto: str, t_sched: float) -> None:
+        start = time.monotonic()
+        ok, err = True, ""
+        try:
+            m, client = self._client(proto)
+            inputs = self.spec.build(m)
+            if proto == "grpc":
+                client.infer(self.spec.model, inputs, client_timeout=self.timeout_s)
+            else:
+                client.infer(self.spec.model, inputs)
+        except Exception as e:  # noqa: BLE001 - every failure is a data point
+            ok, err = False, _error_kind(e)
+            self._drop_client(proto)  # a broken connection must not poison the next request
+        end = time.monotonic()
+        with self._lock:
+            self.records.append(Req(i, proto, t_sched, start - self.t0, end - self.t0, ok, err))
+
+    def _schedule(self) -> None:
+        n = int(self.rate * self.duration_s)
+        for i in range(n):
+            due = self.t0 + i / self.rate
+            while not self._stop.is_set():
+                wait = due - time.monotonic()
+                if wait <= 0:
+                    break
+                time.sleep(min(wait, 0.05))
+            if self._stop.is_set():
+                return
+            self._pool.submit(self._one, i, self.protocols[i % len(self.protocols)], due - self.t0)
+
+    def start(self) -> "OpenLoopLoad":
+        self._thread = threading.Thread(target=self._schedule, daemon=True, name="drill-load-scheduler")
+        self._thread.start()
+        return self
+
+    def join(self) -> list[Req]:
+        if self._thread:
+            self._thread.join()
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            return sorted(self.records, key=lambda r: r.i)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# Observer -----------------------------------------------------------------------------------------
+
+_SUCCESS_RE = re.compile(r'^nv_inference_request_success\{([^}]*)\}\s+([0-9.eE+-]+)', re.M)
+
+
+def model_success_count(text: str, model: str) -> float:
+    total = 0.0
+    for labels, value in _SUCCESS_RE.findall(text):
+        if f'model="{model}"' in labels:
+            total += float(value)
+    return total
+
+
+@dataclass
+class Samples:
+    haproxy: list[tuple[float, dict | None]] = field(default_factory=list)   # t, {backend/server: {up, weight, admin}}
+    counts: list[tuple[float, dict]] = field(default_factory=list)           # t, {instance: count | None}
+    decided: list[tuple[float, dict | None]] = field(default_factory=list)   # t, control plane's instance weights
+
+
+class Observer:
+    """Samples HAProxy (every `haproxy_every` s), the Tritons' counters and the control plane's
+    decided weights (every `counts_every` s) until stopped."""
+
+    def __init__(self, env: "DrillEnv", t0: float, haproxy_every: float = 0.05, counts_every: float = 0.25):
+        self.env, self.t0 = env, t0
+        self.haproxy_every, self.counts_every = haproxy_every, counts_every
+        self.samples = Samples()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="drill-observe")
+
+    def _haproxy_loop(self):
+        from control.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
+        rt = HAProxyRuntime(self.env.settings.run_path / "haproxy.sock", timeout_s=0.5)
+        while not self._stop.is_set():
+            t = time.monotonic() - self.t0
+            try:
+                state = {s.key: {"up": s.up, "weight": s.weight, "admin": s.admin} for s in rt.servers()}
+            except Exception:  # noqa: BLE001 - HAProxy down (restart drill): a gap in the data
+                state = None
+            self.samples.haproxy.append((t, state))
+            self._stop.wait(self.haproxy_every)
+
+    def _count(self, inst) -> float | None:
+        try:
+            r = requests.get(inst.metrics_url, timeout=0.3)
+            return model_success_count(r.text, self.env.spec.model) if r.ok else None
+        except requests.RequestException:
+            return None
+
+    def _decided(self) -> dict | None:
+        if not self.env.with_control:
+            return None
+        c = self.env.settings.control
+        try:
+            r = requests.get(f"http://{c.api_host}:{c.api_port}/v1/weights", timeout=0.3,
+                             headers={"Authorization": f"Bearer {c.admin_token.get_secret_value()}"})
+            return r.json() if r.ok else None
+        except (requests.RequestException, ValueError):
+            return None
+
+    def _counts_loop(self):
+        insts = self.env.settings.instances
+        while not self._stop.is_set():
+            t = time.monotonic() - self.t0
+            futs = {i.name: self._pool.submit(self._count, i) for i in insts}
+            dec = self._pool.submit(self._decided)
+            counts = {}
+            for name, f in futs.items():
+                try:
+                    counts[name] = f.result(timeout=1.0)
+                except Exception:  # noqa: BLE001
+                    counts[name] = None
+            self.samples.counts.append((t, counts))
+            try:
+                self.samples.decided.append((t, dec.result(timeout=1.0)))
+            except Exception:  # noqa: BLE001
+                self.samples.decided.append((t, None))
+            self._stop.wait(self.counts_every)
+
+    def start(self) -> "Observer":
+        for fn in (self._haproxy_loop, self._counts_loop):
+            th = threading.Thread(target=fn, daemon=True, name=f"drill-{fn.__name__}")
+            th.start()
+            self._threads.append(th)
+        return self
+
+    def stop(self) -> Samples:
+        self._stop.set()
+        for th in self._threads:
+            th.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        return self.samples
+
+
+# The drill stack ----------------------------------------------------------------------------------
+
+def _reveal(obj):
+    """model_dump() output with SecretStr values in clear (for the drill's own config file)."""
+    from pydantic import SecretStr  # noqa: PLC0415
+    if isinstance(obj, SecretStr):
+        return obj.get_secret_value()
+    if isinstance(obj, dict):
+        return {k: _reveal(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_reveal(v) for v in obj]
+    return obj
+
+
+def drill_settings(base: Settings, run_dir: Path, *, weights: dict[str, int] | None = None,
+                   hosts: dict[str, str] | None = None, haproxy: dict | None = None,
+                   control: dict | None = None) -> Settings:
+    """A copy of `base` for a drill: every port free, run dir of its own, HAProxy drill tuning,
+    optional per-instance weights and hosts (a site in a namespace listens on its veth address)."""
+    data = _reveal(base.model_dump())
+    data["run_dir"] = str(run_dir)
+    data["source"] = ""
+    data["s3"]["port"] = free_port()
+    data["haproxy"].update({"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()})
+    data["haproxy"].update(DRILL_HAPROXY | (haproxy or {}))
+    data["control"].update({"api_port": free_port(), "metrics_port": free_port(), "haproxy_socket": ""})
+    data["control"]["policy"].update({"util_signal": "none"})  # both sites share this host's CPU
+    for k, v in (control or {}).items():
+        if isinstance(v, dict):
+            data["control"].setdefault(k, {}).update(v)
+        else:
+            data["control"][k] = v
+    for inst in data["instances"]:
+        inst.update({"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(), "managed": True})
+        if weights and inst["name"] in weights:
+            inst["weight"] = weights[inst["name"]]
+        if hosts and inst["name"] in hosts:
+            inst["host"] = hosts[inst["name"]]
+    return Settings.model_validate(data)
+
+
+def write_settings_file(settings: Settings) -> Settings:
+    """The drill settings as a YAML file (mode 600: it has the admin secrets), so a control daemon
+    started as a child process reads the same config; returns the settings with `source` set."""
+    path = settings.run_path / "drill-config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _reveal(settings.model_dump())
+    data.pop("source", None)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return settings.model_copy(update={"source": str(path)})
+
+
+@dataclass
+class DrillEnv:
+    """A running drill stack and what the scenario needs to break it."""
+
+    settings: Settings
+    repository: Path
+    spec: RequestSpec | None = None
+    spec_factory: Callable[["DrillEnv"], RequestSpec] | None = None
+    with_control: bool = False
+    netns: dict = field(default_factory=dict)          # instance name -> SiteNetns
+    proxies: dict = field(default_factory=dict)        # instance name -> [DelayProxy, ...]
+    listen_ports: dict = field(default_factory=dict)   # instance name -> (http, grpc) Triton really binds
+    procs: dict = field(default_factory=dict)          # component name -> ManagedProcess
+    events: list = field(default_factory=list)         # (t, name, details)
+    t0: float = 0.0
+    notes: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)          # scenario scratch space
+    say: Callable[[str], None] = lambda m: None
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def mark(self, name: str, **details) -> float:
+        t = self.now()
+        self.events.append((t, name, details))
+        self.say(f"  t={t:6.2f}s {name} {details if details else ''}")
+        return t
+
+    def instance(self, site: str):
+        return self.settings.site_instances(site)[0]
+
+    # Starting ------------------------------------------------------------------------------------
+    def start_triton(self, inst) -> ManagedProcess:
+        from control.triton import start_instance, triton_argv, triton_env  # noqa: PLC0415
+        http_port, grpc_port = self.listen_ports.get(inst.name, (inst.http_port, inst.grpc_port))
+        ns = self.netns.get(inst.name)
+        if ns is None and (http_port, grpc_port) == (inst.http_port, inst.grpc_port):
+            proc = start_instance(self.settings, inst, self.repository, ready_timeout=90)
+        else:
+            argv = triton_argv(self.repository, http_port, grpc_port, inst.metrics_port, self.settings.run_path,
+                               admin_key=self.settings.triton.admin_key.get_secret_value(), host=inst.host,
+                               extra_args=self.settings.triton.extra_args)
+            prefix = ns.exec_prefix() if ns is not None else []
+            proc = start_process(inst.name, prefix + argv, self.settings.run_path, env=triton_env())
+            try:
+                wait_until(lambda: http_ok(f"http://{inst.host}:{http_port}/v2/health/ready"), proc, 90,
+                           "ready (/v2/health/ready)")
+            except ComponentError:
+                proc.stop()
+                raise
+        self.procs[inst.name] = proc
+        return proc
+
+    def start_haproxy(self) -> ManagedProcess:
+        from control.haproxy_proc import start_haproxy  # noqa: PLC0415
+        self.procs["haproxy"] = start_haproxy(self.settings)
+        return self.procs["haproxy"]
+
+    def start_control(self) -> ManagedProcess:
+        from control.stack import start_control_daemon  # noqa: PLC0415
+        self.procs["control"] = start_control_daemon(self.settings)
+        return self.procs["control"]
+
+    def start(self) -> None:
+        from control.drills.faults import DelayProxy  # noqa: PLC0415
+        if self.with_control:
+            self.settings = write_settings_file(self.settings)
+        for inst in self.settings.instances:
+            for (port, real) in zip((inst.http_port, inst.grpc_port), self.listen_ports.get(inst.name, ())):
+                if port != real:
+                    self.proxies.setdefault(inst.name, []).append(DelayProxy(inst.host, port, inst.host, real).start())
+            self.start_triton(inst)
+        self.start_haproxy()
+        if self.with_control:
+            self.start_control()
+        if self.spec is None:
+            self.spec = self.spec_factory(self) if self.spec_factory else add_one_spec()
+
+    def stop(self) -> None:
+        for name in list(self.procs)[::-1]:
+            try:
+                self.procs.pop(name).stop(timeout=10)
+            except Exception as e:  # noqa: BLE001 - keep cleaning up
+                self.notes.append(f"stopping {name}: {e}")
+        for plist in self.proxies.values():
+            for p in plist:
+                p.stop()
+        self.proxies.clear()
+        for ns in self.netns.values():
+            ns.destroy()
+        self.netns.clear()
+
+    # Views ----------------------------------------------------------------------------------------
+    def haproxy_url(self) -> tuple[str, str]:
+        h = self.settings.haproxy
+        return f"{h.host}:{h.http_port}", f"{h.host}:{h.grpc_port}"
+
+    def control_api(self, method: str, path: str, body: dict | None = None, timeout: float = 3.0) -> dict:
+        c = self.settings.control
+        r = requests.request(method, f"http://{c.api_host}:{c.api_port}{path}", json=body, timeout=timeout,
+                             headers={"Authorization": f"Bearer {c.admin_token.get_secret_value()}"})
+        r.raise_for_status()
+        return r.json()
+
+    def runtime(self):
+        from control.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
+        return HAProxyRuntime(self.settings.run_path / "haproxy.sock")
+
+
+# Running one drill --------------------------------------------------------------------------------
+
+def warm_up(env: DrillEnv, n: int = 6, timeout: float = 30.0) -> None:
+    """A few requests over both protocols until they succeed (first-request costs out of the data)."""
+    load = OpenLoopLoad(*env.haproxy_url(), env.spec, rate=20, duration_s=n / 20)
+    deadline = time.monotonic() + timeout
+    while True:
+        load.start()
+        recs = load.join()
+        if recs and all(r.ok for r in recs):
+            return
+        if time.monotonic() > deadline:
+            errs = sorted({r.error for r in recs if not r.ok})
+            raise ComponentError("drill", f"the stack does not answer {env.spec.model} before the fault: {errs[:3]}")
+        time.sleep(0.5)
+        load = OpenLoopLoad(*env.haproxy_url(), env.spec, rate=20, duration_s=n / 20)
+
+
+def default_reports_dir(settings: Settings | None = None) -> Path:
+    from control.config import PROJECT_ROOT  # noqa: PLC0415
+    return PROJECT_ROOT / "reports" / "drills"
+
+
+def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: float = 30.0, rate: float = 50.0,
+              spec_factory: Callable[[DrillEnv], RequestSpec] | None = None, run_root: Path | None = None,
+              reports_dir: Path | None = None, fault_at: float = 0.3, lift_at: float = 0.6,
+              say: Callable[[str], None] = lambda m: None, write: bool = True, **options) -> dict:
+    """Run `scenario` (a scenarios.Scenario) once; return the report dict (also written to disk).
+    A scenario that cannot run here returns a report with status "skipped" and the reason."""
+    from control.drills.report import analyze, write_report  # noqa: PLC0415
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    run_root = Path(run_root or base.run_path / "drills")
+    run_dir = run_root / f"{stamp}-{scenario.name}-{os.getpid()}"
+    reports_dir = Path(reports_dir or default_reports_dir(base))
+    out_dir = reports_dir / f"{stamp}-{scenario.name}"
+    meta = {"scenario": scenario.name, "title": scenario.title, "started_utc": stamp, "duration_s": duration_s,
+            "rate": rate, "options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}}
+    env = None
+    try:
+        try:
+            env = scenario.prepare(base, run_dir, Path(repository), **options)
+        except DrillSkip as e:
+            say(f"{scenario.name}: skipped: {e}")
+            report = {**meta, "status": "skipped", "skip_reason": str(e), "passed": None}
+            if write:
+                write_report(report, None, out_dir)
+            return report
+        env.say = say
+        env.spec_factory = spec_factory or env.spec_factory
+        say(f"{scenario.name}: starting a drill stack in {run_dir}")
+        env.start()
+        scenario.ready(env)
+        warm_up(env)
+        env.t0 = time.monotonic()
+        observer = Observer(env, env.t0).start()
+        load = OpenLoopLoad(*env.haproxy_url(), env.spec, rate=rate, duration_s=duration_s, clock_zero=env.t0,
+                            timeout_s=scenario.client_timeout_s).start()
+        say(f"{scenario.name}: load {rate:g} req/s for {duration_s:g}s (HTTP + gRPC through HAProxy), "
+            f"model {env.spec.model}")
+        env.mark("load_start")
+        _sleep_until(env, duration_s * fault_at)
+        scenario.inject(env)
+        if scenario.lift_fault:
+            _sleep_until(env, duration_s * lift_at)
+            scenario.lift(env)
+        _sleep_until(env, duration_s)
+        records = load.join()
+        env.mark("load_end")
+        time.sleep(0.3)
+        samples = observer.stop()
+        scenario.after(env)
+        report = analyze(meta, env, records, samples, scenario)
+        report["status"] = "passed" if report["passed"] else "failed"
+        if write:
+            write_report(report, (records, samples), out_dir)
+            report["report_dir"] = str(out_dir)
+        return report
+    finally:
+        if env is not None:
+            scenario.cleanup(env)
+            env.stop()
+
+
+def _sleep_until(env: DrillEnv, t: float) -> None:
+    while True:
+        left = t - env.now()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+# A self-contained test model ------------------------------------------------------------------------
+
+ADD_ONE_CONFIG = """name: "add_one"
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+ADD_ONE_MODEL = '''import os, sys
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))]))
+        return out
+'''
+
+
+def write_add_one_repository(root: str | Path) -> Path:
+    """A one-model repository (`add_one`, Python backend) for drills without the ensemble."""
+    root = Path(root)
+    (root / MODEL_ADD_ONE / "1").mkdir(parents=True, exist_ok=True)
+    (root / MODEL_ADD_ONE / "config.pbtxt").write_text(ADD_ONE_CONFIG)
+    (root / MODEL_ADD_ONE / "1" / "model.py").write_text(ADD_ONE_MODEL)
+    return root

@@ -1,0 +1,352 @@
+"""The drill scenarios. Each one: `prepare` (settings and environment of its drill stack),
+`ready` (a state to start from), `inject` (the fault; marks `fault`), `lift` (marks `lift`),
+`targets` (pass/fail against the issue's targets, from the analysis).
+
+Times are seconds since the load started; `env.mark()` records them for the report.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from control.drills import faults
+from control.drills.netns import SiteNetns, available, netem_available
+from control.drills.runner import DrillEnv, DrillSkip, drill_settings
+from control.haproxy_config import ALL_BACKENDS
+from control.procs import free_port
+
+
+def target(name: str, ok: bool, value, goal: str) -> dict:
+    return {"name": name, "ok": bool(ok), "value": value, "goal": goal}
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}s"
+
+
+class Scenario:
+    name = ""
+    title = ""
+    target_site = "onprem"       # the site the fault hits
+    lift_fault = True            # the fault is lifted during the run
+    client_timeout_s = 10.0
+    needs_control = False
+    recovery_goal_s: float | None = None
+
+    def prepare(self, base, run_dir: Path, repository: Path, *, weights: dict[str, int] | None = None,
+                with_control: bool | None = None, **_) -> DrillEnv:
+        settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
+        return DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
+
+    def control_overrides(self, base) -> dict:
+        # Steady home weights = the configured instance weights, so the policy does not move them
+        # on its own during a drill that is not about the policy.
+        on = sum(i.weight for i in base.instances if i.site == "onprem")
+        tot = sum(i.weight for i in base.instances) or 1
+        return {"policy": {"home_onprem_weight": round(100 * on / tot)}}
+
+    def ready(self, env: DrillEnv) -> None:
+        pass
+
+    def inject(self, env: DrillEnv) -> None:
+        raise NotImplementedError
+
+    def lift(self, env: DrillEnv) -> None:
+        pass
+
+    def after(self, env: DrillEnv) -> None:
+        pass
+
+    def cleanup(self, env: DrillEnv) -> None:
+        pass
+
+    def targets(self, a: dict, env: DrillEnv) -> list[dict]:
+        return []
+
+    # helpers
+    def victim(self, env: DrillEnv):
+        return env.instance(self.target_site)
+
+
+class _OnpremDown(Scenario):
+    """Shared targets of the scenarios that take the on-prem Triton away."""
+
+    recovery_goal_s = 2.0
+
+    def targets(self, a, env):
+        f = a["failures"]
+        return [
+            target("detected", a["detect_s"] is not None, a["detect_s"], "HAProxy marks the server DOWN"),
+            target("zero client-visible failures", f["total"] == 0, f["total"], "0 failed requests"),
+            target("recovery time", a["recovery_s"] is not None and a["recovery_s"] <= self.recovery_goal_s,
+                   a["recovery_s"], f"<= {self.recovery_goal_s:g}s"),
+            target("back after lift", a["after_lift"]["serving_s"] is not None, a["after_lift"]["serving_s"],
+                   "server UP and serving again"),
+        ]
+
+
+class OnpremCrash(_OnpremDown):
+    name = "onprem-crash"
+    title = "kill -9 of the on-prem Triton"
+
+    def inject(self, env):
+        proc = env.procs[self.victim(env).name]
+        env.mark("fault", action=f"kill -9 process group {proc.pid}")
+        faults.kill9(proc)
+
+    def lift(self, env):
+        env.mark("lift", action="restart the on-prem Triton")
+        env.start_triton(self.victim(env))
+        env.mark("restarted", action="on-prem Triton ready")
+
+
+class OnpremHang(_OnpremDown):
+    name = "onprem-hang"
+    title = "SIGSTOP of the on-prem Triton (alive but silent), then SIGCONT"
+
+    def inject(self, env):
+        proc = env.procs[self.victim(env).name]
+        env.mark("fault", action=f"SIGSTOP process group {proc.pid}")
+        faults.freeze(proc)
+
+    def lift(self, env):
+        env.mark("lift", action="SIGCONT")
+        faults.thaw(env.procs[self.victim(env).name])
+
+    def cleanup(self, env):
+        proc = env.procs.get(self.victim(env).name)
+        if proc is not None:
+            faults.thaw(proc)
+
+
+class OnpremPartition(_OnpremDown):
+    name = "onprem-partition"
+    title = "the on-prem site cut off the network (veth link down, then up)"
+
+    def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, **_):
+        ok, why = available()
+        if not ok:
+            raise DrillSkip(f"cannot make network namespaces here: {why}")
+        onprem = next(i for i in base.instances if i.site == "onprem")
+        ns = SiteNetns().create()
+        try:
+            settings = drill_settings(base, run_dir, weights=weights, hosts={onprem.name: ns.ns_ip},
+                                      control=self.control_overrides(base))
+        except BaseException:
+            ns.destroy()
+            raise
+        env = DrillEnv(settings, repository, with_control=bool(with_control))
+        env.netns[onprem.name] = ns
+        env.notes.append(f"on-prem Triton in network namespace {ns.ns} at {ns.ns_ip} "
+                         f"(veth {ns.veth_root} {ns.root_ip}/30 <-> {ns.veth_ns} {ns.ns_ip}/30)")
+        return env
+
+    def inject(self, env):
+        ns = env.netns[self.victim(env).name]
+        env.mark("fault", action=f"ip link set {ns.veth_ns} down (in {ns.ns})")
+        ns.link_down()
+
+    def lift(self, env):
+        ns = env.netns[self.victim(env).name]
+        env.mark("lift", action=f"ip link set {ns.veth_ns} up")
+        ns.link_up()
+
+
+class CloudLatency(Scenario):
+    name = "cloud-latency"
+    title = "the cloud site behind an added network delay"
+    target_site = "cloud"
+    delay_ms = 200.0
+    share_tolerance = 0.05
+
+    def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, delay_ms=None, **_):
+        self.delay_ms = float(delay_ms or self.delay_ms)
+        cloud = next(i for i in base.instances if i.site == "cloud")
+        ok, why = netem_available()
+        if ok:
+            ns = SiteNetns().create()
+            try:
+                settings = drill_settings(base, run_dir, weights=weights, hosts={cloud.name: ns.ns_ip},
+                                          control=self.control_overrides(base))
+            except BaseException:
+                ns.destroy()
+                raise
+            env = DrillEnv(settings, repository, with_control=bool(with_control))
+            env.netns[cloud.name] = ns
+            env.extra["delay_via"] = f"tc netem on {ns.veth_root} and {ns.veth_ns}"
+        else:
+            settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
+            env = DrillEnv(settings, repository, with_control=bool(with_control))
+            env.listen_ports[cloud.name] = (free_port(), free_port())
+            env.extra["delay_via"] = f"userspace delay proxy in front of the cloud Triton ({why})"
+        env.notes.append(f"delay {self.delay_ms:g} ms round trip via {env.extra['delay_via']}")
+        return env
+
+    def _set(self, env, ms):
+        cloud = self.victim(env)
+        if cloud.name in env.netns:
+            ns = env.netns[cloud.name]
+            ns.add_delay(ms) if ms else ns.clear_delay()
+        else:
+            for p in env.proxies.get(cloud.name, []):
+                p.set_delay(ms)
+
+    def inject(self, env):
+        env.mark("fault", action=f"+{self.delay_ms:g} ms to the cloud site")
+        self._set(env, self.delay_ms)
+
+    def lift(self, env):
+        env.mark("lift", action="delay removed")
+        self._set(env, 0)
+
+    def targets(self, a, env):
+        w = a["weights_before"] or {}
+        cloud = self.victim(env).name
+        tot = sum(w.values()) or 1
+        weight_share = w.get(cloud, 0) / tot
+        share = a["fault_window"]["site_share"].get("cloud")
+        out = [
+            target("zero client-visible failures", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+            target("cloud share stays at or below its weight", share is not None and
+                   share <= weight_share + self.share_tolerance, share,
+                   f"<= {weight_share:.2f} + {self.share_tolerance}"),
+            target("cloud weight not raised during the delay", not a["fault_window"]["cloud_weight_raised"],
+                   a["fault_window"]["cloud_weight_max"], f"<= {w.get(cloud)} (weight before)"),
+        ]
+        return out
+
+
+class HAProxyRestart(Scenario):
+    name = "haproxy-restart"
+    title = "the proxy restarts; weights restored from the control plane's state"
+    target_site = "proxy"
+    lift_fault = False
+    needs_control = True
+    decided = {"onprem": 70, "cloud": 30}
+
+    def prepare(self, base, run_dir, repository, *, restart_mode: str = "graceful", **kw):
+        env = super().prepare(base, run_dir, repository, **kw)
+        if restart_mode not in ("graceful", "kill"):
+            raise ValueError("restart_mode must be graceful or kill")
+        env.extra["restart_mode"] = restart_mode
+        return env
+
+    def ready(self, env):
+        """Weights that differ from haproxy.cfg's, so a restart visibly loses them."""
+        inst = {env.instance("onprem").name: self.decided["onprem"], env.instance("cloud").name: self.decided["cloud"]}
+        if env.with_control:
+            env.control_api("POST", "/v1/weights", {"weights": self.decided, "ttl_s": 3600, "note": "drill"})
+            env.extra["restorer"] = "control plane (daemon reconciles the observed HAProxy state)"
+        else:
+            rt = env.runtime()
+            for be in ALL_BACKENDS:
+                for name, w in inst.items():
+                    rt.set_weight(be, name, w)
+            env.extra["restorer"] = "drill (no control daemon in this run): re-applies the recorded weights"
+        env.extra["decided"] = inst
+        _wait_weights(env, inst, 15)
+
+    def inject(self, env):
+        proc = env.procs["haproxy"]
+        mode = env.extra["restart_mode"]
+        env.mark("fault", action=f"HAProxy restart ({mode})")
+        if mode == "kill":
+            faults.kill9(proc)
+        else:
+            import signal  # noqa: PLC0415
+            proc.signal(signal.SIGUSR1)  # soft stop: listeners close, running requests finish
+            deadline = time.monotonic() + 5
+            while proc.alive and time.monotonic() < deadline:
+                time.sleep(0.01)
+        proc.stop(timeout=2)
+        env.mark("haproxy_stopped")
+        env.start_haproxy()
+        env.mark("haproxy_ready", action="stats socket answers")
+        if not env.with_control:
+            rt = env.runtime()
+            for be in ALL_BACKENDS:
+                for name, w in env.extra["decided"].items():
+                    rt.set_weight(be, name, w)
+            env.mark("weights_reapplied", by="drill")
+
+    def targets(self, a, env):
+        r = a["restore"]
+        goal = env.settings.control.poll_interval_s
+        f = a["failures"]
+        return [
+            target("weights restored within one poll interval", r["restored_s"] is not None and r["restored_s"] <= goal,
+                   r["restored_s"], f"<= {goal:g}s after HAProxy is back"),
+            target("no failures outside the restart window", f["outside_restart_window"] == 0,
+                   f["outside_restart_window"], "0 (failures inside the window are HAProxy's own, reported)"),
+        ]
+
+
+class ControlCrash(Scenario):
+    name = "control-crash"
+    title = "kill -9 of the control plane in the middle of a weight shift, restart, reconcile"
+    target_site = "control"
+    needs_control = True
+    shift_to = {"onprem": 40, "cloud": 60}
+    down_s = 1.0
+
+    def ready(self, env):
+        inst = {i.name: i.weight for i in env.settings.instances}
+        _wait_weights(env, inst, 15)
+
+    def inject(self, env):
+        on, cl = env.instance("onprem").name, env.instance("cloud").name
+        old = {on: env.instance("onprem").weight, cl: env.instance("cloud").weight}
+        env.control_api("POST", "/v1/weights", {"weights": self.shift_to, "ttl_s": 3600, "note": "drill shift"})
+        env.extra["decided"] = {on: self.shift_to["onprem"], cl: self.shift_to["cloud"]}
+        proc = env.procs["control"]
+        env.mark("fault", action=f"weight shift {old} -> {env.extra['decided']} posted; kill -9 control pid {proc.pid}")
+        faults.kill9(proc)
+        # Whatever the daemon managed to apply before it died, leave HAProxy half-shifted: the gRPC
+        # backend keeps the old weights (the daemon died between two backends).
+        rt = env.runtime()
+        state = {s.key: s.weight for s in rt.servers()}
+        env.extra["at_kill"] = state
+        for name, w in old.items():
+            rt.set_weight(ALL_BACKENDS[1], name, w)
+        env.mark("half_shifted", http={k: v for k, v in state.items() if k.startswith(ALL_BACKENDS[0])},
+                 grpc_reset_to=old)
+
+    def lift(self, env):
+        env.mark("lift", action="restart the control plane")
+        env.start_control()
+        env.mark("control_ready", action="daemon exports metrics")
+
+    def targets(self, a, env):
+        r = a["restore"]
+        goal = env.settings.control.poll_interval_s
+        return [
+            target("weights back to the decided values within one poll interval after the restart",
+                   r["restored_s"] is not None and r["restored_s"] <= goal, r["restored_s"], f"<= {goal:g}s"),
+            target("zero failed requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+        ]
+
+
+def _wait_weights(env, want: dict[str, int], timeout: float) -> None:
+    rt = env.runtime()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = {(s.backend, s.server): s.weight for s in rt.servers()}
+            if all(st.get((be, n)) == w for be in ALL_BACKENDS for n, w in want.items()):
+                return
+        except Exception:  # noqa: BLE001
+            st = {}
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"HAProxy weights did not reach {want} within {timeout:g}s (now {st})")
+        time.sleep(0.1)
+
+
+SCENARIOS: dict[str, type[Scenario]] = {s.name: s for s in (
+    OnpremCrash, OnpremHang, OnpremPartition, CloudLatency, HAProxyRestart, ControlCrash)}
+
+
+def get(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]()
+    except KeyError:
+        raise KeyError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}") from None
