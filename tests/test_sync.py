@@ -1,0 +1,242 @@
+"""Sync onto a real Triton (the nvidia-pytriton binary) from a real S3 endpoint (moto's server):
+pull + verify + candidate smoke + live; rollback; a tampered object, a broken version and an
+escaping key are refused while the previous version keeps serving; S3 down: keep serving, back
+off; a restart resumes from the state database. Client load runs against Triton throughout and
+must see zero failed requests."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+
+from control import s3 as s3x
+from control.manifest import MANIFEST_NAME, build_manifest
+from control.publish import publish_repository, publish_version
+from control.state import MirrorState
+from control.sync import (
+    lag_report, live_config_version, prepare_instance_repository, repository_path, rollback, sync_all,
+)
+from control.triton import start_instance
+from test_publish import CallCounter, write_add_model, write_ensemble
+
+
+class Load:
+    """Steady client load on one model (no version pinned, like the search front end)."""
+
+    def __init__(self, url: str, model: str = "add_one", threads: int = 2, inp: str = "INPUT0", out: str = "OUTPUT0"):
+        self.url, self.model, self.inp, self.out = url, model, inp, out
+        self.failures: list[str] = []
+        self.seen: dict[float, int] = {}
+        self.ok = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self):
+        s = requests.Session()
+        body = {"inputs": [{"name": self.inp, "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}
+        while not self._stop.is_set():
+            try:
+                r = s.post(f"{self.url}/v2/models/{self.model}/infer", json=body, timeout=10)
+                if r.status_code != 200:
+                    self.failures.append(f"{r.status_code} {r.text[:200]}")
+                    continue
+                v = r.json()["outputs"][0]["data"][0]
+                self.seen[v] = self.seen.get(v, 0) + 1
+                self.ok += 1
+            except requests.RequestException as e:
+                self.failures.append(repr(e))
+
+    def __enter__(self):
+        [t.start() for t in self._threads]
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        [t.join(timeout=15) for t in self._threads]
+
+
+def infer(inst, model="add_one", inp="INPUT0") -> float:
+    r = requests.post(f"{inst.http_url}/v2/models/{model}/infer", timeout=10,
+                      json={"inputs": [{"name": inp, "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]})
+    assert r.status_code == 200, r.text
+    return r.json()["outputs"][0]["data"][0]
+
+
+@pytest.fixture
+def env(settings_factory, tmp_path):
+    """moto + one Triton started on a repository prepared from S3 (like `triton-hybrid up`)."""
+    from control.s3server import start_s3_server
+
+    settings = settings_factory(instances=(("onprem-1", "onprem", 100, True),),
+                                s3={"retry_attempts": 2, "retry_base_delay_s": 5.0, "keep_versions": 3})
+    inst = settings.instance("onprem-1")
+    repo = tmp_path / "repo"
+    write_add_model(repo, 1, 1.0)
+    s3proc = start_s3_server(settings)
+    procs = {"s3": s3proc}
+    try:
+        client = s3x.make_client(settings.s3)
+        publish_repository(settings, repo, progress=False, client=client)
+        path = prepare_instance_repository(settings, inst)
+        procs["triton"] = start_instance(settings, inst, path, ready_timeout=60)
+        yield settings, inst, client, repo, procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def rows(settings, inst, model="add_one"):
+    st = MirrorState.for_settings(settings)
+    try:
+        return {r["version"]: r for r in st.rows(inst.name, model)}
+    finally:
+        st.close()
+
+
+def test_prepare_then_start_then_sync_goes_live_and_is_idempotent(env):
+    settings, inst, client, repo, _ = env
+    path = repository_path(settings, inst)
+    assert (path / "add_one" / "1" / "model.py").exists()
+    assert live_config_version(settings, inst, "add_one") == 1
+    out = sync_all(settings)["onprem-1"]
+    assert [(o.model, o.version, o.status) for o in out] == [("add_one", 1, "live")]
+    assert rows(settings, inst)[1]["status"] == "live"
+    again = sync_all(settings)["onprem-1"]
+    assert [(o.version, o.status) for o in again] == [(1, "up-to-date")]
+    assert infer(inst) == 1.0
+
+
+def test_publish_sync_rollback_under_load_zero_failures(env):
+    settings, inst, client, repo, _ = env
+    sync_all(settings)
+    timings = {}
+    with Load(inst.http_url) as load:
+        time.sleep(0.5)
+        write_add_model(repo, 2, 2.0)
+        t0 = time.monotonic()
+        publish_version(settings, repo, "add_one", client=client)
+        out = sync_all(settings)["onprem-1"]
+        timings["publish->live"] = time.monotonic() - t0
+        assert [(o.version, o.status) for o in out] == [(2, "live")], out
+        time.sleep(0.5)
+        assert infer(inst) == 2.0
+        res = rollback(settings, "add_one")
+        assert res["to"] == 1 and res["from"] == 2
+        assert infer(inst) == 1.0
+        # The scheduled sync does not roll forward to the rejected v2 again ...
+        assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(1, "up-to-date")]
+        # ... but a newly published version goes live.
+        write_add_model(repo, 3, 3.0)
+        publish_version(settings, repo, "add_one", client=client)
+        assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(3, "live")]
+        time.sleep(0.5)
+    assert load.failures == [], load.failures[:5]
+    assert set(load.seen) == {1.0, 2.0, 3.0} and load.ok > 50
+    r = rows(settings, inst)
+    assert (r[1]["status"], r[2]["status"], r[3]["status"]) == ("pulled", "pulled", "live")
+    print(f"\npublish->live (small model, one instance): {timings['publish->live']:.2f}s; "
+          f"{load.ok} requests, 0 failed")
+
+
+def test_tampered_object_is_refused_and_previous_keeps_serving(env):
+    settings, inst, client, repo, _ = env
+    sync_all(settings)
+    write_add_model(repo, 2, 2.0)
+    publish_version(settings, repo, "add_one", client=client)
+    key = s3x.object_key(settings.s3, "add_one", 2, "model.py")
+    h = client.head_object(Bucket=settings.s3.bucket, Key=key)
+    body = client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read().replace(b"ADD = 2.0", b"ADD = 666.0")
+    client.put_object(Bucket=settings.s3.bucket, Key=key, Body=body, Metadata=h["Metadata"],
+                      ServerSideEncryption="AES256")  # an attacker keeping the metadata
+    with Load(inst.http_url) as load:
+        out = sync_all(settings)["onprem-1"]
+    assert [(o.version, o.status) for o in out] == [(2, "failed")]
+    assert "checksum mismatch" in out[0].reason and key in out[0].reason
+    assert load.failures == [] and set(load.seen) == {1.0}
+    assert infer(inst) == 1.0
+    assert not (repository_path(settings, inst) / "add_one" / "2").exists()
+    r = rows(settings, inst)
+    assert r[2]["status"] == "failed" and r[2]["failure_kind"] == "verify" and r[1]["status"] == "live"
+    # Not retried on every tick; the live version stays.
+    assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(1, "up-to-date")]
+
+
+def test_broken_version_fails_its_smoke_check_unseen_by_clients(env):
+    settings, inst, client, repo, _ = env
+    sync_all(settings)
+    write_add_model(repo, 2, 2.0, fail=True)
+    publish_version(settings, repo, "add_one", client=client)
+    with Load(inst.http_url) as load:
+        out = sync_all(settings)["onprem-1"]
+    assert [(o.version, o.status) for o in out] == [(2, "failed")]
+    assert "smoke" in out[0].reason and "broken on purpose" in out[0].reason
+    assert load.failures == [] and set(load.seen) == {1.0}
+    assert rows(settings, inst)[2]["failure_kind"] == "smoke"
+    idx = requests.post(f"{inst.http_url}/v2/repository/index", json={"ready": True}, timeout=5,
+                        headers={"admin-key": settings.triton.admin_key.get_secret_value()}).json()
+    assert [(m["name"], m["version"]) for m in idx] == [("add_one", "1")]
+
+
+def test_manifest_with_escaping_key_is_refused(env, tmp_path):
+    settings, inst, client, repo, _ = env
+    sync_all(settings)
+    write_add_model(repo, 2, 2.0)
+    m = build_manifest(repo / "add_one", 2)
+    data = json.loads(m.to_json())
+    data["files"].append({"path": "../../../../escaped.py", "scope": "version", "sha256": "0" * 64, "size": 1})
+    data.pop("content_sha256")
+    bucket = settings.s3.bucket
+    for f in m.files:
+        src = repo / "add_one" / ("" if f.scope == "model" else "2") / f.path
+        client.put_object(Bucket=bucket, Key=s3x.object_key(settings.s3, "add_one", 2, f.path), Body=src.read_bytes())
+    client.put_object(Bucket=bucket, Key=s3x.version_prefix(settings.s3, "add_one", 2) + MANIFEST_NAME,
+                      Body=json.dumps(data).encode())
+    out = sync_all(settings)["onprem-1"]
+    assert [(o.version, o.status) for o in out] == [(2, "failed")]
+    assert "escape" in out[0].reason
+    assert not list(settings.run_path.rglob("escaped.py"))
+    assert infer(inst) == 1.0
+
+
+def test_s3_unreachable_keeps_serving_backs_off_and_reports_lag(env):
+    settings, inst, client, repo, procs = env
+    sync_all(settings)
+    write_add_model(repo, 2, 2.0)
+    publish_version(settings, repo, "add_one", client=client)
+    procs["s3"].stop()
+    out = sync_all(settings)["onprem-1"]
+    assert out[0].status == "skipped" and "did not answer" in out[0].reason
+    again = sync_all(settings)["onprem-1"]
+    assert again[0].status == "skipped" and "backing off" in again[0].reason
+    assert infer(inst) == 1.0
+    lag = {(r["instance"], r["model"]): r for r in lag_report(settings)}
+    assert lag[("onprem-1", "add_one")]["live"] == 1 and lag[("onprem-1", "add_one")]["lag_versions"] == 1
+    assert "did not answer" in lag[("onprem-1", "add_one")]["last_sync_error"]
+
+
+def test_restart_resumes_without_pulling_again(env):
+    settings, inst, client, repo, procs = env
+    sync_all(settings)
+    write_add_model(repo, 2, 2.0)
+    publish_version(settings, repo, "add_one", client=client)
+    assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(2, "live")]
+    procs.pop("triton").stop()
+    count = CallCounter(client)
+    path = prepare_instance_repository(settings, inst, client=client)
+    assert count["GetObject"] == 2  # the two manifests; no file is downloaded again
+    procs["triton"] = start_instance(settings, inst, path, ready_timeout=60)
+    assert infer(inst) == 2.0
+    assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(2, "up-to-date")]
+
+
+def test_ensemble_with_placeholder_goes_live(env):
+    settings, inst, client, repo, procs = env
+    write_ensemble(repo)
+    publish_repository(settings, repo, progress=False, client=client)
+    out = sync_all(settings)["onprem-1"]
+    assert [(o.model, o.status) for o in out] == [("add_one", "live"), ("pipeline", "live")], out
+    assert (repository_path(settings, inst) / "pipeline" / "1" / ".placeholder").exists()
+    assert infer(inst, "pipeline", "IN") == 1.0
