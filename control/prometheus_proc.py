@@ -61,9 +61,10 @@ def write_config(settings, rules_dir: Path = RULES_DIR) -> Path:
     return path
 
 
-def start_prometheus(settings, timeout: float = 30.0) -> ManagedProcess:
-    """Start Prometheus for the local stack and wait until it is ready; returns the managed process."""
-    host, port = prometheus_host(settings), prometheus_port(settings)
+def start_prometheus(settings, timeout: float = 30.0, port: int | None = None) -> ManagedProcess:
+    """Start Prometheus for the local stack and wait until it is ready; returns the managed process.
+    `port` overrides control.prometheus_port (tests use a free port)."""
+    host, port = prometheus_host(settings), port or prometheus_port(settings)
     if port_in_use(host, port):
         raise ComponentError(NAME, f"port {host}:{port} (control.prometheus_port) is already in use; "
                                    "free it or change it in the config")
