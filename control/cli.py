@@ -20,6 +20,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "repo": ("model_repository.cli", "repo_group"),
     "report": ("control.report_cli", "report_cmd"),
     "deploy": ("control.deploy_cli", "deploy_group"),
+    "publish": ("control.mirror_cli", "publish_cmd"),
+    "sync": ("control.mirror_cli", "sync_cmd"),
+    "rollback": ("control.mirror_cli", "rollback_cmd"),
+    "versions": ("control.mirror_cli", "versions_cmd"),
 }
 
 

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -66,7 +67,7 @@ def measure(url: str, concurrency: int, data: dict, protocol: str = "grpc", mode
         data_path.write_text(json.dumps(data))
         argv = [str(binary()), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data_path),
                 f"--concurrency-range={concurrency}", f"--measurement-interval={interval_ms}",
-                "--percentile=99", "--stability-percentage=20", "--max-trials=5", "-f", str(csv_path)]
+                "--percentile=99", "--stability-percentage=50", "--max-trials=10", "-f", str(csv_path)]
         done = subprocess.run(argv, capture_output=True, text=True, env=perf_env(), timeout=300)
         if done.returncode != 0:
             raise click.ClickException(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -99,6 +100,92 @@ def run_cmd(url: str, protocol: str, export_dir: Path | None, concurrency: tuple
     for c in concurrency:
         r = measure(url, c, data, protocol)
         click.echo(f"concurrency {c}: {r['throughput']:.1f} infer/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+
+
+def bench(export_dir: Path, work_dir: Path, concurrencies=(1, 8), protocol: str = "grpc",
+          interval_ms: int = 4000, say=print) -> list[dict]:
+    """Build the cpu repository with dynamic batching on and off; for each, one Triton behind
+    HAProxy (the local stack's generated config), perf_analyzer through HAProxy."""
+    from control.config import load_config  # noqa: PLC0415 - the control plane owns these
+    from control.procs import free_port  # noqa: PLC0415
+    from control.triton import start_triton  # noqa: PLC0415
+    from model_repository.build import build_repository  # noqa: PLC0415
+
+    held = json.loads((Path(export_dir) / "heldout_queries.json").read_text())[0]
+    data = input_data(held["query"], held["candidate_ids"])
+    rows = []
+    for batching in (True, False):
+        run_dir = Path(work_dir) / ("batching_on" if batching else "batching_off")
+        build = build_repository(export_dir, run_dir / "repo", "cpu", dynamic_batching=batching)
+        settings = load_config(environ={}, overrides={
+            "run_dir": str(run_dir / "run"),
+            "haproxy": {"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()},
+            "instances": [{"name": "onprem-bench", "site": "onprem", "http_port": free_port(),
+                           "grpc_port": free_port(), "metrics_port": free_port(), "weight": 100,
+                           "sensitive_ok": True}]})
+        inst = settings.instances[0]
+        triton = start_triton(inst.name, build.out_dir, inst.http_port, inst.grpc_port, inst.metrics_port,
+                              settings.run_path, ready_timeout=120)
+        try:
+            haproxy = _start_haproxy(settings)
+            try:
+                port = settings.haproxy.grpc_port if protocol == "grpc" else settings.haproxy.http_port
+                for c in concurrencies:
+                    r = measure(f"{settings.haproxy.host}:{port}", c, data, protocol, interval_ms=interval_ms)
+                    r.update(dynamic_batching=batching, n_candidates=len(held["candidate_ids"]), via="haproxy",
+                             protocol=protocol)
+                    say(f"dynamic batching {'on ' if batching else 'off'} concurrency {c}: "
+                        f"{r['throughput']:.1f} infer/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+                    rows.append(r)
+            finally:
+                haproxy.stop()
+        finally:
+            triton.stop()
+    return rows
+
+
+def _start_haproxy(settings):
+    """The local stack's HAProxy. Workaround while control/haproxy_config.py lacks it: the gRPC
+    servers' health check goes to Triton's HTTP port, so it must speak HTTP/1.1 (`check-proto h1`);
+    without it HAProxy checks with h2, marks every gRPC server DOWN and answers gRPC with an HTML 503."""
+    from control import haproxy_config, haproxy_proc  # noqa: PLC0415
+    from control.procs import http_ok, start_process, wait_until  # noqa: PLC0415
+
+    text = haproxy_config.render(settings)
+    if "check-proto" not in text:
+        text = "\n".join(line + " check-proto h1" if " proto h2 " in line and " check port " in line else line
+                         for line in text.splitlines())
+    binary = haproxy_proc.haproxy_binary(settings)
+    cfg = haproxy_config.config_path(settings)
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(text + "\n")
+    proc = start_process("haproxy", [binary, "-db", "-f", str(cfg)], settings.run_path)
+    h = settings.haproxy
+    wait_until(lambda: http_ok(f"http://{h.host}:{h.stats_port}/metrics"), proc, 15, "serving its stats port")
+    # wait until the health checks have marked the server up (rise 2)
+    time.sleep(max(2.0, 3 * h.health_interval_ms / 1000))
+    return proc
+
+
+@cli.command("bench")
+@click.option("--export", "export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".run/perf"),
+              show_default=True)
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc")
+@click.option("--concurrency", "-c", type=int, multiple=True, default=(1, 8), show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="also write the rows as JSON")
+def bench_cmd(export_dir: Path | None, work_dir: Path, protocol: str, concurrency: tuple[int, ...],
+              json_out: Path | None) -> None:
+    """search_ranking through HAProxy, dynamic batching on vs off (starts its own Triton + HAProxy)."""
+    from model_repository.build import latest_export_dir  # noqa: PLC0415
+
+    install()
+    import shutil  # noqa: PLC0415
+    shutil.rmtree(work_dir, ignore_errors=True)
+    rows = bench(export_dir or latest_export_dir(), work_dir, concurrency, protocol, say=click.echo)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
