@@ -475,7 +475,7 @@ def sync_instance(settings, instance, *, client=None, state: MirrorState | None 
             except (SyncError, s3x.S3Error, TritonUnreachable) as e:
                 delay = state.instance_failed(instance.name, str(e), settings.s3.retry_base_delay_s)
                 state.event(instance.name, None, None, "sync-unreachable", str(e))
-                return [Outcome(instance.name, "*", None, "skipped", f"{e} (next attempt in {delay:.0f}s)")]
+                return [Outcome(instance.name, "*", None, "skipped", f"{e} (next scheduled attempt in {delay:.1f}s)")]
             state.instance_ok(instance.name)
             return out
     finally:
