@@ -47,7 +47,7 @@ from control.state import MirrorState
 from control.triton_admin import TritonAdmin, TritonAdminError, TritonUnreachable
 
 CANDIDATE_SUFFIX = "__candidate_v"
-SmokeFn = Callable[[TritonAdmin, str, int], None]  # (admin, model name to call, version); raises on failure
+SmokeFn = Callable[..., None]  # (admin, model name to call, version, version_dir); raises on failure
 
 
 class SyncError(RuntimeError):
@@ -113,26 +113,42 @@ _SMOKE: dict[str, SmokeFn] = {}
 
 
 def register_smoke(model: str, fn: SmokeFn) -> None:
+    """A smoke check for `model`: fn(admin, name_to_call, version, version_dir) raises on failure."""
     _SMOKE[model] = fn
 
 
-def default_smoke(admin: TritonAdmin, model: str, version: int) -> None:
+def default_smoke(admin: TritonAdmin, model: str, version: int, version_dir: Path | None = None) -> None:
     """Ready + one inference with zero inputs built from the model's config."""
     if not admin.model_ready(model, version):
         raise TritonAdminError(f"{model} v{version} is not ready on {admin.name}")
     admin.infer_zeros(model, version)
 
 
+def _ensemble_smoke(mod) -> SmokeFn:
+    """`model_repository.smoke`: the stored search_ranking request and its reference answer
+    (`<version dir>/smoke.json`), sent to whichever name is under test (candidate or live)."""
+    def check(admin: TritonAdmin, model: str, version: int, version_dir: Path | None = None) -> None:
+        import tritonclient.http as th  # noqa: PLC0415
+
+        if version_dir is None or not (Path(version_dir) / "smoke.json").is_file():
+            return default_smoke(admin, model, version)
+        inputs, expected = mod.smoke_request(version_dir)
+        with th.InferenceServerClient(admin.url.split("://", 1)[-1], connection_timeout=10, network_timeout=30) as c:
+            res = c.infer(model, mod.to_infer_inputs(inputs, th), model_version=str(version))
+        problems = mod.check_response({n: res.as_numpy(n) for n in mod.OUTPUTS}, expected)
+        if problems:
+            raise TritonAdminError("; ".join(problems))
+    return check
+
+
 def smoke_for(model: str) -> SmokeFn:
-    """A registered check, else `model_repository.smoke.SMOKE_CHECKS[model](http_url, name, version)`,
-    else the generic one."""
+    """A registered check, else model_repository.smoke's check for the ensemble, else the generic one."""
     if model in _SMOKE:
         return _SMOKE[model]
     try:
         mod = importlib.import_module("model_repository.smoke")
-        fn = getattr(mod, "SMOKE_CHECKS", {}).get(model)
-        if fn is not None:
-            return lambda admin, name, version: fn(admin.url, name, version)
+        if model == getattr(mod, "ENSEMBLE", None) and hasattr(mod, "smoke_request"):
+            return _ensemble_smoke(mod)
     except ImportError:
         pass
     return default_smoke
@@ -387,7 +403,7 @@ def _candidate_check(settings, instance, admin: TritonAdmin, manifest: Manifest,
         if not admin.wait_model_ready(cand, version, timeout=settings.triton.startup_timeout_s):
             raise SyncError("load", f"{model} v{version} loaded but never became ready")
         try:
-            smoke(admin, cand, version)
+            smoke(admin, cand, version, cdir / str(version))
         except Exception as e:  # noqa: BLE001
             raise SyncError("smoke", f"{model} v{version} failed its smoke check: {e}") from None
     finally:
@@ -424,7 +440,7 @@ def roll_model(settings, instance, admin: TritonAdmin, state: MirrorState, manif
             raise SyncError("load", f"{model} v{version} is not ready after the reload")
         state.set_status(instance.name, model, version, "loaded", content_sha256=manifest.content_sha256)
         try:
-            smoke(admin, model, version)
+            smoke(admin, model, version, vdir)
         except Exception as e:  # noqa: BLE001
             raise SyncError("smoke", f"{model} v{version} failed its smoke check after going live: {e}") from None
     except SyncError as e:
@@ -515,7 +531,7 @@ def _sync_instance(settings, instance, client, state, models, smoke) -> list[Out
                 continue
             # Pulled before Triton started (prepare_instance_repository) and loaded by it: smoke, then live.
             try:
-                (smoke.get(model) or smoke_for(model))(admin, model, target)
+                (smoke.get(model) or smoke_for(model))(admin, model, target, repo / model / str(target))
             except Exception as e:  # noqa: BLE001
                 outcomes.append(Outcome(instance.name, model, target, "failed", f"smoke check: {e}"))
                 state.set_status(instance.name, model, target, "failed", f"smoke check at start-up: {e}", "smoke")
