@@ -142,7 +142,13 @@ def decide(snapshots: Mapping[str, InstanceSnapshot] | list[InstanceSnapshot], c
     """One policy tick. `cfg` is a PolicyConfig; `now` a unix time; snapshots already aged."""
     snaps = list(snapshots.values()) if isinstance(snapshots, Mapping) else list(snapshots)
     cur = normalize(current)
-    drained = controls.drained
+    drained = set(controls.drained)
+    # A site whose instances are all drained is a drained site (an operator act, not a failure).
+    for site in SITES:
+        members = [s.name for s in snaps if s.site == site]
+        if members and all(m in drained for m in members):
+            drained.add(site)
+    drained = frozenset(drained)
     views = {site: site_view([s for s in snaps if s.site == site], cfg, drained) for site in SITES}
     inputs = {
         "current": cur,

