@@ -15,8 +15,8 @@ from control.config import PROJECT_ROOT, ConfigError, load_config
 
 SITES_REGISTRY = PROJECT_ROOT / "deploy" / "sites.yaml"
 HAPROXY_OUT = PROJECT_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-K8S_REGISTRY = PROJECT_ROOT / "deploy" / "k8s" / "registry.yaml"
-K8S_HAPROXY_OUT = PROJECT_ROOT / "deploy" / "k8s" / "base" / "haproxy.cfg"
+K8S_REGISTRY = PROJECT_ROOT / "deploy" / "k8s" / "control-plane" / "triton-hybrid.yaml"
+K8S_HAPROXY_OUT = PROJECT_ROOT / "deploy" / "k8s" / "control-plane" / "haproxy.cfg"
 
 
 def _load(path) -> object:
@@ -34,10 +34,10 @@ def render_haproxy(registry: Path = SITES_REGISTRY) -> str:
 
 
 def render_k8s_haproxy(registry: Path = K8S_REGISTRY) -> str:
-    """HAProxy in Kubernetes: the stats socket lives in the pod's /var/run/haproxy volume."""
+    """HAProxy in Kubernetes; its stats socket is in run_dir, the state volume both containers mount."""
     from control.haproxy_config import render  # noqa: PLC0415
 
-    return render(load_config(registry, environ={}), socket="/var/run/haproxy/haproxy.sock")
+    return render(load_config(registry, environ={}))
 
 
 @click.group("deploy")
@@ -49,7 +49,7 @@ def deploy_group() -> None:
 @click.option("--config", "registry", default=str(SITES_REGISTRY), show_default=True,
               type=click.Path(exists=True, dir_okay=False), help="Deploy registry (config schema).")
 @click.option("--out", default=str(HAPROXY_OUT), show_default=True, type=click.Path(dir_okay=False))
-@click.option("--k8s", is_flag=True, help="Also render deploy/k8s/base/haproxy.cfg from deploy/k8s/registry.yaml.")
+@click.option("--k8s", is_flag=True, help="Also render deploy/k8s/control-plane/haproxy.cfg from its triton-hybrid.yaml.")
 def render_haproxy_cmd(registry: str, out: str, k8s: bool) -> None:
     """haproxy.cfg from the registry (control/haproxy_config.py, as for the local stack)."""
     _load(registry)

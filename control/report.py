@@ -205,11 +205,15 @@ def render(data: ReportData, out: str | Path, title: str = "triton-hybrid: traff
     override_spans = _spans(data.override, end)
     for n, (a, b) in enumerate(override_spans):
         ax_w.axvspan(dt(a), dt(b), color="grey", alpha=0.2, label=None if n else "manual override")
+    shown = 0
     for t, reason, text in data.changes[:40]:
         ax_w.axvline(dt(t), color="black", lw=0.5, alpha=0.4)
         if reason and reason not in QUIET_REASONS:
-            ax_w.annotate(f"{reason} → {text}", (dt(t), 102), fontsize=7, rotation=30, ha="left", va="bottom")
-    ax_w.set_ylim(-5, 125)
+            # Stagger the labels over four heights so that changes close in time stay readable.
+            ax_w.annotate(f"{reason} → {text}", (dt(t), 103 + 5 * (shown % 4)), fontsize=7, ha="left", va="bottom",
+                          bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
+            shown += 1
+    ax_w.set_ylim(-5, 128)
     ax_w.set_ylabel("site weight (0..100)")
     ax_w.legend(loc="center left", fontsize=8)
     ax_w.grid(alpha=0.3)
@@ -234,7 +238,11 @@ def render(data: ReportData, out: str | Path, title: str = "triton-hybrid: traff
     ax_q.grid(alpha=0.3)
     ax_q.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=timezone.utc))
     ax_q.set_xlabel("time (UTC)")
-    ax_q.set_xlim(dt(data.start), dt(data.end))
+    # From the first sample (not the start of --since: a 1h window with 5 minutes of data would
+    # squeeze them into the right edge) to the end of the window.
+    first = min((p[0][0] for p in (*data.weights.values(), *data.traffic.values()) if p), default=data.start)
+    left = max(data.start, first - 0.02 * (data.end - first))
+    ax_q.set_xlim(dt(left), dt(data.end))
 
     summary = summarize(data)
     fig.suptitle(f"{title}\n{_utc(data.start)} – {_utc(data.end)} · {data.source} · "
