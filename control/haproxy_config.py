@@ -98,7 +98,7 @@ def render(settings, socket: str | Path | None = None) -> str:
             "    option httpchk GET /v2/health/ready",
             "    http-check expect status 200",
             f"    default-server inter {h.health_interval_ms}ms fastinter {h.health_interval_ms // 2}ms "
-            f"fall {h.health_fall} rise {h.health_rise} on-marked-down shutdown-sessions",
+            f"fall {h.health_fall} rise {h.health_rise}",
         ]
         for i in instances:
             if grpc:

@@ -36,7 +36,7 @@ MODEL_ADD_ONE = "add_one"
 # checks, a short connect timeout, and a server timeout that turns a hung server's request into a
 # retry on the other site (`retry-on response-timeout` + `option redispatch 1`).
 DRILL_HAPROXY = {"health_interval_ms": 200, "health_fall": 2, "health_rise": 2, "timeout_connect_ms": 300,
-                 "timeout_server_ms": 1000, "retries": 3}
+                 "timeout_server_ms": 800, "retries": 3}
 
 
 class DrillSkip(Exception):
@@ -508,7 +508,10 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
 
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run_root = Path(run_root or base.run_path / "drills")
-    run_dir = run_root / f"{stamp}-{scenario.name}-{os.getpid()}"
+    run_dir = run_root / f"{scenario.name}-{stamp[9:]}-{os.getpid()}"
+    if len(str(run_dir / "haproxy.sock")) > 90:  # HAProxy refuses unix socket paths over 97 chars
+        import tempfile  # noqa: PLC0415
+        run_dir = Path(tempfile.mkdtemp(prefix=f"thd-{scenario.name}-"))
     reports_dir = Path(reports_dir or default_reports_dir(base))
     out_dir = reports_dir / f"{stamp}-{scenario.name}"
     meta = {"scenario": scenario.name, "title": scenario.title, "started_utc": stamp, "duration_s": duration_s,

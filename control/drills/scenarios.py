@@ -156,7 +156,7 @@ class CloudLatency(Scenario):
     name = "cloud-latency"
     title = "the cloud site behind an added network delay"
     target_site = "cloud"
-    delay_ms = 200.0
+    delay_ms = 100.0
     share_tolerance = 0.05
 
     def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, delay_ms=None, **_):
