@@ -246,7 +246,8 @@ def render(data: ReportData, out: str | Path, title: str = "triton-hybrid: traff
 
     summary = summarize(data)
     fig.suptitle(f"{title}\n{_utc(data.start)} – {_utc(data.end)} · {data.source} · "
-                 f"{summary['decisions']} decisions, {summary['weight_changes']} weight changes", fontsize=10)
+                 + (f"{summary['decisions']} decisions" if summary["decisions"] is not None
+                    else f"{summary['samples']} samples") + f", {summary['weight_changes']} weight changes", fontsize=10)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,9 @@ def summarize(data: ReportData) -> dict:
     return {
         "source": data.source,
         "start": _utc(data.start), "end": _utc(data.end),
-        "decisions": sum(data.reasons.values()) if data.reasons else len(data.weights.get("onprem", [])),
+        # Prometheus has no decisions, only samples of the weights.
+        "decisions": sum(data.reasons.values()) if data.reasons else None,
+        "samples": max((len(p) for p in data.weights.values()), default=0),
         "weight_changes": len(data.changes),
         "reasons": dict(sorted(data.reasons.items(), key=lambda kv: -kv[1])),
         "final_weights": {s: last(p) for s, p in data.weights.items()},

@@ -43,7 +43,9 @@ def report_cmd(ctx, since: str, out: str, prometheus_url: str | None, db_path: s
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"wrote {summary['out']}: {summary['start']} – {summary['end']} from {summary['source']}")
-    click.echo(f"  {summary['decisions']} decisions, {summary['weight_changes']} weight changes; "
+    counted = (f"{summary['decisions']} decisions" if summary["decisions"] is not None
+               else f"{summary['samples']} samples")
+    click.echo(f"  {counted}, {summary['weight_changes']} weight changes; "
                f"final weights {summary['final_weights']}; mean req/s per site {summary['mean_rps']}")
     if summary["reasons"]:
         click.echo("  reasons: " + ", ".join(f"{r} x{n}" for r, n in summary["reasons"].items()))
