@@ -261,5 +261,5 @@ def serve_api(settings, controller, host: str | None = None, port: int | None = 
     srv = ThreadingHTTPServer((host or c.api_host, port if port is not None else c.api_port),
                               make_handler(service, c.admin_token.get_secret_value()))
     srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, name="admin-api", daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, name="admin-api", daemon=True).start()
     return srv

@@ -1,0 +1,152 @@
+"""Admin HTTP API: bearer-token auth, input validation naming the field, and the operations
+(through a real ThreadingHTTPServer; the actuator is the dry-run one, no Triton needed)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from control.actuators import DryRunActuator
+from control.api import serve_api
+from control.daemon import Controller
+from tests.conftest import make_settings
+
+TOKEN = "test-admin-token-123"
+
+
+@pytest.fixture
+def svc(tmp_path):
+    settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
+                             control={"admin_token": TOKEN, "actuator": "dry-run"})
+    c = Controller(settings, actuator=DryRunActuator(settings.instances))
+    srv = serve_api(settings, c)
+    base = f"http://{settings.control.api_host}:{settings.control.api_port}"
+    yield base, c
+    srv.shutdown()
+    srv.server_close()
+    c.close()
+
+
+def call(base, method, path, body=None, token=TOKEN, **kw):
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    return requests.request(method, base + path, json=body, headers=headers, timeout=10, **kw)
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong", TOKEN + "x", TOKEN[:-1], "Bearer " + TOKEN])
+@pytest.mark.parametrize("method,path", [("GET", "/v1/status"), ("GET", "/v1/weights"), ("POST", "/v1/weights"),
+                                         ("POST", "/v1/drain"), ("GET", "/v1/history"), ("GET", "/v1/policy")])
+def test_no_or_wrong_token_is_401(svc, token, method, path):
+    base, c = svc
+    r = call(base, method, path, {"weights": {"onprem": 0, "cloud": 100}, "ttl_s": 60}, token=token)
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert c.audit.override() is None  # nothing happened
+
+
+def test_other_auth_schemes_are_401(svc):
+    base, _ = svc
+    r = requests.get(base + "/v1/status", headers={"Authorization": f"Basic {TOKEN}"}, timeout=5)
+    assert r.status_code == 401
+
+
+def test_healthz_needs_no_token(svc):
+    base, _ = svc
+    assert call(base, "GET", "/healthz", token=None).json() == {"ok": True}
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"weights": {"onprem": 70, "cloud": 20}}, "weights"),
+    ({"weights": {"onprem": 70}}, "weights.cloud"),
+    ({"weights": {"onprem": "70", "cloud": 30}}, "weights.onprem"),
+    ({"weights": {"onprem": 170, "cloud": -70}}, "weights.onprem"),
+    ({"weights": {"onprem": 70.5, "cloud": 29.5}}, "weights.onprem"),
+    ({"weights": {"onprem": True, "cloud": 99}}, "weights.onprem"),
+    ({"weights": {"onprem": 70, "cloud": 30, "mars": 0}}, "weights.mars"),
+    ({"weights": [70, 30]}, "weights"),
+    ({}, "weights"),
+    ({"weights": {"onprem": 70, "cloud": 30}, "ttl_s": "soon"}, "ttl_s"),
+    ({"weights": {"onprem": 70, "cloud": 30}, "ttl_s": 0}, "ttl_s"),
+    ({"weights": {"onprem": 70, "cloud": 30}, "ttl_s": "30d"}, "ttl_s"),
+    ({"weights": {"onprem": 70, "cloud": 30}, "note": 5}, "note"),
+])
+def test_bad_weights_are_400_naming_the_field(svc, body, field):
+    base, c = svc
+    r = call(base, "POST", "/v1/weights", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["field"] == field
+    assert r.json()["error"].startswith(field + ":")
+    assert c.audit.override() is None
+
+
+def test_bad_json_and_bad_targets_are_400(svc):
+    base, _ = svc
+    r = requests.post(base + "/v1/weights", data=b"{not json", timeout=5,
+                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["field"] == "body"
+    r = call(base, "POST", "/v1/drain", {"target": "mars-1"})
+    assert r.status_code == 400 and r.json()["field"] == "target" and "onprem-1" in r.json()["error"]
+    r = call(base, "POST", "/v1/drain", {})
+    assert r.status_code == 400 and r.json()["field"] == "target"
+    r = call(base, "GET", "/v1/history", params={"since": "yesterday-ish"})
+    assert r.status_code == 400 and r.json()["field"] == "since"
+    r = call(base, "GET", "/v1/history", params={"limit": "lots"})
+    assert r.status_code == 400 and r.json()["field"] == "limit"
+
+
+def test_unknown_path_and_method(svc):
+    base, _ = svc
+    assert call(base, "GET", "/v1/nothing").status_code == 404
+    assert call(base, "DELETE", "/v1/status").status_code == 405
+
+
+def test_set_weights_applies_now_audits_and_expires(svc):
+    base, c = svc
+    r = call(base, "POST", "/v1/weights", {"weights": {"onprem": 30, "cloud": 70}, "ttl_s": "2s", "note": "drill"})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["decision"]["reason"] == "override" and d["decision"]["weights"] == {"onprem": 30, "cloud": 70}
+    assert c.actuator.observe().site_weights == {"onprem": 30, "cloud": 70}
+    w = call(base, "GET", "/v1/weights").json()
+    assert w["override"]["weights"] == {"onprem": 30, "cloud": 70} and 0 < w["override"]["ttl_left_s"] <= 2
+    assert w["instance_weights"] == {"onprem-1": 30, "cloud-1": 70}
+    h = call(base, "GET", "/v1/history", params={"since": "5m"}).json()["decisions"]
+    assert h[-1]["reason"] == "override" and h[-1]["old_weights"] == {"onprem": 100, "cloud": 0}
+    assert "by api:127.0.0.1" in h[-1]["message"] and "drill" in h[-1]["message"]
+    time.sleep(2.1)
+    d = c.tick()
+    assert d.reason == "override_expired"
+    assert call(base, "GET", "/v1/weights").json()["override"] is None
+
+
+def test_clear_override(svc):
+    base, c = svc
+    call(base, "POST", "/v1/weights", {"weights": {"onprem": 50, "cloud": 50}, "ttl_s": 600})
+    r = call(base, "DELETE", "/v1/weights/override").json()
+    assert r["cleared"] is True and c.audit.override() is None
+
+
+def test_drain_and_undrain(svc):
+    base, c = svc
+    r = call(base, "POST", "/v1/drain", {"target": "onprem"}).json()
+    assert r["kind"] == "site" and r["decision"]["reason"] == "drain"
+    assert r["decision"]["weights"] == {"onprem": 0, "cloud": 100}
+    assert call(base, "GET", "/v1/status").json()["drained"] == ["onprem"]
+    r = call(base, "POST", "/v1/drain", {"target": "cloud-1"}).json()
+    assert r["kind"] == "instance"
+    assert c.actuator.observe().drained == {"onprem-1", "cloud-1"}
+    call(base, "POST", "/v1/undrain", {"target": "onprem"})
+    r = call(base, "POST", "/v1/ready", {"target": "cloud-1"}).json()
+    assert r["changed"] is True
+    assert call(base, "GET", "/v1/status").json()["drained"] == []
+
+
+def test_status_and_policy_views(svc):
+    base, _ = svc
+    s = call(base, "GET", "/v1/status").json()
+    assert s["actuator"] == "dry-run" and set(s["instances"]) <= {"onprem-1", "cloud-1"}
+    assert TOKEN not in str(s)
+    p = call(base, "GET", "/v1/policy").json()
+    assert p["config"]["max_step"] == 20
+    assert [i["name"] for i in p["instances"]] == ["onprem-1", "cloud-1"]
+    assert p["instances"][0]["sensitive_ok"] is True
