@@ -70,8 +70,7 @@ def _print_outcomes(results: dict) -> bool:
     ok = True
     t = Table("instance", "model", "version", "result", "previous", "seconds", "reason")
     for inst, outs in results.items():
-        for o in outs:
-            d = o if isinstance(o, dict) else o.as_dict()
+        for d in outs.values():
             ok &= d["status"] != "failed"
             style = {"failed": "red", "live": "green", "skipped": "yellow"}.get(d["status"], "")
             t.add_row(inst, d["model"], str(d["version"] or "-"), f"[{style}]{d['status']}[/{style}]" if style else d["status"],
@@ -107,12 +106,12 @@ def sync_cmd(ctx, instance, models, retry_failed, as_json):
     except _errors() as e:
         _fail(str(e))
     if as_json:
-        click.echo(json.dumps({k: [o.as_dict() for o in v] for k, v in results.items()}, indent=1))
+        click.echo(json.dumps(results, indent=1))
     else:
         _print_outcomes(results)
     # Failed versions, and instances not synced at all (S3 or Triton unreachable), exit non-zero.
-    ok = all(o.status != "failed" and not (o.status == "skipped" and o.model == "*")
-             for v in results.values() for o in v)
+    ok = all(o["status"] != "failed" and not (o["status"] == "skipped" and o["model"] == "*")
+             for v in results.values() for o in v.values())
     if not ok:
         ctx.exit(1)
 
@@ -132,7 +131,7 @@ def rollback_cmd(ctx, model, to, as_json):
     except _errors() as e:
         _fail(str(e))
     ok = all(o["status"] != "failed" and not (o["status"] == "skipped" and o["model"] == "*")
-             for v in res["instances"].values() for o in v)
+             for v in res["instances"].values() for o in v.values())
     if as_json:
         click.echo(json.dumps(res, indent=1))
     else:

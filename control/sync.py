@@ -548,25 +548,51 @@ def _sync_instance(settings, instance, client, state, models, smoke) -> list[Out
 
 
 def sync_all(settings, *, force: bool = False, instance: str | None = None, models: list[str] | None = None,
-             client=None, smoke: dict[str, SmokeFn] | None = None) -> dict[str, list[Outcome]]:
+             client=None, smoke: dict[str, SmokeFn] | None = None) -> dict[str, dict[str, dict]]:
     """Sync every managed instance (or one). Safe to call on a schedule: idempotent, one run per
     instance at a time (a busy instance is skipped), backoff while S3/Triton are unreachable
-    (`force=True` ignores the backoff, as the CLI does)."""
+    (`force=True` ignores the backoff, as the CLI does).
+
+    Returns JSON-ready ``{instance: {model: {"live", "published", "status", "version", "reason",
+    "previous", "seconds"}}}``: ``live`` is the live version after this run, ``published`` the
+    newest published version not rolled back from; an instance that could not be synced at all
+    has one entry under the model ``"*"`` (status ``skipped``, the reason)."""
     client = client or s3x.make_client(settings.s3)
-    out = {}
+    out: dict[str, dict[str, dict]] = {}
     state = MirrorState.for_settings(settings)
     try:
         for inst in settings.instances:
             if instance and inst.name != instance:
                 continue
             if not inst.managed and not instance:
-                out[inst.name] = [Outcome(inst.name, "*", None, "skipped", "not managed by this control plane")]
-                continue
-            out[inst.name] = sync_instance(settings, inst, client=client, state=state, force=force,
-                                           models=models, smoke=smoke)
+                outcomes = [Outcome(inst.name, "*", None, "skipped", "not managed by this control plane")]
+            else:
+                outcomes = sync_instance(settings, inst, client=client, state=state, force=force,
+                                         models=models, smoke=smoke)
+            out[inst.name] = _report(state, inst.name, outcomes, models)
     finally:
         state.close()
     return out
+
+
+def _report(state: MirrorState, instance: str, outcomes: list[Outcome], models: list[str] | None) -> dict[str, dict]:
+    newest: dict[str, int] = {}
+    for r in state.published():
+        if models and r["model"] not in models:
+            continue
+        if r["version"] not in state.rejected(r["model"]):
+            newest[r["model"]] = max(newest.get(r["model"], 0), r["version"])
+    rep: dict[str, dict] = {}
+    for o in outcomes:
+        rep[o.model] = o.as_dict()
+    for model in list(rep) + [m for m in sorted(newest) if m not in rep]:
+        if model == "*":
+            continue
+        d = rep.setdefault(model, {"instance": instance, "model": model, "version": None, "status": "unchanged",
+                                   "reason": "", "previous": None, "seconds": 0.0})
+        d["live"] = state.live_version(instance, model)
+        d["published"] = newest.get(model)
+    return rep
 
 
 # Retention on hosts -----------------------------------------------------------------------------
@@ -648,7 +674,7 @@ def rollback(settings, model: str, to: int | None = None, client=None,
         state.close()
     results = sync_all(settings, force=True, models=[model], client=client, smoke=smoke)
     return {"model": model, "to": to, "from": current,
-            "instances": {k: [o.as_dict() for o in v] for k, v in results.items()}}
+            "instances": results}
 
 
 # Reporting --------------------------------------------------------------------------------------

@@ -58,6 +58,15 @@ class Load:
         [t.join(timeout=15) for t in self._threads]
 
 
+def vs(out: dict) -> list[tuple]:
+    """(version, status) of the models a sync acted on."""
+    return [(o["version"], o["status"]) for o in out.values() if o["status"] != "unchanged"]
+
+
+def first(out: dict) -> dict:
+    return next(iter(out.values()))
+
+
 def infer(inst, model="add_one", inp="INPUT0") -> float:
     r = requests.post(f"{inst.http_url}/v2/models/{model}/infer", timeout=10,
                       json={"inputs": [{"name": inp, "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]})
@@ -102,10 +111,12 @@ def test_prepare_then_start_then_sync_goes_live_and_is_idempotent(env):
     assert (path / "add_one" / "1" / "model.py").exists()
     assert live_config_version(settings, inst, "add_one") == 1
     out = sync_all(settings)["onprem-1"]
-    assert [(o.model, o.version, o.status) for o in out] == [("add_one", 1, "live")]
+    assert [(o["model"], o["version"], o["status"]) for o in out.values()] == [("add_one", 1, "live")]
+    assert (out["add_one"]["live"], out["add_one"]["published"]) == (1, 1)
+    json.dumps(out)  # the daemon keeps it for its JSON API
     assert rows(settings, inst)[1]["status"] == "live"
     again = sync_all(settings)["onprem-1"]
-    assert [(o.version, o.status) for o in again] == [(1, "up-to-date")]
+    assert vs(again) == [(1, "up-to-date")]
     assert infer(inst) == 1.0
 
 
@@ -120,18 +131,18 @@ def test_publish_sync_rollback_under_load_zero_failures(env):
         publish_version(settings, repo, "add_one", client=client)
         out = sync_all(settings)["onprem-1"]
         timings["publish->live"] = time.monotonic() - t0
-        assert [(o.version, o.status) for o in out] == [(2, "live")], out
+        assert vs(out) == [(2, "live")], out
         time.sleep(0.5)
         assert infer(inst) == 2.0
         res = rollback(settings, "add_one")
         assert res["to"] == 1 and res["from"] == 2
         assert infer(inst) == 1.0
         # The scheduled sync does not roll forward to the rejected v2 again ...
-        assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(1, "up-to-date")]
+        assert vs(sync_all(settings)["onprem-1"]) == [(1, "up-to-date")]
         # ... but a newly published version goes live.
         write_add_model(repo, 3, 3.0)
         publish_version(settings, repo, "add_one", client=client)
-        assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(3, "live")]
+        assert vs(sync_all(settings)["onprem-1"]) == [(3, "live")]
         time.sleep(0.5)
     assert load.failures == [], load.failures[:5]
     assert set(load.seen) == {1.0, 2.0, 3.0} and load.ok > 50
@@ -153,15 +164,15 @@ def test_tampered_object_is_refused_and_previous_keeps_serving(env):
                       ServerSideEncryption="AES256")  # an attacker keeping the metadata
     with Load(inst.http_url) as load:
         out = sync_all(settings)["onprem-1"]
-    assert [(o.version, o.status) for o in out] == [(2, "failed")]
-    assert "checksum mismatch" in out[0].reason and key in out[0].reason
+    assert vs(out) == [(2, "failed")]
+    assert "checksum mismatch" in first(out)["reason"] and key in first(out)["reason"]
     assert load.failures == [] and set(load.seen) == {1.0}
     assert infer(inst) == 1.0
     assert not (repository_path(settings, inst) / "add_one" / "2").exists()
     r = rows(settings, inst)
     assert r[2]["status"] == "failed" and r[2]["failure_kind"] == "verify" and r[1]["status"] == "live"
     # Not retried on every tick; the live version stays.
-    assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(1, "up-to-date")]
+    assert vs(sync_all(settings)["onprem-1"]) == [(1, "up-to-date")]
 
 
 def test_broken_version_fails_its_smoke_check_unseen_by_clients(env):
@@ -171,8 +182,8 @@ def test_broken_version_fails_its_smoke_check_unseen_by_clients(env):
     publish_version(settings, repo, "add_one", client=client)
     with Load(inst.http_url) as load:
         out = sync_all(settings)["onprem-1"]
-    assert [(o.version, o.status) for o in out] == [(2, "failed")]
-    assert "smoke" in out[0].reason and "broken on purpose" in out[0].reason
+    assert vs(out) == [(2, "failed")]
+    assert "smoke" in first(out)["reason"] and "broken on purpose" in first(out)["reason"]
     assert load.failures == [] and set(load.seen) == {1.0}
     assert rows(settings, inst)[2]["failure_kind"] == "smoke"
     idx = requests.post(f"{inst.http_url}/v2/repository/index", json={"ready": True}, timeout=5,
@@ -195,8 +206,8 @@ def test_manifest_with_escaping_key_is_refused(env, tmp_path):
     client.put_object(Bucket=bucket, Key=s3x.version_prefix(settings.s3, "add_one", 2) + MANIFEST_NAME,
                       Body=json.dumps(data).encode())
     out = sync_all(settings)["onprem-1"]
-    assert [(o.version, o.status) for o in out] == [(2, "failed")]
-    assert "escape" in out[0].reason
+    assert vs(out) == [(2, "failed")]
+    assert "escape" in first(out)["reason"]
     assert not list(settings.run_path.rglob("escaped.py"))
     assert infer(inst) == 1.0
 
@@ -208,9 +219,9 @@ def test_s3_unreachable_keeps_serving_backs_off_and_reports_lag(env):
     publish_version(settings, repo, "add_one", client=client)
     procs["s3"].stop()
     out = sync_all(settings)["onprem-1"]
-    assert out[0].status == "skipped" and "did not answer" in out[0].reason
+    assert first(out)["status"] == "skipped" and "did not answer" in first(out)["reason"]
     again = sync_all(settings)["onprem-1"]
-    assert again[0].status == "skipped" and "backing off" in again[0].reason
+    assert first(again)["status"] == "skipped" and "backing off" in first(again)["reason"]
     assert infer(inst) == 1.0
     lag = {(r["instance"], r["model"]): r for r in lag_report(settings)}
     assert lag[("onprem-1", "add_one")]["live"] == 1 and lag[("onprem-1", "add_one")]["lag_versions"] == 1
@@ -222,14 +233,14 @@ def test_restart_resumes_without_pulling_again(env):
     sync_all(settings)
     write_add_model(repo, 2, 2.0)
     publish_version(settings, repo, "add_one", client=client)
-    assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(2, "live")]
+    assert vs(sync_all(settings)["onprem-1"]) == [(2, "live")]
     procs.pop("triton").stop()
     count = CallCounter(client)
     path = prepare_instance_repository(settings, inst, client=client)
     assert count["GetObject"] == 2  # the two manifests; no file is downloaded again
     procs["triton"] = start_instance(settings, inst, path, ready_timeout=60)
     assert infer(inst) == 2.0
-    assert [(o.version, o.status) for o in sync_all(settings)["onprem-1"]] == [(2, "up-to-date")]
+    assert vs(sync_all(settings)["onprem-1"]) == [(2, "up-to-date")]
 
 
 def test_ensemble_with_placeholder_goes_live(env):
@@ -237,6 +248,6 @@ def test_ensemble_with_placeholder_goes_live(env):
     write_ensemble(repo)
     publish_repository(settings, repo, progress=False, client=client)
     out = sync_all(settings)["onprem-1"]
-    assert [(o.model, o.status) for o in out] == [("add_one", "live"), ("pipeline", "live")], out
+    assert [(o["model"], o["status"]) for o in out.values()] == [("add_one", "live"), ("pipeline", "live")], out
     assert (repository_path(settings, inst) / "pipeline" / "1" / ".placeholder").exists()
     assert infer(inst, "pipeline", "IN") == 1.0
