@@ -251,3 +251,85 @@ def test_ensemble_with_placeholder_goes_live(env):
     assert [(o["model"], o["status"]) for o in out.values()] == [("add_one", "live"), ("pipeline", "live")], out
     assert (repository_path(settings, inst) / "pipeline" / "1" / ".placeholder").exists()
     assert infer(inst, "pipeline", "IN") == 1.0
+
+
+# The whole stack: real ensemble, two Tritons behind HAProxy ------------------------------------
+
+class EnsembleLoad(Load):
+    """search_ranking requests through HAProxy (HTTP), like the search front end."""
+
+    def __init__(self, url: str, query: str, candidates: list[int], threads: int = 2):
+        super().__init__(url, "search_ranking", threads)
+        self.query, self.candidates = query, candidates
+
+    def _run(self):
+        import tritonclient.http as th
+
+        from control.demo import ensemble_inputs
+
+        c = th.InferenceServerClient(self.url.split("://", 1)[-1], network_timeout=30)
+        while not self._stop.is_set():
+            try:
+                r = c.infer("search_ranking", ensemble_inputs(th, self.query, self.candidates, 5))
+                if r.as_numpy("TOP_IDS") is None:
+                    self.failures.append("no TOP_IDS")
+                else:
+                    self.ok += 1
+            except Exception as e:  # noqa: BLE001 - every failure counts
+                self.failures.append(f"{type(e).__name__}: {e}"[:300])
+        c.close()
+
+
+@pytest.mark.slow
+def test_full_stack_publish_sync_rollback_through_haproxy_zero_failures(tmp_path_factory, cpu_repository, tiny_export):
+    import shutil
+
+    from control import stack
+    from model_repository.build import build_repository
+    from tests.conftest import make_settings
+
+    repo = tmp_path_factory.mktemp("mirror_repo") / "cpu"
+    shutil.copytree(cpu_repository, repo)
+    settings = make_settings(tmp_path_factory.mktemp("mirror_stack") / "run", models={"repository_dir": str(repo)},
+                             control={"start_daemon": False})
+    q = json.loads((tiny_export / "heldout_queries.json").read_text())[0]
+    st = stack.up(settings)
+    figures = {}
+    try:
+        first = sync_all(settings)
+        v1 = {m: d["live"] for m, d in first["onprem-1"].items()}
+        assert all(d["status"] == "live" for inst in first.values() for d in inst.values()), first
+        built = build_repository(tiny_export, repo, "cpu")  # the next version of every model
+        v2 = built.versions
+        h = settings.haproxy
+        with EnsembleLoad(f"http://{h.host}:{h.http_port}", q["query"], q["candidate_ids"]) as load:
+            time.sleep(1)
+            t0 = time.monotonic()
+            publish_version(settings, repo, "postprocess")
+            out = sync_all(settings, models=["postprocess"])
+            figures["small (postprocess, 2 instances)"] = time.monotonic() - t0
+            assert all(inst["postprocess"]["live"] == v2["postprocess"] for inst in out.values()), out
+            t0 = time.monotonic()
+            publish_repository(settings, repo, progress=False)
+            out = sync_all(settings)
+            figures["full repository (6 models, 2 instances)"] = time.monotonic() - t0
+            for name, inst in out.items():
+                assert {m: d["live"] for m, d in inst.items()} == v2, (name, inst)
+            t0 = time.monotonic()
+            for model in ("search_ranking", "ranker"):
+                res = rollback(settings, model)
+                assert res["to"] == v1[model]
+            figures["rollback (ranker + search_ranking, 2 instances)"] = time.monotonic() - t0
+            time.sleep(1)
+        assert load.failures == [], load.failures[:5]
+        assert load.ok > 20
+        state = MirrorState.for_settings(settings)
+        for inst in settings.instances:
+            assert state.live_version(inst.name, "ranker") == v1["ranker"]
+            assert state.live_version(inst.name, "query_intent") == v2["query_intent"]
+        state.close()
+        print(f"\nthrough HAProxy: {load.ok} search_ranking requests, 0 failed; publish->live: "
+              + "; ".join(f"{k} {v:.1f}s" for k, v in figures.items()))
+    finally:
+        st.stop()
+        stack.down(settings)
