@@ -95,7 +95,12 @@ def render(settings, socket: str | Path | None = None) -> str:
         lines += [
             f"backend {backend}",
             "    balance roundrobin",
-            "    option httpchk GET /v2/health/ready",
+            # Liveness, not readiness: Triton runs with --strict-readiness, so /v2/health/ready
+            # answers 400 while *any* model loads -- e.g. while sync loads and smoke-tests a
+            # candidate version next to the live one. With fast checks that pulled every server
+            # out of the pool during a sync (503s, measured by `drill bad-model`). Triton opens
+            # its HTTP port only after the startup models loaded, so a live server can serve.
+            "    option httpchk GET /v2/health/live",
             "    http-check expect status 200",
             f"    default-server inter {h.health_interval_ms}ms fastinter {h.health_interval_ms // 2}ms "
             f"fall {h.health_fall} rise {h.health_rise}",

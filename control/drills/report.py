@@ -202,6 +202,15 @@ def analyze(meta: dict, env, records, samples, scenario) -> dict:
         "restore": restore,
         "served_total": _served_between(env, samples, 0.0, end_t),
     }
+    versions: dict[str, dict] = {}
+    for r in records:
+        if r.ok and r.version:
+            d = versions.setdefault(r.version, {"count": 0, "first_t": None, "last_t": None})
+            d["count"] += 1
+            d["first_t"] = _r(r.t_end if d["first_t"] is None else min(d["first_t"], r.t_end))
+            d["last_t"] = _r(r.t_end if d["last_t"] is None else max(d["last_t"], r.t_end))
+    a["versions"] = versions
+    scenario.figures(a, env)
     targets = scenario.targets(a, env)
     return {**meta, "figures": a, "targets": targets, "passed": all(t["ok"] for t in targets),
             "events": [{"t": round(t, 3), "event": n, **{k: str(v) for k, v in d.items()}} for t, n, d in ev],
@@ -261,7 +270,8 @@ def markdown(r: dict) -> str:
               f"- served per site during the fault window: {f['fault_window']['served']} "
               f"(share {f['fault_window']['site_share']}); whole run: "
               f"{ {k: int(v) for k, v in f['served_total'].items()} }",
-              f"- weights before the fault (HTTP backend): {f['weights_before']}"]
+              f"- weights before the fault (HTTP backend): {f['weights_before']}",
+              f"- model versions that answered: { {v: d['count'] for v, d in f.get('versions', {}).items()} }"]
     if f["restore"].get("from_event"):
         rs = f["restore"]
         lines.append(f"- weights restored to {rs['decided']}: {_v(rs['restored_s'])} after `{rs['from_event']}` "

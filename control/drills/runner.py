@@ -112,6 +112,7 @@ class Req:
     t_end: float
     ok: bool
     error: str = ""
+    version: str = ""  # model version that answered (from the response)
 
     @property
     def latency_ms(self) -> float:
@@ -172,20 +173,22 @@ class OpenLoopLoad:
 
     def _one(self, i: int, proto: str, t_sched: float) -> None:
         start = time.monotonic()
-        ok, err = True, ""
+        ok, err, version = True, "", ""
         try:
             m, client = self._client(proto)
             inputs = self.spec.build(m)
             if proto == "grpc":
-                client.infer(self.spec.model, inputs, client_timeout=self.timeout_s)
+                res = client.infer(self.spec.model, inputs, client_timeout=self.timeout_s)
+                version = str(res.get_response().model_version)
             else:
-                client.infer(self.spec.model, inputs)
+                res = client.infer(self.spec.model, inputs)
+                version = str((res.get_response() or {}).get("model_version", ""))
         except Exception as e:  # noqa: BLE001 - every failure is a data point
             ok, err = False, _error_kind(e)
             self._drop_client(proto)  # a broken connection must not poison the next request
         end = time.monotonic()
         with self._lock:
-            self.records.append(Req(i, proto, t_sched, start - self.t0, end - self.t0, ok, err))
+            self.records.append(Req(i, proto, t_sched, start - self.t0, end - self.t0, ok, err, version))
 
     def _schedule(self) -> None:
         n = int(self.rate * self.duration_s)
@@ -378,6 +381,9 @@ class DrillEnv:
     netns: dict = field(default_factory=dict)          # instance name -> SiteNetns
     proxies: dict = field(default_factory=dict)        # instance name -> [DelayProxy, ...]
     listen_ports: dict = field(default_factory=dict)   # instance name -> (http, grpc) Triton really binds
+    repositories: dict = field(default_factory=dict)   # instance name -> repository (S3-synced drills)
+    with_s3: bool = False                              # S3 endpoint + publish + verified pull before start
+    s3_real_port: int | None = None                    # moto listens here; settings.s3.port is a proxy
     procs: dict = field(default_factory=dict)          # component name -> ManagedProcess
     events: list = field(default_factory=list)         # (t, name, details)
     t0: float = 0.0
@@ -402,10 +408,11 @@ class DrillEnv:
         from control.triton import start_instance, triton_argv, triton_env  # noqa: PLC0415
         http_port, grpc_port = self.listen_ports.get(inst.name, (inst.http_port, inst.grpc_port))
         ns = self.netns.get(inst.name)
+        repository = self.repositories.get(inst.name, self.repository)
         if ns is None and (http_port, grpc_port) == (inst.http_port, inst.grpc_port):
-            proc = start_instance(self.settings, inst, self.repository, ready_timeout=90)
+            proc = start_instance(self.settings, inst, repository, ready_timeout=90)
         else:
-            argv = triton_argv(self.repository, http_port, grpc_port, inst.metrics_port, self.settings.run_path,
+            argv = triton_argv(repository, http_port, grpc_port, inst.metrics_port, self.settings.run_path,
                                admin_key=self.settings.triton.admin_key.get_secret_value(), host=inst.host,
                                extra_args=self.settings.triton.extra_args)
             prefix = ns.exec_prefix() if ns is not None else []
@@ -424,6 +431,30 @@ class DrillEnv:
         self.procs["haproxy"] = start_haproxy(self.settings)
         return self.procs["haproxy"]
 
+    def start_s3(self) -> None:
+        """moto on a port of its own behind a TCP proxy on `s3.port` (stopping the proxy is the
+        outage: connections refused, the bucket's data kept), then publish + verified pull."""
+        from control.drills.faults import DelayProxy  # noqa: PLC0415
+        from control.publish import publish_repository  # noqa: PLC0415
+        from control.s3server import start_s3_server  # noqa: PLC0415
+        from control.sync import prepare_instance_repository  # noqa: PLC0415
+        self.s3_real_port = free_port()
+        real = self.settings.model_copy(update={"s3": self.settings.s3.model_copy(update={"port": self.s3_real_port})})
+        self.procs["s3"] = start_s3_server(real)
+        self.start_s3_proxy()
+        publish_repository(self.settings, self.repository, progress=False)
+        for inst in self.settings.instances:
+            self.repositories[inst.name] = prepare_instance_repository(self.settings, inst)
+
+    def start_s3_proxy(self) -> None:
+        from control.drills.faults import DelayProxy  # noqa: PLC0415
+        s3 = self.settings.s3
+        self.proxies["s3"] = [DelayProxy(s3.host, s3.port, s3.host, self.s3_real_port).start()]
+
+    def stop_s3_proxy(self) -> None:
+        for p in self.proxies.pop("s3", []):
+            p.stop()
+
     def start_control(self) -> ManagedProcess:
         from control.stack import start_control_daemon  # noqa: PLC0415
         self.procs["control"] = start_control_daemon(self.settings)
@@ -433,6 +464,8 @@ class DrillEnv:
         from control.drills.faults import DelayProxy  # noqa: PLC0415
         if self.with_control:
             self.settings = write_settings_file(self.settings)
+        if self.with_s3:
+            self.start_s3()
         for inst in self.settings.instances:
             for (port, real) in zip((inst.http_port, inst.grpc_port), self.listen_ports.get(inst.name, ())):
                 if port != real:
@@ -539,6 +572,8 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
         say(f"{scenario.name}: load {rate:g} req/s for {duration_s:g}s (HTTP + gRPC through HAProxy), "
             f"model {env.spec.model}")
         env.mark("load_start")
+        fault_at = scenario.fault_at if scenario.fault_at is not None else fault_at
+        lift_at = scenario.lift_at if scenario.lift_at is not None else lift_at
         _sleep_until(env, duration_s * fault_at)
         scenario.inject(env)
         if scenario.lift_fault:

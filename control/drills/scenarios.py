@@ -31,6 +31,8 @@ class Scenario:
     lift_fault = True            # the fault is lifted during the run
     client_timeout_s = 10.0
     needs_control = False
+    fault_at: float | None = None   # fraction of the duration; None: run_drill's default
+    lift_at: float | None = None
     recovery_goal_s: float | None = None
 
     def prepare(self, base, run_dir: Path, repository: Path, *, weights: dict[str, int] | None = None,
@@ -62,6 +64,9 @@ class Scenario:
 
     def targets(self, a: dict, env: DrillEnv) -> list[dict]:
         return []
+
+    def figures(self, a: dict, env: DrillEnv) -> None:
+        """Scenario-specific figures, added to the analysis before the targets are checked."""
 
     # helpers
     def victim(self, env: DrillEnv):
@@ -326,6 +331,194 @@ class ControlCrash(Scenario):
         ]
 
 
+BAD_MODEL = '''import os, sys
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Loads fine, fails every inference: the version the smoke check must stop (drill bad-model)."""
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(error=pb_utils.TritonError("broken on purpose (drill bad-model)"))
+                for _ in requests]
+'''
+
+
+class _MirrorScenario(Scenario):
+    """S3 publish/sync drills: the stack is fed from S3 (publish -> verified pull -> candidate
+    load + smoke -> go live, control/publish.py + control/sync.py) and the load calls the drill's
+    `add_one` model, whose answers carry the version that served them."""
+
+    target_site = "mirror"
+    model = "add_one"
+    fault_at, lift_at = 0.2, 0.55
+    good_after_lift = 3
+
+    def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, **_):
+        import shutil  # noqa: PLC0415
+        from control.drills.runner import add_one_spec, write_add_one_repository  # noqa: PLC0415
+        src = Path(run_dir) / "source-repo"
+        src.mkdir(parents=True, exist_ok=True)
+        if Path(repository).is_dir():
+            shutil.copytree(repository, src, dirs_exist_ok=True, symlinks=True)
+        if not (src / self.model / "1").is_dir():
+            write_add_one_repository(src)
+        settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
+        settings = settings.model_copy(update={"s3": settings.s3.model_copy(
+            update={"retry_attempts": 2, "retry_base_delay_s": 0.5})})
+        env = DrillEnv(settings, src, with_control=bool(with_control))
+        env.with_s3 = True
+        env.spec = add_one_spec()
+        return env
+
+    def ready(self, env):
+        from control.sync import sync_all  # noqa: PLC0415
+        out = sync_all(env.settings, force=True)
+        env.extra["initial_sync"] = _summary(out, self.model)
+
+    # helpers
+    def write_version(self, env, version: int, bad: bool = False) -> None:
+        import shutil  # noqa: PLC0415
+        src = env.repository / self.model
+        vdir = src / str(version)
+        vdir.mkdir(parents=True, exist_ok=True)
+        if bad:
+            (vdir / "model.py").write_text(BAD_MODEL)
+        else:
+            shutil.copy(src / "1" / "model.py", vdir / "model.py")
+
+    def publish(self, env, version: int) -> None:
+        from control.publish import publish_version  # noqa: PLC0415
+        r = publish_version(env.settings, env.repository, self.model, version)
+        env.mark("published", version=version, status=r.status)
+
+    def sync(self, env, label: str = "sync") -> dict:
+        from control.sync import sync_all  # noqa: PLC0415
+        t = env.now()
+        out = _summary(sync_all(env.settings, force=True), self.model)
+        env.mark(label, took_s=round(env.now() - t, 2), outcome=out)
+        return out
+
+    def lift(self, env):
+        env.mark("lift", action=f"publish a good v{self.good_after_lift} and sync")
+        self.write_version(env, self.good_after_lift)
+        self.publish(env, self.good_after_lift)
+        self.sync(env, "sync_after_lift")
+
+    def figures(self, a, env):
+        refused = next((t for t, n, d in env.events if n == "sync" and _all_refused(d.get("outcome"))), None)
+        fault = a["fault_t"]
+        a["detect_s"] = None if refused is None or fault is None else round(refused - fault, 3)
+        a["recovery_s"] = a["detect_s"]  # the old version never stopped serving: recovered once refused
+        good = str(self.good_after_lift)
+        first_good = a["versions"].get(good, {}).get("first_t")
+        a["after_lift"]["serving_s"] = None if first_good is None or a["lift_t"] is None else \
+            round(first_good - a["lift_t"], 3)
+
+    def targets(self, a, env):
+        bad = str(self.bad_version)
+        served_bad = a["versions"].get(bad, {}).get("count", 0)
+        return [
+            target("the bad version was refused by sync on every instance", a["detect_s"] is not None,
+                   a["detect_s"], "sync outcome failed/skipped, the old version stays live"),
+            target("the serving version never changes to the bad one", served_bad == 0, served_bad,
+                   f"0 answers from v{bad}"),
+            target("zero failed requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+            target(f"a good v{self.good_after_lift} goes live after the lift", a["after_lift"]["serving_s"] is not None,
+                   a["after_lift"]["serving_s"], f"clients answered by v{self.good_after_lift}"),
+        ]
+
+    bad_version = 2
+
+
+class BadModel(_MirrorScenario):
+    name = "bad-model"
+    title = "a new version that loads but fails the smoke inference"
+
+    def inject(self, env):
+        self.write_version(env, 2, bad=True)
+        env.mark("fault", action="publish v2 (loads, every inference fails)")
+        self.publish(env, 2)
+        self.sync(env)
+
+
+class CorruptArtifact(_MirrorScenario):
+    name = "corrupt-artifact"
+    title = "a published object altered after publish"
+
+    def inject(self, env):
+        from control import s3 as s3x  # noqa: PLC0415
+        self.write_version(env, 2)
+        self.publish(env, 2)
+        client = s3x.make_client(env.settings.s3)
+        bucket = env.settings.s3.bucket
+        key = s3x.object_key(env.settings.s3, self.model, 2, "model.py")
+        head = client.head_object(Bucket=bucket, Key=key)
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read() + b"\n# tampered after publish\n"
+        env.mark("fault", action=f"overwrite s3://{bucket}/{key} keeping its metadata (sha256)")
+        client.put_object(Bucket=bucket, Key=key, Body=body, Metadata=head.get("Metadata", {}),
+                          ServerSideEncryption=env.settings.s3.sse)
+        self.sync(env)
+
+
+class S3Outage(_MirrorScenario):
+    name = "s3-outage"
+    title = "the S3 endpoint stops during a publish and sync"
+    good_after_lift = 2
+    bad_version = -1  # no bad version: the outage must not change what serves
+
+    def inject(self, env):
+        self.write_version(env, 2)
+        env.mark("fault", action="S3 endpoint stops (connections refused)")
+        env.stop_s3_proxy()
+        try:
+            self.publish(env, 2)
+            env.extra["publish_during_outage"] = "succeeded (unexpected)"
+        except Exception as e:  # noqa: BLE001 - the expected outcome
+            env.extra["publish_during_outage"] = f"refused: {type(e).__name__}: {str(e)[:160]}"
+            env.mark("publish_refused", error=type(e).__name__)
+        self.sync(env)
+
+    def lift(self, env):
+        env.mark("lift", action="S3 endpoint back; publish v2 again and sync")
+        env.start_s3_proxy()
+        self.publish(env, 2)
+        self.sync(env, "sync_after_lift")
+
+    def targets(self, a, env):
+        lo, hi = a["fault_t"], a["lift_t"]
+        during = {v: d for v, d in a["versions"].items() if d["first_t"] is not None and lo <= d["first_t"] <= hi}
+        return [
+            target("publish during the outage refused", env.extra.get("publish_during_outage", "").startswith("refused"),
+                   env.extra.get("publish_during_outage"), "PublishError, nothing half-published"),
+            target("sync during the outage changes nothing", a["detect_s"] is not None, a["detect_s"],
+                   "sync skipped (unreachable), the live version keeps serving"),
+            target("no new version starts serving during the outage", not during, sorted(during),
+                   "no version first seen between fault and lift"),
+            target("zero failed requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+            target("v2 goes live after the lift", a["after_lift"]["serving_s"] is not None,
+                   a["after_lift"]["serving_s"], "clients answered by v2"),
+        ]
+
+
+def _summary(out: dict, model: str) -> dict:
+    """sync_all's answer reduced to {instance: "status vN (reason)"} for the events table."""
+    res = {}
+    for inst, models in (out or {}).items():
+        d = models.get(model) or models.get("*") or {}
+        reason = (d.get("reason") or "")[:100]
+        res[inst] = f"{d.get('status')} v{d.get('version')} live=v{d.get('live')}" + (f" ({reason})" if reason else "")
+    return res
+
+
+def _all_refused(outcome) -> bool:
+    if not isinstance(outcome, dict) or not outcome:
+        return False
+    return all(str(v).startswith(("failed", "skipped")) for v in outcome.values())
+
+
 def _wait_weights(env, want: dict[str, int], timeout: float) -> None:
     rt = env.runtime()
     deadline = time.monotonic() + timeout
@@ -342,7 +535,8 @@ def _wait_weights(env, want: dict[str, int], timeout: float) -> None:
 
 
 SCENARIOS: dict[str, type[Scenario]] = {s.name: s for s in (
-    OnpremCrash, OnpremHang, OnpremPartition, CloudLatency, HAProxyRestart, ControlCrash)}
+    OnpremCrash, OnpremHang, OnpremPartition, CloudLatency, S3Outage, BadModel, CorruptArtifact, ControlCrash,
+    HAProxyRestart)}
 
 
 def get(name: str) -> Scenario:
