@@ -209,13 +209,13 @@ def render(data: ReportData, out: str | Path, title: str = "triton-hybrid: traff
     for t, reason, text in data.changes[:40]:
         ax_w.axvline(dt(t), color="black", lw=0.5, alpha=0.4)
         if reason and reason not in QUIET_REASONS:
-            # Stagger the labels over four heights so that changes close in time stay readable.
-            ax_w.annotate(f"{reason} → {text}", (dt(t), 103 + 5 * (shown % 4)), fontsize=7, ha="left", va="bottom",
+            # Stagger the labels over five heights so that changes close in time stay readable.
+            ax_w.annotate(f"{reason} → {text}", (dt(t), 103 + 6 * (shown % 5)), fontsize=7, ha="left", va="bottom",
                           bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
             shown += 1
-    ax_w.set_ylim(-5, 128)
+    ax_w.set_ylim(-5, 136)
     ax_w.set_ylabel("site weight (0..100)")
-    ax_w.legend(loc="center left", fontsize=8)
+    ax_w.legend(loc="center right", fontsize=8)
     ax_w.grid(alpha=0.3)
     # 2. traffic per site, stacked
     sites = sorted((s for s in data.traffic if data.traffic[s]), key=lambda s: (s != "onprem", s))
