@@ -120,3 +120,40 @@ def test_dashboard_queries_parse(tmp_path):
     path.write_text(yaml.safe_dump(rules))
     r = promtool("check", "rules", str(path))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_start_and_stop_a_real_prometheus(settings_factory):
+    """control/prometheus_proc.py: the process `up --with-prometheus` starts, on its own: ready,
+    pid file, its own process group, the generated config loaded with every rule, scraping the
+    configured targets (nothing listens there: up == 0), and stopped by its pid file."""
+    import os
+    import time
+
+    import requests
+
+    from control.procs import free_port, load_managed
+    from control.prometheus_proc import start_prometheus, stop_prometheus
+
+    settings = settings_factory()
+    port = free_port()
+    proc = start_prometheus(settings, port=port)
+    try:
+        assert os.getpgid(proc.pid) == proc.pid
+        assert load_managed(settings.run_path, "prometheus").pid == proc.pid
+        assert (settings.run_path / "prometheus" / "data").is_dir()
+        url = f"http://{settings.control.api_host}:{port}"
+        groups = requests.get(f"{url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        assert sum(len(g["rules"]) for g in groups) == len(pc.rule_expressions())
+        deadline = time.monotonic() + 20
+        up = []
+        while time.monotonic() < deadline and len(up) < 2 + len(settings.instances):
+            up = requests.get(f"{url}/api/v1/query", params={"query": "up"}, timeout=5).json()["data"]["result"]
+            time.sleep(0.5)
+        assert {(s["metric"]["job"], s["metric"]["instance"]) for s in up} == \
+            {("triton", i.name) for i in settings.instances} | {("haproxy", "haproxy"), ("triton-hybrid-control", "control")}
+        assert {s["value"][1] for s in up} == {"0"}
+    finally:
+        assert stop_prometheus(settings) is True
+    assert not proc.alive
+    assert load_managed(settings.run_path, "prometheus") is None
+    assert stop_prometheus(settings) is False
