@@ -157,3 +157,60 @@ def test_start_and_stop_a_real_prometheus(settings_factory):
     assert not proc.alive
     assert load_managed(settings.run_path, "prometheus") is None
     assert stop_prometheus(settings) is False
+
+
+def test_gpu_only_expressions_return_data_from_gpu_shaped_triton_metrics(settings_factory):
+    """No GPU host here, so the live test can only check the nv_gpu_* expressions' syntax. This
+    test serves tests/fixtures/triton_metrics_gpu.txt (CONSTRUCTED from Triton 2.51's GPU metric
+    names and labels, not recorded; see its header) as each instance's /metrics, scrapes it with a
+    real Prometheus, and runs every GPU-only dashboard query and alert operand: they must return
+    data, so the label schema (gpu_uuid, summed/averaged per instance) matches what they expect."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    from control.procs import free_port
+    from control.prometheus_proc import start_prometheus, stop_prometheus
+
+    body = (PROJECT_ROOT / "tests" / "fixtures" / "triton_metrics_gpu.txt").read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    settings = settings_factory()
+    servers = [ThreadingHTTPServer((i.host, i.metrics_port), Handler) for i in settings.instances]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    port = free_port()
+    start_prometheus(settings, port=port)
+    try:
+        url = f"http://{settings.control.api_host}:{port}"
+        exprs = [(w, e) for w, e in pc.dashboard_queries() if pc.metric_names(e) & pc.GPU_ONLY_METRICS]
+        exprs += [(f"alert {n}", op) for n, e, alert in pc.rule_expressions() if alert
+                  for op in pc.split_operands(e) if pc.metric_names(op) & pc.GPU_ONLY_METRICS]
+        assert len(exprs) >= 6
+        deadline = time.monotonic() + 30
+        missing = exprs
+        while missing and time.monotonic() < deadline:
+            time.sleep(1)
+            missing = [(w, e) for w, e in missing if not requests.get(
+                f"{url}/api/v1/query", params={"query": e}, timeout=5).json()["data"]["result"]]
+        assert not missing, missing
+        util = requests.get(f"{url}/api/v1/query", params={"query": 'avg by (instance) (nv_gpu_utilization{job="triton"})'},
+                            timeout=5).json()["data"]["result"]
+        assert len(util) == len(settings.instances)
+        assert all(float(s["value"][1]) == pytest.approx(0.85) for s in util)  # mean of 0.92 and 0.78
+    finally:
+        stop_prometheus(settings)
+        for s in servers:
+            s.shutdown()
+            s.server_close()
