@@ -16,8 +16,10 @@ policy reacts.
 
 Honest exceptions, each listed with its reason in the test report:
 - GPU_ONLY: expressions over `nv_gpu_*` (DESIGN.md fact 8: Triton exports them only on GPU hosts).
-  On this CPU machine they are checked for syntax only (tests/test_prometheus_rules.py runs
-  promtool over every dashboard query); they skip here with that reason unless a GPU is present.
+  On this CPU machine they skip here with that reason unless a GPU is present; instead
+  tests/test_prometheus_rules.py checks their syntax with promtool and runs them in a real
+  Prometheus against the GPU-shaped metrics of tests/fixtures/triton_metrics_gpu.txt (constructed
+  from Triton's GPU metric names and labels, not recorded on a GPU host).
 - NOT_YET_EXPORTED: metrics another component is documented to export but does not yet on this
   stack; those cases xfail (not strict) with the owner named, so the day they appear the test
   says XPASS and the entry is removed.
@@ -192,7 +194,8 @@ def _gate(exprs_metrics: set[str]):
     gpu = exprs_metrics & GPU_ONLY_METRICS
     if gpu and not HAVE_GPU:
         pytest.skip(f"GPU-only metric(s) {sorted(gpu)}: Triton exports nv_gpu_* only on GPU hosts; "
-                    "syntax is checked by promtool in test_prometheus_rules.py")
+                    "checked by promtool (syntax) and against GPU-shaped Triton metrics (data) in "
+                    "test_prometheus_rules.py")
     pending = exprs_metrics & set(NOT_YET_EXPORTED)
     return pending
 
