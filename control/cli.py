@@ -21,6 +21,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("control.report_cli", "report_cmd"),
     "deploy": ("control.deploy_cli", "deploy_group"),
     "control": ("control.control_cli", "control_group"),
+    "drill": ("control.drills.cli", "drill_cmd"),
     "weights": ("control.control_cli", "weights_group"),
     "drain": ("control.control_cli", "drain_cmd"),
     "undrain": ("control.control_cli", "undrain_cmd"),

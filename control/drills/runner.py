@@ -28,7 +28,7 @@ import requests
 import yaml
 
 from control.config import Settings
-from control.procs import ComponentError, ManagedProcess, free_port, http_ok, start_process, wait_until
+from control.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_until
 
 MODEL_ADD_ONE = "add_one"
 
@@ -329,11 +329,57 @@ def _reveal(obj):
     return obj
 
 
+class PortPool:
+    """Distinct free loopback ports: each socket stays bound until `close()`, so two calls never
+    return the same port (free_port() alone can, when the kernel hands a released port out again)."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        import socket  # noqa: PLC0415
+        self._socket, self.host, self._held = socket, host, []
+
+    def __call__(self) -> int:
+        s = self._socket.socket()
+        s.bind((self.host, 0))
+        self._held.append(s)
+        return s.getsockname()[1]
+
+    def close(self) -> None:
+        for s in self._held:
+            s.close()
+        self._held.clear()
+
+
+def ports_besides(settings: Settings, n: int) -> list[int]:
+    """n free ports distinct from each other and from every port the settings name."""
+    taken = {settings.s3.port, settings.haproxy.http_port, settings.haproxy.grpc_port, settings.haproxy.stats_port,
+             settings.control.api_port, settings.control.metrics_port}
+    for i in settings.instances:
+        taken |= {i.http_port, i.grpc_port, i.metrics_port}
+    pool = PortPool()
+    try:
+        out: list[int] = []
+        while len(out) < n:
+            p = pool()
+            if p not in taken:
+                out.append(p)
+        return out
+    finally:
+        pool.close()
+
+
 def drill_settings(base: Settings, run_dir: Path, *, weights: dict[str, int] | None = None,
                    hosts: dict[str, str] | None = None, haproxy: dict | None = None,
                    control: dict | None = None) -> Settings:
     """A copy of `base` for a drill: every port free, run dir of its own, HAProxy drill tuning,
     optional per-instance weights and hosts (a site in a namespace listens on its veth address)."""
+    free_port = PortPool()
+    try:
+        return _drill_settings(base, run_dir, free_port, weights, hosts, haproxy, control)
+    finally:
+        free_port.close()
+
+
+def _drill_settings(base, run_dir, free_port, weights, hosts, haproxy, control) -> Settings:
     data = _reveal(base.model_dump())
     data["run_dir"] = str(run_dir)
     data["source"] = ""
@@ -438,7 +484,7 @@ class DrillEnv:
         from control.publish import publish_repository  # noqa: PLC0415
         from control.s3server import start_s3_server  # noqa: PLC0415
         from control.sync import prepare_instance_repository  # noqa: PLC0415
-        self.s3_real_port = free_port()
+        self.s3_real_port = ports_besides(self.settings, 1)[0]
         real = self.settings.model_copy(update={"s3": self.settings.s3.model_copy(update={"port": self.s3_real_port})})
         self.procs["s3"] = start_s3_server(real)
         self.start_s3_proxy()

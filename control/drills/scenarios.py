@@ -11,9 +11,8 @@ from pathlib import Path
 
 from control.drills import faults
 from control.drills.netns import SiteNetns, available, netem_available
-from control.drills.runner import DrillEnv, DrillSkip, drill_settings
+from control.drills.runner import DrillEnv, DrillSkip, drill_settings, ports_besides
 from control.haproxy_config import ALL_BACKENDS
-from control.procs import free_port
 
 
 def target(name: str, ok: bool, value, goal: str) -> dict:
@@ -140,7 +139,7 @@ class OnpremPartition(_OnpremDown):
         except BaseException:
             ns.destroy()
             raise
-        env = DrillEnv(settings, repository, with_control=bool(with_control))
+        env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
         env.netns[onprem.name] = ns
         env.notes.append(f"on-prem Triton in network namespace {ns.ns} at {ns.ns_ip} "
                          f"(veth {ns.veth_root} {ns.root_ip}/30 <-> {ns.veth_ns} {ns.ns_ip}/30)")
@@ -161,6 +160,7 @@ class CloudLatency(Scenario):
     name = "cloud-latency"
     title = "the cloud site behind an added network delay"
     target_site = "cloud"
+    needs_control = True  # the policy must not move traffic onto the slow site
     delay_ms = 100.0
     share_tolerance = 0.05
 
@@ -176,13 +176,13 @@ class CloudLatency(Scenario):
             except BaseException:
                 ns.destroy()
                 raise
-            env = DrillEnv(settings, repository, with_control=bool(with_control))
+            env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
             env.netns[cloud.name] = ns
             env.extra["delay_via"] = f"tc netem on {ns.veth_root} and {ns.veth_ns}"
         else:
             settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
-            env = DrillEnv(settings, repository, with_control=bool(with_control))
-            env.listen_ports[cloud.name] = (free_port(), free_port())
+            env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
+            env.listen_ports[cloud.name] = tuple(ports_besides(settings, 2))
             env.extra["delay_via"] = f"userspace delay proxy in front of the cloud Triton ({why})"
         env.notes.append(f"delay {self.delay_ms:g} ms round trip via {env.extra['delay_via']}")
         return env
@@ -368,7 +368,7 @@ class _MirrorScenario(Scenario):
         settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
         settings = settings.model_copy(update={"s3": settings.s3.model_copy(
             update={"retry_attempts": 2, "retry_base_delay_s": 0.5})})
-        env = DrillEnv(settings, src, with_control=bool(with_control))
+        env = DrillEnv(settings, src, with_control=self.needs_control if with_control is None else with_control)
         env.with_s3 = True
         env.spec = add_one_spec()
         return env
@@ -507,7 +507,8 @@ def _summary(out: dict, model: str) -> dict:
     """sync_all's answer reduced to {instance: "status vN (reason)"} for the events table."""
     res = {}
     for inst, models in (out or {}).items():
-        d = models.get(model) or models.get("*") or {}
+        star = models.get("*") or {}
+        d = star if star.get("status") == "skipped" else (models.get(model) or star)
         reason = (d.get("reason") or "")[:100]
         res[inst] = f"{d.get('status')} v{d.get('version')} live=v{d.get('live')}" + (f" ({reason})" if reason else "")
     return res
