@@ -49,15 +49,29 @@ def default_out_dir(target: str) -> Path:
 def latest_export_dir(root: Path = DEFAULT_EXPORTS) -> Path:
     try:
         from export.artifacts import latest_export  # noqa: PLC0415 - export owns the layout
-        found = latest_export(root)
-        if found is not None:
-            return Path(found)
+        from export.errors import ExportError  # noqa: PLC0415
     except ImportError:
         pass
+    else:
+        try:
+            return Path(latest_export(root))
+        except ExportError as e:
+            raise BuildError(str(e)) from None
     numbered = sorted((p for p in Path(root).glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     if not numbered:
         raise BuildError(f"no export under {root}; run `triton-hybrid export` first")
     return numbered[-1]
+
+
+def verify_export(export_dir: Path) -> None:
+    """The export's files match the sha256/size its metadata.json records (export/artifacts.py)."""
+    from export.artifacts import load_metadata  # noqa: PLC0415
+    from export.errors import ExportError  # noqa: PLC0415
+
+    try:
+        load_metadata(export_dir, verify=True)
+    except ExportError as e:
+        raise BuildError(f"the export {export_dir} failed verification: {e}") from None
 
 
 def export_signature(export_dir: Path) -> Signature:
@@ -66,7 +80,8 @@ def export_signature(export_dir: Path) -> Signature:
     try:
         return Signature(num_intents=int(qi["outputs"]["intent_logits"][1][1]),
                          embedding_dim=int(qi["outputs"]["query_embedding"][1][1]),
-                         feature_dim=int(rk["inputs"]["item_features"][1][2]))
+                         feature_dim=int(rk["inputs"]["item_features"][1][2]),
+                         seq_len=qi["inputs"]["input_ids"][1][1] or -1)
     except (KeyError, IndexError, TypeError) as e:
         raise BuildError(f"the export's ONNX graphs do not have the expected I/O ({e!r}): {qi} {rk}") from None
 
@@ -119,6 +134,7 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
     export_dir, out_dir = Path(export_dir).resolve(), Path(out_dir)
     if not (export_dir / "query_intent.onnx").exists():
         raise BuildError(f"{export_dir} is not an export (no query_intent.onnx)")
+    verify_export(export_dir)
     spec = (spec or spec_for_export(export_dir)).with_dynamic_batching(dynamic_batching)
     if target == "gpu":
         # Plans in the export replace the ONNX runtime by a TensorRT engine for that model.

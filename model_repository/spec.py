@@ -97,6 +97,7 @@ class Signature:
     num_intents: int       # C
     embedding_dim: int     # D
     feature_dim: int       # F
+    seq_len: int = -1      # L of input_ids / attention_mask; -1 where the graph leaves it dynamic
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def search_ranking_spec(sig: Signature, *, top_k_default: int = 10, max_candidat
                         max_query_chars: int = 256, max_batch_size: int = 8,
                         dynamic_batching: bool = True,
                         batching: DynamicBatching = DynamicBatching()) -> RepositorySpec:
-    C, D, F = sig.num_intents, sig.embedding_dim, sig.feature_dim
+    C, D, F, L = sig.num_intents, sig.embedding_dim, sig.feature_dim, sig.seq_len
     limits = {"max_query_chars": str(max_query_chars), "max_candidates": str(max_candidates),
               "top_k_default": str(top_k_default)}
     onnx_cpu = Runtime("python", python_impl="onnx_runner", instances=InstanceGroup("KIND_CPU", 1))
@@ -140,7 +141,7 @@ def search_ranking_spec(sig: Signature, *, top_k_default: int = 10, max_candidat
     preprocess = ModelSpec(
         "preprocess",
         inputs=(Tensor("QUERY", "TYPE_STRING", (1,)),),
-        outputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), Tensor("attention_mask", "TYPE_INT64", (-1,))),
+        outputs=(Tensor("input_ids", "TYPE_INT64", (L,)), Tensor("attention_mask", "TYPE_INT64", (L,))),
         runtimes={"cpu": _py("preprocess"), "gpu": _py("preprocess")},
         max_batch_size=max_batch_size, dynamic_batching=batching,
         data_files={"tokenizer.json": "tokenizer.json"},
@@ -148,7 +149,7 @@ def search_ranking_spec(sig: Signature, *, top_k_default: int = 10, max_candidat
     )
     query_intent = ModelSpec(
         "query_intent",
-        inputs=(Tensor("input_ids", "TYPE_INT64", (-1,)), Tensor("attention_mask", "TYPE_INT64", (-1,))),
+        inputs=(Tensor("input_ids", "TYPE_INT64", (L,)), Tensor("attention_mask", "TYPE_INT64", (L,))),
         outputs=(Tensor("intent_logits", "TYPE_FP32", (C,)), Tensor("query_embedding", "TYPE_FP32", (D,))),
         runtimes={"cpu": onnx_cpu, "gpu": onnx_gpu()},
         max_batch_size=max_batch_size, dynamic_batching=batching,

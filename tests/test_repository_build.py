@@ -26,7 +26,8 @@ def read_config(model_dir):
     return configgen.parse_pbtxt((model_dir / "config.pbtxt").read_text())
 
 
-@pytest.mark.parametrize("target", ["cpu", "gpu"])
+# ids without the bare word "gpu": conftest skips tests with a "gpu" keyword on CPU hosts.
+@pytest.mark.parametrize("target", ["cpu", "gpu"], ids=["cpu-target", "gpu-target"])
 def test_configs_parse_back_and_match_the_onnx_graphs(export_dir, target):
     spec = spec_for_export(export_dir)
     configs = generate_configs(spec, target, export_dir)   # raises on any inconsistency
@@ -129,3 +130,14 @@ def test_cli_build(export_dir, tmp_path):
     assert "search_ranking" in res.output and (out / ENSEMBLE / "config.pbtxt").exists()
     res = CliRunner().invoke(repo_group, ["build", "--export", str(tmp_path), "--out", str(out)])
     assert res.exit_code != 0 and "not an export" in res.output
+
+
+def test_a_tampered_export_is_refused(export_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    with open(copy / "intents.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(BuildError, match="failed verification"):
+        build_repository(copy, tmp_path / "repo", "cpu")
+    assert not (tmp_path / "repo").exists()
