@@ -1,0 +1,202 @@
+"""Training loops (CPU, minutes): teacher query-intent encoder with attribute auxiliary heads,
+distilled student, and the listwise ranker. Each shows a rich progress bar when asked."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .config import Profile
+from .data import Dataset
+from .features import ATTRS
+from .models import QueryIntentModel, Ranker
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray        # int64 [Q, L]
+    mask: np.ndarray       # int64 [Q, L]
+    intent: np.ndarray     # int64 [Q]
+    aux: dict[str, np.ndarray]   # attribute label, n = "none"
+
+
+def encode_queries(tok: Tokenizer, queries: list[dict], aux_sizes: dict[str, int]) -> Encoded:
+    ids, mask = tok.encode_batch([q["query"] for q in queries])
+    aux = {}
+    for k in ATTRS:
+        v = np.array([q["spec"][k] for q in queries], np.int64)
+        aux[k] = np.where(v < 0, aux_sizes[k] - 1, v)
+    return Encoded(ids, mask, np.array([q["intent"] for q in queries], np.int64), aux)
+
+
+def aux_sizes_for(ds: Dataset) -> dict[str, int]:
+    c = ds.catalog
+    return {"brand": len(c.brands) + 1, "colour": len(c.colours) + 1,
+            "material": len(c.materials) + 1, "size": len(c.sizes) + 1}
+
+
+def make_progress(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), transient=False)
+
+
+def _batches(n: int, bs: int, rng: np.random.Generator):
+    perm = rng.permutation(n)
+    for i in range(0, n, bs):
+        yield perm[i:i + bs]
+
+
+def _schedule(opt, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) *
+                                             max(0.05, 1 - s / max(1, total)))
+
+
+def train_teacher(profile: Profile, tok: Tokenizer, enc: Encoded, num_intents: int, aux_sizes: dict[str, int],
+                  seed: int, progress=None) -> QueryIntentModel:
+    torch.manual_seed(seed)
+    cfg = profile.train
+    model = QueryIntentModel(tok.vocab_size, tok.max_len, profile.teacher, num_intents, aux_sizes)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    n = len(enc.intent)
+    steps = cfg.teacher_epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+    sched = _schedule(opt, steps)
+    rng = np.random.default_rng(seed)
+    task = progress.add_task("teacher", total=steps, loss=0.0) if progress else None
+    ids, mask, y = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), torch.from_numpy(enc.intent)
+    aux = {k: torch.from_numpy(v) for k, v in enc.aux.items()}
+    model.train()
+    for _ in range(cfg.teacher_epochs):
+        for b in _batches(n, cfg.batch_size, rng):
+            b = torch.from_numpy(b)
+            logits, emb = model(ids[b], mask[b])
+            loss = F.cross_entropy(logits, y[b])
+            for k, lg in model.aux_logits(emb).items():
+                loss = loss + 0.5 * F.cross_entropy(lg, aux[k][b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress:
+                progress.update(task, advance=1, loss=loss.item())
+    return model.eval()
+
+
+def train_student(profile: Profile, tok: Tokenizer, enc: Encoded, teacher: QueryIntentModel, num_intents: int,
+                  seed: int, progress=None) -> QueryIntentModel:
+    """Distillation: KL to the teacher's softened intent distribution, MSE to the teacher's
+    embedding (so the ranker accepts the student's embedding), and the true intent label."""
+    torch.manual_seed(seed + 1)
+    cfg = profile.train
+    student = QueryIntentModel(tok.vocab_size, tok.max_len, profile.student, num_intents, {})
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
+    ids, mask, y = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), torch.from_numpy(enc.intent)
+    with torch.no_grad():
+        t_logits, t_emb = predict(teacher, enc.ids, enc.mask)
+        t_logits, t_emb = torch.from_numpy(t_logits), torch.from_numpy(t_emb)
+    n, T = len(y), cfg.distill_temperature
+    steps = cfg.student_epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+    sched = _schedule(opt, steps)
+    rng = np.random.default_rng(seed + 1)
+    task = progress.add_task("student (distill)", total=steps, loss=0.0) if progress else None
+    student.train()
+    for _ in range(cfg.student_epochs):
+        for b in _batches(n, cfg.batch_size, rng):
+            b = torch.from_numpy(b)
+            logits, emb = student(ids[b], mask[b])
+            kd = F.kl_div(F.log_softmax(logits / T, -1), F.softmax(t_logits[b] / T, -1), reduction="batchmean") * T * T
+            loss = kd + 0.5 * F.cross_entropy(logits, y[b]) + F.mse_loss(emb, t_emb[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress:
+                progress.update(task, advance=1, loss=loss.item())
+    return student.eval()
+
+
+@torch.no_grad()
+def predict(model: QueryIntentModel, ids: np.ndarray, mask: np.ndarray, bs: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    outs = [model(torch.from_numpy(ids[i:i + bs]), torch.from_numpy(mask[i:i + bs])) for i in range(0, len(ids), bs)]
+    return (torch.cat([o[0] for o in outs]).numpy(), torch.cat([o[1] for o in outs]).numpy())
+
+
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    """float32 softmax, max-subtracted; the reference pipeline and the ensemble use this exact math."""
+    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True).astype(np.float32)
+    e = np.exp(z, dtype=np.float32)
+    return (e / e.sum(axis=-1, keepdims=True, dtype=np.float32)).astype(np.float32)
+
+
+def pad_candidates(queries: list[dict], features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[Q, Nmax, F] candidate features (zeros as padding) and [Q, Nmax] bool mask."""
+    nmax = max(len(q["candidates"]) for q in queries)
+    x = np.zeros((len(queries), nmax, features.shape[1]), np.float32)
+    m = np.zeros((len(queries), nmax), bool)
+    for i, q in enumerate(queries):
+        c = np.asarray(q["candidates"])
+        x[i, : len(c)] = features[c]
+        m[i, : len(c)] = True
+    return x, m
+
+
+def train_ranker(profile: Profile, teacher: QueryIntentModel, enc: Encoded, queries: list[dict],
+                 features: np.ndarray, layout: dict, num_intents: int, seed: int, progress=None) -> Ranker:
+    """Listwise (ListNet) training on teacher embeddings/intent probabilities of the training queries."""
+    torch.manual_seed(seed + 2)
+    cfg = profile.train
+    import copy
+    ranker = Ranker(profile.teacher.emb_dim, num_intents, features.shape[1], layout, cfg.ranker_hidden,
+                    copy.deepcopy(teacher.aux))
+    params = [p for p in ranker.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.ranker_lr, weight_decay=1e-4)
+    logits, emb = predict(teacher, enc.ids, enc.mask)
+    probs = torch.from_numpy(softmax_np(logits))
+    emb = torch.from_numpy(emb)
+    n = len(queries)
+    steps = cfg.ranker_epochs * ((n + cfg.ranker_batch_size - 1) // cfg.ranker_batch_size)
+    sched = _schedule(opt, steps)
+    rng = np.random.default_rng(seed + 2)
+    task = progress.add_task("ranker", total=steps, loss=0.0) if progress else None
+    ranker.train()
+    for _ in range(cfg.ranker_epochs):
+        for b in _batches(n, cfg.ranker_batch_size, rng):
+            qs = [queries[i] for i in b]
+            x, m = pad_candidates(qs, features)
+            g = np.zeros(m.shape, np.float32)
+            for i, q in enumerate(qs):
+                g[i, : len(q["relevance"])] = q["relevance"]
+            bt = torch.from_numpy(b)
+            scores = ranker(emb[bt], probs[bt], torch.from_numpy(x))
+            mt = torch.from_numpy(m)
+            gain = torch.pow(2.0, torch.from_numpy(g)) - 1.0
+            target = gain / gain.sum(-1, keepdim=True).clamp(min=1e-9)
+            logp = F.log_softmax(scores.masked_fill(~mt, -1e4), dim=-1)
+            loss = -(target * logp).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress:
+                progress.update(task, advance=1, loss=loss.item())
+    return ranker.eval()
+
+
+@torch.no_grad()
+def ranker_scores(ranker: Ranker, emb: np.ndarray, probs: np.ndarray, queries: list[dict],
+                  features: np.ndarray, bs: int = 256) -> list[np.ndarray]:
+    ranker.eval()
+    out: list[np.ndarray] = []
+    for i in range(0, len(queries), bs):
+        qs = queries[i:i + bs]
+        x, _ = pad_candidates(qs, features)
+        s = ranker(torch.from_numpy(emb[i:i + bs]), torch.from_numpy(probs[i:i + bs]), torch.from_numpy(x)).numpy()
+        out.extend(s[j, : len(q["candidates"])] for j, q in enumerate(qs))
+    return out
