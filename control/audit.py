@@ -111,10 +111,14 @@ class Audit:
         return _row(r) if r else None
 
     def history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[DecisionRow]:
-        q = "SELECT * FROM control_decisions WHERE ts >= ?"
+        """Decisions since `since`, oldest first. `changes_only`: rows that changed weights, fixed
+        drift, failed, or whose reason differs from the previous row (no run of identical ticks)."""
         if changes_only:
-            q += " AND (changed = 1 OR reason NOT IN ('steady', 'hold_sustain', 'hold_cooldown', 'unknown_metrics',"\
-                 " 'failback_wait', 'override', 'at_limit') OR error IS NOT NULL)"
+            q = ("SELECT * FROM (SELECT *, LAG(reason) OVER (ORDER BY id) AS prev_reason FROM control_decisions"
+                 " WHERE ts >= ?) WHERE changed = 1 OR error IS NOT NULL OR prev_reason IS NULL"
+                 " OR prev_reason != reason")
+        else:
+            q = "SELECT * FROM control_decisions WHERE ts >= ?"
         rows = self.conn.execute(q + " ORDER BY id DESC LIMIT ?", (since or 0.0, limit)).fetchall()
         return [_row(r) for r in reversed(rows)]
 

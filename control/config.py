@@ -126,6 +126,11 @@ class PolicyConfig(_Section):
     cooldown_s: float = 3.0                    # minimum time between two weight changes by scaling
     failback_healthy_s: float = 10.0           # a failed site must stay healthy this long
     stale_after_s: float = 5.0                 # metrics older than this make an instance unknown
+    # Anti-flap for queue/util signals that fall as soon as weight moves away: on-prem's request
+    # rate when it was last hot is remembered (its saturation point); scaling in only happens if
+    # the projected on-prem rate at the new weight stays below `scale_in_headroom` x that rate.
+    scale_in_headroom: float = Field(0.8, gt=0, le=1.0)
+    saturation_memory_s: float = 300.0
 
     @model_validator(mode="after")
     def _bands(self) -> "PolicyConfig":

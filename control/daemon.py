@@ -55,6 +55,7 @@ class Controller:
         except ActuatorError as e:
             log.warning("could not observe %s at start: %s", self.actuator.name, e)
         self.last_decision: Decision | None = None
+        self.last_plan: Plan | None = None
         self.last_apply_ok: float | None = None
         self.last_error: str | None = None
         self.last_sync: dict | None = None
@@ -99,7 +100,9 @@ class Controller:
                 for s in res.observed.servers:
                     if "backend" in s:
                         self.metrics.observed_weight.labels(s["backend"], s["server"]).set(s["weight"])
-                if drift and d.weights == old:
+                if drift and (self.last_plan is None or self.last_plan == plan):
+                    # We did not mean to change anything, yet the actuator differed: a hand edit,
+                    # an HAProxy restart (config weights), or a lost command.
                     self.metrics.drift.inc()
                     log.warning("reconciled drift on %s: %s", self.actuator.name, drift)
             except ActuatorError as e:
@@ -114,6 +117,8 @@ class Controller:
                 log.info("weights %s -> %s: %s (%s)", old, d.weights, d.reason, d.message)
                 self.metrics.weight_changes.labels(d.reason).inc()
             self.weights, self.state, self.last_decision = d.weights, d.state, d
+            if applied:
+                self.last_plan = plan
             self.ticks += 1
             self._export(d, inst_w, controls)
             if self.ticks % 600 == 0:
@@ -217,7 +222,7 @@ class Daemon:
                 fn()
             except Exception:  # noqa: BLE001 - a failing job must not kill the scheduler
                 log.exception("job %s failed", fn.__name__)
-        job.__name__ = fn.__name__
+        job.__name__ = job.__qualname__ = fn.__name__
         return job
 
     def start(self) -> "Daemon":
@@ -266,4 +271,5 @@ class Daemon:
 
 def run(settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     Daemon(settings).run_forever()

@@ -33,7 +33,7 @@ SITES = ("onprem", "cloud")
 # Reason codes (the `reason` label of triton_hybrid_decisions_total).
 REASONS = (
     "steady", "scale_out_util", "scale_out_queue", "scale_in_recovered", "hold_cooldown", "hold_sustain",
-    "at_limit", "failover_onprem_down", "failover_cloud_down", "failback_wait", "failback", "override",
+    "at_limit", "hold_projection", "failover_onprem_down", "failover_cloud_down", "failback_wait", "failback", "override",
     "override_expired", "drain", "no_healthy_site", "unknown_metrics",
 )
 
@@ -65,6 +65,8 @@ class PolicyState:
     failover_healthy_since: float | None = None
     pre_failover: dict[str, int] | None = None
     override_expires_at: float | None = None  # the override seen last tick (to report expiry once)
+    saturation_rps: float | None = None       # lowest on-prem request rate seen while it was hot
+    saturation_at: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +98,7 @@ class SiteView:
     util: float | None          # capacity-weighted mean over healthy instances
     util_kind: str | None
     queue_ms: float | None      # worst healthy instance
+    rate: float | None = None   # requests/s summed over healthy instances
 
 
 def normalize(weights: Mapping[str, int | float]) -> dict[str, int]:
@@ -112,11 +115,11 @@ def normalize(weights: Mapping[str, int | float]) -> dict[str, int]:
 def site_view(snaps: list[InstanceSnapshot], cfg, drained: frozenset[str] = frozenset()) -> SiteView:
     snaps = [s for s in snaps if s.name not in drained]
     if not snaps:
-        return SiteView("empty", None, None, None)
+        return SiteView("empty", None, None, None, None)
     healthy = [s for s in snaps if s.state is InstanceState.HEALTHY]
     if not healthy:
         state = "unhealthy" if all(s.state is InstanceState.UNHEALTHY for s in snaps) else "unknown"
-        return SiteView(state, None, None, None)
+        return SiteView(state, None, None, None, None)
     signal = getattr(cfg, "util_signal", "auto")
     util, kind = None, None
     if signal != "none":
@@ -128,7 +131,8 @@ def site_view(snaps: list[InstanceSnapshot], cfg, drained: frozenset[str] = froz
             cap = sum(c for _, c in vals) or 1.0
             util = sum(v * c for v, c in vals) / cap
     queues = [s.queue_ms for s in healthy if s.queue_ms is not None]
-    return SiteView("healthy", util, kind, max(queues) if queues else None)
+    rates = [s.request_rate for s in healthy if s.request_rate is not None]
+    return SiteView("healthy", util, kind, max(queues) if queues else None, sum(rates) if rates else None)
 
 
 def _clamp_scaling(onprem: int, cfg) -> dict[str, int]:
@@ -238,8 +242,14 @@ def decide(snapshots: Mapping[str, InstanceSnapshot] | list[InstanceSnapshot], c
     def hold(reason, msg, st):
         return out(cur, "override_expired" if expired_now else reason, prefix + msg, st)
 
+    if state.saturation_at is not None and now - state.saturation_at > cfg.saturation_memory_s:
+        state = replace(state, saturation_rps=None, saturation_at=None)
+    total_rate = sum(v.rate for v in (on, cl) if v.rate is not None)
     if util_hot or queue_hot:
         st = replace(state, hot_ticks=state.hot_ticks + 1, cool_ticks=0)
+        if on.rate:
+            sat = on.rate if state.saturation_rps is None else min(state.saturation_rps, on.rate)
+            st = replace(st, saturation_rps=sat, saturation_at=now)
         why = "scale_out_util" if util_hot else "scale_out_queue"
         if st.hot_ticks < cfg.sustain_ticks:
             return hold("hold_sustain", f"{desc} above threshold for {st.hot_ticks}/{cfg.sustain_ticks} ticks", st)
@@ -256,6 +266,7 @@ def decide(snapshots: Mapping[str, InstanceSnapshot] | list[InstanceSnapshot], c
         st = replace(state, cool_ticks=state.cool_ticks + 1, hot_ticks=0)
         home = cfg.home_onprem_weight
         if cur["onprem"] == home:
+            st = replace(st, saturation_rps=None, saturation_at=None)  # calm at home: forget
             return hold("steady", f"{desc} calm; at home weights", st)
         if st.cool_ticks < cfg.sustain_ticks:
             return hold("hold_sustain", f"{desc} below threshold for {st.cool_ticks}/{cfg.sustain_ticks} ticks", st)
@@ -264,6 +275,13 @@ def decide(snapshots: Mapping[str, InstanceSnapshot] | list[InstanceSnapshot], c
         step = min(cfg.max_step, abs(home - cur["onprem"]))
         onprem = cur["onprem"] + step if home > cur["onprem"] else cur["onprem"] - step
         target = _clamp_scaling(onprem, cfg)
+        if state.saturation_rps and target["onprem"] > cur["onprem"]:
+            projected = total_rate * target["onprem"] / 100.0
+            limit = cfg.scale_in_headroom * state.saturation_rps
+            if projected >= limit:
+                return hold("hold_projection",
+                            f"{desc} calm, but at {target} on-prem would get ~{projected:.0f} req/s; it was hot at "
+                            f"{state.saturation_rps:.0f} req/s (limit {limit:.0f})", st)
         st = replace(st, last_change_at=now)
         return out(target, "scale_in_recovered", prefix + f"{desc} below threshold for {st.cool_ticks} ticks: {cur} -> {target}", st)
     st = replace(state, hot_ticks=0, cool_ticks=0)

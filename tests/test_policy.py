@@ -256,3 +256,42 @@ def test_recorded_load_sequence_scales_out_and_back():
     peak = max(d.weights["cloud"] for d in r.log)
     assert peak >= cfg.max_step
     assert r.weights["cloud"] < peak  # came back at least one step once the load stopped
+
+
+def plant(weights, total_rps, saturation_rps=60.0):
+    """A toy on-prem site: queue time jumps once its share of the traffic passes its capacity."""
+    r = total_rps * weights["onprem"] / 100
+    q = 30.0 if r >= saturation_rps else 0.5
+    on = snap("onprem-1", "onprem", H, 0.3, q, gpu=False)
+    on = InstanceSnapshot(**{**on.__dict__, "request_rate": r})
+    cl = InstanceSnapshot(**{**snap("cloud-1", "cloud", H, 0.1, 0.5, gpu=False).__dict__,
+                             "request_rate": total_rps - r})
+    return {"onprem-1": on, "cloud-1": cl}
+
+
+def test_steady_load_settles_instead_of_flapping_then_returns_when_load_drops():
+    """The feedback loop: moving weight away cools on-prem at once. Without the saturation
+    projection the weight would swing 50 <-> 75 forever; with it, it settles."""
+    cfg = CFG.model_copy(update={"util_signal": "none", "cooldown_s": 1})
+    r = Run(cfg=cfg)
+    for _ in range(60):
+        r.tick(plant(r.weights, 124))
+    clouds = [d.weights["cloud"] for d in r.log]
+    changes = [b - a for a, b in zip(clouds, clouds[1:]) if b != a]
+    reversals = sum(1 for a, b in zip(changes, changes[1:]) if a * b < 0)
+    assert reversals == 0, clouds
+    assert r.weights["cloud"] >= 50 and "hold_projection" in r.reasons
+    for _ in range(30):
+        r.tick(plant(r.weights, 20))
+    assert r.weights == HOME
+
+
+def test_without_projection_the_same_load_flaps():
+    """Proves the test above can fail: headroom 1.0 and a saturation forgotten at once."""
+    cfg = CFG.model_copy(update={"util_signal": "none", "cooldown_s": 1, "saturation_memory_s": 0.0})
+    r = Run(cfg=cfg)
+    for _ in range(60):
+        r.tick(plant(r.weights, 124))
+    clouds = [d.weights["cloud"] for d in r.log]
+    changes = [b - a for a, b in zip(clouds, clouds[1:]) if b != a]
+    assert sum(1 for a, b in zip(changes, changes[1:]) if a * b < 0) >= 3
