@@ -87,20 +87,6 @@ def stack(tmp_path_factory):
     from control.haproxy_proc import start_haproxy
     from control.triton import start_triton
 
-    import control.haproxy_proc as hp
-
-    def render_h1_checks(settings, socket=None):
-        # control/haproxy_config.py (2026-11-22 19:20) lets the gRPC servers' health checks inherit
-        # `proto h2` and send HTTP/2 to Triton's HTTP/1 port: every gRPC server is marked DOWN
-        # ("Layer7 timeout"). Force HTTP/1 checks until the generator does it itself.
-        text = real_render(settings, socket)
-        if "check-proto" not in text:
-            text = "\n".join(ln.replace(" check port ", " check check-proto h1 port ") if " proto h2 " in ln else ln
-                              for ln in text.splitlines()) + "\n"
-        return text
-
-    real_render = hp.render
-    hp.render = render_h1_checks
     root = tmp_path_factory.mktemp("cp")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
                              control={"policy": POLICY, "poll_interval_s": 0.5, "decide_interval_s": 0.5,
@@ -118,7 +104,6 @@ def stack(tmp_path_factory):
         yield stack_info
         stack_info["daemon"].stop()
     finally:
-        hp.render = real_render
         for p in [*procs, *stack_info.get("procs", {}).values()][::-1]:
             p.stop()
         if FIGURES:
@@ -218,7 +203,9 @@ def test_03_load_on_onprem_moves_weight_to_cloud_and_back(stack):
     print(json.dumps(FIGURES["load"], indent=1))
     if os.environ.get("TRITON_HYBRID_RECORD"):
         (Path(__file__).parent / "fixtures" / "recorded_snapshots.json").write_text(
-            json.dumps({"policy": POLICY, "ticks": recorded}, indent=0))
+            json.dumps({"note": "recorded by tests/test_control_plane.py (TRITON_HYBRID_RECORD=1): poller "
+                        "snapshots of two real Tritons, open-loop load on on-prem, then none",
+                        "policy": POLICY, "ticks": recorded}, indent=0))
     assert moved, f"weight never moved to the cloud: {c.weights}, reasons {reasons}"
     # Window: sustain_ticks x decide_interval plus a poll: well under 10 s on this machine.
     assert t_moved < 10, t_moved
