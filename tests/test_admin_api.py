@@ -150,3 +150,33 @@ def test_status_and_policy_views(svc):
     assert p["config"]["max_step"] == 20
     assert [i["name"] for i in p["instances"]] == ["onprem-1", "cloud-1"]
     assert p["instances"][0]["sensitive_ok"] is True
+
+
+def test_sync_job_calls_sync_all_and_exports_lag(svc, monkeypatch):
+    import control.sync
+    _, c = svc
+    seen = []
+
+    def fake_sync_all(settings):
+        seen.append(settings)
+        return {"onprem-1": {"ranker": {"live": 3, "published": 5, "status": "live"}},
+                "cloud-1": {"*": {"live": None, "published": None, "status": "skipped"}}}
+
+    monkeypatch.setattr(control.sync, "sync_all", fake_sync_all)
+    c.sync()
+    assert seen and c.last_sync["result"]["onprem-1"]["ranker"]["live"] == 3
+    reg = c.metrics.registry
+    assert reg.get_sample_value("triton_hybrid_sync_lag_versions", {"instance": "onprem-1", "model": "ranker"}) == 2
+    assert reg.get_sample_value("triton_hybrid_live_version", {"instance": "onprem-1", "model": "ranker"}) == 3
+    assert reg.get_sample_value("triton_hybrid_last_sync_timestamp_seconds") > 0
+
+
+def test_decision_metrics_are_exported(svc):
+    base, c = svc
+    call(base, "POST", "/v1/weights", {"weights": {"onprem": 60, "cloud": 40}, "ttl_s": 60})
+    reg = c.metrics.registry
+    assert reg.get_sample_value("triton_hybrid_site_weight", {"site": "cloud"}) == 40
+    assert reg.get_sample_value("triton_hybrid_weight", {"site": "onprem", "instance": "onprem-1"}) == 60
+    assert reg.get_sample_value("triton_hybrid_decisions_total", {"reason": "override"}) >= 1
+    assert reg.get_sample_value("triton_hybrid_override_active") == 1
+    assert reg.get_sample_value("triton_hybrid_last_apply_timestamp_seconds") > 0
