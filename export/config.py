@@ -87,8 +87,8 @@ TINY = Profile(
                     min_candidates=20, max_candidates=50),
     tokenizer=TokenizerConfig(max_len=16),
     teacher=EncoderConfig(d_model=64, n_heads=4, n_layers=2, d_ff=128, emb_dim=64),
-    student=EncoderConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64, emb_dim=64),
-    train=TrainConfig(teacher_epochs=10, student_epochs=12, ranker_epochs=4, ranker_hidden=48),
+    student=EncoderConfig(d_model=48, n_heads=2, n_layers=1, d_ff=96, emb_dim=64),
+    train=TrainConfig(teacher_epochs=10, student_epochs=20, ranker_epochs=4, ranker_hidden=48),
     # The tiny profile trains on little data for a few seconds: lower bars, same margin.
     gates=Gates(intent_acc_min=0.80, ndcg_min=0.75, ndcg_margin_min=0.15),
     bench_repeats=15,
@@ -100,8 +100,8 @@ FULL = Profile(
                     min_candidates=20, max_candidates=100),
     tokenizer=TokenizerConfig(max_len=16),
     teacher=EncoderConfig(d_model=128, n_heads=4, n_layers=2, d_ff=256, emb_dim=96),
-    student=EncoderConfig(d_model=48, n_heads=2, n_layers=1, d_ff=96, emb_dim=96),
-    train=TrainConfig(teacher_epochs=5, student_epochs=5, ranker_epochs=4, ranker_hidden=96),
+    student=EncoderConfig(d_model=64, n_heads=4, n_layers=1, d_ff=128, emb_dim=96),
+    train=TrainConfig(teacher_epochs=5, student_epochs=8, ranker_epochs=4, ranker_hidden=96),
     gates=Gates(intent_acc_min=0.90, ndcg_min=0.85, ndcg_margin_min=0.15),
 )
 

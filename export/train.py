@@ -111,7 +111,7 @@ def train_student(profile: Profile, tok: Tokenizer, enc: Encoded, teacher: Query
             b = torch.from_numpy(b)
             logits, emb = student(ids[b], mask[b])
             kd = F.kl_div(F.log_softmax(logits / T, -1), F.softmax(t_logits[b] / T, -1), reduction="batchmean") * T * T
-            loss = kd + 0.5 * F.cross_entropy(logits, y[b]) + F.mse_loss(emb, t_emb[b])
+            loss = kd + 0.5 * F.cross_entropy(logits, y[b]) + 5.0 * F.mse_loss(emb, t_emb[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
