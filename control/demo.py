@@ -15,19 +15,19 @@ from rich.console import Console
 from rich.table import Table
 
 from control.config import load_config
+from model_repository.smoke import to_infer_inputs
 
 MODEL = "search_ranking"
 console = Console()
 
 
 def ensemble_inputs(module, query: str, candidate_ids: list[int], top_k: int):
-    q = module.InferInput("QUERY", [1], "BYTES")
-    q.set_data_from_numpy(np.array([query.encode()], dtype=np.object_))
-    c = module.InferInput("CANDIDATE_IDS", [len(candidate_ids)], "INT64")
-    c.set_data_from_numpy(np.asarray(candidate_ids, dtype=np.int64))
-    k = module.InferInput("TOP_K", [1], "INT32")
-    k.set_data_from_numpy(np.array([top_k], dtype=np.int32))
-    return [q, c, k]
+    """InferInputs (tritonclient.http or .grpc) of one search_ranking request."""
+    return to_infer_inputs({
+        "QUERY": np.array([[query.encode()]], dtype=np.object_),
+        "CANDIDATE_IDS": np.asarray([candidate_ids], dtype=np.int64),
+        "TOP_K": np.array([[top_k]], dtype=np.int32),
+    }, module)
 
 
 def served_per_instance(settings) -> dict[str, float]:

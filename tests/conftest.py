@@ -57,3 +57,19 @@ def make_settings(run_dir, instances=(("onprem-1", "onprem", 90, True), ("cloud-
 @pytest.fixture
 def settings_factory(tmp_path):
     return lambda **kw: make_settings(tmp_path / "run", **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """One tiny-profile export per test session (or TRITON_HYBRID_TEST_EXPORT)."""
+    from model_repository.testing import tiny_export_dir
+
+    return tiny_export_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def cpu_repository(tiny_export, tmp_path_factory):
+    """The CPU-target Triton repository built from the tiny export, once per session."""
+    from model_repository.build import build_repository
+
+    return build_repository(tiny_export, tmp_path_factory.mktemp("repository") / "cpu", "cpu").out_dir
