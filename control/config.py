@@ -162,6 +162,7 @@ class ControlConfig(_Section):
     api_host: str = "127.0.0.1"
     api_port: int = 8300
     metrics_port: int = 8301
+    prometheus_port: int = 9090  # `up --with-prometheus`
     admin_token: SecretStr = SecretStr("change-me-admin-token")
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 0.8

@@ -19,12 +19,10 @@ from control.prometheus_config import (
 )
 
 NAME = "prometheus"
-DEFAULT_PORT = 9090
 
 
 def prometheus_port(settings) -> int:
-    # TODO(lead): control.prometheus_port in control/config.py; until then the default.
-    return int(getattr(settings.control, "prometheus_port", DEFAULT_PORT))
+    return settings.control.prometheus_port
 
 
 def prometheus_host(settings) -> str:

@@ -77,7 +77,7 @@ def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
     return proc
 
 
-def planned_ports(settings, with_control: bool) -> list[tuple[str, str, str, int]]:
+def planned_ports(settings, with_control: bool, with_prometheus: bool = False) -> list[tuple[str, str, str, int]]:
     """(component, config field, host, port) of every port `up` will bind."""
     out = []
     if settings.s3.start_local_server:
@@ -91,12 +91,14 @@ def planned_ports(settings, with_control: bool) -> list[tuple[str, str, str, int
     if with_control:
         c = settings.control
         out += [(CONTROL_NAME, f"control.{f}", c.api_host, getattr(c, f)) for f in ("api_port", "metrics_port")]
+    if with_prometheus:
+        out.append(("prometheus", "control.prometheus_port", settings.control.api_host, settings.control.prometheus_port))
     return out
 
 
-def preflight(settings, with_control: bool) -> None:
+def preflight(settings, with_control: bool, with_prometheus: bool = False) -> None:
     """Fail before starting anything when a port is taken: nothing to clean up, a precise message."""
-    for component, fld, host, port in planned_ports(settings, with_control):
+    for component, fld, host, port in planned_ports(settings, with_control, with_prometheus):
         if port_in_use(host, port):
             raise ComponentError(component, f"port {host}:{port} ({fld}) is already in use; stop what holds it "
                                             "or change it in the config")
@@ -111,7 +113,7 @@ def up(settings, with_prometheus: bool = False, with_control: bool | None = None
     if already:
         raise ComponentError("stack", f"already running ({', '.join(already)}); run `triton-hybrid down` first")
     with_control = settings.control.start_daemon if with_control is None else with_control
-    preflight(settings, with_control)
+    preflight(settings, with_control, with_prometheus)
     stack = Stack(settings)
     try:
         if settings.s3.start_local_server:

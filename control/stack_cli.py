@@ -37,6 +37,8 @@ def up_cmd(ctx, with_prometheus: bool, no_control: bool) -> None:
         console.print(f"  {inst.name:<13} : {inst.http_url} (gRPC {inst.grpc_url}, metrics {inst.metrics_url})")
     c = settings.control
     console.print(f"  control API   : http://{c.api_host}:{c.api_port} (metrics :{c.metrics_port})")
+    if with_prometheus:
+        console.print(f"  Prometheus    : http://{c.api_host}:{c.prometheus_port}")
     console.print(f"  logs, pids    : {settings.run_path}/logs, {settings.run_path}/pids")
     console.print("  stop with     : triton-hybrid down   (or: make down)")
 
