@@ -144,14 +144,15 @@ def test_01_starts_home_and_healthy(stack):
     assert c.weights == {"onprem": 100, "cloud": 0}
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_02_measured_split_matches_set_weights(stack, protocol):
-    api(stack, "POST", "/v1/weights", {"weights": {"onprem": 70, "cloud": 30}, "ttl_s": 120})
-    assert haproxy_weights(stack, "be_triton_http") == {"onprem-1": 70, "cloud-1": 30}
-    assert haproxy_weights(stack, "be_triton_grpc") == {"onprem-1": 70, "cloud-1": 30}
+@pytest.mark.parametrize("protocol,onprem", [("http", 70), ("grpc", 70), ("http", 20), ("grpc", 85)])
+def test_02_measured_split_matches_set_weights(stack, protocol, onprem):
+    cloud = 100 - onprem
+    api(stack, "POST", "/v1/weights", {"weights": {"onprem": onprem, "cloud": cloud}, "ttl_s": 120})
+    assert haproxy_weights(stack, "be_triton_http") == {"onprem-1": onprem, "cloud-1": cloud}
+    assert haproxy_weights(stack, "be_triton_grpc") == {"onprem-1": onprem, "cloud-1": cloud}
     split = measure_split(stack, 400, protocol)
-    FIGURES[f"split_70_30_{protocol}"] = split
-    assert abs(split["onprem-1"] - 70) <= 5 and abs(split["cloud-1"] - 30) <= 5, split
+    FIGURES[f"split_{onprem}_{cloud}_{protocol}"] = split
+    assert abs(split["onprem-1"] - onprem) <= 5 and abs(split["cloud-1"] - cloud) <= 5, split
     api(stack, "DELETE", "/v1/weights/override")
 
 
@@ -301,6 +302,23 @@ def test_08_restart_resumes_from_database_and_haproxy(stack):
     time.sleep(1.5)
     assert d2.controller.last_decision.reason == "override"
     assert haproxy_weights(stack) == {"onprem-1": 55, "cloud-1": 45}
+    api(stack, "DELETE", "/v1/weights/override")
+
+
+def test_085_haproxy_restart_is_reconciled(stack):
+    """HAProxy restarts with its config weights (100/0); the daemon puts the override back."""
+    from control.haproxy_proc import start_haproxy
+    c: Controller = stack["daemon"].controller
+    api(stack, "POST", "/v1/weights", {"weights": {"onprem": 35, "cloud": 65}, "ttl_s": 60})
+    assert haproxy_weights(stack) == {"onprem-1": 35, "cloud-1": 65}
+    stack["procs"]["haproxy"].stop()
+    stack["procs"]["haproxy"] = start_haproxy(stack["settings"])
+    t0 = time.monotonic()
+    fixed = wait_for(lambda: haproxy_weights(stack) == {"onprem-1": 35, "cloud-1": 65}
+                     and haproxy_weights(stack, "be_triton_grpc") == {"onprem-1": 35, "cloud-1": 65}, 10)
+    FIGURES["haproxy_restart_reconcile_s"] = round(time.monotonic() - t0, 2)
+    assert fixed
+    assert c.last_error is None
     api(stack, "DELETE", "/v1/weights/override")
 
 

@@ -95,3 +95,96 @@ def test_dcgm_exporter_fields():
     assert d["gpu_power_w"] == pytest.approx(300.5)
     with pytest.raises(MetricsError):
         parse_dcgm("up 1\n")
+
+
+# ---- the poller against a tiny real HTTP server (ready + /metrics under test control) -----------
+class _Fake:
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.ready, self.metrics, self.delay = 200, (FIX / "triton_metrics_cpu.txt").read_text(), 0.0
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                import time as _t
+                _t.sleep(fake.delay)
+                code, body = (fake.ready, b"") if self.path == "/v2/health/ready" else (200, fake.metrics.encode())
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+@pytest.fixture
+def fake_instance():
+    from control.config import InstanceConfig
+    f = _Fake()
+    inst = InstanceConfig(name="onprem-1", site="onprem", http_port=f.port, grpc_port=1, metrics_port=f.port)
+    yield f, inst
+    f.srv.shutdown()
+    f.srv.server_close()
+
+
+def test_poller_states(fake_instance):
+    from control.poller import Poller
+    from control.snapshot import InstanceState
+    f, inst = fake_instance
+    t = [1000.0]
+    p = Poller([inst], timeout_s=0.3, clock=lambda: t[0])
+    s = p.poll_once()["onprem-1"]
+    assert s.state is InstanceState.UNKNOWN and "first scrape" in s.reason  # no rates yet
+    t[0] += 1
+    text = f.metrics
+    f.metrics = text.replace("nv_inference_request_success{model=\"add_one\",version=\"1\"} 5",
+                             "nv_inference_request_success{model=\"add_one\",version=\"1\"} 25").replace(
+        "nv_inference_queue_duration_us{model=\"add_one\",version=\"1\"} 232",
+        "nv_inference_queue_duration_us{model=\"add_one\",version=\"1\"} 200232")
+    s = p.poll_once()["onprem-1"]
+    assert s.state is InstanceState.HEALTHY
+    assert s.request_rate == pytest.approx(20.0) and s.queue_ms == pytest.approx(10.0)
+    assert s.cpu_util == pytest.approx(0.0603, abs=1e-4)
+    # Garbage metrics: unknown, never healthy-and-idle; and the next good scrape has no rate yet.
+    t[0] += 1
+    f.metrics = "<html>oops</html>"
+    s = p.poll_once()["onprem-1"]
+    assert s.state is InstanceState.UNKNOWN and s.request_rate is None
+    # Not ready: unhealthy.
+    t[0] += 1
+    f.ready = 503
+    s = p.poll_once()["onprem-1"]
+    assert s.state is InstanceState.UNHEALTHY and "503" in s.reason
+    # Stale: the last snapshot ages into unknown.
+    f.ready, f.metrics = 200, text
+    p.poll_once()
+    t[0] += 1
+    p.poll_once()
+    assert p.latest(t[0], 5.0)["onprem-1"].state is InstanceState.HEALTHY
+    assert p.latest(t[0] + 6, 5.0)["onprem-1"].state is InstanceState.UNKNOWN
+
+
+def test_poller_timeout_and_connection_refused(fake_instance):
+    import time
+
+    from control.config import InstanceConfig
+    from control.poller import Poller
+    from control.procs import free_port
+    from control.snapshot import InstanceState
+    f, inst = fake_instance
+    dead_port = free_port()
+    dead = InstanceConfig(name="cloud-1", site="cloud", http_port=dead_port, grpc_port=1, metrics_port=dead_port)
+    f.delay = 1.0
+    p = Poller([inst, dead], timeout_s=0.2)
+    t0 = time.monotonic()
+    snaps = p.poll_once()
+    took = time.monotonic() - t0
+    assert snaps["onprem-1"].state is InstanceState.UNHEALTHY and "Timeout" in snaps["onprem-1"].reason
+    assert snaps["cloud-1"].state is InstanceState.UNHEALTHY
+    assert took < 1.0  # instances are scraped concurrently, each bounded by its timeout

@@ -83,3 +83,24 @@ def test_missing_target_or_zone_is_a_clear_error(endpoint, zone):
     bad = actuator(endpoint, "ZNOSUCHZONE")
     with pytest.raises(ActuatorError, match="Route53"):
         bad.apply(plan(50, 50))
+
+
+def test_daemon_with_route53_actuator_changes_records(endpoint, zone, tmp_path):
+    """The control loop end to end on DNS: an operator override goes through decide + apply into
+    the weighted records of the local endpoint server, and is audited."""
+    from control.daemon import Controller
+    from tests.conftest import make_settings
+    settings = make_settings(tmp_path / "run", control={"actuator": "route53", "route53": {
+        "endpoint_url": endpoint, "hosted_zone_id": zone, "record_name": "triton.search.example.com.",
+        "targets": {"onprem": "lb.onprem.example.com.", "cloud": "lb.cloud.example.com."}}})
+    c = Controller(settings)
+    try:
+        assert c.actuator.name == "route53"
+        c.audit.set_override({"onprem": 35, "cloud": 65}, 60, by="test")
+        d = c.tick()
+        assert d.reason == "override"
+        assert c.actuator.observe().site_weights == {"onprem": 35, "cloud": 65}
+        row = c.audit.last()
+        assert row.applied and row.actuator == "route53" and row.commands
+    finally:
+        c.close()
