@@ -205,8 +205,11 @@ def test_gpu_only_expressions_return_data_from_gpu_shaped_triton_metrics(setting
             missing = [(w, e) for w, e in missing if not requests.get(
                 f"{url}/api/v1/query", params={"query": e}, timeout=5).json()["data"]["result"]]
         assert not missing, missing
-        util = requests.get(f"{url}/api/v1/query", params={"query": 'avg by (instance) (nv_gpu_utilization{job="triton"})'},
-                            timeout=5).json()["data"]["result"]
+        util = []
+        while len(util) < len(settings.instances) and time.monotonic() < deadline:
+            util = requests.get(f"{url}/api/v1/query", params={"query": 'avg by (instance) (nv_gpu_utilization{job="triton"})'},
+                                timeout=5).json()["data"]["result"]
+            time.sleep(0.5)
         assert len(util) == len(settings.instances)
         assert all(float(s["value"][1]) == pytest.approx(0.85) for s in util)  # mean of 0.92 and 0.78
     finally:
