@@ -168,6 +168,7 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
         model_dir.mkdir(parents=True, exist_ok=True)
         # Write into a temp dir next to it and rename: a half-written version never shows up.
         tmp = Path(tempfile.mkdtemp(prefix=f".{v}.tmp-", dir=model_dir))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; Triton or a sync job may run as another user
         for src, dst in plan[m.name].items():
             shutil.copy2(src, tmp / dst)
         if m.runtime(target).kind == "ensemble":
@@ -187,10 +188,11 @@ def smoke_payload(export_dir: Path, spec: RepositorySpec) -> dict:
     item = next(h for h in held if 0 < len(h["candidate_ids"]) <= spec.max_candidates
                 and 0 < len(h["query"]) <= spec.max_query_chars)
     top_k = min(5, spec.top_k_default)
-    payload = {"query": item["query"], "candidate_ids": [int(c) for c in item["candidate_ids"]], "top_k": top_k}
+    candidates = [int(c) for c in item["candidate_ids"]][:20]
+    payload = {"query": item["query"], "candidate_ids": candidates, "top_k": top_k}
     try:
         from export.reference import ReferencePipeline  # noqa: PLC0415
-        ids, scores, intent, intent_score = ReferencePipeline(export_dir).rank(item["query"], item["candidate_ids"], top_k)
+        ids, scores, intent, intent_score = ReferencePipeline(export_dir).rank(item["query"], candidates, top_k)
         payload["expected"] = {"top_ids": [int(i) for i in ids], "top_scores": [float(s) for s in scores],
                                "intent": str(intent), "intent_score": float(intent_score)}
     except ImportError:

@@ -41,7 +41,7 @@ class Tensor:
 @dataclass(frozen=True)
 class DynamicBatching:
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
-    max_queue_delay_us: int = 500
+    max_queue_delay_us: int = 200
 
 
 @dataclass(frozen=True)
