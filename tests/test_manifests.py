@@ -341,3 +341,14 @@ def test_sites_registry_loads():
     s = load_config(DEPLOY / "sites.yaml", environ={})
     assert {i.site for i in s.instances} == {"onprem", "cloud"}
     assert not s.s3.start_local_server
+
+
+def test_render_prometheus_command(tmp_path):
+    from click.testing import CliRunner
+
+    from control.cli import cli
+
+    out = tmp_path / "p.yml"
+    r = CliRunner().invoke(cli, ["deploy", "render-prometheus", "--config", str(DEPLOY / "sites.yaml"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_text() == (DEPLOY / "prometheus" / "prometheus.sites.yml").read_text()
