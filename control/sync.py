@@ -141,17 +141,92 @@ def _ensemble_smoke(mod) -> SmokeFn:
     return check
 
 
+def _load_config(path: Path):
+    from google.protobuf import text_format  # noqa: PLC0415
+    from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+
+    cfg = model_config_pb2.ModelConfig()
+    text_format.Parse(path.read_text(), cfg)
+    return cfg
+
+
+def _ensemble_using(repo: Path, model: str):
+    """(ensemble config, its live version dir) of an ensemble on the host that has `model` as a step."""
+    for cfg_path in sorted(repo.glob("*/config.pbtxt")):
+        if CANDIDATE_SUFFIX in cfg_path.parent.name:
+            continue
+        try:
+            cfg = _load_config(cfg_path)
+        except Exception:  # noqa: BLE001 - not parseable: not ours to smoke with
+            continue
+        if cfg.platform != "ensemble" or not any(st.model_name == model for st in cfg.ensemble_scheduling.step):
+            continue
+        versions = list(cfg.version_policy.specific.versions)
+        if versions and (cfg_path.parent / str(max(versions)) / "smoke.json").is_file():
+            return cfg, cfg_path.parent / str(max(versions))
+    return None, None
+
+
+def _step_smoke(mod) -> SmokeFn:
+    """A step model of an ensemble: the ensemble's stored smoke request is run step by step
+    through the loaded pipeline with the model under test (candidate or new version) in its
+    place, and the end result must be a well-formed ranking. Without such an ensemble on the
+    host: the generic check."""
+    def check(admin: TritonAdmin, name: str, version: int, version_dir: Path | None = None) -> None:
+        import numpy as np  # noqa: PLC0415
+        import tritonclient.http as th  # noqa: PLC0415
+
+        model = name.split(CANDIDATE_SUFFIX, 1)[0]
+        repo = Path(version_dir).parent.parent if version_dir is not None else None
+        ens, ens_dir = _ensemble_using(repo, model) if repo is not None else (None, None)
+        if ens is None:
+            return default_smoke(admin, name, version)
+        inputs, expected = mod.smoke_request(ens_dir)
+        tensors = dict(inputs)
+        pending = list(ens.ensemble_scheduling.step)
+        with th.InferenceServerClient(admin.url.split("://", 1)[-1], connection_timeout=10, network_timeout=30) as c:
+            while pending:
+                step = next((st for st in pending if all(v in tensors for v in st.input_map.values())), None)
+                if step is None:
+                    raise TritonAdminError(f"ensemble {ens.name}: steps {[st.model_name for st in pending]} "
+                                           "cannot be fed (inputs missing)")
+                pending.remove(step)
+                ins = []
+                for key, src in step.input_map.items():
+                    arr = np.asarray(tensors[src])
+                    dt = "BYTES" if arr.dtype == object else th.np_to_triton_dtype(arr.dtype)
+                    i = th.InferInput(key, list(arr.shape), dt)
+                    i.set_data_from_numpy(arr)
+                    ins.append(i)
+                is_target = step.model_name == model
+                res = c.infer(name if is_target else step.model_name, ins,
+                              model_version=str(version) if is_target else "",
+                              outputs=[th.InferRequestedOutput(k) for k in step.output_map])
+                for key, dst in step.output_map.items():
+                    tensors[dst] = res.as_numpy(key)
+        # Structure only (outputs present, shapes agree, scores ranked): the stored reference
+        # answer belongs to the ensemble's version, and a retrained step legitimately changes it.
+        # The ensemble's own smoke check, after its steps, compares against the reference.
+        problems = mod.check_response({n: tensors.get(n) for n in mod.OUTPUTS}, None)
+        if problems:
+            raise TritonAdminError(f"the {ens.name} smoke request through {name} v{version}: " + "; ".join(problems))
+    return check
+
+
 def smoke_for(model: str) -> SmokeFn:
-    """A registered check, else model_repository.smoke's check for the ensemble, else the generic one."""
+    """A registered check; else model_repository.smoke's stored request: for the ensemble itself,
+    and run step by step for the ensemble's step models; else the generic one."""
     if model in _SMOKE:
         return _SMOKE[model]
     try:
         mod = importlib.import_module("model_repository.smoke")
-        if model == getattr(mod, "ENSEMBLE", None) and hasattr(mod, "smoke_request"):
-            return _ensemble_smoke(mod)
     except ImportError:
-        pass
-    return default_smoke
+        return default_smoke
+    if not hasattr(mod, "smoke_request"):
+        return default_smoke
+    if model == getattr(mod, "ENSEMBLE", None):
+        return _ensemble_smoke(mod)
+    return _step_smoke(mod)
 
 
 # Pull + verify ----------------------------------------------------------------------------------
