@@ -145,25 +145,11 @@ def bench(export_dir: Path, work_dir: Path, concurrencies=(1, 8), protocol: str 
 
 
 def _start_haproxy(settings):
-    """The local stack's HAProxy. Workaround while control/haproxy_config.py lacks it: the gRPC
-    servers' health check goes to Triton's HTTP port, so it must speak HTTP/1.1 (`check-proto h1`);
-    without it HAProxy checks with h2, marks every gRPC server DOWN and answers gRPC with an HTML 503."""
-    from control import haproxy_config, haproxy_proc  # noqa: PLC0415
-    from control.procs import http_ok, start_process, wait_until  # noqa: PLC0415
+    """The local stack's HAProxy, once its health checks have marked the Triton up (rise 2)."""
+    from control.haproxy_proc import start_haproxy  # noqa: PLC0415
 
-    text = haproxy_config.render(settings)
-    if "check-proto" not in text:
-        text = "\n".join(line + " check-proto h1" if " proto h2 " in line and " check port " in line else line
-                         for line in text.splitlines())
-    binary = haproxy_proc.haproxy_binary(settings)
-    cfg = haproxy_config.config_path(settings)
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(text + "\n")
-    proc = start_process("haproxy", [binary, "-db", "-f", str(cfg)], settings.run_path)
-    h = settings.haproxy
-    wait_until(lambda: http_ok(f"http://{h.host}:{h.stats_port}/metrics"), proc, 15, "serving its stats port")
-    # wait until the health checks have marked the server up (rise 2)
-    time.sleep(max(2.0, 3 * h.health_interval_ms / 1000))
+    proc = start_haproxy(settings)
+    time.sleep(max(2.0, 3 * settings.haproxy.health_interval_ms / 1000))
     return proc
 
 

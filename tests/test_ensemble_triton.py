@@ -18,15 +18,14 @@ from control.triton import start_triton
 from model_repository.build import build_repository
 from model_repository.smoke import OUTPUTS, check_response, run_smoke, smoke_request, to_infer_inputs
 from model_repository.spec import ENSEMBLE
-from model_repository.testing import tiny_export_dir
 
 pytestmark = pytest.mark.slow
 N_PARITY = 200
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    return tiny_export_dir(tmp_path_factory)
+def export_dir(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ from model_repository import configgen
 from model_repository.build import BuildError, build_repository, export_signature, generate_configs, spec_for_export
 from model_repository.cli import repo_group
 from model_repository.spec import ENSEMBLE, PLACEHOLDER, Tensor
-from model_repository.testing import tiny_export_dir
 
 MODELS = ["preprocess", "query_intent", "feature_lookup", "ranker", "postprocess", ENSEMBLE]
 
 
 @pytest.fixture(scope="session")
-def export_dir(tmp_path_factory):
-    return tiny_export_dir(tmp_path_factory)
+def export_dir(tiny_export):
+    return tiny_export
 
 
 def read_config(model_dir):
