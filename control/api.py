@@ -236,7 +236,10 @@ def make_handler(service: AdminService, token: str):
                     return self._send(405, {"error": f"{method} not allowed on {path}"})
                 return self._send(404, {"error": f"no endpoint {path}"})
             try:
-                return self._send(200, fn())
+                # One SQLite connection and one policy state: API calls and scheduler ticks take turns.
+                with service.c.lock:
+                    result = fn()
+                return self._send(200, result)
             except BadRequest as e:
                 return self._send(400, {"error": str(e), "field": e.field})
             except Exception as e:  # noqa: BLE001
