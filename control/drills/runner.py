@@ -132,7 +132,8 @@ class OpenLoopLoad:
 
     def __init__(self, http_url: str, grpc_url: str, spec: RequestSpec, rate: float, duration_s: float,
                  timeout_s: float = 10.0, protocols: tuple[str, ...] = ("http", "grpc"), max_workers: int = 64,
-                 clock_zero: float | None = None):
+                 clock_zero: float | None = None, open_ended: bool = False):
+        """open_ended: keep the schedule open until finish() (the drill may extend the run)."""
         if not 0 < rate <= 1000:
             raise ValueError("rate must be in (0, 1000] requests/s")
         if not 0 < duration_s <= 3600:
@@ -146,6 +147,9 @@ class OpenLoopLoad:
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="drill-load")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._finished = threading.Event()
+        if not open_ended:
+            self._finished.set()
         self.t0 = clock_zero if clock_zero is not None else time.monotonic()
 
     def _client(self, proto: str):
@@ -190,9 +194,18 @@ class OpenLoopLoad:
         with self._lock:
             self.records.append(Req(i, proto, t_sched, start - self.t0, end - self.t0, ok, err, version))
 
+    def extend_to(self, duration_s: float) -> None:
+        """Keep the load going until `duration_s` after its start (never shortens it)."""
+        self.duration_s = max(self.duration_s, min(duration_s, 3600.0))
+
     def _schedule(self) -> None:
-        n = int(self.rate * self.duration_s)
-        for i in range(n):
+        i = 0
+        while True:
+            if i >= int(self.rate * self.duration_s):  # duration_s may grow (extend_to) until finish()
+                if self._finished.is_set() or self._stop.is_set():
+                    return
+                time.sleep(0.01)
+                continue
             due = self.t0 + i / self.rate
             while not self._stop.is_set():
                 wait = due - time.monotonic()
@@ -202,13 +215,19 @@ class OpenLoopLoad:
             if self._stop.is_set():
                 return
             self._pool.submit(self._one, i, self.protocols[i % len(self.protocols)], due - self.t0)
+            i += 1
 
     def start(self) -> "OpenLoopLoad":
         self._thread = threading.Thread(target=self._schedule, daemon=True, name="drill-load-scheduler")
         self._thread.start()
         return self
 
+    def finish(self) -> None:
+        """No extension will come: stop after the current duration."""
+        self._finished.set()
+
     def join(self) -> list[Req]:
+        self._finished.set()
         if self._thread:
             self._thread.join()
         self._pool.shutdown(wait=True)
@@ -596,6 +615,7 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
     meta = {"scenario": scenario.name, "title": scenario.title, "started_utc": stamp, "duration_s": duration_s,
             "rate": rate, "options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}}
     env = None
+    load = None
     try:
         try:
             env = scenario.prepare(base, run_dir, Path(repository), **options)
@@ -614,7 +634,7 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
         env.t0 = time.monotonic()
         observer = Observer(env, env.t0).start()
         load = OpenLoopLoad(*env.haproxy_url(), env.spec, rate=rate, duration_s=duration_s, clock_zero=env.t0,
-                            timeout_s=scenario.client_timeout_s).start()
+                            timeout_s=scenario.client_timeout_s, open_ended=True).start()
         say(f"{scenario.name}: load {rate:g} req/s for {duration_s:g}s (HTTP + gRPC through HAProxy), "
             f"model {env.spec.model}")
         env.mark("load_start")
@@ -625,7 +645,12 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
         if scenario.lift_fault:
             _sleep_until(env, duration_s * lift_at)
             scenario.lift(env)
-        _sleep_until(env, duration_s)
+        # A slow lift (a sync rolling a version out) still gets `tail_s` of load after it.
+        end = max(duration_s, env.now() + scenario.tail_s)
+        load.extend_to(end)
+        load.finish()
+        meta["actual_duration_s"] = round(end, 2)
+        _sleep_until(env, end)
         records = load.join()
         env.mark("load_end")
         time.sleep(0.3)
@@ -638,6 +663,8 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
             report["report_dir"] = str(out_dir)
         return report
     finally:
+        if load is not None:
+            load.stop()
         if env is not None:
             scenario.cleanup(env)
             env.stop()

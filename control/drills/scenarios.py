@@ -30,6 +30,7 @@ class Scenario:
     lift_fault = True            # the fault is lifted during the run
     client_timeout_s = 10.0
     needs_control = False
+    tail_s = 2.0                    # load seconds at least after the lift returned
     fault_at: float | None = None   # fraction of the duration; None: run_drill's default
     lift_at: float | None = None
     recovery_goal_s: float | None = None
@@ -291,6 +292,7 @@ class ControlCrash(Scenario):
     title = "kill -9 of the control plane in the middle of a weight shift, restart, reconcile"
     target_site = "control"
     needs_control = True
+    fault_at, lift_at = 0.25, 0.4  # the daemon needs ~1-3 s to start, then one tick to reconcile
     shift_to = {"onprem": 40, "cloud": 60}
     down_s = 1.0
 
