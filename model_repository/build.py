@@ -157,6 +157,7 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
             raise BuildError(f"{m.name}: missing source files: {', '.join(missing)}")
         plan[m.name] = files
 
+    smoke = smoke_payload(export_dir, spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = BuildResult(target, out_dir.resolve(), export_dir)
     for m in spec.models:
@@ -175,7 +176,7 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
             (tmp / PLACEHOLDER).write_text(
                 f"Version {v} of the ensemble {m.name} (built from {export_dir.name}). An ensemble has no model\n"
                 "file, but Triton needs the version directory and S3 keeps no empty directories: this file keeps it.\n")
-            (tmp / SMOKE_FILE).write_text(json.dumps(smoke_payload(export_dir, spec), indent=1))
+            (tmp / SMOKE_FILE).write_text(json.dumps(smoke, indent=1))
         tmp.rename(vdir)
         configgen.write_config(configs[m.name], model_dir)
         result.versions[m.name] = v
@@ -185,10 +186,11 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
 def smoke_payload(export_dir: Path, spec: RepositorySpec) -> dict:
     """A small valid request from the export's held-out set and the reference answer to it."""
     held = json.loads((Path(export_dir) / "heldout_queries.json").read_text())
-    item = next(h for h in held if 0 < len(h["candidate_ids"]) <= spec.max_candidates
-                and 0 < len(h["query"]) <= spec.max_query_chars)
+    fits = [h for h in held if h["candidate_ids"] and 0 < len(h["query"].strip()) <= spec.max_query_chars]
+    item = dict(fits[0] if fits else held[0])
+    item["query"] = item["query"][: spec.max_query_chars]   # only when no held-out query fits the limit
     top_k = min(5, spec.top_k_default)
-    candidates = [int(c) for c in item["candidate_ids"]][:20]
+    candidates = [int(c) for c in item["candidate_ids"]][: min(20, spec.max_candidates)]
     payload = {"query": item["query"], "candidate_ids": candidates, "top_k": top_k}
     try:
         from export.reference import ReferencePipeline  # noqa: PLC0415

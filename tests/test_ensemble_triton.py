@@ -31,6 +31,7 @@ def export_dir(tiny_export):
 @pytest.fixture(scope="module")
 def server(export_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ensemble")
+    build_repository(export_dir, root / "repo", "cpu")            # version 1 stays beside version 2
     build = build_repository(export_dir, root / "repo", "cpu")
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     proc = start_triton("triton-ensemble-test", build.out_dir, run_dir=root / "run", ready_timeout=120, **ports)
@@ -221,3 +222,29 @@ def test_smoke_request_passes(server):
     client = httpclient.InferenceServerClient(server["http"])
     result = client.infer(ENSEMBLE, to_infer_inputs(inputs_, httpclient))
     assert check_response({n: result.as_numpy(n) for n in OUTPUTS}, wrong) != [] or len(expected["top_ids"]) < 2
+
+
+def test_only_the_latest_version_is_served(server):
+    for model in ("preprocess", "query_intent", "feature_lookup", "ranker", "postprocess", ENSEMBLE):
+        base = f"http://{server['http']}/v2/models/{model}"
+        assert (server["repo"] / model / "1").is_dir() and (server["repo"] / model / "2").is_dir()
+        assert requests.get(f"{base}/versions/2/ready", timeout=5).status_code == 200, model
+        assert requests.get(f"{base}/versions/1/ready", timeout=5).status_code != 200, model
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_several_queries_in_one_request(server, export_dir, reference, protocol):
+    """[B,1] queries with [B,N] candidates (equal N) in one request: one answer row per query."""
+    held = json.loads((export_dir / "heldout_queries.json").read_text())
+    n = min(len(h["candidate_ids"]) for h in held[:3])
+    queries = [h["query"] for h in held[:3]]
+    cands = np.array([h["candidate_ids"][:n] for h in held[:3]], dtype=np.int64)
+    module = grpcclient if protocol == "grpc" else httpclient
+    q = module.InferInput("QUERY", [3, 1], "BYTES")
+    q.set_data_from_numpy(np.array([[x.encode()] for x in queries], dtype=object))
+    c = module.InferInput("CANDIDATE_IDS", list(cands.shape), "INT64")
+    c.set_data_from_numpy(cands)
+    result = module.InferenceServerClient(server[protocol]).infer(ENSEMBLE, [q, c], parameters={"top_k": 4})
+    for row in range(3):
+        out = {name: result.as_numpy(name)[row:row + 1] for name in OUTPUTS}
+        assert_same(out, reference.rank(queries[row], cands[row].tolist(), 4), f"row {row}")

@@ -127,6 +127,13 @@ def test_cli_build(export_dir, tmp_path):
     res = CliRunner().invoke(repo_group, ["build", "--target", "gpu", "--export", str(export_dir), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "search_ranking" in res.output and (out / ENSEMBLE / "config.pbtxt").exists()
+    res = CliRunner().invoke(repo_group, ["build", "--export", str(export_dir), "--out", str(tmp_path / "limits"),
+                                          "--max-candidates", "7", "--max-query-chars", "12", "--top-k", "3"])
+    assert res.exit_code == 0, res.output
+    params = {m: read_config(tmp_path / "limits" / m).parameters for m in ("preprocess", "feature_lookup", "postprocess")}
+    assert params["feature_lookup"]["max_candidates"].string_value == "7"
+    assert params["preprocess"]["max_query_chars"].string_value == "12"
+    assert params["postprocess"]["top_k_default"].string_value == "3"
     res = CliRunner().invoke(repo_group, ["build", "--export", str(tmp_path), "--out", str(out)])
     assert res.exit_code != 0 and "not an export" in res.output
 
