@@ -45,7 +45,8 @@ def speedup(base_path: Path, new_path: Path, feeds: dict[str, np.ndarray], repea
             "batch": int(next(iter(feeds.values())).shape[0])}
 
 
-def run_bench(export_dir: Path, batches=(1, 64), repeats: int = 50, n_candidates: int = 50) -> list[dict]:
+def run_bench(export_dir: Path, batches=(1, 64), repeats: int = 50, n_candidates: int = 50,
+              threads: int = 1) -> list[dict]:
     from .artifacts import load_metadata
     from .tokenizer import Tokenizer
 
@@ -66,12 +67,12 @@ def run_bench(export_dir: Path, batches=(1, 64), repeats: int = 50, n_candidates
         path = export_dir / fname
         if not path.exists():
             continue
-        sess = session(path)
+        sess = session(path, threads)
         for b in batches:
             feeds = (intent_feeds(ids, mask, b) if model == "query_intent"
                      else ranker_feeds(emb_dim, num_intents, features, b, n_candidates))
             ms = measure(sess, feeds, repeats)
-            rows.append({"model": model, "variant": variant, "file": fname, "batch": b,
+            rows.append({"model": model, "variant": variant, "file": fname, "batch": b, "threads": threads,
                          "candidates": None if model == "query_intent" else n_candidates,
                          "latency_ms": round(ms, 4), "throughput_per_s": round(b / ms * 1000.0, 1)})
     return rows

@@ -48,8 +48,9 @@ def export_cmd(profile, out, seed, version, data_dir, checkpoint, no_progress):
 @click.option("--root", default=DEFAULT_OUT, show_default=True, help="Export root (for the latest export).")
 @click.option("--repeats", type=int, default=50, show_default=True)
 @click.option("--candidates", type=int, default=50, show_default=True, help="Candidates per query for the ranker.")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
-def export_bench_cmd(export_dir, root, repeats, candidates, as_json):
+def export_bench_cmd(export_dir, root, repeats, candidates, threads, as_json):
     """onnxruntime latency/throughput: FP32 vs INT8 vs distilled student, batch 1 and 64."""
     import json
 
@@ -62,13 +63,13 @@ def export_bench_cmd(export_dir, root, repeats, candidates, as_json):
 
     try:
         d = Path(export_dir) if export_dir else latest_export(root)
-        rows = run_bench(d, repeats=repeats, n_candidates=candidates)
+        rows = run_bench(d, repeats=repeats, n_candidates=candidates, threads=threads)
     except ExportError as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from None
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    t = Table(title=f"onnxruntime CPU, {d}")
+    t = Table(title=f"onnxruntime CPU ({threads} thread(s)), {d}, ranker with {candidates} candidates")
     for c in ("model", "variant", "batch", "latency ms (median)", "throughput /s"):
         t.add_column(c)
     for r in rows:

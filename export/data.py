@@ -350,12 +350,20 @@ def ensure_dataset(profile: Profile, seed: int, data_root: Path) -> tuple[Datase
     """Generate the data for (profile, seed) under data_root unless present; verify it either way."""
     d = Path(data_root) / f"{profile.name}-seed{seed}"
     if not d.exists():
-        tmp = d.with_name(d.name + ".tmp")
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-        write_dataset(generate(profile, seed), tmp)
-        tmp.rename(d)
+        import shutil
+        import tempfile
+
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{d.name}-", dir=d.parent))
+        try:
+            write_dataset(generate(profile, seed), tmp)
+            try:
+                tmp.rename(d)
+            except OSError:
+                if not d.exists():   # lost a race with another process: use its (identical) files
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     ds = load_dataset(d)
     if ds.seed != seed or ds.profile != profile.name:
         raise DataError(f"data in {d} was made for profile {ds.profile!r} seed {ds.seed}, "

@@ -273,9 +273,8 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
             path = tmp / "query_intent_student.onnx"
             export_query_intent(student, tok.max_len, path, profile.opset)
             p = parity_query_intent(student, path, held.ids, held.mask)
-            logits, _ = ort_intent(path, held.ids, held.mask)
-            s_logits, s_emb = logits, _
-            acc = metrics.accuracy(logits, held.intent)
+            s_logits, s_emb = ort_intent(path, held.ids, held.mask)
+            acc = metrics.accuracy(s_logits, held.intent)
             ndcg = metrics.mean_ndcg(ort_ranker_scores(tmp / "ranker.onnx", s_emb, softmax_np(s_logits), ds.heldout,
                                                        features), rels)
             sp64 = speedup(tmp / "query_intent.onnx", path, qi_feeds64, profile.bench_repeats)
@@ -318,7 +317,7 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
                 qpath.unlink()
             if not rk:
                 rpath.unlink()
-            step.status = "ok" if (qk and rk) else "rejected" if not (qk or rk) else "ok"
+            step.status = "ok" if (qk and rk) else "rejected" if not (qk or rk) else "partial"
             step.detail = {"reason": f"query_intent {qreason}; ranker {rreason}"}
         steps.run("int8", s_int8)
 
@@ -356,6 +355,10 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
                            ("query_intent_int8", "query_intent_int8.onnx"), ("ranker_int8", "ranker_int8.onnx")):
             if (tmp / fname).exists():
                 models[key] = {"file": fname, **io_spec(tmp / fname)}
+        for key, fname in (("query_intent_fp16_plan", "query_intent_fp16.plan"), ("ranker_fp16_plan", "ranker_fp16.plan")):
+            if (tmp / fname).exists():
+                models[key] = {"file": fname, "platform": "tensorrt_plan", "precision": "FP16",
+                               "onnx_source": fname.replace("_fp16.plan", ".onnx")}
         manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
         meta = {
             "format": "triton-hybrid-export/1",
@@ -384,7 +387,8 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
             "data": {"dir": str(data_dir), "files_sha256": manifest["files"], "items": len(cat),
                      "leaves": num_intents},
             "profile_config": profile.to_dict(),
-            "steps": [asdict(s) | {"detail": None} for s in steps.items],
+            "steps": [{"name": s.name, "status": s.status, "seconds": s.seconds, "reason": s.detail.get("reason")}
+                      for s in steps.items],
             "export_seconds": round(time.perf_counter() - t_start, 2),
         }
         meta = artifacts.write_metadata(tmp, meta)
