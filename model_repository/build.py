@@ -75,6 +75,9 @@ def verify_export(export_dir: Path) -> None:
 
 
 def export_signature(export_dir: Path) -> Signature:
+    for name in ("query_intent.onnx", "ranker.onnx"):
+        if not (Path(export_dir) / name).is_file():
+            raise BuildError(f"{export_dir} is not an export (no {name})")
     qi = configgen.onnx_signature(Path(export_dir) / "query_intent.onnx")
     rk = configgen.onnx_signature(Path(export_dir) / "ranker.onnx")
     try:
