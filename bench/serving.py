@@ -1,0 +1,152 @@
+"""Section 2: serving against its limits. The same pipeline three ways, loaded by the same Python
+closed-loop load generator, interleaved per concurrency:
+  - in-process: export.reference.ReferencePipeline (numpy + onnxruntime) called by N threads in
+    the load generator's own process (no network, no serialization: the bound for this hardware);
+  - Triton: the `search_ranking` ensemble on one Triton, tritonclient.http;
+  - Flask: a single-process web service calling the same ReferencePipeline per request
+    (bench/flask_service.py, werkzeug threaded), `requests` with JSON.
+Plus perf_analyzer (a C++ client, so the client's GIL is out of the picture) against the Triton."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import requests
+
+from bench.common import (
+    PROJECT_ROOT, Ctx, Missing, Section, drive, fmt_ratio, load_queries, md_table, perf_available, perf_input_data,
+    perf_measure, perf_warmup, single_triton, triton_http_caller,
+)
+
+CONCURRENCY = (1, 4, 16)
+TOP_K = 10
+
+
+def inprocess_caller(pipe, queries):
+    def make():
+        def call(i: int):
+            q = queries[i % len(queries)]
+            pipe.rank(q["query"], q["candidate_ids"], TOP_K)
+        return call
+    return make
+
+
+def flask_caller(url: str, queries):
+    def make():
+        s = requests.Session()
+        bodies = [{"query": q["query"], "candidate_ids": q["candidate_ids"], "top_k": TOP_K} for q in queries]
+
+        def call(i: int):
+            r = s.post(f"{url}/rank", json=bodies[i % len(bodies)], timeout=30)
+            r.raise_for_status()
+            if "top_ids" not in r.json():
+                raise RuntimeError("no top_ids in the answer")
+        return call
+    return make
+
+
+def start_flask(ctx: Ctx, export) -> tuple[subprocess.Popen, str]:
+    from control.procs import free_port  # noqa: PLC0415
+
+    port = free_port()
+    log = open(ctx.work_dir / "flask.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "bench.flask_service", "--export", str(export), "--port", str(port)],
+                            cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Flask service exited: {(ctx.work_dir / 'flask.log').read_text()[-1500:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return proc, url
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the Flask service did not answer /health within 60 s")
+
+
+def run(ctx: Ctx) -> Section:
+    export = ctx.need_export()
+    try:
+        from export.reference import ReferencePipeline  # noqa: PLC0415
+        import flask  # noqa: F401, PLC0415
+    except ImportError as e:
+        raise Missing(f"{e.name} is not importable") from None
+    queries = load_queries(export, 16)
+    repo = ctx.repository("fp32")
+    dur = ctx.dur(8.0, 2.0)
+    warm = ctx.dur(1.5, 0.5)
+    conc = CONCURRENCY
+    pipe = ReferencePipeline(export)
+    res: dict[tuple[str, int], dict] = {}
+    perf_rows = []
+    flask_proc, flask_url = start_flask(ctx, export)
+    try:
+        with single_triton(ctx, "serving-triton", repo) as (http, grpc):
+            paths = {"in-process (bound)": inprocess_caller(pipe, queries),
+                     "Triton ensemble (HTTP)": triton_http_caller(http, queries, TOP_K),
+                     "Flask + onnxruntime (HTTP)": flask_caller(flask_url, queries)}
+            names = list(paths)
+            for c in conc:
+                k = CONCURRENCY.index(c)
+                for name in names[k % 3:] + names[:k % 3]:   # rotate the order per concurrency
+                    ctx.say(f"serving: {name} c={c} for {dur:g}s")
+                    res[(name, c)] = drive(paths[name], c, dur, warmup_s=warm).as_dict()
+            try:
+                perf_available()
+                data = perf_input_data(queries, TOP_K)
+                for proto, url in (("grpc", grpc), ("http", http)):
+                    perf_warmup(url, data, proto)
+                    for c in conc:
+                        ctx.say(f"serving: perf_analyzer {proto} c={c}")
+                        m = perf_measure(url, c, data, proto, int(ctx.dur(2500, 1000)))
+                        perf_rows.append([proto, c, m["throughput"], m["p50_ms"], m["p99_ms"]])
+            except Missing as e:
+                perf_rows = [[f"perf_analyzer missing: {e}", None, None, None, None]]
+    finally:
+        flask_proc.terminate()
+        try:
+            flask_proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            flask_proc.kill()
+
+    rows = []
+    for c in conc:
+        bound = res[("in-process (bound)", c)]
+        for name in names:
+            r = res[(name, c)]
+            rows.append([c, name, r["throughput"], r["p50_ms"], r["p99_ms"], r["failed"],
+                         fmt_ratio(r["throughput"], bound["throughput"]),
+                         fmt_ratio(r["p99_ms"], bound["p99_ms"])])
+    ratio_rows = []
+    for c in conc:
+        t, f = res[("Triton ensemble (HTTP)", c)], res[("Flask + onnxruntime (HTTP)", c)]
+        ratio_rows.append([c, fmt_ratio(t["throughput"], f["throughput"]), fmt_ratio(t["p99_ms"], f["p99_ms"])])
+    errors = {f"{n} c={c}": r["errors"] for (n, c), r in res.items() if r["errors"]}
+    body = [md_table(["concurrency", "path", "req/s", "p50 ms", "p99 ms", "failed",
+                      "throughput vs in-process", "p99 vs in-process"], rows),
+            "Triton vs the Flask service (same load generator):",
+            md_table(["concurrency", "throughput Triton / Flask", "p99 Triton / Flask"], ratio_rows),
+            "perf_analyzer (C++ client) against the same Triton, same queries:",
+            md_table(["protocol", "concurrency", "infer/s", "p50 ms", "p99 ms"], perf_rows)]
+    if errors:
+        body.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    return Section(
+        "serving", "",
+        what="The ensemble on Triton vs the same pipeline in-process (one Python process, numpy + onnxruntime: "
+             "the upper bound for this hardware) vs what a user would build instead (a single-process Flask "
+             "service calling onnxruntime per request). Throughput and p99 at concurrency "
+             + ", ".join(map(str, conc)) + ", ratios to the in-process bound.",
+        how=f"One Python closed-loop load generator (`bench.common.drive`: N threads, {warm:g} s warm-up, then "
+            f"{dur:g} s counted) drives all three paths, interleaved per concurrency (order rotated). In-process: "
+            "`export.reference.ReferencePipeline.rank` called by the threads (default onnxruntime threading). "
+            "Triton: one Triton (no HAProxy) serving the CPU repository built from the export, tritonclient.http "
+            "(binary tensors), one client per thread. Flask: `bench/flask_service.py` (Flask 3, werkzeug "
+            "threaded server, one process) running the same ReferencePipeline, `requests` + JSON. "
+            f"{len(queries)} held-out queries rotated, TOP_K {TOP_K}. The client shares the machine's cores with "
+            "the server, and its GIL caps what one Python client can send: perf_analyzer figures for Triton are "
+            "below for that reason.",
+        body=body)
