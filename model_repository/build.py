@@ -147,7 +147,8 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
             if _use_plan(m, target, export_dir):
                 rts = dict(m.runtimes)
                 rts["gpu"] = replace(rts["gpu"], kind="tensorrt_plan", tensorrt_accelerator=False)
-                m = replace(m, runtimes=rts, onnx_export_file=None)
+                # The I/O is still checked against the ONNX graph the plan was built from.
+                m = replace(m, runtimes=rts)
             models.append(m)
         spec = replace(spec, models=tuple(models))
     configs = generate_configs(spec, target, export_dir)

@@ -153,7 +153,7 @@ def search_ranking_spec(sig: Signature, *, top_k_default: int = 10, max_candidat
         outputs=(Tensor("intent_logits", "TYPE_FP32", (C,)), Tensor("query_embedding", "TYPE_FP32", (D,))),
         runtimes={"cpu": onnx_cpu, "gpu": onnx_gpu()},
         max_batch_size=max_batch_size, dynamic_batching=batching,
-        onnx_export_file="query_intent.onnx", plan_export_file="query_intent.plan",
+        onnx_export_file="query_intent.onnx", plan_export_file="query_intent_fp16.plan",
         parameters={"intra_op_threads": "1"},
     )
     feature_lookup = ModelSpec(
@@ -172,7 +172,7 @@ def search_ranking_spec(sig: Signature, *, top_k_default: int = 10, max_candidat
         outputs=(Tensor("scores", "TYPE_FP32", (-1,)),),
         runtimes={"cpu": onnx_cpu, "gpu": onnx_gpu()},
         max_batch_size=max_batch_size, dynamic_batching=batching,
-        onnx_export_file="ranker.onnx", plan_export_file="ranker.plan",
+        onnx_export_file="ranker.onnx", plan_export_file="ranker_fp16.plan",
         parameters={"intra_op_threads": "1"},
     )
     postprocess = ModelSpec(

@@ -147,3 +147,17 @@ def test_a_tampered_export_is_refused(export_dir, tmp_path):
     with pytest.raises(BuildError, match="failed verification"):
         build_repository(copy, tmp_path / "repo", "cpu")
     assert not (tmp_path / "repo").exists()
+
+
+def test_gpu_build_uses_tensorrt_plans_when_the_export_has_them(export_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    (copy / "ranker_fp16.plan").write_bytes(b"not a real engine")   # only laid out, never run here
+    build_repository(copy, tmp_path / "gpu", "gpu")
+    ranker, qi = read_config(tmp_path / "gpu" / "ranker"), read_config(tmp_path / "gpu" / "query_intent")
+    assert ranker.platform == "tensorrt_plan" and ranker.default_model_filename == "model.plan"
+    assert not ranker.optimization.execution_accelerators.gpu_execution_accelerator
+    assert ranker.instance_group[0].kind == ranker.instance_group[0].KIND_GPU
+    assert {p.name for p in (tmp_path / "gpu" / "ranker" / "1").iterdir()} == {"model.plan"}
+    assert qi.backend == "onnxruntime"                                # no plan for it: ONNX + TensorRT accelerator
