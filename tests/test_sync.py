@@ -90,7 +90,7 @@ def env(settings_factory, tmp_path):
         client = s3x.make_client(settings.s3)
         publish_repository(settings, repo, progress=False, client=client)
         path = prepare_instance_repository(settings, inst)
-        procs["triton"] = start_instance(settings, inst, path, ready_timeout=60)
+        procs["triton"] = start_instance(settings, inst, path, ready_timeout=120)
         yield settings, inst, client, repo, procs
     finally:
         for p in procs.values():
@@ -238,7 +238,7 @@ def test_restart_resumes_without_pulling_again(env):
     count = CallCounter(client)
     path = prepare_instance_repository(settings, inst, client=client)
     assert count["GetObject"] == 2  # the two manifests; no file is downloaded again
-    procs["triton"] = start_instance(settings, inst, path, ready_timeout=60)
+    procs["triton"] = start_instance(settings, inst, path, ready_timeout=120)
     assert infer(inst) == 2.0
     assert vs(sync_all(settings)["onprem-1"]) == [(2, "up-to-date")]
 
