@@ -335,3 +335,31 @@ def test_full_stack_publish_sync_rollback_through_haproxy_zero_failures(tmp_path
     finally:
         st.stop()
         stack.down(settings)
+
+
+def test_cli_sync_versions_rollback(env):
+    from click.testing import CliRunner
+
+    from control.cli import cli
+
+    settings, inst, client, repo, _ = env
+    run = lambda *a: CliRunner().invoke(cli, ["--config", settings.source, *a], catch_exceptions=False)  # noqa: E731
+    r = run("sync", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["onprem-1"]["add_one"]["live"] == 1
+    r = run("rollback", "add_one")
+    assert r.exit_code != 0 and "no published version older than the live v1" in r.output
+    write_add_model(repo, 2, 2.0)
+    r = run("publish", "add_one", "--repo", str(repo), "--json")
+    assert r.exit_code == 0 and json.loads(r.output)[0]["uploaded_files"] == 1, r.output
+    r = run("versions", "--json")
+    data = json.loads(r.output)
+    assert [(p["model"], p["version"]) for p in data["published"]] == [("add_one", 1), ("add_one", 2)]
+    assert data["lag"][0]["lag_versions"] == 1
+    assert run("sync").exit_code == 0
+    r = run("rollback", "add_one", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["to"] == 1, r.output
+    assert run("versions").exit_code == 0
+    rejected = json.loads(run("versions", "--json").output)["rejected"]
+    assert rejected == [{"model": "add_one", "version": 2, "reason": "rolled back to v1 by the operator"}]
+    assert run("sync", "--instance", "nope").exit_code != 0
