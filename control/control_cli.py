@@ -140,6 +140,10 @@ def parse_assignments(pairs: tuple[str, ...]) -> dict[str, int]:
         if not m:
             raise click.BadParameter(f"{p!r}: use SITE=WEIGHT, e.g. onprem=70 cloud=30", param_hint="WEIGHTS")
         out[m.group(1)] = int(m.group(2))
+    # One site given: the other gets the rest (`weights set onprem=70`).
+    if len(out) == 1 and next(iter(out)) in ("onprem", "cloud") and 0 <= next(iter(out.values())) <= 100:
+        site, w = next(iter(out.items()))
+        out["cloud" if site == "onprem" else "onprem"] = 100 - w
     return out
 
 

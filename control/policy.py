@@ -33,7 +33,7 @@ SITES = ("onprem", "cloud")
 # Reason codes (the `reason` label of triton_hybrid_decisions_total).
 REASONS = (
     "steady", "scale_out_util", "scale_out_queue", "scale_in_recovered", "hold_cooldown", "hold_sustain",
-    "at_limit", "hold_projection", "failover_onprem_down", "failover_cloud_down", "failback_wait", "failback", "override",
+    "at_limit", "hold_projection", "hold_cloud_busy", "failover_onprem_down", "failover_cloud_down", "failback_wait", "failback", "override",
     "override_expired", "drain", "no_healthy_site", "unknown_metrics",
 )
 
@@ -237,7 +237,8 @@ def decide(snapshots: Mapping[str, InstanceSnapshot] | list[InstanceSnapshot], c
     desc = (f"on-prem util={'n/a' if on.util is None else f'{on.util:.2f}'}({on.util_kind or '-'}) "
             f"queue={'n/a' if on.queue_ms is None else f'{on.queue_ms:.1f}ms'}")
     in_cooldown = state.last_change_at is not None and now - state.last_change_at < cfg.cooldown_s
-    prefix = "override expired; " if expired_now else ""
+    prefix = ("" if not expired_now else
+              "override expired; " if ov is not None else "override cleared by an operator; ")
 
     def hold(reason, msg, st):
         return out(cur, "override_expired" if expired_now else reason, prefix + msg, st)
@@ -255,6 +256,12 @@ def decide(snapshots: Mapping[str, InstanceSnapshot] | list[InstanceSnapshot], c
             return hold("hold_sustain", f"{desc} above threshold for {st.hot_ticks}/{cfg.sustain_ticks} ticks", st)
         if cl.state != "healthy":
             return hold("unknown_metrics", f"{desc} is hot but the cloud is {cl.state}: not adding cloud weight", st)
+        cloud_busy = ((cl.util is not None and cl.util > cfg.onprem_util_high)
+                      or (cl.queue_ms is not None and cl.queue_ms > cfg.queue_time_high_ms))
+        if cloud_busy:
+            return hold("hold_cloud_busy", f"{desc} is hot, but so is the cloud (util="
+                        f"{'n/a' if cl.util is None else f'{cl.util:.2f}'} queue="
+                        f"{'n/a' if cl.queue_ms is None else f'{cl.queue_ms:.1f}ms'}): no headroom to shift to", st)
         target = _clamp_scaling(cur["onprem"] - cfg.max_step, cfg)
         if target == cur:
             return hold("at_limit", f"{desc} hot but weights already at the limit {cur}", st)

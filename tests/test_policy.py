@@ -295,3 +295,12 @@ def test_without_projection_the_same_load_flaps():
     clouds = [d.weights["cloud"] for d in r.log]
     changes = [b - a for a, b in zip(clouds, clouds[1:]) if b != a]
     assert sum(1 for a, b in zip(changes, changes[1:]) if a * b < 0) >= 3
+
+
+def test_no_shift_to_a_cloud_that_is_hot_too():
+    r = Run(weights={"onprem": 50, "cloud": 50})
+    w = world(on_util=0.95)
+    w["cloud-1"] = snap("cloud-1", "cloud", H, util=0.97, queue=40.0)
+    r.ticks(6, w)
+    assert r.weights == {"onprem": 50, "cloud": 50}
+    assert r.reasons[-1] == "hold_cloud_busy"
