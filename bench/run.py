@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown section {unknown[0]!r}; choose from {', '.join(KEYS)}")
     keys = [k for k in KEYS if k in keys]
+    if a.export and not (Path(a.export) / "metadata.json").is_file():
+        ap.error(f"--export {a.export}: not an export directory (no metadata.json)")
     # Short path: HAProxy refuses unix socket paths over ~97 characters.
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="thb-"))
     work.mkdir(parents=True, exist_ok=True)
