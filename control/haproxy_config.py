@@ -95,12 +95,11 @@ def render(settings, socket: str | Path | None = None) -> str:
         lines += [
             f"backend {backend}",
             "    balance roundrobin",
-            # Liveness, not readiness: Triton runs with --strict-readiness, so /v2/health/ready
-            # answers 400 while *any* model loads -- e.g. while sync loads and smoke-tests a
-            # candidate version next to the live one. With fast checks that pulled every server
-            # out of the pool during a sync (503s, measured by `drill bad-model`). Triton opens
-            # its HTTP port only after the startup models loaded, so a live server can serve.
-            "    option httpchk GET /v2/health/live",
+            # Readiness with Triton's --strict-readiness=false (control/triton.py): 200 while
+            # the server takes requests, also while sync loads a candidate version next to the
+            # live one (strict readiness answered 400 then and emptied the pool: 503s measured by
+            # `drill bad-model`); 503 once Triton shuts down, so HAProxy drains it first.
+            "    option httpchk GET /v2/health/ready",
             "    http-check expect status 200",
             f"    default-server inter {h.health_interval_ms}ms fastinter {h.health_interval_ms // 2}ms "
             f"fall {h.health_fall} rise {h.health_rise}",

@@ -87,7 +87,11 @@ def triton_argv(repository: str | Path, http_port: int, grpc_port: int, metrics_
         f"--grpc-address={host}", f"--grpc-port={grpc_port}",
         f"--metrics-address={host}", f"--metrics-port={metrics_port}",
         "--allow-metrics=true", "--allow-gpu-metrics=true", "--metrics-interval-ms=1000",
-        "--strict-readiness=true",
+        # Non-strict readiness: /v2/health/ready means "the server takes requests" and does not
+        # flip to 400 while sync loads a candidate version next to the live one. Strict readiness
+        # made HAProxy, the poller and k8s probes pull a serving instance out during every sync
+        # (measured by `drill bad-model`); model-level readiness is what sync checks itself.
+        "--strict-readiness=false",
         f"--log-verbose={log_verbose}",
         # Default 30 s: `down` would wait that long for idle Python-backend models.
         f"--exit-timeout-secs={exit_timeout_s}",
