@@ -46,7 +46,7 @@ def header(m: dict, ctx: Ctx, keys: list[str]) -> str:
             ("CPU", f"{m['cpu']} ({m['nproc']} cores visible)"), ("memory", m["memory"]),
             ("GPU", m["gpu"]), ("load average at start", m["load_average"]), ("OS", m["os"]),
             ("Python", m["python"]),
-            ("Triton", f"{ctx.facts.get('triton', '?')} (tritonserver of nvidia-pytriton {m['nvidia-pytriton']}, CPU, "
+            ("Triton", f"{ctx.facts.get('triton', 'no Triton started in this run')} (tritonserver of nvidia-pytriton {m['nvidia-pytriton']}, CPU, "
                        "Python backend + onnxruntime inside it)"),
             ("onnxruntime / tritonclient", f"{m['onnxruntime']} / {m['tritonclient']}"),
             ("HAProxy", m["haproxy"]),
