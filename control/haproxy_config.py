@@ -98,7 +98,8 @@ def render(settings, socket: str | Path | None = None) -> str:
             # Readiness with Triton's --strict-readiness=false (control/triton.py): 200 while
             # the server takes requests, also while sync loads a candidate version next to the
             # live one (strict readiness answered 400 then and emptied the pool: 503s measured by
-            # `drill bad-model`); 503 once Triton shuts down, so HAProxy drains it first.
+            # `drill bad-model`). A Triton that gets SIGTERM closes its ports at once: retries
+            # and redispatch cover the requests in between.
             "    option httpchk GET /v2/health/ready",
             "    http-check expect status 200",
             f"    default-server inter {h.health_interval_ms}ms fastinter {h.health_interval_ms // 2}ms "
