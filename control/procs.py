@@ -49,10 +49,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port, never one this process handed out before (the kernel may offer a just-closed
+    ephemeral port again, and a stack's config must not name one port twice)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def pid_alive(pid: int) -> bool:
