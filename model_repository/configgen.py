@@ -56,8 +56,7 @@ def model_config(model: ModelSpec, spec: RepositorySpec, target: str) -> mc.Mode
     else:  # pragma: no cover - Literal guards it
         raise ConfigError(f"{model.name}: unknown runtime {rt.kind}")
 
-    group = cfg.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(rt.instances.kind), count=rt.instances.count)
-    del group  # configured in place
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(rt.instances.kind), count=rt.instances.count)
     if spec.dynamic_batching and model.dynamic_batching is not None and model.max_batch_size > 0:
         db = cfg.dynamic_batching
         db.preferred_batch_size.extend(p for p in model.dynamic_batching.preferred_batch_sizes
