@@ -19,7 +19,7 @@ def tiny_export_dir(tmp_path_factory) -> Path:
         return resolve_export(out)
     except (RuntimeError, FileNotFoundError):
         pass
-    done = subprocess.run([sys.executable, "-m", "export.cli", "export", "--profile", "tiny", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "export.cli", "export", "--profile", "tiny", "--out", str(out), "--no-progress"],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"the tiny export failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
