@@ -227,5 +227,9 @@ def status(settings) -> dict:
         info["healthy"] = http_ok(info["metrics"]) if info["running"] else False
     except requests.RequestException:
         info["healthy"] = False
+    from control.control_cli import weights_summary  # noqa: PLC0415
+
+    # The decided site weights, override and drains: from the daemon, or its database when down.
+    info["decision"] = weights_summary(settings)
     comps.append(info)
     return {"time": time.time(), "run_dir": str(run), "components": comps}

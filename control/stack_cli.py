@@ -80,3 +80,8 @@ def status_cmd(ctx, as_json: bool) -> None:
             w = f"{weights.get('be_triton_http', {}).get(c['name'], '-')}/{weights.get('be_triton_grpc', {}).get(c['name'], '-')}"
         table.add_row(c["name"], c["kind"], str(c["pid"] or "-"), health, endpoints, models, w)
     console.print(table)
+    decision = next((c.get("decision") for c in st["components"] if c["kind"] == "control"), None) or {}
+    if decision.get("weights"):
+        last = decision.get("last_decision") or {}
+        console.print(f"site weights {decision['weights']} ({decision.get('source')}); "
+                      f"last decision: {last.get('reason', '-')} {last.get('message', '')}")
