@@ -52,7 +52,9 @@ models: install
 	else echo "export exists: $$(ls artifacts/exports | sort -n | tail -1) (run 'triton-hybrid export' for a new one)"; fi
 
 repo: install
-	$(CLI) repo build --target cpu
+	@if [ -d model_repository/generated/cpu/search_ranking ]; then \
+	  echo "repository exists: model_repository/generated/cpu ('triton-hybrid repo build' adds a new version)"; \
+	else $(CLI) repo build --target cpu; fi
 
 up: install
 	$(CLI) up
