@@ -137,27 +137,30 @@ def _aggregate(results: list[dict], reports_dir: Path | None) -> None:
     from control.drills.runner import default_reports_dir  # noqa: PLC0415
 
     table = Table(title="drills")
-    for col in ("scenario", "status", "detect s", "recovery s", "after lift s", "failed", "report"):
+    for col in ("scenario", "status", "detect s", "recovery s", "after lift s", "restored s", "failed", "report"):
         table.add_column(col)
     rows = []
     for r in results:
         f = r.get("figures", {})
         row = {"scenario": r["scenario"], "status": r.get("status"), "detect_s": f.get("detect_s"),
                "recovery_s": f.get("recovery_s"), "after_lift_s": (f.get("after_lift") or {}).get("serving_s"),
+               "restored_s": (f.get("restore") or {}).get("restored_s"),
                "failed": (f.get("failures") or {}).get("total"), "report_dir": r.get("report_dir"),
                "reason": r.get("skip_reason") or r.get("error")}
         rows.append(row)
         table.add_row(*(str(row[k]) if row[k] is not None else "-" for k in
-                        ("scenario", "status", "detect_s", "recovery_s", "after_lift_s", "failed", "report_dir")))
+                        ("scenario", "status", "detect_s", "recovery_s", "after_lift_s", "restored_s", "failed",
+                         "report_dir")))
     console.print(table)
     out = Path(reports_dir or default_reports_dir()) / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-all"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
-    lines = ["# Drills: summary", "", "| scenario | status | detect s | recovery s | after lift s | failed | report |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["# Drills: summary", "",
+             "| scenario | status | detect s | recovery s | after lift s | restored s | failed | report |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         lines.append("| " + " | ".join("-" if row[k] is None else str(row[k]) for k in
-                                       ("scenario", "status", "detect_s", "recovery_s", "after_lift_s", "failed",
-                                        "report_dir")) + " |")
+                                       ("scenario", "status", "detect_s", "recovery_s", "after_lift_s",
+                                        "restored_s", "failed", "report_dir")) + " |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     console.print(f"summary: {out}/summary.md")

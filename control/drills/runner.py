@@ -625,10 +625,22 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
             if write:
                 write_report(report, None, out_dir)
             return report
-        env.say = say
-        env.spec_factory = spec_factory or env.spec_factory
-        say(f"{scenario.name}: starting a drill stack in {run_dir}")
-        env.start()
+        for attempt in range(3):
+            env.say = say
+            env.spec_factory = spec_factory or env.spec_factory
+            say(f"{scenario.name}: starting a drill stack in {env.settings.run_path}")
+            try:
+                env.start()
+                break
+            except ComponentError as e:
+                # Another process on this host took one of our free ports between the pick and
+                # the bind: pick new ports and start again.
+                if "already in use" not in str(e) or attempt == 2:
+                    raise
+                say(f"{scenario.name}: {str(e).splitlines()[0]}; retrying on other ports")
+                scenario.cleanup(env)
+                env.stop()
+                env = scenario.prepare(base, Path(f"{run_dir}-{attempt + 1}"), Path(repository), **options)
         scenario.ready(env)
         warm_up(env)
         env.t0 = time.monotonic()

@@ -37,14 +37,15 @@ class Scenario:
 
     def prepare(self, base, run_dir: Path, repository: Path, *, weights: dict[str, int] | None = None,
                 with_control: bool | None = None, **_) -> DrillEnv:
-        settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
+        settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base, weights))
         return DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
 
-    def control_overrides(self, base) -> dict:
-        # Steady home weights = the configured instance weights, so the policy does not move them
-        # on its own during a drill that is not about the policy.
-        on = sum(i.weight for i in base.instances if i.site == "onprem")
-        tot = sum(i.weight for i in base.instances) or 1
+    def control_overrides(self, base, weights: dict[str, int] | None = None) -> dict:
+        # Steady home weights = the drill stack's instance weights, so the policy does not move
+        # them on its own during a drill that is not about the policy.
+        w = {i.name: (weights or {}).get(i.name, i.weight) for i in base.instances}
+        on = sum(w[i.name] for i in base.instances if i.site == "onprem")
+        tot = sum(w.values()) or 1
         return {"policy": {"home_onprem_weight": round(100 * on / tot)}}
 
     def ready(self, env: DrillEnv) -> None:
@@ -136,7 +137,7 @@ class OnpremPartition(_OnpremDown):
         ns = SiteNetns().create()
         try:
             settings = drill_settings(base, run_dir, weights=weights, hosts={onprem.name: ns.ns_ip},
-                                      control=self.control_overrides(base))
+                                      control=self.control_overrides(base, weights))
         except BaseException:
             ns.destroy()
             raise
@@ -173,7 +174,7 @@ class CloudLatency(Scenario):
             ns = SiteNetns().create()
             try:
                 settings = drill_settings(base, run_dir, weights=weights, hosts={cloud.name: ns.ns_ip},
-                                          control=self.control_overrides(base))
+                                          control=self.control_overrides(base, weights))
             except BaseException:
                 ns.destroy()
                 raise
@@ -181,7 +182,7 @@ class CloudLatency(Scenario):
             env.netns[cloud.name] = ns
             env.extra["delay_via"] = f"tc netem on {ns.veth_root} and {ns.veth_ns}"
         else:
-            settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
+            settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base, weights))
             env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
             env.listen_ports[cloud.name] = tuple(ports_besides(settings, 2))
             env.extra["delay_via"] = f"userspace delay proxy in front of the cloud Triton ({why})"
@@ -367,7 +368,7 @@ class _MirrorScenario(Scenario):
             shutil.copytree(repository, src, dirs_exist_ok=True, symlinks=True)
         if not (src / self.model / "1").is_dir():
             write_add_one_repository(src)
-        settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base))
+        settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base, weights))
         settings = settings.model_copy(update={"s3": settings.s3.model_copy(
             update={"retry_attempts": 2, "retry_base_delay_s": 0.5})})
         env = DrillEnv(settings, src, with_control=self.needs_control if with_control is None else with_control)
