@@ -12,6 +12,9 @@ constant time). No or wrong token -> 401; bad input -> 400 with a message naming
   POST   /v1/undrain                 {"target": ...}   (= ready)
   GET    /v1/policy                  policy config and state
   GET    /v1/history?since=10m&limit=100&all=1
+  GET    /v1/scale                   scaler config, cloud instances, state, last decision, cost
+  GET    /v1/scale/history?since=10m&limit=100&all=1    scaling decisions with reasons
+  GET    /v1/cost                    cost so far and burn rate per site, cloud budget
 """
 from __future__ import annotations
 
@@ -163,6 +166,22 @@ class AdminService:
         rows = self.c.audit.history(since, limit, changes_only=not all_rows)
         return {"decisions": [r.to_dict() for r in rows]}
 
+    def scale(self) -> dict:
+        return self.c.scale_status()
+
+    def scale_history(self, query: dict) -> dict:
+        since = since_to_ts((query.get("since") or [None])[0], time.time())
+        try:
+            limit = int((query.get("limit") or ["100"])[0])
+        except ValueError:
+            raise BadRequest("limit", "must be an integer") from None
+        all_rows = (query.get("all") or ["0"])[0] in ("1", "true", "yes")
+        return {"decisions": self.c.audit.scale_history(since, max(1, min(limit, 10000)), changes_only=not all_rows)}
+
+    def cost(self) -> dict:
+        from control.cost import cost_summary  # noqa: PLC0415
+        return cost_summary(self.settings)
+
 
 def make_handler(service: AdminService, token: str):
     token_b = token.encode()
@@ -229,6 +248,9 @@ def make_handler(service: AdminService, token: str):
                 ("POST", "/v1/ready"): lambda: service.drain(self._body(), by, undrain=True),
                 ("GET", "/v1/policy"): lambda: service.policy(),
                 ("GET", "/v1/history"): lambda: service.history(parse_qs(url.query)),
+                ("GET", "/v1/scale"): lambda: service.scale(),
+                ("GET", "/v1/scale/history"): lambda: service.scale_history(parse_qs(url.query)),
+                ("GET", "/v1/cost"): lambda: service.cost(),
             }
             fn = routes.get((method, path))
             if fn is None:

@@ -41,6 +41,23 @@ CREATE TABLE IF NOT EXISTS control_overrides (
     note TEXT NOT NULL DEFAULT '',
     cleared_at REAL
 );
+CREATE TABLE IF NOT EXISTS scale_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    count_before INTEGER NOT NULL,
+    count_after INTEGER NOT NULL,
+    instance TEXT,
+    inputs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    cost TEXT NOT NULL,
+    actuator TEXT NOT NULL,
+    result TEXT NOT NULL DEFAULT '{}',
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS scale_decisions_ts ON scale_decisions(ts);
 CREATE TABLE IF NOT EXISTS control_drains (
     target TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -125,6 +142,45 @@ class Audit:
     def prune(self, older_than: float) -> int:
         """Drop unchanged decisions older than `older_than` (weight changes are kept)."""
         return self.conn.execute("DELETE FROM control_decisions WHERE ts < ? AND changed = 0", (older_than,)).rowcount
+
+    # ---- scaling decisions (control/scaler.py) --------------------------------------------------
+    def record_scale(self, *, ts: float, action: str, reason: str, message: str, count_before: int,
+                     count_after: int, instance: str | None, inputs: dict, state: dict, cost: dict, actuator: str,
+                     result: dict | None = None, error: str | None = None) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO scale_decisions (ts, action, reason, message, count_before, count_after, instance, inputs,"
+            " state, cost, actuator, result, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ts, action, reason, message, count_before, count_after, instance, json.dumps(inputs, default=str),
+             json.dumps(state), json.dumps(cost, default=str), actuator, json.dumps(result or {}, default=str), error))
+        return cur.lastrowid
+
+    def scale_history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[dict]:
+        """Scaling decisions since `since`, oldest first; `changes_only`: actions, errors and
+        rows whose reason differs from the previous row."""
+        if changes_only:
+            q = ("SELECT * FROM (SELECT *, LAG(reason) OVER (ORDER BY id) AS prev_reason FROM scale_decisions"
+                 " WHERE ts >= ?) WHERE action != 'hold' OR error IS NOT NULL OR prev_reason IS NULL"
+                 " OR prev_reason != reason")
+        else:
+            q = "SELECT * FROM scale_decisions WHERE ts >= ?"
+        rows = self.conn.execute(q + " ORDER BY id DESC LIMIT ?", (since or 0.0, limit)).fetchall()
+        out = []
+        for r in reversed(rows):
+            d = {k: r[k] for k in ("id", "ts", "action", "reason", "message", "count_before", "count_after",
+                                   "instance", "actuator", "error")}
+            d["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["ts"]))
+            for k in ("inputs", "state", "cost", "result"):
+                d[k] = json.loads(r[k])
+            out.append(d)
+        return out
+
+    def last_scale_state(self) -> dict | None:
+        r = self.conn.execute("SELECT state FROM scale_decisions ORDER BY id DESC LIMIT 1").fetchone()
+        return json.loads(r["state"]) if r else None
+
+    def prune_scale(self, older_than: float) -> int:
+        return self.conn.execute("DELETE FROM scale_decisions WHERE ts < ? AND action = 'hold' AND error IS NULL",
+                                 (older_than,)).rowcount
 
     # ---- overrides -----------------------------------------------------------------------------
     def set_override(self, weights: dict, ttl_s: float, by: str = "", note: str = "", now: float | None = None) -> dict:

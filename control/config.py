@@ -158,6 +158,62 @@ class Route53Config(_Section):
     secret_access_key: SecretStr | None = None
 
 
+class ScalerConfig(_Section):
+    """Elastic cloud capacity (control/scaler.py, a pure function; control/scale_actuators.py).
+
+    Out: the cloud's share of traffic >= `out_min_cloud_weight` and its load high (utilization >
+    `util_high`, queue time > `queue_ms_high`, or requests/s per capacity unit >
+    `rps_per_capacity_high` when set) for `sustain_ticks` ticks, at most once per
+    `out_cooldown_s`, below `max_instances` and within `budget_per_hour`. In: the cloud's share <=
+    `in_max_cloud_weight` and requests/s per capacity < `rps_per_capacity_low` (idle) for
+    `idle_cooldown_s`, above `min_instances`, never an instance with requests in flight."""
+
+    enabled: bool = False
+    actuator: Literal["local", "asg", "k8s", "dry-run"] = "local"
+    interval_s: float = 5.0
+    min_instances: int = Field(1, ge=0)
+    max_instances: int = Field(4, ge=0)
+    util_signal: Literal["auto", "gpu", "cpu", "none"] = "auto"
+    util_high: float = 0.80
+    util_low: float = 0.20
+    queue_ms_high: float = 20.0
+    rps_per_capacity_high: float | None = None
+    rps_per_capacity_low: float = 1.0
+    out_min_cloud_weight: int = Field(50, ge=0, le=100)
+    in_max_cloud_weight: int = Field(10, ge=0, le=100)
+    sustain_ticks: int = Field(3, ge=1)
+    out_cooldown_s: float = 120.0
+    idle_cooldown_s: float = 600.0
+    # Hourly budget for the whole cloud site (sum of cost_per_hour of its running instances);
+    # None: no cap. Scale-out that would exceed it is refused (`budget_cap`); above it: scale in.
+    budget_per_hour: float | None = None
+    # New instances copy site, capacity, cost_per_hour, host from this registry instance
+    # (empty: the first cloud instance) and are named `<name_prefix><n>`.
+    template_instance: str = ""
+    name_prefix: str = "cloud-"
+    ready_timeout_s: float = 90.0
+    drain_timeout_s: float = 60.0
+    # AWS Auto Scaling group (actuator "asg"); endpoint_url empty: AWS.
+    asg_name: str = ""
+    asg_endpoint_url: str = ""
+    asg_region: str = "us-east-1"
+    # Kubernetes (actuator "k8s"): patch `replicas` of `k8s_deployment` in `k8s_manifest`, or,
+    # with k8s_mode "kubectl", run `kubectl scale deployment/NAME --replicas=N -n NAMESPACE`.
+    k8s_mode: Literal["manifest", "kubectl"] = "manifest"
+    k8s_manifest: str = ""
+    k8s_deployment: str = "triton-cloud"
+    k8s_namespace: str = "triton-cloud"
+    kubectl: str = "kubectl"
+
+    @model_validator(mode="after")
+    def _limits(self) -> "ScalerConfig":
+        if self.min_instances > self.max_instances:
+            raise ValueError("min_instances must not exceed max_instances")
+        if self.in_max_cloud_weight >= self.out_min_cloud_weight:
+            raise ValueError("in_max_cloud_weight must be below out_min_cloud_weight (hysteresis band)")
+        return self
+
+
 class ControlConfig(_Section):
     api_host: str = "127.0.0.1"
     api_port: int = 8300
@@ -181,6 +237,7 @@ class ControlConfig(_Section):
     database: str = "control.db"  # relative to run_dir
     start_daemon: bool = True
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    scaler: ScalerConfig = Field(default_factory=ScalerConfig)
 
 
 class ModelsConfig(_Section):

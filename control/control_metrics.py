@@ -33,6 +33,14 @@ class ControlMetrics:
         self.sync_lag = Gauge(p + "sync_lag_versions", "Published minus live version", ["instance", "model"], registry=r)
         self.live_version = Gauge(p + "live_version", "Version live on the instance", ["instance", "model"], registry=r)
         self.last_sync = Gauge(p + "last_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r)
+        self.cloud_instances = Gauge(p + "cloud_instances", "Cloud instances the scaler sees", registry=r)
+        self.scale_decisions = Counter(p + "scale_decisions", "Scaling decisions by action and reason",
+                                       ["action", "reason"], registry=r)
+        self.scale_errors = Counter(p + "scale_errors", "Scale actions that failed", ["action"], registry=r)
+        self.cost = Counter(p + "cost_dollars", "Cost so far (instance-hours x cost_per_hour)", ["site"], registry=r)
+        self.burn_rate = Gauge(p + "cost_burn_rate_dollars_per_hour", "Current burn rate", ["site"], registry=r)
+        self.cloud_budget = Gauge(p + "cloud_budget_dollars_per_hour", "Configured hourly cloud budget (-1: none)",
+                                  registry=r)
         for s in SITES:
             self.failover.labels(s).set(0)
         self.override.set(0)

@@ -6,6 +6,11 @@ APScheduler jobs (BackgroundScheduler; `run()` blocks until SIGTERM/SIGINT):
           actuator apply + read back -> audit row + metrics. Each tick starts from the state the
           actuator *observes*, so a hand edit or an HAProxy restart (drift) is reconciled.
   sync    every control.sync_interval_s: control.sync.sync_all(settings) when that module exists.
+  scale   every control.scaler.interval_s: cost ledger (control/cost.py) and, when the scaler is
+          enabled, snapshots + cloud weight + cloud instances -> control/scaler.py -> scale
+          actuator (control/scale_actuators.py) -> audit row (scale_decisions) + metrics.
+The registry is mutable at run time: `Controller.add_instance/remove_instance` (the scaler's
+instances) update the settings' instance list, the poller and the weight actuator together.
 Restart-safe: the policy state comes back from the last audit row, the current weights from the
 actuator's observed state.
 """
@@ -23,6 +28,7 @@ from control.audit import Audit
 from control.control_metrics import ControlMetrics
 from control.policy import SITES, Decision, PolicyState, decide, normalize, split
 from control.poller import Poller
+from control.scaler import ScaleDecision, ScalerState, decide_scale
 
 log = logging.getLogger("triton_hybrid.control")
 
@@ -60,8 +66,52 @@ class Controller:
         self.last_error: str | None = None
         self.last_sync: dict | None = None
         self.ticks = 0
+        # Instances the scaler is draining before removal: kept drained by every tick.
+        self.scale_draining: set[str] = set()
+        self.scaler = None            # a scale actuator (control/scale_actuators.py), set by Daemon when control.scaler.enabled
+        self.scale_state = ScalerState.from_dict(self.audit.last_scale_state())
+        self.last_scale: ScaleDecision | None = None
+        self.last_scale_result: dict | None = None
+        self.scale_ticks = 0
+        self._cost_ledger = None
+        self._cost_seen: dict[str, float] = {}
         log.info("control plane resumed weights %s from %s; policy state %s", self.weights, self.resumed_from,
                  self.state)
+
+    # ---- mutable registry ----------------------------------------------------------------------
+    def add_instance(self, inst) -> None:
+        """Register an instance at run time (ready, verified and in HAProxy already): the next
+        tick polls it and gives it its share of its site's weight."""
+        with self.lock:
+            if any(i.name == inst.name for i in self.settings.instances):
+                raise ValueError(f"instance {inst.name} is already registered")
+            self.settings.instances.append(inst)
+            self._sync_registry()
+        log.info("registered instance %s (%s) at %s", inst.name, inst.site, inst.http_url)
+
+    def remove_instance(self, name: str) -> None:
+        with self.lock:
+            self.settings.instances[:] = [i for i in self.settings.instances if i.name != name]
+            self.scale_draining.discard(name)
+            self._sync_registry()
+            self.poller.forget(name)
+        log.info("removed instance %s from the registry", name)
+
+    def _sync_registry(self) -> None:
+        insts = list(self.settings.instances)
+        self.poller.instances = insts
+        if hasattr(self.actuator, "instances"):
+            self.actuator.instances = insts
+        if hasattr(self.actuator, "names"):
+            self.actuator.names = {i.name for i in insts}
+
+    def begin_drain(self, name: str) -> None:
+        with self.lock:
+            self.scale_draining.add(name)
+
+    def end_drain(self, name: str) -> None:
+        with self.lock:
+            self.scale_draining.discard(name)
 
     # ---- jobs ----------------------------------------------------------------------------------
     def poll(self):
@@ -87,9 +137,10 @@ class Controller:
                 log.warning("observe failed: %s", e)
             old = dict(self.weights)
             d = decide(snaps, old, self.state, self.cfg, now, controls)
+            drained = controls.drained | frozenset(self.scale_draining)
             instance_drained = frozenset(
-                i.name for i in self.settings.instances if i.name in controls.drained or i.site in controls.drained)
-            inst_w = split(d.weights, snaps, self.settings.instances, controls.drained)
+                i.name for i in self.settings.instances if i.name in drained or i.site in drained)
+            inst_w = split(d.weights, snaps, self.settings.instances, drained)
             plan = Plan(d.weights, inst_w, instance_drained)
             applied, commands, drift, error = False, [], [], None
             try:
@@ -124,6 +175,92 @@ class Controller:
             if self.ticks % 600 == 0:
                 self.audit.prune(now - self.settings.control.audit_retention_h * 3600)
             return d
+
+    # ---- cost and scaling ------------------------------------------------------------------------
+    def account_cost(self, now: float | None = None) -> dict:
+        """Accrue observed up-time of every registered instance into the cost ledger; export it."""
+        from control.cost import CostLedger  # noqa: PLC0415
+        now = self.clock() if now is None else now
+        if self._cost_ledger is None:
+            self._cost_ledger = CostLedger(self.settings.database_path)
+        gap = max(60.0, 3 * self.settings.control.scaler.interval_s)
+        snaps = self.poller.latest()
+        registered = {i.name for i in self.settings.instances}
+        for inst in list(self.settings.instances):
+            s = snaps.get(inst.name)
+            self._cost_ledger.observe(inst.name, inst.site, inst.cost_per_hour, bool(s and s.ready), now, gap)
+        for u in self._cost_ledger.all():  # removed instances stop billing
+            if u.instance not in registered and u.up:
+                self._cost_ledger.observe(u.instance, u.site, u.cost_per_hour, False, now, gap)
+        totals = self._cost_ledger.totals(now, fresh_s=gap)
+        for site, t in totals.items():
+            seen = self._cost_seen.get(site, 0.0)
+            if t["dollars"] > seen:
+                self.metrics.cost.labels(site).inc(t["dollars"] - seen)
+                self._cost_seen[site] = t["dollars"]
+            self.metrics.burn_rate.labels(site).set(t["burn_per_hour"])
+        budget = self.settings.control.scaler.budget_per_hour
+        self.metrics.cloud_budget.set(-1 if budget is None else budget)
+        return totals
+
+    def scale_tick(self) -> ScaleDecision | None:
+        from control.scale_actuators import ScaleError, new_instance_cost  # noqa: PLC0415
+        now = self.clock()
+        totals = self.account_cost(now)
+        sc = self.settings.control.scaler
+        if not sc.enabled or self.scaler is None:
+            return None
+        snaps = self.poller.latest(now, self.cfg.stale_after_s)
+        with self.lock:
+            cloud_weight = int(self.weights.get("cloud", 0))
+            draining = set(self.scale_draining)
+        insts = [i for i in self.scaler.instances() if i.name not in draining]
+        cost = {"cloud_burn_per_hour": sum(i.cost_per_hour for i in insts),
+                "sites": {k: {"dollars": v["dollars"], "burn_per_hour": v["burn_per_hour"]} for k, v in totals.items()}}
+        d = decide_scale(snaps, cloud_weight, insts, sc, self.scale_state, now, new_instance_cost(self.settings))
+        result, error = None, None
+        if d.action != "hold":
+            log.info("scale %s: %s (%s)", d.action, d.reason, d.message)
+            try:
+                result = self.scaler.scale_out(d) if d.action == "out" else self.scaler.scale_in(d)
+            except (ScaleError, ActuatorError) as e:
+                error = str(e)
+                self.metrics.scale_errors.labels(d.action).inc()
+                log.error("scale %s failed: %s", d.action, e)
+            except Exception as e:  # noqa: BLE001 - boto3/kubectl errors: audit them, keep the loop
+                error = f"{type(e).__name__}: {e}"
+                self.metrics.scale_errors.labels(d.action).inc()
+                log.exception("scale %s failed", d.action)
+        after = len(self.scaler.instances())
+        with self.lock:  # one SQLite connection, shared with the decide job and the API
+            self.audit.record_scale(ts=now, action=d.action, reason=d.reason, message=d.message, count_before=d.count,
+                                    count_after=after, instance=(result or {}).get("instance") or d.instance,
+                                    inputs=d.inputs, state=d.state.to_dict(), cost=cost, actuator=self.scaler.name,
+                                    result=result, error=error)
+        self.metrics.scale_decisions.labels(d.action, d.reason).inc()
+        self.metrics.cloud_instances.set(after)
+        self.scale_state, self.last_scale, self.last_scale_result = d.state, d, (
+            {"result": result, "error": error, "at": now} if d.action != "hold" else self.last_scale_result)
+        self.scale_ticks += 1
+        if self.scale_ticks % 600 == 0:
+            with self.lock:
+                self.audit.prune_scale(now - self.settings.control.audit_retention_h * 3600)
+        return d
+
+    def scale_status(self) -> dict:
+        from control.cost import cost_summary  # noqa: PLC0415
+        sc = self.settings.control.scaler
+        d = self.last_scale
+        try:
+            insts = [i.__dict__ for i in self.scaler.instances()] if self.scaler else []
+        except Exception as e:  # noqa: BLE001
+            insts = [{"error": str(e)}]
+        return {"enabled": sc.enabled, "actuator": None if self.scaler is None else self.scaler.name,
+                "min_instances": sc.min_instances, "max_instances": sc.max_instances,
+                "budget_per_hour": sc.budget_per_hour, "instances": insts, "draining": sorted(self.scale_draining),
+                "state": self.scale_state.to_dict(),
+                "last_decision": None if d is None else {"action": d.action, "reason": d.reason, "message": d.message},
+                "last_action": self.last_scale_result, "cost": cost_summary(self.settings)}
 
     def _export(self, d: Decision, inst_w: dict, controls) -> None:
         m = self.metrics
@@ -189,27 +326,50 @@ class Controller:
             "instances": {k: v.to_dict() for k, v in snaps.items()},
             "last_apply_ok": self.last_apply_ok, "last_error": self.last_error, "resumed_from": self.resumed_from,
             "last_sync": self.last_sync,
+            "scaling": {"enabled": self.settings.control.scaler.enabled,
+                        "actuator": None if self.scaler is None else self.scaler.name,
+                        "draining": sorted(self.scale_draining),
+                        "last_decision": None if self.last_scale is None else
+                        {"action": self.last_scale.action, "reason": self.last_scale.reason,
+                         "message": self.last_scale.message}},
         }
 
     def close(self):
         self.poller.close()
         self.audit.close()
+        if self._cost_ledger is not None:
+            self._cost_ledger.close()
 
 
 class Daemon:
     """The scheduler, the admin API and the metrics endpoint around one Controller."""
 
-    def __init__(self, settings, actuator=None, serve_metrics: bool = True, serve_api: bool = True):
+    def __init__(self, settings, actuator=None, serve_metrics: bool = True, serve_api: bool = True,
+                 scale_actuator=None):
         from apscheduler.schedulers.background import BackgroundScheduler  # noqa: PLC0415
 
         self.settings = settings
         self.controller = Controller(settings, actuator)
+        if settings.control.scaler.enabled:
+            from control.scale_actuators import make_scale_actuator  # noqa: PLC0415
+            if scale_actuator is not None and not hasattr(scale_actuator, "instances"):
+                scale_actuator = scale_actuator(self.controller)  # a factory taking the controller
+            self.controller.scaler = scale_actuator or make_scale_actuator(settings, self.controller)
+            if hasattr(self.controller.scaler, "adopt"):
+                try:
+                    back = self.controller.scaler.adopt()
+                    if back:
+                        log.info("adopted scaled instances still running: %s", back)
+                except Exception:  # noqa: BLE001
+                    log.exception("could not adopt scaled instances")
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": 5})
         c = settings.control
         self.scheduler.add_job(self._safe(self.controller.poll), "interval", seconds=c.poll_interval_s, id="poll")
         self.scheduler.add_job(self._safe(self.controller.tick), "interval", seconds=c.decide_interval_s, id="decide")
         self.scheduler.add_job(self._safe(self.controller.sync), "interval", seconds=c.sync_interval_s, id="sync")
+        self.scheduler.add_job(self._safe(self.controller.scale_tick), "interval", seconds=c.scaler.interval_s,
+                               id="scale")
         self.api = None
         self.metrics_server = None
         self.serve_metrics, self.serve_api = serve_metrics, serve_api

@@ -125,3 +125,35 @@ class HAProxyRuntime:
         if state not in ("ready", "drain", "maint"):
             raise ValueError(f"state must be ready|drain|maint, got {state!r}")
         self._checked(f"set server {backend}/{server} state {state}")
+
+    # ---- dynamic servers (HAProxy >= 2.4; measured on 2.6: `add server` takes weight, check,
+    # inter/fastinter/fall/rise, port, check-proto and proto h2; `default-server` lines do NOT
+    # apply to servers added this way, so every check setting is passed explicitly) ------------
+    def add_server(self, backend: str, server: str, addr: str, args: str = "") -> None:
+        out = self.command(f"add server {backend}/{server} {addr} {args}".strip()).strip()
+        if "New server registered" not in out:
+            raise HAProxyError(f"`add server {backend}/{server}`: {out}")
+
+    def enable_server(self, backend: str, server: str, health: bool = True) -> None:
+        if health:
+            self._checked(f"enable health {backend}/{server}")
+        self._checked(f"enable server {backend}/{server}")
+
+    def del_server(self, backend: str, server: str) -> None:
+        """The server must be in maintenance and have no connection left (HAProxy refuses otherwise)."""
+        out = self.command(f"del server {backend}/{server}").strip()
+        if "Server deleted" not in out:
+            raise HAProxyError(f"`del server {backend}/{server}`: {out}")
+
+    def sessions(self, backend: str, server: str) -> int:
+        """Current sessions (`scur`) plus queued requests (`qcur`) on one server, from `show stat`."""
+        text = self.command(f"show stat {backend} 4 -1")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if not lines or not lines[0].startswith("#"):
+            raise HAProxyError(f"unexpected `show stat` output: {text[:200]!r}")
+        fields = lines[0].lstrip("# ").split(",")
+        for ln in lines[1:]:
+            row = dict(zip(fields, ln.split(",")))
+            if row.get("pxname") == backend and row.get("svname") == server:
+                return int(row.get("scur") or 0) + int(row.get("qcur") or 0)
+        raise HAProxyError(f"no server {backend}/{server} in `show stat`")

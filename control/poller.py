@@ -41,6 +41,12 @@ class Poller:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def forget(self, name: str) -> None:
+        """Drop what we know of a removed instance (control.daemon.Controller.remove_instance)."""
+        with self._lock:
+            self._latest.pop(name, None)
+        self._prev.pop(name, None)
+
     def latest(self, now: float | None = None, stale_after_s: float | None = None) -> dict[str, InstanceSnapshot]:
         with self._lock:
             snaps = dict(self._latest)
