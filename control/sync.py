@@ -563,10 +563,12 @@ def sync_instance(settings, instance, *, client=None, state: MirrorState | None 
                                 f"backing off after {health['consecutive_failures']} failures: {health['last_error']}")]
             try:
                 out = _sync_instance(settings, instance, client or s3x.make_client(settings.s3), state, models, smoke or {})
-            except (SyncError, s3x.S3Error, TritonUnreachable) as e:
-                delay = state.instance_failed(instance.name, str(e), settings.s3.retry_base_delay_s)
-                state.event(instance.name, None, None, "sync-unreachable", str(e))
-                return [Outcome(instance.name, "*", None, "skipped", f"{e} (next scheduled attempt in {delay:.1f}s)")]
+            except Exception as e:  # noqa: BLE001 - a scheduled job must record, not crash
+                known = (SyncError, s3x.S3Error, TritonAdminError, ManifestError)
+                msg = str(e) if isinstance(e, known) else f"unexpected {type(e).__name__}: {e}"
+                delay = state.instance_failed(instance.name, msg, settings.s3.retry_base_delay_s)
+                state.event(instance.name, None, None, "sync-error", msg)
+                return [Outcome(instance.name, "*", None, "skipped", f"{msg} (next scheduled attempt in {delay:.1f}s)")]
             state.instance_ok(instance.name)
             return out
     finally:

@@ -363,3 +363,27 @@ def test_cli_sync_versions_rollback(env):
     rejected = json.loads(run("versions", "--json").output)["rejected"]
     assert rejected == [{"model": "add_one", "version": 2, "reason": "rolled back to v1 by the operator"}]
     assert run("sync", "--instance", "nope").exit_code != 0
+
+
+def test_host_retention_keeps_newest_and_live_and_wrong_admin_key_is_reported(env):
+    settings, inst, client, repo, _ = env
+    sync_all(settings)
+    for v in (2, 3, 4):
+        write_add_model(repo, v, float(v))
+        publish_version(settings, repo, "add_one", client=client)
+        assert vs(sync_all(settings)["onprem-1"]) == [(v, "live")]
+    versions_on_disk = lambda: sorted(int(p.name) for p in (repository_path(settings, inst) / "add_one").iterdir()  # noqa: E731
+                                      if p.name.isdigit())
+    assert versions_on_disk() == [2, 3, 4]  # the newest 3
+    assert rows(settings, inst)[1]["status"] == "retired"
+    rollback(settings, "add_one", to=2)  # from the host copy, verified again
+    write_add_model(repo, 5, 5.0)
+    publish_version(settings, repo, "add_one", client=client)
+    assert vs(sync_all(settings)["onprem-1"]) == [(5, "live")]
+    assert versions_on_disk() == [3, 4, 5]
+    assert rows(settings, inst)[2]["status"] == "retired"
+    # A wrong admin key: recorded with Triton's answer, nothing crashes, the model keeps serving.
+    bad = settings.model_copy(update={"triton": settings.triton.model_copy(update={"admin_key": type(settings.triton.admin_key)("wrong")})})
+    out = sync_all(bad, force=True)["onprem-1"]
+    assert first(out)["status"] == "skipped" and "repository index refused" in first(out)["reason"]
+    assert infer(inst) == 5.0
