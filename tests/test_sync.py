@@ -387,3 +387,14 @@ def test_host_retention_keeps_newest_and_live_and_wrong_admin_key_is_reported(en
     out = sync_all(bad, force=True)["onprem-1"]
     assert first(out)["status"] == "skipped" and "repository index refused" in first(out)["reason"]
     assert infer(inst) == 5.0
+
+
+def test_overlapping_scheduled_sync_is_skipped_not_queued(settings_factory):
+    from control.sync import instance_lock, sync_instance
+
+    settings = settings_factory(instances=(("onprem-1", "onprem", 100, True),))
+    inst = settings.instance("onprem-1")
+    with instance_lock(settings, inst) as got:
+        assert got
+        out = sync_instance(settings, inst, force=False)
+    assert [(o.status, o.reason) for o in out] == [("skipped", "another sync of this instance is running")]
