@@ -196,7 +196,8 @@ class LocalProcessScaler:
             self.procs[name] = proc
             self.controller.add_instance(inst)
             return {"instance": name, "http_port": inst.http_port, "grpc_port": inst.grpc_port,
-                    "versions": got, "seconds_to_ready": round(t_ready - t0, 2),
+                    "versions": got, "live_versions": want, "ready_at": t_ready, "registered_at": t_up,
+                    "seconds_to_ready": round(t_ready - t0, 2),
                     "seconds_to_registered": round(t_up - t0, 2), "commands": cmds}
         except (ComponentError, HAProxyError, ScaleError, TritonAdminError, requests.RequestException, OSError) as e:
             for be in added:
