@@ -101,7 +101,7 @@ FULL = Profile(
     tokenizer=TokenizerConfig(max_len=16),
     teacher=EncoderConfig(d_model=128, n_heads=4, n_layers=2, d_ff=256, emb_dim=96),
     student=EncoderConfig(d_model=64, n_heads=4, n_layers=1, d_ff=128, emb_dim=96),
-    train=TrainConfig(teacher_epochs=5, student_epochs=8, ranker_epochs=4, ranker_hidden=96),
+    train=TrainConfig(teacher_epochs=4, student_epochs=8, ranker_epochs=3, ranker_hidden=96),
     gates=Gates(intent_acc_min=0.90, ndcg_min=0.85, ndcg_margin_min=0.15),
 )
 
