@@ -39,9 +39,13 @@ class Section:
     body: list[str] = field(default_factory=list)      # markdown paragraphs and tables
     status: str = "measured"                            # measured | missing | error
     seconds: float = 0.0
+    headline: str = ""                                  # one line: the figure to quote
+
 
     def markdown(self) -> str:
         out = [f"<!-- section:{self.key} -->", f"## {self.title}", ""]
+        if self.headline:
+            out += [f"**Headline.** {self.headline}", ""]
         if self.what:
             out += [f"**What.** {self.what}", ""]
         if self.how:
@@ -254,8 +258,9 @@ def drive(make_call: Callable[[], Callable[[int], object]], concurrency: int, du
         try:
             call = make_call()
         except Exception as e:  # noqa: BLE001
+            key = f"setup: {type(e).__name__}: {e}"[:200]
             with lock:
-                errors[f"setup: {type(e).__name__}: {e}"[:200]] = errors.get("setup", 0) + 1
+                errors[key] = errors.get(key, 0) + 1
             ready.wait()
             return
         ready.wait()

@@ -106,7 +106,7 @@ def run(ctx: Ctx) -> Section:
                f"{big['interval_s'] * 1000:.0f} ms poll interval: the poll "
                + ("finishes inside its interval." if big["inside"] else "does NOT finish inside its interval."))
     return Section(
-        "control", "",
+        "control", "", headline=summary,
         what="CPU time (all threads of the control-plane process, `time.process_time()`) and wall time of one "
              "poll + decide tick of the daemon's own code with 1, 10 and 100 instances; whether the tick "
              "finishes inside the poll interval at 100.",

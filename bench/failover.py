@@ -63,7 +63,9 @@ def run(ctx: Ctx) -> Section:
                             (f.get("after_lift") or {}).get("serving_s"),
                             r.get("error") or ", ".join(f"{k}: {v}" for k, v in
                                                         ((f.get("failures") or {}).get("by_kind") or {}).items())])
-    h = base.haproxy
+    headline = "; ".join(f"{r[0]}: recovery median {r[3]:.2f} s (min {r[2]:.2f}, max {r[4]:.2f}), {r[11]} failed of "
+                         f"{r[12]} requests over {r[1]} runs" if r[3] is not None else f"{r[0]}: no recovery measured"
+                         for r in rows) + "."
     body = [md_table(["scenario", "runs analysed", "recovery s min", "median", "max", "detect s min", "median",
                       "max", "failed requests min", "median", "max", "failed total", "requests total",
                       "back serving after lift s (median)", "p99 ms during fault (median)"], rows),
@@ -71,7 +73,7 @@ def run(ctx: Ctx) -> Section:
             md_table(["scenario", "run", "status", "detect s", "recovery s", "failed", "sent",
                       "back after lift s", "errors / note"], per_run) + "\n\n</details>"]
     return Section(
-        "failover", "",
+        "failover", "", headline=headline,
         what=f"Recovery time and client-visible failed requests over {reps} repetitions each of onprem-crash "
              "(kill -9 of the on-prem Triton, restarted at the lift) and onprem-hang (SIGSTOP, SIGCONT at the "
              "lift): min, median, max.",

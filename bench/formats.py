@@ -49,7 +49,7 @@ def derived_export(ctx: Ctx, export: Path, variant: str) -> Path | None:
     return out
 
 
-def ort_section(ctx: Ctx, export: Path) -> list[str]:
+def ort_section(ctx: Ctx, export: Path, headline_parts: list[str]) -> list[str]:
     try:
         from export.bench import run_bench  # noqa: PLC0415
     except ImportError as e:
@@ -61,6 +61,11 @@ def ort_section(ctx: Ctx, export: Path) -> list[str]:
         b = base.get((r["model"], r["batch"]))
         table.append([r["model"], r["variant"], r["batch"], r["candidates"], r["latency_ms"], r["throughput_per_s"],
                       fmt_ratio(b["latency_ms"], r["latency_ms"]) if b else "-"])
+    hl = [f"{r['variant']} {fmt_ratio(base[(r['model'], r['batch'])]['latency_ms'], r['latency_ms'])}"
+          for r in rows if r["model"] == "query_intent" and r["batch"] == 64 and r["variant"] != "fp32"
+          and (r["model"], r["batch"]) in base]
+    if hl:
+        headline_parts.append("onnxruntime alone, query_intent at batch 64, speed vs fp32: " + ", ".join(hl))
     missing = [f for f in ("query_intent_int8.onnx", "query_intent_student.onnx", "ranker_int8.onnx")
                if not (export / f).exists()]
     out = ["onnxruntime alone (`export.bench.run_bench`, median of the runs, one session per file, "
@@ -90,7 +95,8 @@ def quality(export: Path) -> list[str]:
 
 def run(ctx: Ctx) -> Section:
     export = ctx.need_export()
-    body = ort_section(ctx, export)
+    headline_parts: list[str] = []
+    body = ort_section(ctx, export, headline_parts)
     body += quality(export)
     triton_note = ""
     try:
@@ -130,6 +136,10 @@ def run(ctx: Ctx) -> Section:
                 p50 = float(np.median([m["p50_ms"] for m in res[(v, c)]]))
                 p99 = float(np.median([m["p99_ms"] for m in res[(v, c)]]))
                 rows.append([v, c, t, p50, p99, fmt_ratio(t, base_t)])
+        hl = [f"{v} {fmt_ratio(float(np.median([m['throughput'] for m in res[(v, 8)]])), float(np.median([m['throughput'] for m in res[('fp32', 8)]])))}"
+              for v in names if v != "fp32" and (v, 8) in res and ("fp32", 8) in res]
+        if hl:
+            headline_parts.append("through Triton at concurrency 8, throughput vs fp32: " + ", ".join(hl))
         body += [f"Through Triton (the whole `search_ranking` ensemble, gRPC, perf_analyzer, {len(queries)} held-out "
                  f"queries, {interval} ms windows, {rounds} round(s) interleaved, medians):",
                  md_table(["variant", "concurrency", "infer/s", "p50 ms", "p99 ms", "throughput vs fp32"], rows)]
@@ -138,7 +148,7 @@ def run(ctx: Ctx) -> Section:
     except Missing as e:
         body.append(f"Through Triton: not measured ({e}).")
     return Section(
-        "formats", "",
+        "formats", "", headline="; ".join(headline_parts) + ("." if headline_parts else ""),
         what="FP32 vs INT8 (dynamic quantization) vs the distilled student query encoder: model latency in "
              "onnxruntime alone, and the end-to-end ensemble through Triton with each variant served.",
         how="onnxruntime: `export.bench.run_bench(export, batches=(1, 64))` (the export engineer's measurement, "

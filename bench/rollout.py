@@ -136,13 +136,17 @@ def run(ctx: Ctx) -> Section:
                       "yes" if all(r["all_live"] for r in rs) else "NO",
                       ", ".join(sorted({st for r in rs for st in r["statuses"].values() if st})),
                       sum(r["ok"] for r in rs), sum(r["failed"] for r in rs)])
+    ch, un = table[0], table[1]
+    headline = (f"Changed {MODEL}: {ch[3]} bytes uploaded, live on both instances in {ch[7]:.1f} s (median); "
+                f"unchanged content: {un[3]} bytes uploaded, {un[7]:.1f} s; {total_failed} failed of "
+                f"{total_ok + total_failed} requests through HAProxy during the rollouts.")
     body = [md_table(["rollout", "runs", "version bytes", "bytes uploaded (median)", "bytes copied in S3 (median)",
                       "publish s (median)", "publish -> live on both s min", "median", "max", "live everywhere",
                       "sync status", "requests served during it", "failed requests during it"], table),
             f"Whole phase: {total_ok} requests through HAProxy answered, {total_failed} failed."
             + (f" Errors: {errors}" if errors else "")]
     return Section(
-        "rollout", "",
+        "rollout", "", headline=headline,
         what="Seconds from `publish` to live on every instance and the bytes uploaded, for a changed model and "
              "an unchanged one, with failed requests counted under a steady load through HAProxy.",
         how="A stack of the benchmark's own (`control.stack.up`, local S3 endpoint, two Tritons onprem-1/cloud-1 "

@@ -19,7 +19,7 @@ def run(ctx: Ctx) -> Section:
     queries = load_queries(export, 16)
     data = perf_input_data(queries)
     repo = ctx.repository("fp32")
-    interval = int(ctx.dur(2500, 1000))
+    interval = int(ctx.dur(3000, 1000))
     rounds = int(ctx.dur(2, 1))
     conc = CONCURRENCY if not ctx.quick else (1, 8)
     results: dict[tuple, list[dict]] = {}
@@ -56,8 +56,13 @@ def run(ctx: Ctx) -> Section:
                       "throughput ratio (HAProxy / direct)", "direct p50 ms", "HAProxy p50 ms", "added p50 ms",
                       "direct p99 ms", "HAProxy p99 ms", "added p99 ms"], rows)
     n_cand = [len(q["candidate_ids"]) for q in queries]
+    ratios = [r[2] and r[3] / r[2] for r in rows]
+    added50 = [r[7] for r in rows]
+    headline = (f"Through HAProxy the ensemble keeps {min(ratios):.0%}-{max(ratios):.0%} of the direct throughput; "
+                f"added p50 latency {min(added50):+.2f} to {max(added50):+.2f} ms "
+                f"(gRPC and HTTP, concurrency {', '.join(map(str, conc))}).")
     return Section(
-        "routing", "",
+        "routing", "", headline=headline,
         what="Throughput and latency of the `search_ranking` ensemble through HAProxy vs directly on the one "
              "Triton behind it, over gRPC and HTTP at concurrency " + ", ".join(map(str, conc)) +
              ": the throughput ratio and the p50/p99 latency HAProxy adds.",

@@ -87,7 +87,18 @@ def merge(existing: str, new_header: str, blocks: dict[str, str]) -> str:
         if m:
             parts[k] = m.group(0)
     parts.update(blocks)
-    return new_header + "\n".join(parts[k] for k in KEYS if k in parts)
+    heads = []
+    for k in KEYS:
+        m = re.search(r"^## (.+?)\n\n\*\*Headline\.\*\* (.+?)$", parts.get(k, ""), re.M)
+        if m:
+            heads.append(f"- **{m.group(1)}**: {m.group(2)}")
+        elif k in parts:
+            st = re.search(r"\*\*Status: (\w+)\.\*\*", parts[k])
+            t = re.search(r"^## (.+)$", parts[k], re.M)
+            if st and t:
+                heads.append(f"- **{t.group(1)}**: {st.group(1)} (see the section)")
+    summary = ("## Headlines\n\n" + "\n".join(heads) + "\n\n") if heads else ""
+    return new_header + summary + "\n".join(parts[k] for k in KEYS if k in parts)
 
 
 def main(argv=None) -> int:

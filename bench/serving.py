@@ -134,8 +134,14 @@ def run(ctx: Ctx) -> Section:
             md_table(["protocol", "concurrency", "infer/s", "p50 ms", "p99 ms"], perf_rows)]
     if errors:
         body.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    top = conc[-1]
+    t, f, b = (res[(n, top)] for n in ("Triton ensemble (HTTP)", "Flask + onnxruntime (HTTP)", "in-process (bound)"))
+    headline = (f"At concurrency {top}: Triton {t['throughput']:.0f} req/s (p99 {t['p99_ms']:.1f} ms) = "
+                f"{fmt_ratio(t['throughput'], f['throughput'])} the Flask service ({f['throughput']:.0f} req/s, p99 "
+                f"{f['p99_ms']:.1f} ms) and {fmt_ratio(t['throughput'], b['throughput'])} the in-process bound "
+                f"({b['throughput']:.0f} req/s), same Python load generator.")
     return Section(
-        "serving", "",
+        "serving", "", headline=headline,
         what="The ensemble on Triton vs the same pipeline in-process (one Python process, numpy + onnxruntime: "
              "the upper bound for this hardware) vs what a user would build instead (a single-process Flask "
              "service calling onnxruntime per request). Throughput and p99 at concurrency "
