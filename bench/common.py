@@ -55,7 +55,9 @@ class Section:
             out += [f"**Status: {self.status}.**", ""]
         for block in self.body:
             out += [block.rstrip(), ""]
-        out += [f"_Section wall time: {self.seconds:.0f} s; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}._",
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        out += [f"_Section wall time: {self.seconds:.0f} s; measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+                f"load average at its end {load} on {os.cpu_count()} cores._",
                 f"<!-- /section:{self.key} -->", ""]
         return "\n".join(out)
 
