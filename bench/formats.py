@@ -111,8 +111,8 @@ def run(ctx: Ctx) -> Section:
                 continue
             variants[v] = ctx.repository(v, d)
         conc = (1, 8)
-        rounds = int(ctx.dur(2, 1))
-        interval = int(ctx.dur(2500, 1000))
+        rounds = int(ctx.dur(3, 1))
+        interval = int(ctx.dur(2000, 1000))
         res: dict[tuple[str, int], list[dict]] = {}
         with ExitStack() as stack:
             urls = {}

@@ -19,8 +19,8 @@ def run(ctx: Ctx) -> Section:
     queries = load_queries(export, 16)
     data = perf_input_data(queries)
     repo = ctx.repository("fp32")
-    interval = int(ctx.dur(3000, 1000))
-    rounds = int(ctx.dur(2, 1))
+    interval = int(ctx.dur(2000, 1000))
+    rounds = int(ctx.dur(3, 1))
     conc = CONCURRENCY if not ctx.quick else (1, 8)
     results: dict[tuple, list[dict]] = {}
     # A single instance behind HAProxy: the proxy's only server is the Triton measured directly.
