@@ -27,6 +27,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "undrain": ("control.control_cli", "undrain_cmd"),
     "policy": ("control.control_cli", "policy_group"),
     "history": ("control.control_cli", "history_cmd"),
+    "scale": ("control.scale_cli", "scale_group"),
+    "cost": ("control.scale_cli", "cost_cmd"),
     "publish": ("control.mirror_cli", "publish_cmd"),
     "sync": ("control.mirror_cli", "sync_cmd"),
     "rollback": ("control.mirror_cli", "rollback_cmd"),

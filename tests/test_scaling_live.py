@@ -200,3 +200,11 @@ def test_02_budget_cap_stops_scale_out_and_says_so(stack):
     r = requests.get(f"http://{api.api_host}:{api.api_port}/v1/scale", timeout=5,
                      headers={"Authorization": f"Bearer {api.admin_token.get_secret_value()}"})
     assert r.status_code == 200 and r.json()["last_decision"] is not None
+    from click.testing import CliRunner
+
+    from control.cli import cli
+    out = CliRunner().invoke(cli, ["--config", settings.source, "scale", "history", "--since", "10m"])
+    assert out.exit_code == 0 and "budget_cap" in out.output and "scale_out_load" in out.output, out.output
+    out = CliRunner().invoke(cli, ["--config", settings.source, "cost"])
+    assert out.exit_code == 0 and "cost cloud: $" in out.output, out.output
+    FIGURES["cli_cost"] = out.output
