@@ -59,6 +59,17 @@ def stage_repositories(settings, say: Say = _quiet) -> dict[str, object]:
     return staged
 
 
+def go_live(settings, inst) -> None:
+    """Smoke-test what the new Triton loaded and mark it live in the sync state (the same check
+    every later version passes); a model that fails it stops `up`."""
+    from control.sync import sync_instance  # noqa: PLC0415
+
+    failed = [o for o in sync_instance(settings, inst) if o.status in ("failed", "skipped")]
+    if failed:
+        raise ComponentError(inst.name, "models loaded but failed the go-live check: " +
+                             "; ".join(f"{o.model} v{o.version}: {o.reason}" for o in failed))
+
+
 def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
     c = settings.control
     for fld in ("api_port", "metrics_port"):
@@ -124,6 +135,7 @@ def up(settings, with_prometheus: bool = False, with_control: bool | None = None
             if inst.managed:
                 say(f"starting Triton {inst.name} ({inst.site}) on {inst.http_url}")
                 stack.procs.append(start_instance(settings, inst, repos[inst.name]))
+                go_live(settings, inst)
         say(f"starting HAProxy on {settings.haproxy.host}:{settings.haproxy.http_port} (HTTP) and "
             f":{settings.haproxy.grpc_port} (gRPC)")
         stack.procs.append(start_haproxy(settings))
@@ -202,12 +214,21 @@ def status(settings) -> dict:
         info["healthy"] = False
     comps.append(info)
 
+    lag: dict[str, list[dict]] = {}
+    if settings.database_path.exists():
+        from control.sync import lag_report  # noqa: PLC0415
+
+        for row in lag_report(settings):
+            lag.setdefault(row["instance"], []).append(row)
     for inst in settings.instances:
         info = proc_info(inst.name) | {"kind": "triton", "site": inst.site, "http": inst.http_url,
                                        "grpc": inst.grpc_url, "metrics": inst.metrics_url}
         t = _triton_status(settings, inst)
         info["healthy"] = t["ready"]
         info["models"] = t["models"]
+        # Live vs newest published version per model, from the sync state (no S3 call).
+        info["sync"] = lag.get(inst.name, [])
+        info["sync_lag_versions"] = sum(r["lag_versions"] for r in info["sync"])
         comps.append(info)
 
     h = settings.haproxy

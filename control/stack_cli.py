@@ -68,7 +68,7 @@ def status_cmd(ctx, as_json: bool) -> None:
         return
     weights = next((c.get("weights", {}) for c in st["components"] if c["kind"] == "haproxy"), {})
     table = Table(title=f"triton-hybrid stack ({st['run_dir']})")
-    for col in ("component", "kind", "pid", "health", "endpoints", "models", "weight http/grpc"):
+    for col in ("component", "kind", "pid", "health", "endpoints", "models", "weight http/grpc", "sync lag"):
         table.add_column(col)
     for c in st["components"]:
         health = "[green]healthy[/green]" if c.get("healthy") else (
@@ -78,7 +78,8 @@ def status_cmd(ctx, as_json: bool) -> None:
         w = ""
         if c["kind"] == "triton":
             w = f"{weights.get('be_triton_http', {}).get(c['name'], '-')}/{weights.get('be_triton_grpc', {}).get(c['name'], '-')}"
-        table.add_row(c["name"], c["kind"], str(c["pid"] or "-"), health, endpoints, models, w)
+        lag = str(c["sync_lag_versions"]) if c["kind"] == "triton" and c.get("sync") else ""
+        table.add_row(c["name"], c["kind"], str(c["pid"] or "-"), health, endpoints, models, w, lag)
     console.print(table)
     decision = next((c.get("decision") for c in st["components"] if c["kind"] == "control"), None) or {}
     if decision.get("weights"):

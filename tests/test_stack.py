@@ -79,6 +79,8 @@ def test_status_json_shows_components_models_and_weights(live_stack):
     for inst in settings.instances:
         assert comps[inst.name]["healthy"] and comps[inst.name]["pid"]
         assert MODEL in comps[inst.name]["models"]
+        assert comps[inst.name]["sync_lag_versions"] == 0
+        assert {r["model"] for r in comps[inst.name]["sync"]} >= {MODEL, "ranker"}
     assert comps["haproxy"]["weights"]["be_triton_http"] == {i.name: i.weight for i in settings.instances}
     assert settings.triton.admin_key.get_secret_value() not in result.output
 
