@@ -1,0 +1,126 @@
+"""The local scale actuator on the real version path: S3 (moto's server) -> publish ->
+`prepare_instance_repository` for the new `cloud-2` (the path every instance uses) -> Triton ->
+versions verified against the live ones -> HAProxy `add server` (both backends) -> served through
+HAProxy -> scale-in: drain, `del server`, stop. A new instance whose versions differ from the
+live ones is never registered."""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from control import s3 as s3x
+from control.daemon import Controller
+from control.haproxy_runtime import HAProxyRuntime
+from control.publish import publish_repository
+from control.scale_actuators import LocalProcessScaler, ScaleError, ready_versions
+from control.scaler import ScaleDecision, ScalerState
+from control.sync import prepare_instance_repository
+from control.triton import start_instance
+from test_publish import write_add_model
+
+pytestmark = pytest.mark.slow
+
+
+def decision(action, instance=None):
+    return ScaleDecision(action, "test", "test", 1, 2 if action == "out" else 1, instance, ScalerState(), {})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from control.haproxy_proc import start_haproxy
+    from control.s3server import start_s3_server
+    from tests.conftest import make_settings
+
+    root = tmp_path_factory.mktemp("scalesync")
+    settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 0, True), ("cloud-1", "cloud", 100, False)),
+                             control={"actuator": "haproxy", "scaler": {"enabled": True, "ready_timeout_s": 60,
+                                                                        "drain_timeout_s": 10}})
+    repo = root / "repo"
+    write_add_model(repo, 1, 1.0)
+    write_add_model(repo, 2, 2.0)
+    procs = []
+    c = None
+    try:
+        procs.append(start_s3_server(settings))
+        publish_repository(settings, repo, progress=False, client=s3x.make_client(settings.s3))
+        cloud1 = settings.instance("cloud-1")
+        procs.append(start_instance(settings, cloud1, prepare_instance_repository(settings, cloud1), ready_timeout=60))
+        procs.append(start_haproxy(settings))
+        c = Controller(settings)
+        yield settings, c
+    finally:
+        if c is not None:
+            c.close()
+        for p in procs[::-1]:
+            p.stop()
+
+
+def infer_via_haproxy(settings) -> float:
+    r = requests.post(f"http://127.0.0.1:{settings.haproxy.http_port}/v2/models/add_one/infer", timeout=10,
+                      json={"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]})
+    assert r.status_code == 200, r.text
+    return r.json()["outputs"][0]["data"][0]
+
+
+def test_scale_out_uses_the_sync_path_and_the_live_versions(env):
+    settings, c = env
+    rt = HAProxyRuntime(settings.run_path / "haproxy.sock")
+    s = LocalProcessScaler(settings, c)          # default repository path: prepare_instance_repository
+    assert ready_versions(settings, settings.instance("cloud-1")) == {"add_one": [2]}
+    r = s.scale_out(decision("out"))
+    assert r["instance"] == "cloud-2" and r["versions"] == r["live_versions"] == {"add_one": [2]}
+    assert (settings.run_path / "pids" / "cloud-2.json").exists()
+    servers = {(x.backend, x.server): x for x in rt.servers()}
+    assert servers[("be_triton_http", "cloud-2")].up and servers[("be_triton_grpc", "cloud-2")].up
+    assert "cloud-2" in {i.name for i in settings.instances} and "cloud-2" in c.actuator.names
+    c.poll()
+    c.tick()  # the controller now splits the cloud weight over cloud-1 and cloud-2
+    w = {x.server: x.weight for x in rt.servers("be_triton_http")}
+    assert w["cloud-2"] > 0 and w["cloud-1"] > 0, w
+    rt.set_weight("be_triton_http", "cloud-1", 0)   # only cloud-2 now: it really serves v2
+    assert infer_via_haproxy(settings) == 2.0
+    c.tick()
+    out = s.scale_in(decision("in", "cloud-2"))
+    assert out["instance"] == "cloud-2"
+    assert "cloud-2" not in {x.server for x in rt.servers()}
+    assert "cloud-2" not in {i.name for i in settings.instances}
+    assert not (settings.run_path / "pids" / "cloud-2.json").exists()
+    assert infer_via_haproxy(settings) == 2.0
+
+
+def test_an_instance_with_other_versions_is_never_registered(env):
+    settings, c = env
+    rt = HAProxyRuntime(settings.run_path / "haproxy.sock")
+    s = LocalProcessScaler(settings, c, live_versions=lambda: {"add_one": [1]})  # pretend v1 is live
+    with pytest.raises(ScaleError, match=r"serves versions \{'add_one': \[2\]\}, the live ones are"):
+        s.scale_out(decision("out"))
+    assert not any(x.server.startswith("cloud-2") for x in rt.servers())
+    assert "cloud-2" not in {i.name for i in settings.instances}
+    assert not (settings.run_path / "pids" / "cloud-2.json").exists()
+    assert s.owned() == set()
+
+
+def test_scale_in_refuses_a_configured_instance(env):
+    settings, c = env
+    with pytest.raises(ScaleError, match="not started by the scaler"):
+        LocalProcessScaler(settings, c).scale_in(decision("in", "cloud-1"))
+
+
+def test_a_restarted_daemon_adopts_running_scaled_instances(env):
+    from control.config import load_config
+    settings, c = env
+    s = LocalProcessScaler(settings, c)
+    assert s.scale_out(decision("out"))["instance"] == "cloud-2"
+    fresh = load_config(settings.source, environ={})   # what a restarted daemon reads: no cloud-2
+    assert "cloud-2" not in {i.name for i in fresh.instances}
+    c2 = Controller(fresh)
+    try:
+        s2 = LocalProcessScaler(fresh, c2)
+        assert s2.adopt() == ["cloud-2"]
+        assert [i.name for i in s2.instances()] == ["cloud-1", "cloud-2"] and s2.instances()[1].removable
+        c.remove_instance("cloud-2")   # the old controller is gone
+        assert s2.scale_in(decision("in", "cloud-2"))["instance"] == "cloud-2"
+        assert not (fresh.run_path / "pids" / "cloud-2.json").exists()
+        assert s2.adopt() == [] and s2.owned() == set()
+    finally:
+        c2.close()
