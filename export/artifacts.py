@@ -50,9 +50,28 @@ def check_version_free(root: Path | str, version: int) -> Path:
     return final
 
 
+STALE_TEMP_SECONDS = 6 * 3600
+
+
+def remove_stale_temp_dirs(root: Path | str, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Temp dirs of runs that were killed (SIGKILL, power loss) are removed once they are old;
+    recent ones may belong to an export still running."""
+    import time
+
+    gone = []
+    root = Path(root)
+    if root.is_dir():
+        for p in root.glob(".tmp-export-*"):
+            if p.is_dir() and time.time() - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
 def make_temp_dir(root: Path | str) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(root)
     return Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=root))
 
 

@@ -270,6 +270,18 @@ def test_refuses_to_overwrite(export_run):
     assert _entries(root) == ["1"]
 
 
+def test_stale_temp_dirs_are_removed(tmp_path):
+    import os
+
+    old = tmp_path / ".tmp-export-old"
+    old.mkdir()
+    os.utime(old, (1, 1))
+    fresh = artifacts.make_temp_dir(tmp_path)
+    assert not old.exists() and fresh.exists()
+    assert artifacts.versions(tmp_path) == []
+    artifacts.discard(fresh)
+
+
 # -------------------------------------------------------------------------------- reference
 
 def test_reference_pipeline(export_run):
