@@ -5,12 +5,16 @@ HAProxy -> scale-in: drain, `del server`, stop. A new instance whose versions di
 live ones is never registered."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
 from control import s3 as s3x
 from control.daemon import Controller
 from control.haproxy_runtime import HAProxyRuntime
+from control.loadgen import run_load
+from control.metrics import parse
 from control.publish import publish_repository
 from control.scale_actuators import LocalProcessScaler, ScaleError, ready_versions
 from control.scaler import ScaleDecision, ScalerState
@@ -79,6 +83,15 @@ def test_scale_out_uses_the_sync_path_and_the_live_versions(env):
     assert w["cloud-2"] > 0 and w["cloud-1"] > 0, w
     rt.set_weight("be_triton_http", "cloud-1", 0)   # only cloud-2 now: it really serves v2
     assert infer_via_haproxy(settings) == 2.0
+    # gRPC too (proto h2 to the dynamic server, health check on its HTTP port with check-proto h1).
+    rt.set_weight("be_triton_grpc", "cloud-1", 0)
+    cloud2 = settings.instance("cloud-2")
+    before = parse(requests.get(cloud2.metrics_url, timeout=2).text).success
+    res = run_load(f"127.0.0.1:{settings.haproxy.grpc_port}", "add_one", protocol="grpc", concurrency=2,
+                   duration_s=20, max_requests=40, shape=(1, 4))
+    assert res.failure == 0 and res.success == 40, res.errors
+    time.sleep(1.2)
+    assert parse(requests.get(cloud2.metrics_url, timeout=2).text).success - before == 40
     c.tick()
     out = s.scale_in(decision("in", "cloud-2"))
     assert out["instance"] == "cloud-2"
