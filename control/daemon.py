@@ -189,8 +189,19 @@ class Controller:
         for inst in list(self.settings.instances):
             s = snaps.get(inst.name)
             self._cost_ledger.observe(inst.name, inst.site, inst.cost_per_hour, bool(s and s.ready), now, gap)
+        # Capacity outside the registry (ASG instances, k8s replicas): billed while the scale
+        # actuator reports it, at the template's cost_per_hour.
+        extra = set()
+        if self.scaler is not None and self.settings.control.scaler.actuator in ("asg", "k8s"):
+            try:
+                for ci in self.scaler.instances():
+                    if ci.name not in registered:
+                        extra.add(ci.name)
+                        self._cost_ledger.observe(ci.name, "cloud", ci.cost_per_hour, True, now, gap)
+            except Exception as e:  # noqa: BLE001 - cost must not stop the scale job
+                log.warning("could not list %s instances for cost: %s", self.scaler.name, e)
         for u in self._cost_ledger.all():  # removed instances stop billing
-            if u.instance not in registered and u.up:
+            if u.instance not in registered and u.instance not in extra and u.up:
                 self._cost_ledger.observe(u.instance, u.site, u.cost_per_hour, False, now, gap)
         totals = self._cost_ledger.totals(now, fresh_s=gap)
         for site, t in totals.items():

@@ -82,6 +82,9 @@ def test_daemon_scale_job_drives_the_asg(endpoint, group, tmp_path):
         assert row["actuator"] == "asg" and row["count_before"] == 1 and row["count_after"] == 2
         assert row["result"]["desired"] == 2
         assert c.scale_tick().reason != "below_min"
+        # ASG instances are billed at the template's cost while the group reports them.
+        totals = c.account_cost()
+        assert len(totals["cloud"]["up_instances"]) >= 2
     finally:
         c.close()
 

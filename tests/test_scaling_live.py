@@ -200,6 +200,10 @@ def test_02_budget_cap_stops_scale_out_and_says_so(stack):
     r = requests.get(f"http://{api.api_host}:{api.api_port}/v1/scale", timeout=5,
                      headers={"Authorization": f"Bearer {api.admin_token.get_secret_value()}"})
     assert r.status_code == 200 and r.json()["last_decision"] is not None
+    r = requests.get(f"http://{api.api_host}:{api.api_port}/v1/cost", timeout=5,
+                     headers={"Authorization": f"Bearer {api.admin_token.get_secret_value()}"})
+    assert r.status_code == 200 and r.json()["sites"]["cloud"]["burn_per_hour"] == 4.0
+    assert r.json()["cloud_budget_left_per_hour"] == 2.0
     from click.testing import CliRunner
 
     from control.cli import cli
