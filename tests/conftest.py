@@ -2,12 +2,11 @@
 never collide with a running `make demo` stack or with each other."""
 from __future__ import annotations
 
+import os
 import shutil
-
-import pytest
-
 from pathlib import Path
 
+import pytest
 import yaml
 
 from control.config import DEFAULT_CONFIG, _deep_merge, load_config
@@ -59,12 +58,26 @@ def settings_factory(tmp_path):
     return lambda **kw: make_settings(tmp_path / "run", **kw)
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory):
-    """One tiny-profile export per test session (or TRITON_HYBRID_TEST_EXPORT)."""
-    from model_repository.testing import tiny_export_dir
+TINY_SEED = 1234
 
-    return tiny_export_dir(tmp_path_factory)
+
+@pytest.fixture(scope="session")
+def export_run(tmp_path_factory):
+    """The tiny-profile export pipeline, run once per test session: (ExportResult, its base dir)."""
+    from export.config import TINY
+    from export.pipeline import run_export
+
+    base = tmp_path_factory.mktemp("export")
+    return run_export(TINY, TINY_SEED, base / "exports", data_root=base / "data", progress=False), base
+
+
+@pytest.fixture(scope="session")
+def tiny_export(request):
+    """The export dir every serving test uses: TRITON_HYBRID_TEST_EXPORT, else the session's run."""
+    given = os.environ.get("TRITON_HYBRID_TEST_EXPORT")
+    if given:
+        return Path(given)
+    return request.getfixturevalue("export_run")[0].path
 
 
 @pytest.fixture(scope="session")

@@ -24,20 +24,11 @@ from export.errors import CheckpointError, DataError, GateError, IntegrityError,
 from export.quantize import int8_guard, student_guard
 from export.tokenizer import Tokenizer, normalize
 
-SEED = 1234
+from tests.conftest import TINY_SEED as SEED
 TINY_INTENT_ACC = 0.80
 TINY_NDCG = 0.75
 NDCG_MARGIN = 0.15
 PARITY = 1e-4
-
-
-@pytest.fixture(scope="session")
-def export_run(tmp_path_factory):
-    from export.pipeline import run_export
-
-    base = tmp_path_factory.mktemp("export")
-    res = run_export(TINY, SEED, base / "exports", data_root=base / "data", progress=False)
-    return res, base
 
 
 def _entries(root: Path) -> list[str]:
