@@ -85,13 +85,14 @@ class Controller:
         with self.lock:
             if any(i.name == inst.name for i in self.settings.instances):
                 raise ValueError(f"instance {inst.name} is already registered")
-            self.settings.instances.append(inst)
+            # A new list, never an in-place change: the sync job may be iterating the old one.
+            self.settings.instances = [*self.settings.instances, inst]
             self._sync_registry()
         log.info("registered instance %s (%s) at %s", inst.name, inst.site, inst.http_url)
 
     def remove_instance(self, name: str) -> None:
         with self.lock:
-            self.settings.instances[:] = [i for i in self.settings.instances if i.name != name]
+            self.settings.instances = [i for i in self.settings.instances if i.name != name]
             self.scale_draining.discard(name)
             self._sync_registry()
             self.poller.forget(name)
