@@ -49,6 +49,11 @@ REFERENCE = {
     "implementation": "export/reference.py ReferencePipeline",
 }
 
+# TensorRT optimization-profile limits of the ranker plan (model_repository's max_candidates
+# default is 1000, its max_batch_size 8; the plan covers both with room).
+PLAN_MAX_CANDIDATES = 1000
+PLAN_MAX_RANKER_BATCH = 16
+
 
 @dataclass
 class Step:
@@ -335,10 +340,13 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
             rfeeds = ranker_feeds(E, num_intents, features, 64, 50)
             from .onnx_export import session
             r_ref = session(tmp / "ranker.onnx").run(["scores"], rfeeds)[0]
+            # The plan must take what the repository admits: up to PLAN_MAX_CANDIDATES candidates
+            # (the ensemble's default max_candidates) in batches up to PLAN_MAX_RANKER_BATCH.
+            nb, nc = PLAN_MAX_RANKER_BATCH, PLAN_MAX_CANDIDATES
             rk = build_and_check(tmp / "ranker.onnx", tmp / "ranker_fp16.plan",
-                                 {"query_embedding": ((1, E), (64, E), (256, E)),
-                                  "intent_probs": ((1, num_intents), (64, num_intents), (256, num_intents)),
-                                  "item_features": ((1, 1, F), (64, 50, F), (256, 128, F))},
+                                 {"query_embedding": ((1, E), (8, E), (nb, E)),
+                                  "intent_probs": ((1, num_intents), (8, num_intents), (nb, num_intents)),
+                                  "item_features": ((1, 1, F), (8, 50, F), (nb, nc, F))},
                                  rfeeds, {"scores": r_ref}, g.tensorrt_fp16_max_abs_diff)
             step.status = qi["status"] if qi["status"] == rk["status"] else "mixed"
             step.detail = {"query_intent": qi, "ranker": rk, "reason": qi.get("reason") or rk.get("reason")}
