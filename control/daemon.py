@@ -68,7 +68,7 @@ class Controller:
         self.ticks = 0
         # Instances the scaler is draining before removal: kept drained by every tick.
         self.scale_draining: set[str] = set()
-        self.scaler = None            # a scale actuator (control/scale_actuators.py), set by Daemon when control.scaler.enabled
+        self.scaler = None  # a scale actuator (control/scale_actuators.py), set by Daemon if enabled
         self.scale_state = ScalerState.from_dict(self.audit.last_scale_state())
         self.last_scale: ScaleDecision | None = None
         self.last_scale_result: dict | None = None
