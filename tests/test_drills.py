@@ -69,7 +69,12 @@ def test_haproxy_config_for_drills(tmp_path):
     # check speaks h2 there and every gRPC server is DOWN.
     grpc_lines = [ln for ln in cfg.splitlines() if " proto h2 " in ln and ln.strip().startswith("server")]
     assert grpc_lines and all("check-proto h1" in ln for ln in grpc_lines)
-    assert "option httpchk GET /v2/health/live" in cfg
+    # The check must not flip while sync loads a candidate model (bad-model measures the effect):
+    # liveness, or readiness of a Triton running with non-strict readiness.
+    from control.triton import triton_argv
+    argv = triton_argv(tmp_path / "repo", 1, 2, 3, tmp_path / "run")
+    assert "option httpchk GET /v2/health/live" in cfg or (
+        "option httpchk GET /v2/health/ready" in cfg and "--strict-readiness=false" in argv)
     assert "retry-on conn-failure empty-response response-timeout" in cfg and "option redispatch 1" in cfg
     assert "shutdown-sessions" not in cfg  # killed sessions are client-visible failures; retries are not
     assert "inter 200ms" in cfg and "timeout server 800ms" in cfg
