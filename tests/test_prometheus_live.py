@@ -115,20 +115,22 @@ def live(tmp_path_factory):
     from control.config import load_config
     from control.drills.runner import MODEL_ADD_ONE, write_add_one_repository
     from control.procs import free_port, load_managed
-    from control.prometheus_proc import start_prometheus
     from tests.conftest import make_settings
 
     base = tmp_path_factory.mktemp("prom_live")
     repo = write_add_one_repository(base / "repo")
     settings = make_settings(base / "run", instances=(("onprem-1", "onprem", 50, True), ("cloud-1", "cloud", 50, False)),
-                             models={"repository_dir": str(repo)}, control={"poll_interval_s": 1.0, "sync_interval_s": 5.0})
+                             models={"repository_dir": str(repo)},
+                             control={"poll_interval_s": 1.0, "sync_interval_s": 5.0, "prometheus_port": free_port()})
     settings = load_config(_write_settings_file(settings, base / "settings.yaml"), environ={})
-    st = stack.up(settings, with_control=True)
+    # `triton-hybrid up --with-prometheus`, as an operator runs it.
+    st = stack.up(settings, with_control=True, with_prometheus=True)
     stop = threading.Event()
     try:
-        prom = start_prometheus(settings, port=free_port())
-        st.procs.append(prom)
-        url = f"http://{settings.control.api_host}:{prom_port(prom)}"
+        prom = load_managed(settings.run_path, "prometheus")
+        assert prom is not None and prom.alive
+        assert prom_port(prom) == settings.control.prometheus_port
+        url = f"http://{settings.control.api_host}:{settings.control.prometheus_port}"
         threads = [threading.Thread(target=_traffic, args=(settings, stop, MODEL_ADD_ONE), daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
