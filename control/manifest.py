@@ -107,6 +107,10 @@ class FileEntry:
     sha256: str
     size: int
     scope: str = "version"
+    # The S3 ETag the object had when this manifest was written; a later server-side copy of the
+    # object is made only if it still has it (CopySourceIfMatch), so a tampered object is never
+    # copied into a new version. Not part of content_sha256.
+    etag: str = ""
 
     @property
     def key_suffix(self) -> str:
@@ -145,7 +149,8 @@ class Manifest:
         return json.dumps({
             "format": self.format, "model": self.model, "version": self.version, "created": self.created,
             "publisher": self.publisher, "platform": self.platform, "content_sha256": self.content_sha256,
-            "files": [{"path": f.path, "scope": f.scope, "sha256": f.sha256, "size": f.size}
+            "files": [{"path": f.path, "scope": f.scope, "sha256": f.sha256, "size": f.size,
+                       **({"etag": f.etag} if f.etag else {})}
                       for f in sorted(self.files, key=_order)],
         }, indent=1, sort_keys=True)
 
@@ -184,7 +189,7 @@ def parse_manifest(raw: bytes | str, model: str | None = None, version: int | No
             size = int(f["size"])
             if size < 0:
                 raise ManifestError(f"{source}: file {path!r} has a negative size")
-            m.files.append(FileEntry(path, sha, size, scope))
+            m.files.append(FileEntry(path, sha, size, scope, str(f.get("etag", ""))))
     except (KeyError, TypeError) as e:
         raise ManifestError(f"{source}: missing or malformed field {e}") from None
     if model is not None and m.model != model:

@@ -26,7 +26,7 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from control import s3 as s3x
@@ -169,9 +169,9 @@ def _release_lock(client, s3cfg, lock_key: str, me: dict) -> None:
         pass
 
 
-def _prior_objects(client, s3cfg, model: str, version: int) -> dict[str, tuple[str, int]]:
-    """sha256 -> (key, size) of the files of earlier published versions still in S3."""
-    index: dict[str, tuple[str, int]] = {}
+def _prior_objects(client, s3cfg, model: str, version: int) -> dict[str, tuple[str, int, str]]:
+    """sha256 -> (key, size, ETag at publish) of the files of earlier published versions in S3."""
+    index: dict[str, tuple[str, int, str]] = {}
     for v in published_versions(client, s3cfg, model):
         if v == version:
             continue
@@ -182,7 +182,8 @@ def _prior_objects(client, s3cfg, model: str, version: int) -> dict[str, tuple[s
         if m is None:
             continue
         for f in m.files:
-            index[f.sha256] = (s3x.object_key(s3cfg, model, v, f.path), f.size)
+            if f.etag:  # only objects whose published state we can check before copying them
+                index[f.sha256] = (s3x.object_key(s3cfg, model, v, f.path), f.size, f.etag)
     return index
 
 
@@ -293,12 +294,14 @@ def _upload_files(settings, client, model_dir: Path, manifest: Manifest, result:
     bucket = s3cfg.bucket
     sse = s3x.sse_args(s3cfg)
     prior = _prior_objects(client, s3cfg, manifest.model, manifest.version)
+    etags: dict = {}  # entry -> the object's ETag now, recorded in the manifest
     plan = []
     for entry in manifest.files:
         key = s3x.object_key(s3cfg, manifest.model, manifest.version, entry.path)
         h = s3x.head(client, bucket, key)
         if h is not None and h.get("Metadata", {}).get("sha256") == entry.sha256 \
                 and int(h.get("ContentLength", -1)) == entry.size:
+            etags[entry] = h.get("ETag", "")
             result.skipped_files += 1
             result.skipped_bytes += entry.size
             continue
@@ -309,22 +312,31 @@ def _upload_files(settings, client, model_dir: Path, manifest: Manifest, result:
         for entry, key in plan:
             meta = {"sha256": entry.sha256}
             if entry.sha256 in prior and prior[entry.sha256][1] == entry.size:
-                src = prior[entry.sha256][0]
+                src, _, src_etag = prior[entry.sha256]
                 try:
-                    client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": src},
-                                       MetadataDirective="REPLACE", Metadata=meta, **sse)
+                    # A source altered since its publish (tampered) is not copied; the file is
+                    # uploaded from the local repository instead. The HEAD check works on every
+                    # S3-compatible store (moto ignores CopySourceIfMatch); IfMatch closes the
+                    # race on AWS S3.
+                    if (s3x.head(client, bucket, src) or {}).get("ETag") != src_etag:
+                        raise ValueError(f"{src} changed since it was published")
+                    done = client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": src},
+                                              CopySourceIfMatch=src_etag, MetadataDirective="REPLACE",
+                                              Metadata=meta, **sse)
+                    etags[entry] = done["CopyObjectResult"]["ETag"]
                     result.copied_files += 1
                     result.copied_bytes += entry.size
                     continue
-                except Exception:  # noqa: BLE001 - the source may have been retired: upload instead
+                except Exception:  # noqa: BLE001 - retired or altered source: upload instead
                     pass
             local = _local_path(model_dir, manifest.version, entry)
             try:
                 if local is None:
-                    client.put_object(Bucket=bucket, Key=key, Body=b"", Metadata=meta, **sse)
+                    etags[entry] = client.put_object(Bucket=bucket, Key=key, Body=b"", Metadata=meta, **sse)["ETag"]
                 else:
                     client.upload_file(str(local), bucket, key, ExtraArgs={**sse, "Metadata": meta},
                                        Config=s3x.transfer_config(s3cfg), Callback=bar.advance)
+                    etags[entry] = client.head_object(Bucket=bucket, Key=key)["ETag"]
             except Exception as e:  # noqa: BLE001
                 raise PublishError(f"uploading {local or entry.path} to s3://{bucket}/{key} failed: "
                                    f"{s3x.describe(e, bucket, key)}; rerun the publish, it resumes where it stopped") from None
@@ -332,6 +344,7 @@ def _upload_files(settings, client, model_dir: Path, manifest: Manifest, result:
             result.uploaded_bytes += entry.size
     finally:
         bar.close()
+    manifest.files = [replace(f, etag=etags.get(f, f.etag)) for f in manifest.files]
 
 
 def _record(settings, state, manifest: Manifest) -> None:

@@ -387,3 +387,22 @@ def test_unreachable_s3_is_a_clear_error(settings_factory, tmp_path):
 def test_manifest_errors_are_specific():
     with pytest.raises(ManifestError, match="not valid JSON"):
         parse_manifest(b"{")
+
+
+def test_tampered_earlier_object_is_uploaded_not_copied(s3env):
+    """A published object altered afterwards (same key, its sha256 metadata kept) changes its
+    ETag: the next version uploads that file from the local repository instead of copying it."""
+    settings, client, repo = s3env
+    blob = os.urandom(256 * 1024)
+    write_add_model(repo, 1, 1.0, extra={"weights.bin": blob})
+    publish_version(settings, repo, "add_one", client=client)
+    key = s3x.object_key(settings.s3, "add_one", 1, "weights.bin")
+    meta = client.head_object(Bucket=settings.s3.bucket, Key=key)["Metadata"]
+    client.put_object(Bucket=settings.s3.bucket, Key=key, Body=b"tampered" + blob[8:], Metadata=meta)
+    write_add_model(repo, 2, 2.0, extra={"weights.bin": blob})
+    second = publish_version(settings, repo, "add_one", client=client)
+    assert second.copied_files == 1  # config.pbtxt, untouched, is still copied
+    assert second.uploaded_files == 2  # model.py (changed) and weights.bin (its source was altered)
+    body = client.get_object(Bucket=settings.s3.bucket,
+                             Key=s3x.object_key(settings.s3, "add_one", 2, "weights.bin"))["Body"].read()
+    assert body == blob
