@@ -405,6 +405,9 @@ class Daemon:
             from control.api import serve_api  # noqa: PLC0415
             self.api = serve_api(self.settings, self.controller)
         self.controller.poll()  # one scrape now, so the first decision has data
+        # Reconcile at once (restart after a crash): the decided weights go back on HAProxy now,
+        # not one decide interval later.
+        self._safe(self.controller.tick)()
         self.scheduler.start()
         log.info("control plane running: api http://%s:%d, metrics :%d, actuator %s", c.api_host, c.api_port,
                  c.metrics_port, self.controller.actuator.name)
