@@ -252,5 +252,8 @@ def status(settings) -> dict:
 
     # The decided site weights, override and drains: from the daemon, or its database when down.
     info["decision"] = weights_summary(settings)
+    from control.cost import cost_summary  # noqa: PLC0415
+
+    info["cost"] = cost_summary(settings)
     comps.append(info)
     return {"time": time.time(), "run_dir": str(run), "components": comps}

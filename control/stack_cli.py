@@ -81,8 +81,15 @@ def status_cmd(ctx, as_json: bool) -> None:
         lag = str(c["sync_lag_versions"]) if c["kind"] == "triton" and c.get("sync") else ""
         table.add_row(c["name"], c["kind"], str(c["pid"] or "-"), health, endpoints, models, w, lag)
     console.print(table)
-    decision = next((c.get("decision") for c in st["components"] if c["kind"] == "control"), None) or {}
+    control = next((c for c in st["components"] if c["kind"] == "control"), {})
+    decision = control.get("decision") or {}
     if decision.get("weights"):
         last = decision.get("last_decision") or {}
         console.print(f"site weights {decision['weights']} ({decision.get('source')}); "
                       f"last decision: {last.get('reason', '-')} {last.get('message', '')}")
+    cost = control.get("cost") or {}
+    if cost.get("sites"):
+        sites = ", ".join(f"{site} ${v['dollars']:.4f} so far, ${v['burn_per_hour']:.2f}/h now"
+                          for site, v in sorted(cost["sites"].items()))
+        budget = cost.get("budget_per_hour")
+        console.print(f"cost: {sites}" + (f"; cloud budget ${budget:.2f}/h" if budget is not None else ""))
