@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from control import haproxy_config
 from control.haproxy_runtime import HAProxyError, HAProxyRuntime
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,9 @@ class DryRunActuator:
 def make_actuator(settings) -> Actuator:
     kind = settings.control.actuator
     if kind == "haproxy":
-        sock = settings.control.haproxy_socket or str(settings.run_path / "haproxy.sock")
-        return HAProxyActuator(HAProxyRuntime(sock), settings.instances, settings.control.haproxy_backends,
-                               settings.control.sensitive_backends)
+        # Backend names and socket come from the config generator: one source for both sides.
+        return HAProxyActuator(HAProxyRuntime.for_settings(settings), settings.instances,
+                               list(haproxy_config.ALL_BACKENDS), list(haproxy_config.SENSITIVE_BACKENDS))
     if kind == "route53":
         from control.route53 import Route53Actuator  # noqa: PLC0415 - boto3 only when used
         return Route53Actuator.from_settings(settings)

@@ -228,11 +228,6 @@ class ControlConfig(_Section):
     decide_interval_s: float = 1.0
     sync_interval_s: float = 10.0
     actuator: Literal["haproxy", "route53", "dry-run"] = "haproxy"
-    # HAProxy backends whose servers (named like the instances) get the weights, and the
-    # on-prem-only backends for sensitive requests (drain applies there too).
-    haproxy_backends: list[str] = Field(default_factory=lambda: ["be_triton_http", "be_triton_grpc"])
-    sensitive_backends: list[str] = Field(default_factory=lambda: ["be_onprem_http", "be_onprem_grpc"])
-    haproxy_socket: str = ""  # empty: <run_dir>/haproxy.sock
     # Optional DCGM exporter per instance name, e.g. {"onprem-1": "http://10.0.0.5:9400/metrics"}.
     dcgm_exporter_urls: dict[str, str] = Field(default_factory=dict)
     route53: Route53Config = Field(default_factory=Route53Config)

@@ -88,6 +88,13 @@ class HAProxyRuntime:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
 
+    @classmethod
+    def for_settings(cls, settings, timeout_s: float = 2.0) -> "HAProxyRuntime":
+        """The stats socket the generated haproxy.cfg declares."""
+        from control.haproxy_config import socket_path  # noqa: PLC0415
+
+        return cls(socket_path(settings), timeout_s)
+
     def command(self, cmd: str) -> str:
         if "\n" in cmd or ";" in cmd:
             raise HAProxyError(f"refusing a multi-command line: {cmd!r}")

@@ -35,6 +35,7 @@ import requests
 import yaml
 
 from control.config import InstanceConfig
+from control import haproxy_config
 from control.haproxy_runtime import HAProxyError, HAProxyRuntime
 from control.procs import ComponentError, free_port, load_managed, managed_names
 from control.scaler import CloudInstance, ScaleDecision
@@ -100,10 +101,10 @@ class LocalProcessScaler:
         self.settings = settings
         self.sc = settings.control.scaler
         self.controller = controller
-        self.rt = runtime or HAProxyRuntime(settings.control.haproxy_socket or settings.run_path / "haproxy.sock")
+        self.rt = runtime or HAProxyRuntime.for_settings(settings)
         self.repository_factory = repository_factory or _default_repository
         self.live_versions = live_versions or (lambda: ready_versions(settings, template_instance(settings)))
-        self.backends = list(settings.control.haproxy_backends)
+        self.backends = list(haproxy_config.ALL_BACKENDS)
         self.clock = clock
         self.procs: dict[str, object] = {}
         self.state_dir = settings.run_path / "scaled"

@@ -100,7 +100,7 @@ def stack(tmp_path_factory):
         procs.append(start_haproxy(settings))
         daemon = Daemon(settings).start()
         stack_info = {"settings": settings, "daemon": daemon, "procs": {p.name: p for p in procs}, "repo": repo,
-               "rt": HAProxyRuntime(settings.run_path / "haproxy.sock")}
+               "rt": HAProxyRuntime.for_settings(settings)}
         yield stack_info
         stack_info["daemon"].stop()
     finally:

@@ -69,7 +69,7 @@ def stack(tmp_path_factory):
         procs.append(start_haproxy(settings))
         daemon = Daemon(settings, scale_actuator=lambda c: LocalProcessScaler(settings, c, repository_factory=repository))
         daemon.start()
-        yield {"settings": settings, "daemon": daemon, "rt": HAProxyRuntime(settings.run_path / "haproxy.sock")}
+        yield {"settings": settings, "daemon": daemon, "rt": HAProxyRuntime.for_settings(settings)}
     finally:
         if daemon is not None:
             daemon.stop()

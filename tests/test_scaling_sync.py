@@ -68,7 +68,7 @@ def infer_via_haproxy(settings) -> float:
 
 def test_scale_out_uses_the_sync_path_and_the_live_versions(env):
     settings, c = env
-    rt = HAProxyRuntime(settings.run_path / "haproxy.sock")
+    rt = HAProxyRuntime.for_settings(settings)
     s = LocalProcessScaler(settings, c)          # default repository path: prepare_instance_repository
     assert ready_versions(settings, settings.instance("cloud-1")) == {"add_one": [2]}
     r = s.scale_out(decision("out"))
@@ -103,7 +103,7 @@ def test_scale_out_uses_the_sync_path_and_the_live_versions(env):
 
 def test_an_instance_with_other_versions_is_never_registered(env):
     settings, c = env
-    rt = HAProxyRuntime(settings.run_path / "haproxy.sock")
+    rt = HAProxyRuntime.for_settings(settings)
     s = LocalProcessScaler(settings, c, live_versions=lambda: {"add_one": [1]})  # pretend v1 is live
     with pytest.raises(ScaleError, match=r"serves versions \{'add_one': \[2\]\}, the live ones are"):
         s.scale_out(decision("out"))

@@ -272,7 +272,7 @@ class Observer:
 
     def _haproxy_loop(self):
         from control.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
-        rt = HAProxyRuntime(self.env.settings.run_path / "haproxy.sock", timeout_s=0.5)
+        rt = HAProxyRuntime.for_settings(self.env.settings, timeout_s=0.5)
         while not self._stop.is_set():
             t = time.monotonic() - self.t0
             try:
@@ -405,7 +405,7 @@ def _drill_settings(base, run_dir, free_port, weights, hosts, haproxy, control) 
     data["s3"]["port"] = free_port()
     data["haproxy"].update({"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()})
     data["haproxy"].update(DRILL_HAPROXY | (haproxy or {}))
-    data["control"].update({"api_port": free_port(), "metrics_port": free_port(), "haproxy_socket": ""})
+    data["control"].update({"api_port": free_port(), "metrics_port": free_port()})
     data["control"]["policy"].update({"util_signal": "none"})  # both sites share this host's CPU
     for k, v in (control or {}).items():
         if isinstance(v, dict):
@@ -570,7 +570,7 @@ class DrillEnv:
 
     def runtime(self):
         from control.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
-        return HAProxyRuntime(self.settings.run_path / "haproxy.sock")
+        return HAProxyRuntime.for_settings(self.settings)
 
 
 # Running one drill --------------------------------------------------------------------------------
