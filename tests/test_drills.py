@@ -17,8 +17,9 @@ from control.config import load_config
 from control.drills import netns, scenarios
 from control.drills.report import markdown
 from control.drills.runner import (
-    OpenLoopLoad, Req, add_one_spec, drill_settings, model_success_count, run_drill, write_add_one_repository,
+    add_one_spec, drill_settings, model_success_count, run_drill, write_add_one_repository,
 )
+from control.loadgen import OpenLoopLoad, Req
 from control.haproxy_config import render
 
 RATE = 30.0

@@ -22,7 +22,7 @@ console = Console()
 
 def search_ranking_spec(repository: Path):
     """The stored smoke request of the ensemble (model_repository/smoke.py), for the drill load."""
-    from control.drills.runner import RequestSpec  # noqa: PLC0415
+    from control.loadgen import RequestSpec  # noqa: PLC0415
     from model_repository.smoke import smoke_request, to_infer_inputs  # noqa: PLC0415
     from model_repository.spec import ENSEMBLE  # noqa: PLC0415
 
@@ -31,7 +31,8 @@ def search_ranking_spec(repository: Path):
 
 
 def _spec_factory(model: str, repository: Path):
-    from control.drills.runner import MODEL_ADD_ONE, add_one_spec, auto_spec  # noqa: PLC0415
+    from control.drills.runner import MODEL_ADD_ONE, add_one_spec  # noqa: PLC0415
+    from control.loadgen import auto_spec  # noqa: PLC0415
 
     def factory(env):
         if model == MODEL_ADD_ONE:

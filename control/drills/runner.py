@@ -7,9 +7,8 @@ success counter for the model and (when running) the control plane's decided wei
 `fault_at` -> lift at `lift_at` -> stop -> analyse -> report files. Everything it started is stopped
 and every namespace it made is removed, also when the drill fails.
 
-Why a load generator here and not control/loadgen.py: a drill needs one record per request (send
-time, end time, protocol, error) at a fixed open-loop rate, so a stalled server shows up as late
-answers instead of a lower request rate; loadgen.py is closed-loop and keeps only totals.
+The drill load is control/loadgen.py's open-loop mode (`OpenLoopLoad`): one record per request
+at a fixed rate, so a stalled server shows up as late answers instead of a lower request rate.
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import requests
 import yaml
 
 from control.config import Settings
+from control.loadgen import OpenLoopLoad, RequestSpec
 from control.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_until
 
 MODEL_ADD_ONE = "add_one"
@@ -43,17 +43,7 @@ class DrillSkip(Exception):
     """The scenario cannot run on this machine (the message says why)."""
 
 
-# Requests -----------------------------------------------------------------------------------------
-
-@dataclass
-class RequestSpec:
-    """What one inference request looks like: the model and a builder of its inputs for a
-    tritonclient module (`tritonclient.http` or `tritonclient.grpc`)."""
-
-    model: str
-    build: Callable[[object], list]
-    outputs: list[str] | None = None
-
+# Requests ---------------------------------------------------------------------------------------------
 
 def add_one_spec() -> RequestSpec:
     data = np.arange(4, dtype=np.float32).reshape(1, 4)
@@ -64,178 +54,6 @@ def add_one_spec() -> RequestSpec:
         return [inp]
     return RequestSpec(MODEL_ADD_ONE, build)
 
-
-_NP = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_FP64": np.float64, "TYPE_INT64": np.int64,
-       "TYPE_INT32": np.int32, "TYPE_INT8": np.int8, "TYPE_UINT8": np.uint8, "TYPE_BOOL": np.bool_,
-       "TYPE_STRING": np.object_}
-SAMPLE_QUERIES = [b"running shoes", b"wireless headphones", b"4k tv 55 inch", b"coffee grinder", b"kids bike"]
-
-
-def auto_spec(http_url: str, model: str, timeout: float = 5.0) -> RequestSpec:
-    """A request for any model, built from its config (`/v2/models/NAME/config`): dynamic dims
-    become 1, strings are sample search queries, numbers are small positive values."""
-    cfg = requests.get(f"{http_url}/v2/models/{model}/config", timeout=timeout).json()
-    batched = int(cfg.get("max_batch_size", 0)) > 0
-    arrays = []
-    for i in cfg.get("input", []):
-        dims = [int(d) for d in i.get("dims", [])]
-        shape = ([1] if batched else []) + [1 if d < 0 else d for d in dims]
-        dt = i.get("data_type", "TYPE_FP32")
-        np_t = _NP.get(dt, np.float32)
-        n = int(np.prod(shape)) if shape else 1
-        if np_t is np.object_:
-            arr = np.array([SAMPLE_QUERIES[k % len(SAMPLE_QUERIES)] for k in range(n)], dtype=np.object_)
-        elif np_t is np.bool_:
-            arr = np.ones(n, dtype=np.bool_)
-        else:
-            arr = (np.arange(n) % 7 + 1).astype(np_t)
-        arrays.append((i["name"], shape, dt.replace("TYPE_", "").replace("STRING", "BYTES"), arr.reshape(shape)))
-
-    def build(m):
-        out = []
-        for name, shape, dt, arr in arrays:
-            inp = m.InferInput(name, shape, dt)
-            inp.set_data_from_numpy(arr)
-            out.append(inp)
-        return out
-    return RequestSpec(model, build)
-
-
-# Load ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Req:
-    i: int
-    proto: str
-    t_sched: float     # seconds since load start
-    t_start: float
-    t_end: float
-    ok: bool
-    error: str = ""
-    version: str = ""  # model version that answered (from the response)
-
-    @property
-    def latency_ms(self) -> float:
-        return (self.t_end - self.t_start) * 1000
-
-
-def _error_kind(e: Exception) -> str:
-    status = getattr(e, "status", None)
-    s = status() if callable(status) else status
-    msg = str(e).replace("\n", " ")
-    return f"{s or type(e).__name__}: {msg[:120]}"
-
-
-class OpenLoopLoad:
-    """Requests at a fixed rate, alternating HTTP and gRPC through HAProxy, whatever the answers
-    take (open loop: a stalled backend shows up as late answers, not as fewer requests)."""
-
-    def __init__(self, http_url: str, grpc_url: str, spec: RequestSpec, rate: float, duration_s: float,
-                 timeout_s: float = 10.0, protocols: tuple[str, ...] = ("http", "grpc"), max_workers: int = 64,
-                 clock_zero: float | None = None, open_ended: bool = False):
-        """open_ended: keep the schedule open until finish() (the drill may extend the run)."""
-        if not 0 < rate <= 1000:
-            raise ValueError("rate must be in (0, 1000] requests/s")
-        if not 0 < duration_s <= 3600:
-            raise ValueError("duration must be in (0, 3600] s")
-        self.http_url, self.grpc_url = http_url, grpc_url
-        self.spec, self.rate, self.duration_s, self.timeout_s = spec, rate, duration_s, timeout_s
-        self.protocols = protocols
-        self.records: list[Req] = []
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="drill-load")
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._finished = threading.Event()
-        if not open_ended:
-            self._finished.set()
-        self.t0 = clock_zero if clock_zero is not None else time.monotonic()
-
-    def _client(self, proto: str):
-        key = f"c_{proto}"
-        c = getattr(self._local, key, None)
-        if c is None:
-            if proto == "grpc":
-                import tritonclient.grpc as m  # noqa: PLC0415
-                c = (m, m.InferenceServerClient(url=self.grpc_url))
-            else:
-                import tritonclient.http as m  # noqa: PLC0415
-                c = (m, m.InferenceServerClient(url=self.http_url, connection_timeout=self.timeout_s,
-                                                network_timeout=self.timeout_s))
-            setattr(self._local, key, c)
-        return c
-
-    def _drop_client(self, proto: str) -> None:
-        c = getattr(self._local, f"c_{proto}", None)
-        setattr(self._local, f"c_{proto}", None)
-        if c is not None:
-            try:
-                c[1].close()
-            except Exception:  # noqa: BLE001
-                pass
-
-    def _one(self, i: int, proto: str, t_sched: float) -> None:
-        start = time.monotonic()
-        ok, err, version = True, "", ""
-        try:
-            m, client = self._client(proto)
-            inputs = self.spec.build(m)
-            if proto == "grpc":
-                res = client.infer(self.spec.model, inputs, client_timeout=self.timeout_s)
-                version = str(res.get_response().model_version)
-            else:
-                res = client.infer(self.spec.model, inputs)
-                version = str((res.get_response() or {}).get("model_version", ""))
-        except Exception as e:  # noqa: BLE001 - every failure is a data point
-            ok, err = False, _error_kind(e)
-            self._drop_client(proto)  # a broken connection must not poison the next request
-        end = time.monotonic()
-        with self._lock:
-            self.records.append(Req(i, proto, t_sched, start - self.t0, end - self.t0, ok, err, version))
-
-    def extend_to(self, duration_s: float) -> None:
-        """Keep the load going until `duration_s` after its start (never shortens it)."""
-        self.duration_s = max(self.duration_s, min(duration_s, 3600.0))
-
-    def _schedule(self) -> None:
-        i = 0
-        while True:
-            if i >= int(self.rate * self.duration_s):  # duration_s may grow (extend_to) until finish()
-                if self._finished.is_set() or self._stop.is_set():
-                    return
-                time.sleep(0.01)
-                continue
-            due = self.t0 + i / self.rate
-            while not self._stop.is_set():
-                wait = due - time.monotonic()
-                if wait <= 0:
-                    break
-                time.sleep(min(wait, 0.05))
-            if self._stop.is_set():
-                return
-            self._pool.submit(self._one, i, self.protocols[i % len(self.protocols)], due - self.t0)
-            i += 1
-
-    def start(self) -> "OpenLoopLoad":
-        self._thread = threading.Thread(target=self._schedule, daemon=True, name="drill-load-scheduler")
-        self._thread.start()
-        return self
-
-    def finish(self) -> None:
-        """No extension will come: stop after the current duration."""
-        self._finished.set()
-
-    def join(self) -> list[Req]:
-        self._finished.set()
-        if self._thread:
-            self._thread.join()
-        self._pool.shutdown(wait=True)
-        with self._lock:
-            return sorted(self.records, key=lambda r: r.i)
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 # Observer -----------------------------------------------------------------------------------------
