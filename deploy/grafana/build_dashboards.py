@@ -57,6 +57,16 @@ OVERVIEW = [
      [("histogram_quantile(0.95, sum by (le, instance) (rate(triton_hybrid_poll_duration_seconds_bucket[5m])))",
        "{{instance}}")],
      "95th percentile of the control plane's scrape of each Triton."),
+    ("Row: Cost and cloud scaling", None, None, [], ""),
+    ("Burn rate by site vs. cloud budget ($/h)", "timeseries", "currencyUSD",
+     [("sum by (site) (triton_hybrid_cost_burn_rate_dollars_per_hour)", "{{site}}"),
+      ("max(triton_hybrid_cloud_budget_dollars_per_hour)", "cloud budget (-1: none)")],
+     "Instance-hours x cost_per_hour per site, and the configured hourly cloud budget."),
+    # Not triton_hybrid_scale_decisions_total: its {action, reason} series only exist after the
+    # scaler's first decision, so the live test cannot see them on a quiet stack (ask: initialize).
+    ("Cloud instances (scaler)", "timeseries", "none",
+     [("max(triton_hybrid_cloud_instances)", "cloud instances")],
+     "Cloud instances the elastic scaler sees; scaling decisions are in `triton-hybrid scale history`."),
     ("Row: Errors", None, None, [], ""),
     ("Triton failures (per second)", "timeseries", "reqps",
      [('sum by (site, instance) (rate(nv_inference_request_failure{job="triton"}[5m]))', "{{instance}}")],
