@@ -58,7 +58,9 @@ def header(m: dict, ctx: Ctx, keys: list[str]) -> str:
              "shifts both. Benchmarks print figures; nothing here passes or fails on an absolute time.", "",
              "## The machine", "", "| | |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", f"Sections in this run: {', '.join(keys)}.", "", "<!-- /header -->", ""]
+    lines += ["", f"Measured by the latest invocation (the table above is its machine record): {', '.join(keys)}. "
+              "Every section ends with the date it was measured and the load average then.", "",
+              "<!-- /header -->", ""]
     return "\n".join(lines)
 
 
