@@ -45,6 +45,13 @@ class ControlMetrics:
             self.failover.labels(s).set(0)
         self.override.set(0)
 
+    def init_series(self, instances, actuator: str) -> None:
+        """Start event counters at 0 for the labels we know, so a dashboard or an alert sees a
+        series (and a rate of 0) before the first error instead of nothing."""
+        for inst in instances:
+            self.poll_errors.labels(inst.name)
+        self.apply_errors.labels(actuator)
+
     def serve(self, port: int, addr: str = "127.0.0.1"):
         return start_http_server(port, addr=addr, registry=self.registry)
 

@@ -46,6 +46,7 @@ class Controller:
         self.metrics = metrics or ControlMetrics()
         self.audit = Audit(settings.database_path)
         self.actuator = actuator or make_actuator(settings)
+        self.metrics.init_series(settings.instances, self.actuator.name)
         self.poller = Poller(settings.instances, settings.control.poll_timeout_s, settings.control.dcgm_exporter_urls,
                              clock=clock, on_result=self.metrics.observe_poll)
         self.lock = threading.RLock()
