@@ -49,10 +49,11 @@ def smoke_request(source: str | Path) -> tuple[dict[str, np.ndarray], dict | Non
 
 def to_infer_inputs(inputs: dict[str, np.ndarray], client_module) -> list:
     """tritonclient.http or tritonclient.grpc InferInput objects for `inputs`."""
+    from tritonclient.utils import np_to_triton_dtype  # noqa: PLC0415
+
     out = []
     for name, array in inputs.items():
-        dtype = "BYTES" if array.dtype == object else {np.int64: "INT64", np.int32: "INT32"}[array.dtype.type]
-        t = client_module.InferInput(name, list(array.shape), dtype)
+        t = client_module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         t.set_data_from_numpy(array)
         out.append(t)
     return out

@@ -53,6 +53,18 @@ def make_settings(run_dir, instances=(("onprem-1", "onprem", 90, True), ("cloud-
     return load_config(path, environ={})
 
 
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's server on a free loopback port: the AWS endpoint (Route53, Auto Scaling) of a test."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
 @pytest.fixture
 def settings_factory(tmp_path):
     return lambda **kw: make_settings(tmp_path / "run", **kw)

@@ -18,22 +18,14 @@ from tests.conftest import make_settings
 DECISION = ScaleDecision("out", "scale_out_load", "test", 1, 2, None, ScalerState(), {})
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture
-def group(endpoint, monkeypatch):
+def group(moto_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1")
-    asg = boto3.client("autoscaling", endpoint_url=endpoint, region_name="us-east-1")
+    ec2 = boto3.client("ec2", endpoint_url=moto_endpoint, region_name="us-east-1")
+    asg = boto3.client("autoscaling", endpoint_url=moto_endpoint, region_name="us-east-1")
     name = f"triton-cloud-{free_port()}"
     ami = ec2.describe_images()["Images"][0]["ImageId"]
     ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={"ImageId": ami, "InstanceType": "g5.xlarge"})
@@ -42,13 +34,13 @@ def group(endpoint, monkeypatch):
     return name
 
 
-def test_asg_sets_desired_capacity_on_the_endpoint(endpoint, group):
-    s = AsgScaler(group, endpoint_url=endpoint, cost_per_hour=1.5)
+def test_asg_sets_desired_capacity_on_the_endpoint(moto_endpoint, group):
+    s = AsgScaler(group, endpoint_url=moto_endpoint, cost_per_hour=1.5)
     assert s.desired() == 1 and len(s.instances()) == 1
     r = s.scale_out(DECISION)
     assert r == {"group": group, "desired_before": 1, "desired": 2}
     # Read back by a client of its own: the endpoint really holds the new desired capacity.
-    other = boto3.client("autoscaling", endpoint_url=endpoint, region_name="us-east-1")
+    other = boto3.client("autoscaling", endpoint_url=moto_endpoint, region_name="us-east-1")
     g = other.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"][0]
     assert g["DesiredCapacity"] == 2
     insts = s.instances()
@@ -59,18 +51,18 @@ def test_asg_sets_desired_capacity_on_the_endpoint(endpoint, group):
     assert s.scale_in(DECISION)["desired"] == 2
 
 
-def test_asg_missing_group_is_a_clear_error(endpoint, monkeypatch):
+def test_asg_missing_group_is_a_clear_error(moto_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     with pytest.raises(ScaleError, match="no Auto Scaling group named 'nope'"):
-        AsgScaler("nope", endpoint_url=endpoint).desired()
+        AsgScaler("nope", endpoint_url=moto_endpoint).desired()
 
 
-def test_daemon_scale_job_drives_the_asg(endpoint, group, tmp_path):
+def test_daemon_scale_job_drives_the_asg(moto_endpoint, group, tmp_path):
     """The controller's scale job with the ASG actuator: below min_instances -> desired capacity
     raised on the endpoint, audited with its reason."""
     settings = make_settings(tmp_path / "run", control={"actuator": "dry-run", "scaler": {
-        "enabled": True, "actuator": "asg", "asg_name": group, "asg_endpoint_url": endpoint, "min_instances": 2,
+        "enabled": True, "actuator": "asg", "asg_name": group, "asg_endpoint_url": moto_endpoint, "min_instances": 2,
         "max_instances": 3}})
     c = Controller(settings)
     try:

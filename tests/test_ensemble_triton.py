@@ -65,13 +65,7 @@ def inputs(module, query, candidates, top_k=None, cand_dtype=np.int64, query_sha
     arrays = {"QUERY": q, "CANDIDATE_IDS": np.array([candidates], dtype=cand_dtype).reshape(1, -1)}
     if top_k is not None:
         arrays["TOP_K"] = np.array([[top_k]], dtype=np.int32)
-    out = []
-    for name, a in arrays.items():
-        dtype = "BYTES" if a.dtype == object else {np.int64: "INT64", np.int32: "INT32"}[a.dtype.type]
-        t = module.InferInput(name, list(a.shape), dtype)
-        t.set_data_from_numpy(a)
-        out.append(t)
-    return out
+    return to_infer_inputs(arrays, module)
 
 
 def infer(server, protocol, query, candidates, top_k=None, parameters=None, **kw):
