@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from control.procs import free_port
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "deploy" / "local.yaml"
 ENV_CONFIG = "TRITON_HYBRID_CONFIG"
@@ -370,3 +372,31 @@ def _deep_merge(base: dict, extra: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def isolated_settings(run_dir, instances=(("onprem-1", "onprem", 90, True), ("cloud-1", "cloud", 10, False)),
+                  **sections):
+    """Settings for a stack of its own (tests, benchmarks): every port a free loopback port, everything
+    under run_dir, written next to it as a config file so CLI calls and the daemon see the same."""
+    overrides = {
+        "run_dir": str(run_dir),
+        "s3": {"port": free_port()},
+        "haproxy": {"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()},
+        "control": {"api_port": free_port(), "metrics_port": free_port()},
+        "instances": [
+            {"name": name, "site": site, "http_port": free_port(), "grpc_port": free_port(),
+             "metrics_port": free_port(), "weight": weight, "sensitive_ok": sensitive}
+            for name, site, weight, sensitive in instances
+        ],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            overrides.setdefault(key, {}).update(value)
+        else:
+            overrides[key] = value
+    # Written to a file so that CLI calls and the daemon `up` starts (`--config`) see the same ports.
+    data = _deep_merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), overrides)
+    path = Path(run_dir).parent / f"config-{Path(run_dir).name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, environ={})

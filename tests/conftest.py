@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
-from control.config import DEFAULT_CONFIG, _deep_merge, load_config
+from control.config import isolated_settings as make_settings  # noqa: F401 - tests import it from here
 from control.procs import free_port
 
 
@@ -24,33 +23,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def make_settings(run_dir, instances=(("onprem-1", "onprem", 90, True), ("cloud-1", "cloud", 10, False)),
-                  **sections):
-    """Settings for a stack of the test's own: every port free, everything under run_dir."""
-    overrides = {
-        "run_dir": str(run_dir),
-        "s3": {"port": free_port()},
-        "haproxy": {"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()},
-        "control": {"api_port": free_port(), "metrics_port": free_port()},
-        "instances": [
-            {"name": name, "site": site, "http_port": free_port(), "grpc_port": free_port(),
-             "metrics_port": free_port(), "weight": weight, "sensitive_ok": sensitive}
-            for name, site, weight, sensitive in instances
-        ],
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            overrides.setdefault(key, {}).update(value)
-        else:
-            overrides[key] = value
-    # Written to a file so that CLI calls and the daemon `up` starts (`--config`) see the same ports.
-    data = _deep_merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), overrides)
-    path = Path(run_dir).parent / f"config-{Path(run_dir).name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data))
-    return load_config(path, environ={})
 
 
 @pytest.fixture(scope="module")
