@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 demo: install models repo
 	$(CLI) down >/dev/null 2>&1 || true
 	$(CLI) up
-	$(PY) -m control.demo
+	$(PY) -m control.local.demo
 	@echo
 	@echo "The stack keeps running. Look: triton-hybrid status | stop: make down"
 

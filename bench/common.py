@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark sections: the run context, the machine record, markdown tables,
 one closed-loop load generator used for every serving path, and a stack of the benchmark's own
-(free loopback ports, run dir under the work dir) started with `control.stack.up`."""
+(free loopback ports, run dir under the work dir) started with `control.local.stack.up`."""
 from __future__ import annotations
 
 import json
@@ -309,10 +309,10 @@ def drive(make_call: Callable[[], Callable[[int], object]], concurrency: int, du
 
 @contextmanager
 def bench_stack(ctx: Ctx, name: str, repository: Path, instances=(("onprem-1", "onprem", 100, True),)):
-    """`control.stack.up(settings, with_control=False)` on free loopback ports with the given
+    """`control.local.stack.up(settings, with_control=False)` on free loopback ports with the given
     repository; everything stopped (by its pid files) on the way out."""
     try:
-        from control import stack  # noqa: PLC0415
+        from control.local import stack  # noqa: PLC0415
         from control.config import isolated_settings as make_settings  # noqa: PLC0415
     except ImportError as e:
         raise Missing(f"the stack helpers are not importable ({e})") from None
@@ -344,8 +344,8 @@ def _record_triton_version(ctx: Ctx, http_url: str) -> None:
 @contextmanager
 def single_triton(ctx: Ctx, name: str, repository: Path):
     """One Triton (no HAProxy) on free ports; yields (http host:port, grpc host:port)."""
-    from control.procs import free_port  # noqa: PLC0415
-    from control.triton import start_triton  # noqa: PLC0415
+    from control.local.procs import free_port  # noqa: PLC0415
+    from control.local.triton_server import start_triton  # noqa: PLC0415
 
     run_dir = ctx.work_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Section 6: CPU time of one control-plane tick (poll every instance + decide + split + audit)
 with 1, 10 and 100 instances. The instances are lightweight replay servers (bench/replay.py, a
 separate process) serving a recorded Triton metrics text, so only the control plane's own cost is
-measured. The daemon's own code does the work: `control.daemon.Controller` (poller + policy +
+measured. The daemon's own code does the work: `control.daemon.controller.Controller` (poller + policy +
 dry-run actuator + SQLite audit)."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ COUNTS = (1, 10, 100)
 
 def _settings(ctx: Ctx, n: int, ports: list[list[int]]):
     from control.config import load_config  # noqa: PLC0415
-    from control.procs import free_port  # noqa: PLC0415
+    from control.local.procs import free_port  # noqa: PLC0415
 
     run_dir = ctx.work_dir / f"control-{n}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -38,10 +38,10 @@ def _settings(ctx: Ctx, n: int, ports: list[list[int]]):
 
 def measure(ctx: Ctx, n: int, ticks: int) -> dict:
     try:
-        from control.daemon import Controller  # noqa: PLC0415
-        from control.snapshot import InstanceState  # noqa: PLC0415
+        from control.daemon.controller import Controller  # noqa: PLC0415
+        from control.traffic.snapshot import InstanceState  # noqa: PLC0415
     except ImportError as e:
-        raise Missing(f"control.daemon / control.poller are not importable ({e})") from None
+        raise Missing(f"control.daemon.controller / control.traffic.poller are not importable ({e})") from None
     replay = subprocess.Popen([sys.executable, "-m", "bench.replay", "--instances", str(n)], cwd=PROJECT_ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -112,7 +112,7 @@ def run(ctx: Ctx) -> Section:
              "finishes inside the poll interval at 100.",
         how=f"{' / '.join(str(c) for c in COUNTS)} replay servers (`bench/replay.py`, one asyncio process, a port "
             "pair per instance) answer `/v2/health/ready` and serve `tests/fixtures/triton_metrics_cpu.txt` at "
-            "`/metrics` with counters growing per scrape. `control.daemon.Controller` with the dry-run actuator "
+            "`/metrics` with counters growing per scrape. `control.daemon.controller.Controller` with the dry-run actuator "
             "runs `poll()` (concurrent scrape of every instance + parse + rates) then `tick()` (policy `decide`, "
             f"`split` by capacity, SQLite audit row, own metrics), {ticks} ticks paced at the configured "
             "`poll_interval_s` after 2 warm-up ticks. The replay servers' own CPU is not counted.",

@@ -1,5 +1,5 @@
-"""Section 5: rollout. publish -> live on every instance, with `control.publish.publish_version`
-and `control.sync.sync_all`, while a steady load runs through HAProxy:
+"""Section 5: rollout. publish -> live on every instance, with `control.mirror.publish.publish_version`
+and `control.mirror.sync.sync_all`, while a steady load runs through HAProxy:
   - changed: a new version of `ranker` whose model file differs (bytes go up to S3);
   - unchanged content: a new version of `ranker` with the same files (server-side copies in S3,
     no bytes uploaded, still a load + smoke + go-live on every instance);
@@ -79,10 +79,10 @@ def next_version_dir(repo: Path, model: str, change: bool) -> int:
 def run(ctx: Ctx) -> Section:
     export = ctx.need_export()
     try:
-        from control.publish import publish_version  # noqa: PLC0415
-        from control.sync import sync_all  # noqa: PLC0415
+        from control.mirror.publish import publish_version  # noqa: PLC0415
+        from control.mirror.sync import sync_all  # noqa: PLC0415
     except ImportError as e:
-        raise Missing(f"control.publish / control.sync are not importable ({e})") from None
+        raise Missing(f"control.mirror.publish / control.mirror.sync are not importable ({e})") from None
     repo = ctx.work_dir / "rollout" / "repository"
     shutil.rmtree(repo, ignore_errors=True)
     shutil.copytree(ctx.repository("fp32"), repo)
@@ -149,7 +149,7 @@ def run(ctx: Ctx) -> Section:
         "rollout", "", headline=headline,
         what="Seconds from `publish` to live on every instance and the bytes uploaded, for a changed model and "
              "an unchanged one, with failed requests counted under a steady load through HAProxy.",
-        how="A stack of the benchmark's own (`control.stack.up`, local S3 endpoint, two Tritons onprem-1/cloud-1 "
+        how="A stack of the benchmark's own (`control.local.stack.up`, local S3 endpoint, two Tritons onprem-1/cloud-1 "
             "weights 90/10, HAProxy, no control daemon), first `sync_all` to mark the staged versions live. "
             "Then, under a steady load (2 closed-loop tritonclient.http clients through HAProxy, `search_ranking` "
             f"with held-out queries): `publish_version(settings, repo, '{MODEL}')` + `sync_all(settings, "

@@ -74,7 +74,7 @@ def run(ctx: Ctx) -> Section:
         what="Throughput and latency of the `search_ranking` ensemble through HAProxy vs directly on the one "
              "Triton behind it, over gRPC and HTTP at concurrency " + ", ".join(map(str, conc)) +
              ": the throughput ratio and the p50/p99 latency HAProxy adds.",
-        how=f"A stack of the benchmark's own (`control.stack.up`, free loopback ports) with a single Triton "
+        how=f"A stack of the benchmark's own (`control.local.stack.up`, free loopback ports) with a single Triton "
             "instance (weight 100), so HAProxy's backend has exactly the server that is measured directly; the "
             "generated HAProxy config as the stack runs it (health checks, retries). perf_analyzer "
             "(`model_repository/perf.py`, from the tritonclient 2.40.0 wheel) with `--input-data` holding "

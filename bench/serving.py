@@ -47,7 +47,7 @@ def flask_caller(url: str, queries):
 
 
 def start_flask(ctx: Ctx, export) -> tuple[subprocess.Popen, str]:
-    from control.procs import free_port  # noqa: PLC0415
+    from control.local.procs import free_port  # noqa: PLC0415
 
     port = free_port()
     log = open(ctx.work_dir / "flask.log", "w")

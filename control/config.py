@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from control.procs import free_port
+from control.local.procs import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "deploy" / "local.yaml"
@@ -110,7 +110,7 @@ class HAProxyConfig(_Section):
 
 
 class PolicyConfig(_Section):
-    """Knobs of the traffic policy (a pure function in control/policy.py). Weights are per site,
+    """Knobs of the traffic policy (a pure function in control/traffic/policy.py). Weights are per site,
     0..100, onprem + cloud = 100."""
 
     # Which load signal: "auto" = GPU utilization where the site reports GPUs, else CPU;
@@ -164,7 +164,7 @@ class Route53Config(_Section):
 
 
 class ScalerConfig(_Section):
-    """Elastic cloud capacity (control/scaler.py, a pure function; control/scale_actuators.py).
+    """Elastic cloud capacity (control/capacity/scaler.py, a pure function; control/capacity/actuators.py).
 
     Out: the cloud's share of traffic >= `out_min_cloud_weight` and its load high (utilization >
     `util_high`, queue time > `queue_ms_high`, or requests/s per capacity unit >

@@ -1,5 +1,5 @@
 """The control plane's SQLite database: one file under the run dir, shared by the version state
-(control/state.py) and the decision audit. Each module owns its tables and creates them with
+(control/mirror/state.py) and the decision audit. Each module owns its tables and creates them with
 `ensure_schema`; WAL mode so the CLI can read while the daemon writes."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`triton-hybrid export` and `triton-hybrid export-bench` (wired into control/cli.py);
+"""`triton-hybrid export` and `triton-hybrid export-bench` (wired into control/cli/__init__.py);
 `python -m export.cli export|export-bench` runs them standalone."""
 from __future__ import annotations
 

@@ -107,8 +107,8 @@ def bench(export_dir: Path, work_dir: Path, concurrencies=(1, 8), protocol: str 
     """Build the cpu repository with dynamic batching on and off; for each, one Triton behind
     HAProxy (the local stack's generated config), perf_analyzer through HAProxy."""
     from control.config import load_config  # noqa: PLC0415 - the control plane owns these
-    from control.procs import free_port  # noqa: PLC0415
-    from control.triton import start_triton  # noqa: PLC0415
+    from control.local.procs import free_port  # noqa: PLC0415
+    from control.local.triton_server import start_triton  # noqa: PLC0415
     from model_repository.build import build_repository  # noqa: PLC0415
 
     held = json.loads((Path(export_dir) / "heldout_queries.json").read_text())[0]
@@ -146,7 +146,7 @@ def bench(export_dir: Path, work_dir: Path, concurrencies=(1, 8), protocol: str 
 
 def _start_haproxy(settings):
     """The local stack's HAProxy, once its health checks have marked the Triton up (rise 2)."""
-    from control.haproxy_proc import start_haproxy  # noqa: PLC0415
+    from control.local.haproxy import start_haproxy  # noqa: PLC0415
 
     proc = start_haproxy(settings)
     time.sleep(max(2.0, 3 * settings.haproxy.health_interval_ms / 1000))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from control.config import isolated_settings as make_settings  # noqa: F401 - tests import it from here
-from control.procs import free_port
+from control.local.procs import free_port
 
 
 def gpu_available() -> bool:

@@ -7,9 +7,9 @@ import time
 import pytest
 import requests
 
-from control.actuators import DryRunActuator
-from control.api import serve_api
-from control.daemon import Controller
+from control.traffic.actuators import DryRunActuator
+from control.daemon.api import serve_api
+from control.daemon.controller import Controller
 from tests.conftest import make_settings
 
 TOKEN = "test-admin-token-123"
@@ -153,7 +153,7 @@ def test_status_and_policy_views(svc):
 
 
 def test_sync_job_calls_sync_all_and_exports_lag(svc, monkeypatch):
-    import control.sync
+    import control.mirror.sync
     _, c = svc
     seen = []
 
@@ -162,7 +162,7 @@ def test_sync_job_calls_sync_all_and_exports_lag(svc, monkeypatch):
         return {"onprem-1": {"ranker": {"live": 3, "published": 5, "status": "live"}},
                 "cloud-1": {"*": {"live": None, "published": None, "status": "skipped"}}}
 
-    monkeypatch.setattr(control.sync, "sync_all", fake_sync_all)
+    monkeypatch.setattr(control.mirror.sync, "sync_all", fake_sync_all)
     c.sync()
     assert seen and c.last_sync["result"]["onprem-1"]["ranker"]["live"] == 3
     reg = c.metrics.registry

@@ -9,10 +9,10 @@ import boto3
 import pytest
 import yaml
 
-from control.daemon import Controller
-from control.procs import free_port
-from control.scale_actuators import AsgScaler, K8sScaler, ScaleError
-from control.scaler import ScaleDecision, ScalerState
+from control.daemon.controller import Controller
+from control.local.procs import free_port
+from control.capacity.actuators import AsgScaler, K8sScaler, ScaleError
+from control.capacity.scaler import ScaleDecision, ScalerState
 from tests.conftest import make_settings
 
 DECISION = ScaleDecision("out", "scale_out_load", "test", 1, 2, None, ScalerState(), {})

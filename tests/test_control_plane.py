@@ -17,11 +17,11 @@ import pytest
 import requests
 import yaml
 
-from control.api import serve_api
-from control.daemon import Controller, Daemon
-from control.haproxy_runtime import HAProxyRuntime
-from control.loadgen import run_load
-from control.metrics import parse
+from control.daemon.api import serve_api
+from control.daemon.controller import Controller, Daemon
+from control.adapters.haproxy_runtime import HAProxyRuntime
+from control.drills.load import run_load
+from control.traffic.triton_metrics import parse
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.slow
@@ -84,8 +84,8 @@ def wait_for(pred, timeout, step=0.2):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from control.haproxy_proc import start_haproxy
-    from control.triton import start_triton
+    from control.local.haproxy import start_haproxy
+    from control.local.triton_server import start_triton
 
     root = tmp_path_factory.mktemp("cp")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
@@ -310,7 +310,7 @@ def test_08_restart_resumes_from_database_and_haproxy(stack):
 
 def test_085_haproxy_restart_is_reconciled(stack):
     """HAProxy restarts with its config weights (100/0); the daemon puts the override back."""
-    from control.haproxy_proc import start_haproxy
+    from control.local.haproxy import start_haproxy
     c: Controller = stack["daemon"].controller
     api(stack, "POST", "/v1/weights", {"weights": {"onprem": 35, "cloud": 65}, "ttl_s": 60})
     assert haproxy_weights(stack) == {"onprem-1": 35, "cloud-1": 65}
@@ -368,7 +368,7 @@ def test_09_sensitive_requests_stay_onprem_and_get_503_when_it_is_down(stack):
         th.InferenceServerClient(url).infer(MODEL, [_inp(th)], headers=hdr)
 
     # Back up: failback only after failback_healthy_s of health.
-    from control.triton import start_triton
+    from control.local.triton_server import start_triton
     inst = settings.instance("onprem-1")
     stack["procs"]["onprem-1"] = start_triton(inst.name, stack["repo"], inst.http_port, inst.grpc_port,
                                               inst.metrics_port, settings.run_path, load_models=(MODEL,))

@@ -1,4 +1,4 @@
-"""deploy/: Kubernetes base + overlays (resolved and checked by control/kustomize_check.py, the
+"""deploy/: Kubernetes base + overlays (resolved and checked by control/deploy/kustomize.py, the
 project's resolver for the kustomize subset it uses), the HAProxy configs rendered by the same
 generator as the local stack, Grafana provisioning and dashboards, systemd units, IAM policies."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from control.config import PROJECT_ROOT, load_config
-from control.kustomize_check import KustomizeError, build, check, check_tree, strategic_merge
+from control.deploy.kustomize import KustomizeError, build, check, check_tree, strategic_merge
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -208,7 +208,7 @@ def test_check_k8s_command():
 # ---- HAProxy: the same generator as the local stack --------------------------------------------
 
 def test_committed_haproxy_configs_are_the_generators_output():
-    from control.deploy_cli import render_haproxy, render_k8s_haproxy
+    from control.cli.deploy import render_haproxy, render_k8s_haproxy
 
     assert (DEPLOY / "haproxy" / "haproxy.cfg").read_text() == render_haproxy(), \
         "deploy/haproxy/haproxy.cfg is stale: run `triton-hybrid deploy render-haproxy --k8s`"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from control.metrics import MetricsError, parse, parse_dcgm, rates
+from control.traffic.triton_metrics import MetricsError, parse, parse_dcgm, rates
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -134,8 +134,8 @@ def fake_instance():
 
 
 def test_poller_states(fake_instance):
-    from control.poller import Poller
-    from control.snapshot import InstanceState
+    from control.traffic.poller import Poller
+    from control.traffic.snapshot import InstanceState
     f, inst = fake_instance
     t = [1000.0]
     p = Poller([inst], timeout_s=0.3, clock=lambda: t[0])
@@ -174,9 +174,9 @@ def test_poller_timeout_and_connection_refused(fake_instance):
     import time
 
     from control.config import InstanceConfig
-    from control.poller import Poller
-    from control.procs import free_port
-    from control.snapshot import InstanceState
+    from control.traffic.poller import Poller
+    from control.local.procs import free_port
+    from control.traffic.snapshot import InstanceState
     f, inst = fake_instance
     dead_port = free_port()
     dead = InstanceConfig(name="cloud-1", site="cloud", http_port=dead_port, grpc_port=1, metrics_port=dead_port)

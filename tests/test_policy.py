@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from control.config import InstanceConfig, PolicyConfig
-from control.policy import Controls, Decision, Override, PolicyState, decide, normalize, split
-from control.snapshot import InstanceSnapshot, InstanceState
+from control.traffic.policy import Controls, Decision, Override, PolicyState, decide, normalize, split
+from control.traffic.snapshot import InstanceSnapshot, InstanceState
 
 H, U, K = InstanceState.HEALTHY, InstanceState.UNHEALTHY, InstanceState.UNKNOWN
 CFG = PolicyConfig(onprem_util_high=0.8, onprem_util_low=0.5, queue_time_high_ms=20, queue_time_low_ms=5,

@@ -1,11 +1,11 @@
-"""A real Prometheus (Debian 2.42) against the live local stack (control/stack.py: S3 endpoint,
+"""A real Prometheus (Debian 2.42) against the live local stack (control/local/stack.py: S3 endpoint,
 publish + verified pull, two real Tritons, HAProxy, the control-plane daemon), started with
-control/prometheus_proc.py on the generated config and the committed rules.
+control/local/prometheus.py on the generated config and the committed rules.
 
 Every PromQL expression of the Grafana dashboards and of the rules must return data:
 - dashboards and recording rules: the whole expression returns at least one series;
 - alerts are threshold comparisons that are (rightly) empty on a healthy stack, so each operand of
-  their comparisons/set operators (control.prometheus_config.split_operands) must return data:
+  their comparisons/set operators (control.adapters.prometheus_config.split_operands) must return data:
   `up{job="triton"} == 0` checks `up{job="triton"}`; `a > 0.9 and on () (b == 1)` checks a and b;
 - every metric name any expression uses has at least one series (no panel queries a metric
   nobody exports).
@@ -36,7 +36,7 @@ import pytest
 import requests
 import yaml
 
-from control.prometheus_config import (
+from control.adapters.prometheus_config import (
     GPU_ONLY_METRICS, dashboard_queries, metric_names, rule_expressions, split_operands,
 )
 
@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # metric -> why it has no data on the local stack yet (owner). Empty: every metric the dashboards
 # and rules use is exported (the sync report feeding triton_hybrid_live_version and
-# triton_hybrid_sync_lag_versions landed in control/sync.py).
+# triton_hybrid_sync_lag_versions landed in control/mirror/sync.py).
 NOT_YET_EXPORTED: dict[str, str] = {}
 
 HAVE_GPU = shutil.which("nvidia-smi") is not None
@@ -111,10 +111,10 @@ def live(tmp_path_factory):
             pytest.skip(f"{binary} not installed (apt-get install prometheus)")
     if not (shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy")):
         pytest.skip("haproxy not installed (apt-get install haproxy)")
-    from control import stack
+    from control.local import stack
     from control.config import load_config
     from control.drills.runner import MODEL_ADD_ONE, write_add_one_repository
-    from control.procs import free_port, load_managed
+    from control.local.procs import free_port, load_managed
     from tests.conftest import make_settings
 
     base = tmp_path_factory.mktemp("prom_live")

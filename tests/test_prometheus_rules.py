@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from control import prometheus_config as pc
+from control.adapters import prometheus_config as pc
 from control.config import PROJECT_ROOT, load_config
 
 PROM_DIR = PROJECT_ROOT / "deploy" / "prometheus"
@@ -63,7 +63,7 @@ def test_config_scrapes_every_instance_haproxy_and_control_plane():
 
 
 def test_generated_config_for_a_test_stack_is_valid(settings_factory, tmp_path):
-    from control.prometheus_proc import write_config  # noqa: PLC0415
+    from control.local.prometheus import write_config  # noqa: PLC0415
 
     path = write_config(settings_factory())  # runs promtool check config itself
     cfg = yaml.safe_load(path.read_text())
@@ -110,7 +110,7 @@ def test_dashboard_queries_parse(tmp_path):
     """promtool has no `check query`; every dashboard expression goes into a rule file as a
     recording rule and `promtool check rules` parses it. This covers the GPU-only panels, whose
     data cannot be checked on a CPU machine (see tests/test_prometheus_live.py)."""
-    from control.prometheus_config import dashboard_queries  # noqa: PLC0415
+    from control.adapters.prometheus_config import dashboard_queries  # noqa: PLC0415
 
     queries = dashboard_queries()
     assert queries
@@ -123,7 +123,7 @@ def test_dashboard_queries_parse(tmp_path):
 
 
 def test_start_and_stop_a_real_prometheus(settings_factory):
-    """control/prometheus_proc.py: the process `up --with-prometheus` starts, on its own: ready,
+    """control/local/prometheus.py: the process `up --with-prometheus` starts, on its own: ready,
     pid file, its own process group, the generated config loaded with every rule, scraping the
     configured targets (nothing listens there: up == 0), and stopped by its pid file."""
     import os
@@ -131,8 +131,8 @@ def test_start_and_stop_a_real_prometheus(settings_factory):
 
     import requests
 
-    from control.procs import free_port, load_managed
-    from control.prometheus_proc import start_prometheus, stop_prometheus
+    from control.local.procs import free_port, load_managed
+    from control.local.prometheus import start_prometheus, stop_prometheus
 
     settings = settings_factory()
     port = free_port()
@@ -171,8 +171,8 @@ def test_gpu_only_expressions_return_data_from_gpu_shaped_triton_metrics(setting
 
     import requests
 
-    from control.procs import free_port
-    from control.prometheus_proc import start_prometheus, stop_prometheus
+    from control.local.procs import free_port
+    from control.local.prometheus import start_prometheus, stop_prometheus
 
     body = (PROJECT_ROOT / "tests" / "fixtures" / "triton_metrics_gpu.txt").read_bytes()
 

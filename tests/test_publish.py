@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from control import s3 as s3x
-from control.manifest import (
+from control.adapters import s3 as s3x
+from control.mirror.manifest import (
     MANIFEST_NAME, ManifestError, UnsafePathError, build_manifest, parse_manifest, safe_join, validate_relpath,
 )
-from control.publish import (
+from control.mirror.publish import (
     PublishConflict, PublishError, publish_repository, publish_version, published_versions, read_manifest,
 )
 
@@ -101,7 +101,7 @@ class CallCounter:
 @pytest.fixture
 def s3env(settings_factory, tmp_path):
     """Settings on free ports + a real moto server (the lead's launcher) + a client."""
-    from control.s3server import start_s3_server
+    from control.local.s3_endpoint import start_s3_server
 
     settings = settings_factory(s3={"multipart_threshold_mb": 5, "keep_versions": 3})
     proc = start_s3_server(settings)
@@ -176,7 +176,7 @@ def test_publish_encrypts_every_object_and_writes_manifest_last(s3env):
 
 
 def test_sse_kms_is_configurable(settings_factory, tmp_path):
-    from control.s3server import start_s3_server
+    from control.local.s3_endpoint import start_s3_server
 
     settings = settings_factory(s3={"sse": "aws:kms", "kms_key_id": "alias/models"})
     proc = start_s3_server(settings)
@@ -250,7 +250,7 @@ def test_two_publishers_other_content_one_wins(s3env, tmp_path):
 def test_manifest_conditional_write_decides_a_race(s3env, tmp_path, monkeypatch):
     """Both publishers get past the lock (the second breaks it) and upload; the conditional
     manifest write lets exactly one of them publish."""
-    import control.publish as pub
+    import control.mirror.publish as pub
 
     settings, client, _ = s3env
     repos = [tmp_path / "a", tmp_path / "b"]
@@ -288,8 +288,8 @@ def test_interrupted_publish_is_invisible_and_completed_next_time(s3env):
         import os, signal, sys, json
         sys.path.insert(0, {str(ROOT)!r})
         from control.config import load_config
-        from control import s3 as s3x
-        from control.publish import publish_version
+        from control.adapters import s3 as s3x
+        from control.mirror.publish import publish_version
         settings = load_config(environ={{}}, overrides=json.loads(sys.argv[1]))
         client = s3x.make_client(settings.s3)
         n = [0]
@@ -341,7 +341,7 @@ def test_publish_repository_publishes_newest_and_is_idempotent(s3env):
 
 
 def test_s3_retention_keeps_newest_and_live(s3env):
-    from control.state import MirrorState
+    from control.mirror.state import MirrorState
 
     settings, client, repo = s3env
     state = MirrorState.for_settings(settings)

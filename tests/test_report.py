@@ -1,6 +1,6 @@
 """`triton-hybrid report`: a PNG of weights and per-site traffic over time.
 
-- from the decision audit: a control database with the audit's own schema (control/audit.py DDL)
+- from the decision audit: a control database with the audit's own schema (control/traffic/audit.py DDL)
   holding a scripted scenario (steady on-prem -> scale out to the cloud on utilization -> on-prem
   down, failover -> failback); the command writes a real PNG and its summary counts the
   decisions, weight changes, failover span and per-site traffic;
@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from click.testing import CliRunner
 
-from control import report
+from control.traffic import chart as report
 from control.cli import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def write_scenario(db_path, now: float, ticks: int = 600) -> None:
     """One decision per second over 10 minutes, in the audit table's real schema."""
     from control import db
-    from control.audit import DDL
+    from control.traffic.audit import DDL
 
     conn = db.connect(db_path)
     db.ensure_schema(conn, DDL)

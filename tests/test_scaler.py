@@ -1,10 +1,10 @@
-"""The scaler as a pure function (control/scaler.py) and the cost ledger (control/cost.py)."""
+"""The scaler as a pure function (control/capacity/scaler.py) and the cost ledger (control/capacity/cost.py)."""
 from __future__ import annotations
 
 from control.config import ScalerConfig
-from control.cost import CostLedger, accrue, cost_summary, site_totals
-from control.scaler import CloudInstance, ScalerState, decide_scale
-from control.snapshot import InstanceSnapshot, InstanceState
+from control.capacity.cost import CostLedger, accrue, cost_summary, site_totals
+from control.capacity.scaler import CloudInstance, ScalerState, decide_scale
+from control.traffic.snapshot import InstanceSnapshot, InstanceState
 
 CFG = ScalerConfig(enabled=True, min_instances=1, max_instances=3, util_signal="gpu", util_high=0.8, util_low=0.2,
                    queue_ms_high=20, rps_per_capacity_high=None, rps_per_capacity_low=1.0, out_min_cloud_weight=50,

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from control.haproxy_runtime import HAProxyRuntime
-from control.loadgen import run_load
-from control.metrics import parse
-from control.scale_actuators import LocalProcessScaler
+from control.adapters.haproxy_runtime import HAProxyRuntime
+from control.drills.load import run_load
+from control.traffic.triton_metrics import parse
+from control.capacity.actuators import LocalProcessScaler
 from tests.conftest import make_settings
 from tests.test_control_plane import MODEL, POLICY, wait_for, write_repo
 
@@ -42,9 +42,9 @@ FIGURES: dict = {}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from control.daemon import Daemon
-    from control.haproxy_proc import start_haproxy
-    from control.triton import start_triton
+    from control.daemon.controller import Daemon
+    from control.local.haproxy import start_haproxy
+    from control.local.triton_server import start_triton
 
     root = tmp_path_factory.mktemp("scale")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
@@ -55,7 +55,7 @@ def stack(tmp_path_factory):
     repo = write_repo(root)
 
     def repository(settings_, inst):
-        # The test's repository, copied per instance (production: control.sync.prepare_instance_repository).
+        # The test's repository, copied per instance (production: control.mirror.sync.prepare_instance_repository).
         dst = settings_.run_path / "instances" / inst.name / "repository"
         shutil.copytree(repo, dst, dirs_exist_ok=True)
         return dst

@@ -10,16 +10,16 @@ import time
 import pytest
 import requests
 
-from control import s3 as s3x
-from control.daemon import Controller
-from control.haproxy_runtime import HAProxyRuntime
-from control.loadgen import run_load
-from control.metrics import parse
-from control.publish import publish_repository
-from control.scale_actuators import LocalProcessScaler, ScaleError, ready_versions
-from control.scaler import ScaleDecision, ScalerState
-from control.sync import prepare_instance_repository
-from control.triton import start_instance
+from control.adapters import s3 as s3x
+from control.daemon.controller import Controller
+from control.adapters.haproxy_runtime import HAProxyRuntime
+from control.drills.load import run_load
+from control.traffic.triton_metrics import parse
+from control.mirror.publish import publish_repository
+from control.capacity.actuators import LocalProcessScaler, ScaleError, ready_versions
+from control.capacity.scaler import ScaleDecision, ScalerState
+from control.mirror.sync import prepare_instance_repository
+from control.local.triton_server import start_instance
 from test_publish import write_add_model
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,8 @@ def decision(action, instance=None):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from control.haproxy_proc import start_haproxy
-    from control.s3server import start_s3_server
+    from control.local.haproxy import start_haproxy
+    from control.local.s3_endpoint import start_s3_server
     from tests.conftest import make_settings
 
     root = tmp_path_factory.mktemp("scalesync")

@@ -13,10 +13,10 @@ import tritonclient.http as httpclient
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
-from control import stack
+from control.local import stack
 from control.cli import cli
-from control.demo import MODEL, ensemble_inputs
-from control.procs import load_managed, pid_alive
+from control.local.demo import MODEL, ensemble_inputs
+from control.local.procs import load_managed, pid_alive
 from export.reference import ReferencePipeline
 
 

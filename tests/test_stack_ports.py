@@ -3,8 +3,8 @@ import socket
 
 import pytest
 
-from control import stack
-from control.procs import ComponentError, managed_names
+from control.local import stack
+from control.local.procs import ComponentError, managed_names
 
 
 @pytest.mark.parametrize("which", ["s3", "haproxy", "onprem-1"])

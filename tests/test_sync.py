@@ -12,14 +12,14 @@ import time
 import pytest
 import requests
 
-from control import s3 as s3x
-from control.manifest import MANIFEST_NAME, build_manifest
-from control.publish import publish_repository, publish_version
-from control.state import MirrorState
-from control.sync import (
+from control.adapters import s3 as s3x
+from control.mirror.manifest import MANIFEST_NAME, build_manifest
+from control.mirror.publish import publish_repository, publish_version
+from control.mirror.state import MirrorState
+from control.mirror.sync import (
     lag_report, live_config_version, prepare_instance_repository, repository_path, rollback, sync_all,
 )
-from control.triton import start_instance
+from control.local.triton_server import start_instance
 from test_publish import CallCounter, write_add_model, write_ensemble
 
 
@@ -77,7 +77,7 @@ def infer(inst, model="add_one", inp="INPUT0") -> float:
 @pytest.fixture
 def env(settings_factory, tmp_path):
     """moto + one Triton started on a repository prepared from S3 (like `triton-hybrid up`)."""
-    from control.s3server import start_s3_server
+    from control.local.s3_endpoint import start_s3_server
 
     settings = settings_factory(instances=(("onprem-1", "onprem", 100, True),),
                                 s3={"retry_attempts": 2, "retry_base_delay_s": 5.0, "keep_versions": 3})
@@ -265,7 +265,7 @@ class EnsembleLoad(Load):
     def _run(self):
         import tritonclient.http as th
 
-        from control.demo import ensemble_inputs
+        from control.local.demo import ensemble_inputs
 
         c = th.InferenceServerClient(self.url.split("://", 1)[-1], network_timeout=30)
         while not self._stop.is_set():
@@ -284,7 +284,7 @@ class EnsembleLoad(Load):
 def test_full_stack_publish_sync_rollback_through_haproxy_zero_failures(tmp_path_factory, cpu_repository, tiny_export):
     import shutil
 
-    from control import stack
+    from control.local import stack
     from model_repository.build import build_repository
     from tests.conftest import make_settings
 
@@ -391,7 +391,7 @@ def test_host_retention_keeps_newest_and_live_and_wrong_admin_key_is_reported(en
 
 
 def test_overlapping_scheduled_sync_is_skipped_not_queued(settings_factory):
-    from control.sync import instance_lock, sync_instance
+    from control.mirror.sync import instance_lock, sync_instance
 
     settings = settings_factory(instances=(("onprem-1", "onprem", 100, True),))
     inst = settings.instance("onprem-1")

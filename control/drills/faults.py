@@ -1,5 +1,5 @@
 """Fault injectors used by the scenarios. Each one does one thing and returns when it is done;
-the scenario records the time. Processes are addressed through their pid files (control/procs.py),
+the scenario records the time. Processes are addressed through their pid files (control/local/procs.py),
 never by name.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 
-from control.procs import ManagedProcess, load_managed
+from control.local.procs import ManagedProcess, load_managed
 
 
 class FaultError(RuntimeError):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from control.haproxy_config import ALL_BACKENDS
+from control.adapters.haproxy_config import ALL_BACKENDS
 
 
 def _pct(values, q):

@@ -7,7 +7,7 @@ success counter for the model and (when running) the control plane's decided wei
 `fault_at` -> lift at `lift_at` -> stop -> analyse -> report files. Everything it started is stopped
 and every namespace it made is removed, also when the drill fails.
 
-The drill load is control/loadgen.py's open-loop mode (`OpenLoopLoad`): one record per request
+The drill load is control/drills/load.py's open-loop mode (`OpenLoopLoad`): one record per request
 at a fixed rate, so a stalled server shows up as late answers instead of a lower request rate.
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ import requests
 import yaml
 
 from control.config import Settings
-from control.loadgen import OpenLoopLoad, RequestSpec
-from control.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_until
+from control.drills.load import OpenLoopLoad, RequestSpec
+from control.local.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_until
 
 MODEL_ADD_ONE = "add_one"
 
-# HAProxy settings a drill stack runs with (control/haproxy_config.py renders them): fast health
+# HAProxy settings a drill stack runs with (control/adapters/haproxy_config.py renders them): fast health
 # checks, a short connect timeout, and a server timeout that turns a hung server's request into a
 # retry on the other site (`retry-on response-timeout` + `option redispatch 1`).
 DRILL_HAPROXY = {"health_interval_ms": 200, "health_fall": 2, "health_rise": 2, "timeout_connect_ms": 300,
@@ -89,7 +89,7 @@ class Observer:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="drill-observe")
 
     def _haproxy_loop(self):
-        from control.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
+        from control.adapters.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
         rt = HAProxyRuntime.for_settings(self.env.settings, timeout_s=0.5)
         while not self._stop.is_set():
             t = time.monotonic() - self.t0
@@ -288,7 +288,7 @@ class DrillEnv:
 
     # Starting ------------------------------------------------------------------------------------
     def start_triton(self, inst) -> ManagedProcess:
-        from control.triton import start_instance, triton_argv, triton_env  # noqa: PLC0415
+        from control.local.triton_server import start_instance, triton_argv, triton_env  # noqa: PLC0415
         http_port, grpc_port = self.listen_ports.get(inst.name, (inst.http_port, inst.grpc_port))
         ns = self.netns.get(inst.name)
         repository = self.repositories.get(inst.name, self.repository)
@@ -310,7 +310,7 @@ class DrillEnv:
         return proc
 
     def start_haproxy(self) -> ManagedProcess:
-        from control.haproxy_proc import start_haproxy  # noqa: PLC0415
+        from control.local.haproxy import start_haproxy  # noqa: PLC0415
         self.procs["haproxy"] = start_haproxy(self.settings)
         return self.procs["haproxy"]
 
@@ -318,9 +318,9 @@ class DrillEnv:
         """moto on a port of its own behind a TCP proxy on `s3.port` (stopping the proxy is the
         outage: connections refused, the bucket's data kept), then publish + verified pull."""
         from control.drills.faults import DelayProxy  # noqa: PLC0415
-        from control.publish import publish_repository  # noqa: PLC0415
-        from control.s3server import start_s3_server  # noqa: PLC0415
-        from control.sync import prepare_instance_repository  # noqa: PLC0415
+        from control.mirror.publish import publish_repository  # noqa: PLC0415
+        from control.local.s3_endpoint import start_s3_server  # noqa: PLC0415
+        from control.mirror.sync import prepare_instance_repository  # noqa: PLC0415
         self.s3_real_port = ports_besides(self.settings, 1)[0]
         real = self.settings.model_copy(update={"s3": self.settings.s3.model_copy(update={"port": self.s3_real_port})})
         self.procs["s3"] = start_s3_server(real)
@@ -339,7 +339,7 @@ class DrillEnv:
             p.stop()
 
     def start_control(self) -> ManagedProcess:
-        from control.stack import start_control_daemon  # noqa: PLC0415
+        from control.local.stack import start_control_daemon  # noqa: PLC0415
         self.procs["control"] = start_control_daemon(self.settings)
         return self.procs["control"]
 
@@ -387,7 +387,7 @@ class DrillEnv:
         return r.json()
 
     def runtime(self):
-        from control.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
+        from control.adapters.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
         return HAProxyRuntime.for_settings(self.settings)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from control.drills import faults
 from control.drills.netns import SiteNetns, available, netem_available
 from control.drills.runner import DrillEnv, DrillSkip, drill_settings, ports_besides
-from control.haproxy_config import ALL_BACKENDS
+from control.adapters.haproxy_config import ALL_BACKENDS
 
 
 def target(name: str, ok: bool, value, goal: str) -> dict:
@@ -351,7 +351,7 @@ class TritonPythonModel:
 
 class _MirrorScenario(Scenario):
     """S3 publish/sync drills: the stack is fed from S3 (publish -> verified pull -> candidate
-    load + smoke -> go live, control/publish.py + control/sync.py) and the load calls the drill's
+    load + smoke -> go live, control/mirror/publish.py + control/mirror/sync.py) and the load calls the drill's
     `add_one` model, whose answers carry the version that served them."""
 
     target_site = "mirror"
@@ -377,7 +377,7 @@ class _MirrorScenario(Scenario):
         return env
 
     def ready(self, env):
-        from control.sync import sync_all  # noqa: PLC0415
+        from control.mirror.sync import sync_all  # noqa: PLC0415
         out = sync_all(env.settings, force=True)
         env.extra["initial_sync"] = _summary(out, self.model)
 
@@ -393,12 +393,12 @@ class _MirrorScenario(Scenario):
             shutil.copy(src / "1" / "model.py", vdir / "model.py")
 
     def publish(self, env, version: int) -> None:
-        from control.publish import publish_version  # noqa: PLC0415
+        from control.mirror.publish import publish_version  # noqa: PLC0415
         r = publish_version(env.settings, env.repository, self.model, version)
         env.mark("published", version=version, status=r.status)
 
     def sync(self, env, label: str = "sync") -> dict:
-        from control.sync import sync_all  # noqa: PLC0415
+        from control.mirror.sync import sync_all  # noqa: PLC0415
         t = env.now()
         out = _summary(sync_all(env.settings, force=True), self.model)
         env.mark(label, took_s=round(env.now() - t, 2), outcome=out)
@@ -452,7 +452,7 @@ class CorruptArtifact(_MirrorScenario):
     title = "a published object altered after publish"
 
     def inject(self, env):
-        from control import s3 as s3x  # noqa: PLC0415
+        from control.adapters import s3 as s3x  # noqa: PLC0415
         self.write_version(env, 2)
         self.publish(env, 2)
         client = s3x.make_client(env.settings.s3)

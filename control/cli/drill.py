@@ -1,0 +1,167 @@
+"""`triton-hybrid drill SCENARIO|all`: break one part of a drill stack under load and measure.
+
+Each drill starts a stack of its own (its own run dir and free ports, so a running `up` stack is
+never touched): the configured instances' Tritons on the model repository, HAProxy with the drill
+tuning, the control daemon where the scenario needs it. Reports go to
+`reports/drills/<timestamp>-<scenario>/` (report.md, report.json, timeline.png).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from control.cli import settings_from
+
+console = Console()
+
+
+def search_ranking_spec(repository: Path):
+    """The stored smoke request of the ensemble (model_repository/smoke.py), for the drill load."""
+    from control.drills.load import RequestSpec  # noqa: PLC0415
+    from model_repository.smoke import smoke_request, to_infer_inputs  # noqa: PLC0415
+    from model_repository.spec import ENSEMBLE  # noqa: PLC0415
+
+    inputs, _ = smoke_request(repository)
+    return RequestSpec(ENSEMBLE, lambda m: to_infer_inputs(inputs, m))
+
+
+def _spec_factory(model: str, repository: Path):
+    from control.drills.runner import MODEL_ADD_ONE, add_one_spec  # noqa: PLC0415
+    from control.drills.load import auto_spec  # noqa: PLC0415
+
+    def factory(env):
+        if model == MODEL_ADD_ONE:
+            return add_one_spec()
+        if model == "search_ranking":
+            try:
+                return search_ranking_spec(repository)
+            except (ImportError, FileNotFoundError, KeyError, ValueError):
+                pass
+        inst = env.settings.instances[0]
+        http_port = env.listen_ports.get(inst.name, (inst.http_port,))[0]
+        return auto_spec(f"http://{inst.host}:{http_port}", model)
+    return factory
+
+
+@click.command("drill")
+@click.argument("scenario")
+@click.option("--duration", type=click.FloatRange(5, 600), default=30.0, show_default=True,
+              help="Seconds of client load; the fault comes at 30% and is lifted at 60% of it.")
+@click.option("--rate", type=click.FloatRange(1, 500), default=50.0, show_default=True,
+              help="Requests per second (open loop, HTTP and gRPC alternating).")
+@click.option("--model", default="search_ranking", show_default=True,
+              help="Model the load calls (add_one: a built-in test model, no repository needed). "
+                   "The S3 scenarios always publish versions of add_one.")
+@click.option("--repository", type=click.Path(file_okay=False), default=None,
+              help="Model repository to serve (default: models.repository_dir of the config).")
+@click.option("--weights", default=None, metavar="ONPREM/CLOUD",
+              help="Site weights of the drill stack's haproxy.cfg, e.g. 90/10 (default: the config's).")
+@click.option("--control/--no-control", "with_control", default=None,
+              help="Run the control daemon in the drill stack (default: where the scenario needs it).")
+@click.option("--restart-mode", type=click.Choice(["graceful", "kill"]), default="graceful", show_default=True,
+              help="haproxy-restart: soft stop (SIGUSR1) or kill -9 of the old proxy.")
+@click.option("--reports", "reports_dir", type=click.Path(file_okay=False), default=None,
+              help="Reports folder (default reports/drills).")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+@click.pass_context
+def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_control, restart_mode, reports_dir,
+              as_json):
+    """Run a disaster-recovery drill: SCENARIO is one of the list below, or `all`.
+
+    onprem-crash, onprem-hang, onprem-partition, cloud-latency, s3-outage, bad-model,
+    corrupt-artifact, control-crash, haproxy-restart."""
+    from control.drills import scenarios  # noqa: PLC0415
+    from control.drills.runner import MODEL_ADD_ONE, run_drill, write_add_one_repository  # noqa: PLC0415
+
+    settings = settings_from(ctx)
+    names = list(scenarios.SCENARIOS) if scenario == "all" else [scenario]
+    unknown = [n for n in names if n not in scenarios.SCENARIOS]
+    if unknown:
+        raise click.BadParameter(f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.SCENARIOS)}, all",
+                                 param_hint="SCENARIO")
+    if len(settings.site_instances("onprem")) < 1 or len(settings.site_instances("cloud")) < 1:
+        raise click.ClickException("a drill needs at least one onprem and one cloud instance in the config")
+    if model == MODEL_ADD_ONE:
+        repo = write_add_one_repository(settings.run_path / "drills" / "add_one-repository")
+    else:
+        repo = Path(repository) if repository else settings.path(settings.models.repository_dir)
+        if not (repo / model).is_dir():
+            raise click.ClickException(f"{repo} has no model {model!r}; build the repository first "
+                                       "(`make demo` or `triton-hybrid repo build`) or run with --model add_one")
+    weight_map = None
+    if weights:
+        try:
+            on, cl = (int(x) for x in weights.split("/"))
+        except ValueError:
+            raise click.BadParameter("use ONPREM/CLOUD, e.g. 90/10", param_hint="--weights") from None
+        weight_map = {i.name: (on if i.site == "onprem" else cl) for i in settings.instances}
+    reports = Path(reports_dir) if reports_dir else None
+    results = []
+    for name in names:
+        console.rule(f"drill {name}")
+        try:
+            rep = run_drill(scenarios.get(name), settings, repo, duration_s=duration, rate=rate,
+                            spec_factory=_spec_factory(model, repo), reports_dir=reports,
+                            say=lambda m: console.print(f"[dim]{m}[/dim]"), weights=weight_map,
+                            with_control=with_control, restart_mode=restart_mode)
+        except Exception as e:  # noqa: BLE001 - one broken drill must not stop `all`
+            console.print(f"[red]{name}: the drill itself failed:[/red] {e}")
+            rep = {"scenario": name, "status": "error", "error": str(e), "passed": False}
+        results.append(rep)
+        _print_one(rep)
+    if len(results) > 1:
+        _aggregate(results, reports)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "series"} for r in results], indent=2, default=str))
+    if any(r.get("status") in ("failed", "error") for r in results):
+        ctx.exit(1)
+
+
+def _print_one(rep: dict) -> None:
+    status = rep.get("status")
+    color = {"passed": "green", "failed": "red", "skipped": "yellow", "error": "red"}.get(status, "white")
+    console.print(f"[{color}]{rep['scenario']}: {status}[/{color}]"
+                  + (f" ({rep.get('skip_reason') or rep.get('error')})" if status in ("skipped", "error") else ""))
+    for t in rep.get("targets", []):
+        mark = "[green]pass[/green]" if t["ok"] else "[red]FAIL[/red]"
+        console.print(f"  {mark} {t['name']}: {t['value']} (goal {t['goal']})")
+    if rep.get("report_dir"):
+        console.print(f"  report: {rep['report_dir']}/report.md")
+
+
+def _aggregate(results: list[dict], reports_dir: Path | None) -> None:
+    from control.drills.runner import default_reports_dir  # noqa: PLC0415
+
+    table = Table(title="drills")
+    for col in ("scenario", "status", "detect s", "recovery s", "after lift s", "restored s", "failed", "report"):
+        table.add_column(col)
+    rows = []
+    for r in results:
+        f = r.get("figures", {})
+        row = {"scenario": r["scenario"], "status": r.get("status"), "detect_s": f.get("detect_s"),
+               "recovery_s": f.get("recovery_s"), "after_lift_s": (f.get("after_lift") or {}).get("serving_s"),
+               "restored_s": (f.get("restore") or {}).get("restored_s"),
+               "failed": (f.get("failures") or {}).get("total"), "report_dir": r.get("report_dir"),
+               "reason": r.get("skip_reason") or r.get("error")}
+        rows.append(row)
+        table.add_row(*(str(row[k]) if row[k] is not None else "-" for k in
+                        ("scenario", "status", "detect_s", "recovery_s", "after_lift_s", "restored_s", "failed",
+                         "report_dir")))
+    console.print(table)
+    out = Path(reports_dir or default_reports_dir()) / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-all"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
+    lines = ["# Drills: summary", "",
+             "| scenario | status | detect s | recovery s | after lift s | restored s | failed | report |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append("| " + " | ".join("-" if row[k] is None else str(row[k]) for k in
+                                       ("scenario", "status", "detect_s", "recovery_s", "after_lift_s",
+                                        "restored_s", "failed", "report_dir")) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    console.print(f"summary: {out}/summary.md")

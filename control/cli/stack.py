@@ -1,0 +1,95 @@
+"""`triton-hybrid up | down | status` for the local stack."""
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from control.cli import settings_from
+from control.local.procs import ComponentError
+
+console = Console()
+
+
+@click.command("up")
+@click.option("--with-prometheus", is_flag=True, help="Also start a real Prometheus against the stack.")
+@click.option("--no-control", is_flag=True, help="Do not start the control-plane daemon.")
+@click.pass_context
+def up_cmd(ctx, with_prometheus: bool, no_control: bool) -> None:
+    """Start the local stack: S3 endpoint, Tritons, HAProxy, control plane."""
+    from control.local import stack  # noqa: PLC0415
+
+    settings = settings_from(ctx)
+    try:
+        stack.up(settings, with_prometheus=with_prometheus, with_control=False if no_control else None,
+                 say=lambda m: console.print(f"[dim]-[/dim] {m}"))
+    except ComponentError as e:
+        console.print(f"[red]up failed[/red] in [bold]{e.component}[/bold]; everything it started was stopped.")
+        raise click.ClickException(str(e)) from None
+    h = settings.haproxy
+    console.print("[green]stack is up[/green]")
+    console.print(f"  clients, HTTP : http://{h.host}:{h.http_port}/v2/models/search_ranking/infer")
+    console.print(f"  clients, gRPC : {h.host}:{h.grpc_port}")
+    console.print(f"  HAProxy stats : http://{h.host}:{h.stats_port}/stats (Prometheus: /metrics)")
+    for inst in settings.instances:
+        console.print(f"  {inst.name:<13} : {inst.http_url} (gRPC {inst.grpc_url}, metrics {inst.metrics_url})")
+    c = settings.control
+    console.print(f"  control API   : http://{c.api_host}:{c.api_port} (metrics :{c.metrics_port})")
+    if with_prometheus:
+        console.print(f"  Prometheus    : http://{c.api_host}:{c.prometheus_port}")
+    console.print(f"  logs, pids    : {settings.run_path}/logs, {settings.run_path}/pids")
+    console.print("  stop with     : triton-hybrid down   (or: make down)")
+
+
+@click.command("down")
+@click.pass_context
+def down_cmd(ctx) -> None:
+    """Stop every process the stack started (data in the run dir is kept)."""
+    from control.local import stack  # noqa: PLC0415
+
+    settings = settings_from(ctx)
+    stopped = stack.down(settings, say=lambda m: console.print(f"[dim]-[/dim] {m}"))
+    console.print(f"stopped {len(stopped)} component(s); data kept in {settings.run_path}")
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status_cmd(ctx, as_json: bool) -> None:
+    """Each component: pid, health, ports, models and versions loaded, weights."""
+    from control.local import stack  # noqa: PLC0415
+
+    settings = settings_from(ctx)
+    st = stack.status(settings)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    weights = next((c.get("weights", {}) for c in st["components"] if c["kind"] == "haproxy"), {})
+    table = Table(title=f"triton-hybrid stack ({st['run_dir']})")
+    for col in ("component", "kind", "pid", "health", "endpoints", "models", "weight http/grpc", "sync lag"):
+        table.add_column(col)
+    for c in st["components"]:
+        health = "[green]healthy[/green]" if c.get("healthy") else (
+            "[red]unhealthy[/red]" if c["running"] or c["kind"] == "triton" else "[dim]stopped[/dim]")
+        endpoints = " ".join(str(c[k]) for k in ("url", "http", "grpc", "api") if c.get(k))
+        models = ", ".join(f"{m}:{'/'.join(map(str, v))}" for m, v in sorted(c.get("models", {}).items()))
+        w = ""
+        if c["kind"] == "triton":
+            w = f"{weights.get('be_triton_http', {}).get(c['name'], '-')}/{weights.get('be_triton_grpc', {}).get(c['name'], '-')}"
+        lag = str(c["sync_lag_versions"]) if c["kind"] == "triton" and c.get("sync") else ""
+        table.add_row(c["name"], c["kind"], str(c["pid"] or "-"), health, endpoints, models, w, lag)
+    console.print(table)
+    control = next((c for c in st["components"] if c["kind"] == "control"), {})
+    decision = control.get("decision") or {}
+    if decision.get("weights"):
+        last = decision.get("last_decision") or {}
+        console.print(f"site weights {decision['weights']} ({decision.get('source')}); "
+                      f"last decision: {last.get('reason', '-')} {last.get('message', '')}")
+    cost = control.get("cost") or {}
+    if cost.get("sites"):
+        sites = ", ".join(f"{site} ${v['dollars']:.4f} so far, ${v['burn_per_hour']:.2f}/h now"
+                          for site, v in sorted(cost["sites"].items()))
+        budget = cost.get("budget_per_hour")
+        console.print(f"cost: {sites}" + (f"; cloud budget ${budget:.2f}/h" if budget is not None else ""))

@@ -1,0 +1,266 @@
+"""CLI of the control plane: `control run`, `weights show|set|clear`, `drain`, `undrain`,
+`policy show`, `history` (all with --json).
+
+Writes (weights set/clear, drain, undrain) go through the daemon's admin API with the token from
+the config: the daemon applies them at once and audits them; if the daemon is down they fail with
+a clear message. Read-only views (weights show, policy show, history) ask the API and, when the
+daemon is down, read the SQLite database directly (and say so).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import click
+import requests
+
+from control.cli import settings_from
+
+
+class DaemonDown(click.ClickException):
+    pass
+
+
+class AdminClient:
+    def __init__(self, settings, timeout: float = 10.0):
+        c = settings.control
+        self.base = f"http://{c.api_host}:{c.api_port}"
+        self.headers = {"Authorization": f"Bearer {c.admin_token.get_secret_value()}"}
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> dict:
+        try:
+            r = requests.request(method, self.base + path, json=body, params=params, headers=self.headers,
+                                 timeout=self.timeout)
+        except requests.ConnectionError:
+            raise DaemonDown(f"the control daemon is not answering at {self.base} "
+                             "(start it with `triton-hybrid up` or `triton-hybrid control run`)") from None
+        try:
+            data = r.json()
+        except ValueError:
+            data = {"error": r.text[:300]}
+        if r.status_code != 200:
+            raise click.ClickException(f"{method} {path}: HTTP {r.status_code}: {data.get('error', data)}")
+        return data
+
+
+def _print(obj, as_json: bool, human) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        human(obj)
+
+
+def _db_audit(settings):
+    from control.traffic.audit import Audit  # noqa: PLC0415
+    return Audit(settings.database_path)
+
+
+def weights_summary(settings) -> dict:
+    """For `triton-hybrid status`: the weights part, from the daemon or (daemon down) the database."""
+    try:
+        d = AdminClient(settings, timeout=3).call("GET", "/v1/weights")
+        return {"source": "daemon", **d}
+    except (DaemonDown, click.ClickException) as e:
+        err = e.format_message()
+    if not settings.database_path.exists():
+        return {"source": "none", "error": err, "weights": None}
+    audit = _db_audit(settings)
+    try:
+        last = audit.last()
+        ov = audit.override()
+        now = time.time()
+        return {"source": "database (daemon down)", "error": err,
+                "weights": last.new_weights if last else None,
+                "instance_weights": last.instance_weights if last else None,
+                "last_decision": None if last is None else {"reason": last.reason, "message": last.message,
+                                                            "time": last.to_dict()["time"]},
+                "override": None if ov is None or ov.expires_at <= now else
+                {"weights": ov.weights, "ttl_left_s": round(ov.expires_at - now, 1)},
+                "drained": [d["target"] for d in audit.drains()]}
+    finally:
+        audit.close()
+
+
+# ---- control run --------------------------------------------------------------------------------
+@click.group("control")
+def control_group():
+    """The control-plane daemon."""
+
+
+@control_group.command("run")
+@click.option("--actuator", type=click.Choice(["haproxy", "route53", "dry-run"]), default=None,
+              help="Override control.actuator.")
+@click.pass_context
+def run_cmd(ctx, actuator):
+    """Run the control loop (poll, decide+apply, sync), the admin API and the metrics endpoint."""
+    settings = settings_from(ctx)
+    if actuator:
+        settings = settings.model_copy(update={"control": settings.control.model_copy(update={"actuator": actuator})})
+    from control.daemon.controller import run  # noqa: PLC0415
+    run(settings)
+
+
+# ---- weights ------------------------------------------------------------------------------------
+@click.group("weights")
+def weights_group():
+    """Show or set the traffic weights between on-prem and cloud."""
+
+
+def _human_weights(d):
+    w = d.get("weights") or {}
+    click.echo(f"source: {d.get('source', 'daemon')}")
+    click.echo(f"site weights: onprem={w.get('onprem')} cloud={w.get('cloud')}")
+    for name, v in (d.get("instance_weights") or {}).items():
+        click.echo(f"  {name}: {v}")
+    if d.get("override"):
+        o = d["override"]
+        click.echo(f"override: {o['weights']} ({o.get('ttl_left_s')}s left)")
+    if d.get("drained"):
+        click.echo(f"drained: {', '.join(d['drained'])}")
+    if d.get("last_decision"):
+        click.echo(f"last decision: {d['last_decision']['reason']}: {d['last_decision']['message']}")
+    if d.get("error") and d.get("source") != "daemon":
+        click.echo(f"note: {d['error']}")
+
+
+@weights_group.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def weights_show(ctx, as_json):
+    """Current weights (from the daemon; from the database when it is down)."""
+    _print(weights_summary(settings_from(ctx)), as_json, _human_weights)
+
+
+def parse_assignments(pairs: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for p in pairs:
+        m = re.fullmatch(r"(\w+)=(\d+)", p.strip())
+        if not m:
+            raise click.BadParameter(f"{p!r}: use SITE=WEIGHT, e.g. onprem=70 cloud=30", param_hint="WEIGHTS")
+        out[m.group(1)] = int(m.group(2))
+    # One site given: the other gets the rest (`weights set onprem=70`).
+    if len(out) == 1 and next(iter(out)) in ("onprem", "cloud") and 0 <= next(iter(out.values())) <= 100:
+        site, w = next(iter(out.items()))
+        out["cloud" if site == "onprem" else "onprem"] = 100 - w
+    return out
+
+
+@weights_group.command("set")
+@click.argument("pairs", nargs=-1, required=True, metavar="onprem=N cloud=M")
+@click.option("--ttl", default="10m", show_default=True, help="How long the override holds (600, 90s, 10m, 2h).")
+@click.option("--note", default="", help="Why (kept in the audit).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def weights_set(ctx, pairs, ttl, note, as_json):
+    """Manual override of the site weights for --ttl (through the daemon's admin API)."""
+    settings = settings_from(ctx)
+    body = {"weights": parse_assignments(pairs), "ttl_s": ttl, "note": note}
+    d = AdminClient(settings).call("POST", "/v1/weights", body)
+    _print(d, as_json, lambda d: click.echo(
+        f"override {d['override']['weights']} for {d['override']['ttl_s']:.0f}s; now {d['decision']['weights']} "
+        f"({d['decision']['reason']})"))
+
+
+@weights_group.command("clear")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def weights_clear(ctx, as_json):
+    """End the manual override now."""
+    d = AdminClient(settings_from(ctx)).call("DELETE", "/v1/weights/override")
+    _print(d, as_json, lambda d: click.echo(f"override cleared: {d['cleared']}; now {d['decision']['weights']}"))
+
+
+# ---- drain / undrain ----------------------------------------------------------------------------
+@click.command("drain")
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def drain_cmd(ctx, target, as_json):
+    """Drain a site (onprem|cloud) or an instance: no new traffic until `undrain`."""
+    d = AdminClient(settings_from(ctx)).call("POST", "/v1/drain", {"target": target})
+    _print(d, as_json, lambda d: click.echo(f"drained {d['kind']} {d['target']}; weights now {d['decision']['weights']}"))
+
+
+@click.command("undrain")
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def undrain_cmd(ctx, target, as_json):
+    """Put a drained site or instance back in service (HAProxy state ready)."""
+    d = AdminClient(settings_from(ctx)).call("POST", "/v1/undrain", {"target": target})
+    _print(d, as_json, lambda d: click.echo(
+        f"{d['target']} ready (was drained: {d['changed']}); weights now {d['decision']['weights']}"))
+
+
+# ---- policy -------------------------------------------------------------------------------------
+@click.group("policy")
+def policy_group():
+    """The traffic policy."""
+
+
+@policy_group.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policy_show(ctx, as_json):
+    """Policy thresholds, the instance registry and the policy's carried state."""
+    settings = settings_from(ctx)
+    try:
+        d = {"source": "daemon", **AdminClient(settings, timeout=3).call("GET", "/v1/policy")}
+    except DaemonDown:
+        from control.daemon.api import policy_view  # noqa: PLC0415
+        state = None
+        if settings.database_path.exists():
+            audit = _db_audit(settings)
+            last = audit.last()
+            audit.close()
+            state = last.state if last else None
+        d = {"source": "config + database (daemon down)", **policy_view(settings, state)}
+
+    def human(d):
+        click.echo(f"source: {d['source']}")
+        for k, v in d["config"].items():
+            click.echo(f"  {k}: {v}")
+        click.echo("instances:")
+        for i in d["instances"]:
+            click.echo(f"  {i['name']} ({i['site']}) capacity={i['capacity']} cost/h={i['cost_per_hour']} "
+                       f"sensitive_ok={i['sensitive_ok']} {i['http']}")
+        click.echo(f"state: {d['state']}")
+    _print(d, as_json, human)
+
+
+# ---- history ------------------------------------------------------------------------------------
+@click.command("history")
+@click.option("--since", default="1h", show_default=True, help="10m, 2h, 1d or an ISO time.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--all", "all_rows", is_flag=True, help="Every tick, not only changes and notable decisions.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def history_cmd(ctx, since, limit, all_rows, as_json):
+    """Audited policy decisions (from the daemon; from the database when it is down)."""
+    settings = settings_from(ctx)
+    params = {"since": since, "limit": limit, "all": int(all_rows)}
+    try:
+        d = {"source": "daemon", **AdminClient(settings, timeout=5).call("GET", "/v1/history", params=params)}
+    except DaemonDown:
+        from control.daemon.api import BadRequest, since_to_ts  # noqa: PLC0415
+        if not settings.database_path.exists():
+            raise click.ClickException(f"no database at {settings.database_path} and the daemon is down") from None
+        try:
+            ts = since_to_ts(since, time.time())
+        except BadRequest as e:
+            raise click.BadParameter(str(e), param_hint="--since") from None
+        audit = _db_audit(settings)
+        rows = audit.history(ts, limit, changes_only=not all_rows)
+        audit.close()
+        d = {"source": "database (daemon down)", "decisions": [r.to_dict() for r in rows]}
+
+    def human(d):
+        click.echo(f"source: {d['source']}")
+        for r in d["decisions"]:
+            ow, nw = r["old_weights"], r["new_weights"]
+            arrow = f"{ow['onprem']}/{ow['cloud']} -> {nw['onprem']}/{nw['cloud']}"
+            err = f" ERROR {r['error']}" if r.get("error") else ""
+            click.echo(f"{r['time']}  {r['reason']:<20} {arrow:<16} {r['message']}{err}")
+    _print(d, as_json, human)

@@ -1,0 +1,49 @@
+"""Start and stop the local HAProxy with the generated config (checked by `haproxy -c` first)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from control.adapters.haproxy_config import config_path, render, socket_path
+from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_until
+
+NAME = "haproxy"
+
+
+def haproxy_binary(settings) -> str:
+    binary = shutil.which(settings.haproxy.binary) or shutil.which(settings.haproxy.binary, path="/usr/sbin:/sbin")
+    if not binary:
+        raise ComponentError(NAME, f"{settings.haproxy.binary!r} not found; install it with `make system-deps` "
+                                   "(apt-get install haproxy)")
+    return binary
+
+
+def write_config(settings) -> str:
+    binary = haproxy_binary(settings)
+    path = config_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(settings))
+    check = subprocess.run([binary, "-c", "-q", "-f", str(path)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise ComponentError(NAME, f"generated config {path} is invalid", (check.stdout + check.stderr).strip())
+    return binary
+
+
+def start_haproxy(settings, timeout: float = 15.0) -> ManagedProcess:
+    h = settings.haproxy
+    for field in ("http_port", "grpc_port", "stats_port"):
+        port = getattr(h, field)
+        if port_in_use(h.host, port):
+            raise ComponentError(NAME, f"port {h.host}:{port} (haproxy.{field}) is already in use; "
+                                       "free it or change it in the config")
+    binary = write_config(settings)
+    socket_path(settings).unlink(missing_ok=True)
+    # -db: stay in the foreground so the process group we supervise is HAProxy itself.
+    proc = start_process(NAME, [binary, "-db", "-f", str(config_path(settings))], settings.run_path)
+    try:
+        wait_until(lambda: socket_path(settings).exists() and http_ok(f"http://{h.host}:{h.stats_port}/metrics"),
+                   proc, timeout, "serving its stats port")
+    except ComponentError:
+        proc.stop()
+        raise
+    return proc

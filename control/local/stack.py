@@ -1,0 +1,259 @@
+"""The local hybrid stack: S3 endpoint -> publish + pull -> one Triton per instance -> HAProxy ->
+control-plane daemon (and Prometheus on request). `up` starts the components in that order and,
+when one cannot start, stops what it started and raises an error that names the component and
+shows its log. `down` stops only what the pid files say we started, and keeps the run dir's data.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from control.local.procs import (
+    ComponentError, ManagedProcess, http_ok, load_managed, managed_names, port_in_use, start_process, wait_until,
+)
+
+CONTROL_NAME = "control"
+Say = Callable[[str], None]
+
+
+@dataclass
+class Stack:
+    settings: object
+    procs: list[ManagedProcess] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def running_components(settings) -> list[str]:
+    return [n for n in managed_names(settings.run_path) if (p := load_managed(settings.run_path, n)) and p.alive]
+
+
+def stage_repositories(settings, say: Say = _quiet) -> dict[str, object]:
+    """Publish the built repository to S3, then pull a verified copy for every managed instance."""
+    repo_dir = settings.path(settings.models.repository_dir)
+    if not repo_dir.is_dir() or not any(repo_dir.iterdir()):
+        raise ComponentError("model repository", f"{repo_dir} is missing or empty; build it first with "
+                                                 "`triton-hybrid export` and `triton-hybrid repo build` (`make demo` does both)")
+    from control.mirror.publish import publish_repository  # noqa: PLC0415 - boto3 only when needed
+    from control.mirror.sync import prepare_instance_repository  # noqa: PLC0415
+
+    say(f"publishing {repo_dir} to s3://{settings.s3.bucket}/{settings.s3.prefix}/")
+    publish_repository(settings, repo_dir, progress=False)
+    staged = {}
+    for inst in settings.instances:
+        if inst.managed:
+            say(f"pulling the verified repository for {inst.name}")
+            staged[inst.name] = prepare_instance_repository(settings, inst)
+    return staged
+
+
+def go_live(settings, inst) -> None:
+    """Smoke-test what the new Triton loaded and mark it live in the sync state (the same check
+    every later version passes); a model that fails it stops `up`."""
+    from control.mirror.sync import sync_instance  # noqa: PLC0415
+
+    failed = [o for o in sync_instance(settings, inst) if o.status in ("failed", "skipped")]
+    if failed:
+        raise ComponentError(inst.name, "models loaded but failed the go-live check: " +
+                             "; ".join(f"{o.model} v{o.version}: {o.reason}" for o in failed))
+
+
+def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
+    c = settings.control
+    for fld in ("api_port", "metrics_port"):
+        if port_in_use(c.api_host, getattr(c, fld)):
+            raise ComponentError(CONTROL_NAME, f"port {c.api_host}:{getattr(c, fld)} (control.{fld}) is already in use")
+    argv = [sys.executable, "-m", "control.cli"]
+    if settings.source:
+        argv += ["--config", settings.source]
+    proc = start_process(CONTROL_NAME, argv + ["control", "run"], settings.run_path)
+    try:
+        wait_until(lambda: http_ok(f"http://{c.api_host}:{c.metrics_port}/metrics"), proc, timeout,
+                   "exporting its metrics")
+    except ComponentError:
+        proc.stop()
+        raise
+    return proc
+
+
+def planned_ports(settings, with_control: bool, with_prometheus: bool = False) -> list[tuple[str, str, str, int]]:
+    """(component, config field, host, port) of every port `up` will bind."""
+    out = []
+    if settings.s3.start_local_server:
+        out.append(("s3", "s3.port", settings.s3.host, settings.s3.port))
+    for idx, inst in enumerate(settings.instances):
+        if inst.managed:
+            out += [(inst.name, f"instances[{idx}].{f}", inst.host, getattr(inst, f))
+                    for f in ("http_port", "grpc_port", "metrics_port")]
+    h = settings.haproxy
+    out += [("haproxy", f"haproxy.{f}", h.host, getattr(h, f)) for f in ("http_port", "grpc_port", "stats_port")]
+    if with_control:
+        c = settings.control
+        out += [(CONTROL_NAME, f"control.{f}", c.api_host, getattr(c, f)) for f in ("api_port", "metrics_port")]
+    if with_prometheus:
+        out.append(("prometheus", "control.prometheus_port", settings.control.api_host, settings.control.prometheus_port))
+    return out
+
+
+def preflight(settings, with_control: bool, with_prometheus: bool = False) -> None:
+    """Fail before starting anything when a port is taken: nothing to clean up, a precise message."""
+    for component, fld, host, port in planned_ports(settings, with_control, with_prometheus):
+        if port_in_use(host, port):
+            raise ComponentError(component, f"port {host}:{port} ({fld}) is already in use; stop what holds it "
+                                            "or change it in the config")
+
+
+def up(settings, with_prometheus: bool = False, with_control: bool | None = None, say: Say = _quiet) -> Stack:
+    from control.local.haproxy import start_haproxy  # noqa: PLC0415
+    from control.local.s3_endpoint import start_s3_server  # noqa: PLC0415
+    from control.local.triton_server import start_instance  # noqa: PLC0415
+
+    already = running_components(settings)
+    if already:
+        raise ComponentError("stack", f"already running ({', '.join(already)}); run `triton-hybrid down` first")
+    with_control = settings.control.start_daemon if with_control is None else with_control
+    preflight(settings, with_control, with_prometheus)
+    stack = Stack(settings)
+    try:
+        if settings.s3.start_local_server:
+            say(f"starting the local S3 endpoint on {settings.s3.url}")
+            stack.procs.append(start_s3_server(settings))
+        repos = stage_repositories(settings, say)
+        for inst in settings.instances:
+            if inst.managed:
+                say(f"starting Triton {inst.name} ({inst.site}) on {inst.http_url}")
+                stack.procs.append(start_instance(settings, inst, repos[inst.name]))
+                go_live(settings, inst)
+        say(f"starting HAProxy on {settings.haproxy.host}:{settings.haproxy.http_port} (HTTP) and "
+            f":{settings.haproxy.grpc_port} (gRPC)")
+        stack.procs.append(start_haproxy(settings))
+        if with_control:
+            say("starting the control-plane daemon")
+            stack.procs.append(start_control_daemon(settings))
+        if with_prometheus:
+            from control.local.prometheus import start_prometheus  # noqa: PLC0415
+            say("starting Prometheus")
+            stack.procs.append(start_prometheus(settings))
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def down(settings, say: Say = _quiet) -> list[str]:
+    """Stop every component whose pid file is in the run dir, newest layer first."""
+    order = ["prometheus", CONTROL_NAME, "haproxy"] + [i.name for i in settings.instances] + ["s3"]
+    names = managed_names(settings.run_path)
+    stopped = []
+    for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
+        proc = load_managed(settings.run_path, name)
+        if proc is None:
+            continue
+        if proc.alive:
+            say(f"stopping {name} (pid {proc.pid})")
+            stopped.append(name)
+        proc.stop()
+    return stopped
+
+
+# Status -----------------------------------------------------------------------------------------
+
+def _triton_status(settings, inst) -> dict:
+    out = {"ready": False, "models": {}}
+    try:
+        out["ready"] = http_ok(f"{inst.http_url}/v2/health/ready", timeout=1.0)
+        index = requests.post(f"{inst.http_url}/v2/repository/index", json={"ready": False}, timeout=2.0,
+                              headers={"admin-key": settings.triton.admin_key.get_secret_value()})
+        if index.ok:
+            for m in index.json():
+                if m.get("state") == "READY":
+                    out["models"].setdefault(m["name"], []).append(m.get("version"))
+    except requests.RequestException as e:
+        out["error"] = type(e).__name__
+    return out
+
+
+def haproxy_weights(settings) -> dict[str, dict[str, int]]:
+    """Current server weights per backend, read from HAProxy's Prometheus exporter."""
+    h = settings.haproxy
+    text = requests.get(f"http://{h.host}:{h.stats_port}/metrics", timeout=2.0).text
+    weights: dict[str, dict[str, int]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "haproxy_server_weight":
+            for s in fam.samples:
+                weights.setdefault(s.labels["proxy"], {})[s.labels["server"]] = int(s.value)
+    return weights
+
+
+def status(settings) -> dict:
+    run = settings.run_path
+    comps = []
+
+    def proc_info(name: str) -> dict:
+        p = load_managed(run, name)
+        alive = bool(p and p.alive)
+        return {"name": name, "pid": p.pid if alive else None, "running": alive}
+
+    s3 = settings.s3
+    info = proc_info("s3") | {"kind": "s3", "url": s3.url, "bucket": s3.bucket, "prefix": s3.prefix}
+    try:
+        info["healthy"] = http_ok(f"{s3.url}/moto-api/") if s3.start_local_server else None
+    except requests.RequestException:
+        info["healthy"] = False
+    comps.append(info)
+
+    lag: dict[str, list[dict]] = {}
+    if settings.database_path.exists():
+        from control.mirror.sync import lag_report  # noqa: PLC0415
+
+        for row in lag_report(settings):
+            lag.setdefault(row["instance"], []).append(row)
+    for inst in settings.instances:
+        info = proc_info(inst.name) | {"kind": "triton", "site": inst.site, "http": inst.http_url,
+                                       "grpc": inst.grpc_url, "metrics": inst.metrics_url}
+        t = _triton_status(settings, inst)
+        info["healthy"] = t["ready"]
+        info["models"] = t["models"]
+        # Live vs newest published version per model, from the sync state (no S3 call).
+        info["sync"] = lag.get(inst.name, [])
+        info["sync_lag_versions"] = sum(r["lag_versions"] for r in info["sync"])
+        comps.append(info)
+
+    h = settings.haproxy
+    info = proc_info("haproxy") | {"kind": "haproxy", "http": f"{h.host}:{h.http_port}",
+                                   "grpc": f"{h.host}:{h.grpc_port}", "stats": f"http://{h.host}:{h.stats_port}/stats"}
+    try:
+        info["weights"] = haproxy_weights(settings)
+        info["healthy"] = True
+    except requests.RequestException:
+        info["healthy"] = False
+    comps.append(info)
+
+    c = settings.control
+    info = proc_info(CONTROL_NAME) | {"kind": "control", "api": f"http://{c.api_host}:{c.api_port}",
+                                      "metrics": f"http://{c.api_host}:{c.metrics_port}/metrics"}
+    try:
+        info["healthy"] = http_ok(info["metrics"]) if info["running"] else False
+    except requests.RequestException:
+        info["healthy"] = False
+    from control.cli.traffic import weights_summary  # noqa: PLC0415
+
+    # The decided site weights, override and drains: from the daemon, or its database when down.
+    info["decision"] = weights_summary(settings)
+    from control.capacity.cost import cost_summary  # noqa: PLC0415
+
+    info["cost"] = cost_summary(settings)
+    comps.append(info)
+    return {"time": time.time(), "run_dir": str(run), "components": comps}

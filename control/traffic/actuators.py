@@ -1,0 +1,165 @@
+"""Actuators: make the routing layer match a `Plan`, then read back what it really is.
+
+    apply(plan) -> Observed      set what differs, read back, raise ActuatorError if it still differs
+    observe()   -> Observed      read only (drift check, restart recovery)
+
+HAProxy (default): instance weights on every server named like an instance in the shared
+backends (`be_triton_http`, `be_triton_grpc`), drain/ready on those and on the on-prem-only
+sensitive backends. Route53: one weighted record per site. Dry-run: logs, remembers.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from control.adapters import haproxy_config
+from control.adapters.haproxy_runtime import HAProxyError, HAProxyRuntime
+
+log = logging.getLogger(__name__)
+
+
+class ActuatorError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    site_weights: dict[str, int]
+    instance_weights: dict[str, int]
+    drained: frozenset[str] = frozenset()   # instance names to drain
+
+
+@dataclass
+class Observed:
+    instance_weights: dict[str, int] = field(default_factory=dict)   # from the first shared backend
+    drained: set[str] = field(default_factory=set)
+    servers: list[dict] = field(default_factory=list)                # every backend/server, for status
+    site_weights: dict[str, int] | None = None
+
+    def to_dict(self) -> dict:
+        return {"instance_weights": self.instance_weights, "drained": sorted(self.drained),
+                "site_weights": self.site_weights, "servers": self.servers}
+
+
+@dataclass
+class ApplyResult:
+    observed: Observed
+    commands: list[str]
+    drift: list[str]  # what differed from the plan before we applied (hand edit, restart)
+
+
+class Actuator(Protocol):
+    name: str
+
+    def apply(self, plan: Plan) -> ApplyResult: ...
+
+    def observe(self) -> Observed: ...
+
+
+def site_weights_from_instances(instance_weights: dict[str, int], instances) -> dict[str, int] | None:
+    tot = {"onprem": 0, "cloud": 0}
+    for i in instances:
+        tot[i.site] += instance_weights.get(i.name, 0)
+    s = tot["onprem"] + tot["cloud"]
+    if s <= 0:
+        return None
+    on = round(100 * tot["onprem"] / s)
+    return {"onprem": on, "cloud": 100 - on}
+
+
+class HAProxyActuator:
+    name = "haproxy"
+
+    def __init__(self, runtime: HAProxyRuntime, instances, backends: list[str], sensitive_backends: list[str]):
+        self.rt = runtime
+        self.instances = list(instances)
+        self.names = {i.name for i in self.instances}
+        self.backends = list(backends)
+        self.sensitive_backends = list(sensitive_backends)
+
+    def _servers(self):
+        return [s for s in self.rt.servers() if s.server in self.names
+                and (s.backend in self.backends or s.backend in self.sensitive_backends)]
+
+    def observe(self) -> Observed:
+        try:
+            servers = self._servers()
+        except HAProxyError as e:
+            raise ActuatorError(str(e)) from None
+        if not servers:
+            raise ActuatorError(f"HAProxy has no server named like an instance in {self.backends}")
+        first = self.backends[0]
+        weights = {s.server: s.weight for s in servers if s.backend == first}
+        drained = {s.server for s in servers if s.backend == first and s.admin != "ready"}
+        return Observed(weights, drained, [s.to_dict() for s in servers],
+                        site_weights_from_instances(weights, self.instances))
+
+    def _diff(self, servers, plan: Plan) -> list[tuple[str, str, str, object]]:
+        todo = []
+        for s in servers:
+            shared = s.backend in self.backends
+            want_admin = "drain" if s.server in plan.drained else "ready"
+            if shared and s.weight != plan.instance_weights.get(s.server, 0):
+                todo.append(("weight", s.backend, s.server, plan.instance_weights.get(s.server, 0)))
+            if s.admin != want_admin:
+                todo.append(("state", s.backend, s.server, want_admin))
+        return todo
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        try:
+            servers = self._servers()
+            todo = self._diff(servers, plan)
+            cmds = []
+            for kind, be, srv, val in todo:
+                if kind == "weight":
+                    self.rt.set_weight(be, srv, int(val))
+                    cmds.append(f"set weight {be}/{srv} {val}")
+                else:
+                    self.rt.set_state(be, srv, str(val))
+                    cmds.append(f"set server {be}/{srv} state {val}")
+            missing = [(be, n) for be in self.backends for n in self.names
+                       if not any(s.backend == be and s.server == n for s in servers)]
+            if missing:
+                raise ActuatorError(f"HAProxy lacks servers {['/'.join(m) for m in missing]}")
+            # Read back: the real state must now match the plan.
+            after = self._servers()
+            left = self._diff(after, plan)
+            if left:
+                raise ActuatorError(f"HAProxy state still differs after apply: {left}")
+        except HAProxyError as e:
+            raise ActuatorError(str(e)) from None
+        obs = self.observe()
+        return ApplyResult(obs, cmds, [f"{k} {be}/{srv} -> {v}" for k, be, srv, v in todo])
+
+
+class DryRunActuator:
+    name = "dry-run"
+
+    def __init__(self, instances):
+        self.instances = list(instances)
+        self.current = Observed({i.name: i.weight for i in self.instances}, set())
+        self.current.site_weights = site_weights_from_instances(self.current.instance_weights, self.instances)
+
+    def observe(self) -> Observed:
+        return self.current
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        drift = []
+        if self.current.instance_weights != plan.instance_weights or self.current.drained != set(plan.drained):
+            drift = [f"weights {self.current.instance_weights} -> {plan.instance_weights}"]
+            log.info("dry-run: would set weights %s, drained %s", plan.instance_weights, sorted(plan.drained))
+        self.current = Observed(dict(plan.instance_weights), set(plan.drained), [], dict(plan.site_weights))
+        return ApplyResult(self.current, [], drift)
+
+
+def make_actuator(settings) -> Actuator:
+    kind = settings.control.actuator
+    if kind == "haproxy":
+        # Backend names and socket come from the config generator: one source for both sides.
+        return HAProxyActuator(HAProxyRuntime.for_settings(settings), settings.instances,
+                               list(haproxy_config.ALL_BACKENDS), list(haproxy_config.SENSITIVE_BACKENDS))
+    if kind == "route53":
+        from control.adapters.route53 import Route53Actuator  # noqa: PLC0415 - boto3 only when used
+        return Route53Actuator.from_settings(settings)
+    return DryRunActuator(settings.instances)

@@ -1,0 +1,223 @@
+"""Decision audit and operator controls (overrides with TTL, drains) in the control plane's SQLite
+database (control/db.py). Every policy decision is a row: time, inputs summary, old and new
+weights, reason and message, what the actuator did. The last row also carries the policy state,
+so a restarted daemon resumes where it stopped."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from control import db
+from control.traffic.policy import Controls, Override, PolicyState
+
+DDL = """
+CREATE TABLE IF NOT EXISTS control_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    old_weights TEXT NOT NULL,
+    new_weights TEXT NOT NULL,
+    instance_weights TEXT NOT NULL,
+    changed INTEGER NOT NULL,
+    inputs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    actuator TEXT NOT NULL,
+    applied INTEGER NOT NULL,
+    commands TEXT NOT NULL DEFAULT '[]',
+    drift TEXT NOT NULL DEFAULT '[]',
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS control_decisions_ts ON control_decisions(ts);
+CREATE INDEX IF NOT EXISTS control_decisions_changed ON control_decisions(changed, ts);
+CREATE TABLE IF NOT EXISTS control_overrides (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    weights TEXT NOT NULL,
+    by TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '',
+    cleared_at REAL
+);
+CREATE TABLE IF NOT EXISTS scale_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    count_before INTEGER NOT NULL,
+    count_after INTEGER NOT NULL,
+    instance TEXT,
+    inputs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    cost TEXT NOT NULL,
+    actuator TEXT NOT NULL,
+    result TEXT NOT NULL DEFAULT '{}',
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS scale_decisions_ts ON scale_decisions(ts);
+CREATE TABLE IF NOT EXISTS control_drains (
+    target TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    by TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+@dataclass
+class DecisionRow:
+    id: int
+    ts: float
+    reason: str
+    message: str
+    old_weights: dict
+    new_weights: dict
+    instance_weights: dict
+    changed: bool
+    inputs: dict
+    state: dict
+    actuator: str
+    applied: bool
+    commands: list
+    drift: list
+    error: str | None
+
+    def to_dict(self, full: bool = False) -> dict:
+        d = {"id": self.id, "ts": self.ts, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.ts)),
+             "reason": self.reason, "message": self.message, "old_weights": self.old_weights,
+             "new_weights": self.new_weights, "instance_weights": self.instance_weights, "changed": self.changed,
+             "actuator": self.actuator, "applied": self.applied, "commands": self.commands, "drift": self.drift,
+             "error": self.error}
+        if full:
+            d.update(inputs=self.inputs, state=self.state)
+        return d
+
+
+def _row(r: sqlite3.Row) -> DecisionRow:
+    return DecisionRow(r["id"], r["ts"], r["reason"], r["message"], json.loads(r["old_weights"]),
+                       json.loads(r["new_weights"]), json.loads(r["instance_weights"]), bool(r["changed"]),
+                       json.loads(r["inputs"]), json.loads(r["state"]), r["actuator"], bool(r["applied"]),
+                       json.loads(r["commands"]), json.loads(r["drift"]), r["error"])
+
+
+class Audit:
+    def __init__(self, path):
+        self.conn = db.connect(path)
+        db.ensure_schema(self.conn, DDL)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def record(self, *, ts: float, reason: str, message: str, old: dict, new: dict, instance_weights: dict,
+               inputs: dict, state: PolicyState, actuator: str, applied: bool, commands=(), drift=(),
+               error: str | None = None) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO control_decisions (ts, reason, message, old_weights, new_weights, instance_weights, changed,"
+            " inputs, state, actuator, applied, commands, drift, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ts, reason, message, json.dumps(old), json.dumps(new), json.dumps(instance_weights),
+             int(old != new or bool(drift)), json.dumps(inputs, default=str), json.dumps(state.to_dict()), actuator,
+             int(applied), json.dumps(list(commands)), json.dumps(list(drift)), error))
+        return cur.lastrowid
+
+    def last(self) -> DecisionRow | None:
+        r = self.conn.execute("SELECT * FROM control_decisions ORDER BY id DESC LIMIT 1").fetchone()
+        return _row(r) if r else None
+
+    def history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[DecisionRow]:
+        """Decisions since `since`, oldest first. `changes_only`: rows that changed weights, fixed
+        drift, failed, or whose reason differs from the previous row (no run of identical ticks)."""
+        if changes_only:
+            q = ("SELECT * FROM (SELECT *, LAG(reason) OVER (ORDER BY id) AS prev_reason FROM control_decisions"
+                 " WHERE ts >= ?) WHERE changed = 1 OR error IS NOT NULL OR prev_reason IS NULL"
+                 " OR prev_reason != reason")
+        else:
+            q = "SELECT * FROM control_decisions WHERE ts >= ?"
+        rows = self.conn.execute(q + " ORDER BY id DESC LIMIT ?", (since or 0.0, limit)).fetchall()
+        return [_row(r) for r in reversed(rows)]
+
+    def prune(self, older_than: float) -> int:
+        """Drop unchanged decisions older than `older_than` (weight changes are kept)."""
+        return self.conn.execute("DELETE FROM control_decisions WHERE ts < ? AND changed = 0", (older_than,)).rowcount
+
+    # ---- scaling decisions (control/capacity/scaler.py) --------------------------------------------------
+    def record_scale(self, *, ts: float, action: str, reason: str, message: str, count_before: int,
+                     count_after: int, instance: str | None, inputs: dict, state: dict, cost: dict, actuator: str,
+                     result: dict | None = None, error: str | None = None) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO scale_decisions (ts, action, reason, message, count_before, count_after, instance, inputs,"
+            " state, cost, actuator, result, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ts, action, reason, message, count_before, count_after, instance, json.dumps(inputs, default=str),
+             json.dumps(state), json.dumps(cost, default=str), actuator, json.dumps(result or {}, default=str), error))
+        return cur.lastrowid
+
+    def scale_history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[dict]:
+        """Scaling decisions since `since`, oldest first; `changes_only`: actions, errors and
+        rows whose reason differs from the previous row."""
+        if changes_only:
+            q = ("SELECT * FROM (SELECT *, LAG(reason) OVER (ORDER BY id) AS prev_reason FROM scale_decisions"
+                 " WHERE ts >= ?) WHERE action != 'hold' OR error IS NOT NULL OR prev_reason IS NULL"
+                 " OR prev_reason != reason")
+        else:
+            q = "SELECT * FROM scale_decisions WHERE ts >= ?"
+        rows = self.conn.execute(q + " ORDER BY id DESC LIMIT ?", (since or 0.0, limit)).fetchall()
+        out = []
+        for r in reversed(rows):
+            d = {k: r[k] for k in ("id", "ts", "action", "reason", "message", "count_before", "count_after",
+                                   "instance", "actuator", "error")}
+            d["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["ts"]))
+            for k in ("inputs", "state", "cost", "result"):
+                d[k] = json.loads(r[k])
+            out.append(d)
+        return out
+
+    def last_scale_state(self) -> dict | None:
+        r = self.conn.execute("SELECT state FROM scale_decisions ORDER BY id DESC LIMIT 1").fetchone()
+        return json.loads(r["state"]) if r else None
+
+    def prune_scale(self, older_than: float) -> int:
+        return self.conn.execute("DELETE FROM scale_decisions WHERE ts < ? AND action = 'hold' AND error IS NULL",
+                                 (older_than,)).rowcount
+
+    # ---- overrides -----------------------------------------------------------------------------
+    def set_override(self, weights: dict, ttl_s: float, by: str = "", note: str = "", now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        self.conn.execute("UPDATE control_overrides SET cleared_at = ? WHERE cleared_at IS NULL", (now,))
+        cur = self.conn.execute(
+            "INSERT INTO control_overrides (created_at, expires_at, weights, by, note) VALUES (?,?,?,?,?)",
+            (now, now + ttl_s, json.dumps(weights), by, note))
+        return {"id": cur.lastrowid, "weights": weights, "expires_at": now + ttl_s, "ttl_s": ttl_s, "by": by, "note": note}
+
+    def clear_override(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return self.conn.execute("UPDATE control_overrides SET cleared_at = ? WHERE cleared_at IS NULL",
+                                 (now,)).rowcount > 0
+
+    def override(self) -> Override | None:
+        """The newest uncleared override, expired or not (the policy reports expiry itself)."""
+        r = self.conn.execute("SELECT * FROM control_overrides WHERE cleared_at IS NULL ORDER BY id DESC LIMIT 1").fetchone()
+        if not r:
+            return None
+        return Override(json.loads(r["weights"]), r["expires_at"], r["by"], r["note"])
+
+    # ---- drains --------------------------------------------------------------------------------
+    def drain(self, target: str, kind: str, by: str = "", now: float | None = None) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO control_drains (target, kind, created_at, by) VALUES (?,?,?,?)",
+                          (target, kind, time.time() if now is None else now, by))
+
+    def undrain(self, target: str) -> bool:
+        return self.conn.execute("DELETE FROM control_drains WHERE target = ?", (target,)).rowcount > 0
+
+    def drains(self) -> list[dict]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM control_drains ORDER BY target")]
+
+    def controls(self, now: float) -> Controls:
+        ov = self.override()
+        # An override long past its expiry is cleared once the policy has reported it (next tick).
+        if ov is not None and ov.expires_at + 60 < now:
+            self.clear_override(now)
+            ov = None
+        return Controls(override=ov, drained=frozenset(d["target"] for d in self.drains()))
