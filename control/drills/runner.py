@@ -28,7 +28,7 @@ import yaml
 
 from control.config import Settings
 from control.drills.load import OpenLoopLoad, RequestSpec
-from control.local.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_until
+from control.local.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_for_process
 
 MODEL_ADD_ONE = "add_one"
 
@@ -301,7 +301,7 @@ class DrillEnv:
             prefix = ns.exec_prefix() if ns is not None else []
             proc = start_process(inst.name, prefix + argv, self.settings.run_path, env=triton_env())
             try:
-                wait_until(lambda: http_ok(f"http://{inst.host}:{http_port}/v2/health/ready"), proc, 90,
+                wait_for_process(lambda: http_ok(f"http://{inst.host}:{http_port}/v2/health/ready"), proc, 90,
                            "ready (/v2/health/ready)")
             except ComponentError:
                 proc.stop()

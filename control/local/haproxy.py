@@ -5,7 +5,7 @@ import shutil
 import subprocess
 
 from control.adapters.haproxy_config import config_path, render, socket_path
-from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_until
+from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
 
 NAME = "haproxy"
 
@@ -41,7 +41,7 @@ def start_haproxy(settings, timeout: float = 15.0) -> ManagedProcess:
     # -db: stay in the foreground so the process group we supervise is HAProxy itself.
     proc = start_process(NAME, [binary, "-db", "-f", str(config_path(settings))], settings.run_path)
     try:
-        wait_until(lambda: socket_path(settings).exists() and http_ok(f"http://{h.host}:{h.stats_port}/metrics"),
+        wait_for_process(lambda: socket_path(settings).exists() and http_ok(f"http://{h.host}:{h.stats_port}/metrics"),
                    proc, timeout, "serving its stats port")
     except ComponentError:
         proc.stop()

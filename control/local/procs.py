@@ -16,6 +16,8 @@ from typing import Callable
 
 import requests
 
+from control import waiting
+
 
 class ComponentError(RuntimeError):
     """A component failed to start or stop; the message names it and shows its log tail."""
@@ -189,20 +191,16 @@ def managed_names(run_dir: Path) -> list[str]:
     return sorted(p.stem for p in (Path(run_dir) / "pids").glob("*.json"))
 
 
-def wait_until(check: Callable[[], bool], proc: ManagedProcess, timeout: float, what: str,
-               interval: float = 0.1) -> None:
-    """Wait for `check()`; fail fast if the process dies, with its log tail."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive:
-            raise ComponentError(proc.name, f"exited while waiting for {what}", proc.log_tail())
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - not ready yet, keep polling
-            pass
-        time.sleep(interval)
-    raise ComponentError(proc.name, f"not {what} after {timeout:.0f}s", proc.log_tail())
+def wait_for_process(check: Callable[[], bool], proc: ManagedProcess, timeout: float, what: str,
+                     interval: float = 0.1) -> None:
+    """Wait for `check()` on a component; fail fast if its process dies, with its log tail."""
+    try:
+        waiting.wait_until(check, timeout, what, interval=interval,
+                           abort=lambda: None if proc.alive else "process exited")
+    except waiting.WaitTimeout:
+        raise ComponentError(proc.name, f"not {what} after {timeout:.0f}s", proc.log_tail()) from None
+    except RuntimeError:
+        raise ComponentError(proc.name, f"exited while waiting for {what}", proc.log_tail()) from None
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from control.local.procs import ComponentError, ManagedProcess, http_ok, load_managed, port_in_use, start_process, wait_until
+from control.local.procs import ComponentError, ManagedProcess, http_ok, load_managed, port_in_use, start_process, wait_for_process
 from control.adapters.prometheus_config import (
     LOCAL_EVALUATION_INTERVAL, LOCAL_SCRAPE_INTERVAL, RULES_DIR, render,
 )
@@ -81,7 +81,7 @@ def start_prometheus(settings, timeout: float = 30.0, port: int | None = None) -
     ]
     proc = start_process(NAME, argv, settings.run_path)
     try:
-        wait_until(lambda: http_ok(f"http://{host}:{port}/-/ready"), proc, timeout, "ready")
+        wait_for_process(lambda: http_ok(f"http://{host}:{port}/-/ready"), proc, timeout, "ready")
     except ComponentError:
         proc.stop()
         raise

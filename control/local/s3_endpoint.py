@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_until
+from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
 
 NAME = "s3"
 
@@ -22,7 +22,7 @@ def start_s3_server(settings, name: str = NAME, timeout: float = 30.0) -> Manage
         raise ComponentError(name, f"port {host}:{port} is already in use; free it or set s3.port in the config")
     proc = start_process(name, [str(moto_server_binary()), "-H", host, "-p", str(port)], settings.run_path)
     try:
-        wait_until(lambda: http_ok(f"http://{host}:{port}/moto-api/"), proc, timeout, "answering HTTP")
+        wait_for_process(lambda: http_ok(f"http://{host}:{port}/moto-api/"), proc, timeout, "answering HTTP")
     except ComponentError:
         proc.stop()
         raise

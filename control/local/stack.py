@@ -14,7 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.local.procs import (
-    ComponentError, ManagedProcess, http_ok, load_managed, managed_names, port_in_use, start_process, wait_until,
+    ComponentError, ManagedProcess, http_ok, load_managed, managed_names, port_in_use, start_process, wait_for_process,
 )
 
 CONTROL_NAME = "control"
@@ -80,7 +80,7 @@ def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
         argv += ["--config", settings.source]
     proc = start_process(CONTROL_NAME, argv + ["control", "run"], settings.run_path)
     try:
-        wait_until(lambda: http_ok(f"http://{c.api_host}:{c.metrics_port}/metrics"), proc, timeout,
+        wait_for_process(lambda: http_ok(f"http://{c.api_host}:{c.metrics_port}/metrics"), proc, timeout,
                    "exporting its metrics")
     except ComponentError:
         proc.stop()

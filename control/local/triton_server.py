@@ -21,7 +21,7 @@ import site
 import sys
 from pathlib import Path
 
-from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_until
+from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
 
 PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -118,7 +118,7 @@ def start_triton(name: str, repository: str | Path, http_port: int, grpc_port: i
                        extra_args, log_verbose)
     proc = start_process(name, argv, Path(run_dir), env=triton_env(env_extra))
     try:
-        wait_until(lambda: http_ok(f"http://{host}:{http_port}/v2/health/ready"), proc, ready_timeout,
+        wait_for_process(lambda: http_ok(f"http://{host}:{http_port}/v2/health/ready"), proc, ready_timeout,
                    "ready (/v2/health/ready); a model probably failed to load")
     except ComponentError:
         tail = proc.log_tail(40)
