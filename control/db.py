@@ -1,6 +1,12 @@
 """The control plane's SQLite database: one file under the run dir, shared by the version state
 (control/mirror/state.py) and the decision audit. Each module owns its tables and creates them with
-`ensure_schema`; WAL mode so the CLI can read while the daemon writes."""
+`migrate`; WAL mode so the CLI can read while the daemon writes.
+
+Schema versions: each module (component) hands `migrate` its list of migration scripts; script i
+takes that component from version i to i+1. The applied version is kept per component in the
+`schema_versions` table, so an upgrade applies only what is new, and a database written by a newer
+release is refused with a clear error instead of being misread. Scripts must be idempotent for
+version 0 -> 1 (`CREATE TABLE IF NOT EXISTS`): databases made before versioning start there."""
 from __future__ import annotations
 
 import sqlite3
@@ -17,5 +23,23 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
-def ensure_schema(conn: sqlite3.Connection, ddl: str) -> None:
-    conn.executescript(ddl)
+class SchemaError(RuntimeError):
+    """The database was written by a newer release (or is not ours)."""
+
+
+def migrate(conn: sqlite3.Connection, component: str, migrations: list[str]) -> int:
+    """Bring `component`'s tables to len(migrations); return the version now in the database."""
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+    row = conn.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()
+    have = row[0] if row else 0
+    want = len(migrations)
+    if have > want:
+        raise SchemaError(f"the {component} tables are at schema version {have}, this release knows up to {want}: "
+                          "the database was written by a newer triton-hybrid. Upgrade, or point run_dir elsewhere")
+    for version in range(have, want):
+        # executescript commits on its own; the version row follows each script, so a crash in
+        # between re-runs one idempotent script, never skips one.
+        conn.executescript(migrations[version])
+        conn.execute("INSERT INTO schema_versions (component, version) VALUES (?, ?) "
+                     "ON CONFLICT(component) DO UPDATE SET version = excluded.version", (component, version + 1))
+    return want

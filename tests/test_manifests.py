@@ -1,5 +1,5 @@
-"""deploy/: Kubernetes base + overlays (resolved and checked by control/deploy/kustomize.py, the
-project's resolver for the kustomize subset it uses), the HAProxy configs rendered by the same
+"""deploy/: Kubernetes base + overlays (rendered by `kubectl kustomize`, schema-validated and checked by
+control/deploy/kustomize.py), the HAProxy configs rendered by the same
 generator as the local stack, Grafana provisioning and dashboards, systemd units, IAM policies."""
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from control.cli import cli
 from control.config import PROJECT_ROOT, load_config
-from control.deploy.kustomize import KustomizeError, build, check, check_tree, strategic_merge
+from control.deploy.kustomize import KustomizeError, check_tree, object_problems, render, schema_problems, source_problems
+from control.deploy.render import K8S_REGISTRY, render_haproxy
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -28,20 +31,24 @@ def test_every_yaml_file_under_deploy_parses():
         list(yaml.safe_load_all(f.read_text()))
 
 
-def test_base_and_overlays_resolve_without_problems():
-    results = check_tree(K8S)
-    assert {"base", "control-plane", "overlays/onprem", "overlays/cloud"} <= set(results)
-    problems = {name: r.problems for name, r in results.items() if r.problems}
+@pytest.fixture(scope="module")
+def rendered():
+    return check_tree(K8S)
+
+
+def test_base_and_overlays_render_validate_and_pass_the_checks(rendered):
+    assert {"(source tree)", "base", "control-plane", "overlays/onprem", "overlays/cloud"} <= set(rendered)
+    problems = {name: r.problems for name, r in rendered.items() if r.problems}
     assert not problems, problems
+    assert all(rendered[o].resources for o in ("overlays/onprem", "overlays/cloud"))
 
 
-def _overlay(name):
-    r = check(build(K8S / "overlays" / name))
-    assert not r.problems, r.problems
-    return r
+@pytest.fixture
+def _overlay(rendered):
+    return lambda name: rendered[f"overlays/{name}"]
 
 
-def test_onprem_overlay_has_triton_control_plane_and_haproxy():
+def test_onprem_overlay_has_triton_control_plane_and_haproxy(_overlay):
     r = _overlay("onprem")
     names = {(x["kind"], x["metadata"]["name"]) for x in r.resources}
     assert {("Deployment", "onprem-triton"), ("Deployment", "onprem-triton-hybrid-control"),
@@ -55,7 +62,7 @@ def test_onprem_overlay_has_triton_control_plane_and_haproxy():
     assert [c["name"] for c in control["spec"]["template"]["spec"]["containers"]] == ["haproxy", "control"]
 
 
-def test_overlay_patches_merge_by_name_and_references_follow_the_prefix():
+def test_overlay_patches_merge_by_name_and_references_follow_the_prefix(_overlay):
     r = _overlay("onprem")
     triton = r.get("Deployment", "onprem-triton")
     spec = triton["spec"]["template"]["spec"]
@@ -73,7 +80,7 @@ def test_overlay_patches_merge_by_name_and_references_follow_the_prefix():
     assert triton["spec"]["selector"]["matchLabels"]["triton-hybrid/site"] == "onprem"
 
 
-def test_cloud_overlay():
+def test_cloud_overlay(_overlay):
     r = _overlay("cloud")
     triton = r.get("Deployment", "cloud-triton")
     env = {e["name"]: e.get("value") for e in triton["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -96,7 +103,7 @@ def test_no_inline_secret_anywhere_and_secret_env_files_are_ignored_by_git():
         assert r.returncode == 0, f"{real} would not be ignored by git"
 
 
-def test_haproxy_server_of_the_onprem_site_is_the_onprem_triton_service():
+def test_haproxy_server_of_the_onprem_site_is_the_onprem_triton_service(_overlay):
     r = _overlay("onprem")
     svc = r.get("Service", "onprem-triton")
     registry = load_config(K8S / "control-plane" / "triton-hybrid.yaml", environ={})
@@ -135,17 +142,21 @@ spec:
 KUSTOMIZATION = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [d.yaml{extra}]\n"
 
 
+def _problems(root: Path) -> list[str]:
+    return [p for r in check_tree(root).values() for p in r.problems]
+
+
 def test_checker_flags_an_inline_secret(tmp_path):
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=", s.yaml"),
                             "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready"),
                             "s.yaml": "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {k: hunter2}\n"})
-    assert any("inline data" in p for p in check(build(root)).problems)
+    assert any("inline data" in p for p in source_problems(root))
 
 
 def test_checker_flags_a_wrong_readiness_path(tmp_path):
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=""),
                             "d.yaml": DEPLOY_TMPL.format(path="/v2/health/live")})
-    assert any("/v2/health/ready" in p for p in check(build(root)).problems)
+    assert any("/v2/health/ready" in p for p in object_problems(render(root)))
 
 
 def test_checker_flags_missing_references_and_secret_literals(tmp_path):
@@ -153,53 +164,62 @@ def test_checker_flags_missing_references_and_secret_literals(tmp_path):
         "          resources:", "          env:\n            - {name: X, valueFrom: {secretKeyRef: {name: nope, key: K}}}\n"
                                 "          resources:")
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra="") +
-                            "generatorOptions: {disableNameSuffixHash: true}\n"
                             "secretGenerator:\n  - {name: lit, literals: [K=v]}\n",
                             "d.yaml": dep})
-    problems = check(build(root)).problems
+    problems = _problems(root)
     assert any("references Secret nope" in p for p in problems)
     assert any("literals" in p for p in problems)
 
 
 def test_checker_flags_a_committed_secret_env_file(tmp_path):
-    if not shutil.which("git"):
-        pytest.skip("git not installed")
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra="") +
-                            "generatorOptions: {disableNameSuffixHash: true}\n"
                             "secretGenerator:\n  - {name: s3, envs: [s3.env]}\n",
                             "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready"),
                             "s3.env": "AWS_SECRET_ACCESS_KEY=hunter2\n", "s3.env.example": "AWS_SECRET_ACCESS_KEY=\n"})
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "s3.env"], cwd=root, check=True)
-    assert any("committed to git" in p for p in check(build(root)).problems)
+    assert any("committed to git" in p for p in source_problems(root))
 
 
-def test_checker_rejects_what_it_cannot_resolve(tmp_path):
-    root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra="") + "images: [{name: x, newTag: y}]\n",
+def test_an_absent_secret_env_file_renders_from_its_example(tmp_path):
+    """As in CI: the real env file is absent, the render still has the Secret with every key."""
+    dep = DEPLOY_TMPL.format(path="/v2/health/ready").replace(
+        "          resources:", "          env:\n            - {name: X, valueFrom: {secretKeyRef: {name: s3, key: AWS_SECRET_ACCESS_KEY}}}\n"
+                                "          resources:")
+    root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra="") +
+                            "generatorOptions: {disableNameSuffixHash: true}\n"
+                            "secretGenerator:\n  - {name: s3, envs: [s3.env]}\n",
+                            "d.yaml": dep, "s3.env.example": "AWS_SECRET_ACCESS_KEY=\n"})
+    result = check_tree(root)["."]
+    assert not result.problems, result.problems
+    assert "AWS_SECRET_ACCESS_KEY" in result.get("Secret", "s3")["data"]
+    assert not (root / "s3.env").exists()  # rendered from a scratch copy, the tree is untouched
+
+
+def test_schema_validation_catches_a_wrong_type(tmp_path):
+    root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=""),
+                            "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready").replace("spec:\n  selector",
+                                                                                         "spec:\n  replicas: two\n  selector")})
+    problems = schema_problems(render(root))
+    assert any("replicas" in p and "integer" in p for p in problems), problems
+
+
+def test_kubectl_kustomize_errors_are_reported(tmp_path):
+    root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=", missing.yaml"),
                             "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready")})
-    with pytest.raises(KustomizeError, match="unsupported"):
-        build(root)
-    root2 = _tree(tmp_path / "b", {"kustomization.yaml": KUSTOMIZATION.format(extra="") + "patches: [{path: p.yaml}]\n",
-                                   "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready"),
-                                   "p.yaml": "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: other}\n"})
-    with pytest.raises(KustomizeError, match="not in the resources"):
-        build(root2)
+    with pytest.raises(KustomizeError, match="missing.yaml"):
+        render(root)
 
 
-def test_strategic_merge():
-    base = {"a": 1, "list": [{"name": "x", "v": 1, "keep": True}, {"name": "y", "v": 2}], "plain": [1, 2],
-            "drop": 5}
-    patch = {"list": [{"name": "x", "v": 10}, {"name": "z", "v": 3}], "plain": [9], "drop": None, "b": 2}
-    assert strategic_merge(base, patch) == {
-        "a": 1, "b": 2, "plain": [9],
-        "list": [{"name": "x", "v": 10, "keep": True}, {"name": "y", "v": 2}, {"name": "z", "v": 3}]}
+def test_without_kubectl_the_check_says_how_to_install_it(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(KustomizeError, match="kubectl is not installed.*Install it"):
+        check_tree(K8S)
+    r = CliRunner().invoke(cli, ["deploy", "check-k8s"])
+    assert r.exit_code == 1 and "kubectl is not installed" in r.output
 
 
 def test_check_k8s_command():
-    from click.testing import CliRunner
-
-    from control.cli import cli
-
     r = CliRunner().invoke(cli, ["deploy", "check-k8s"])
     assert r.exit_code == 0, r.output
     assert "ok   overlays/onprem" in r.output and "ok   overlays/cloud" in r.output
@@ -208,11 +228,9 @@ def test_check_k8s_command():
 # ---- HAProxy: the same generator as the local stack --------------------------------------------
 
 def test_committed_haproxy_configs_are_the_generators_output():
-    from control.cli.deploy import render_haproxy, render_k8s_haproxy
-
     assert (DEPLOY / "haproxy" / "haproxy.cfg").read_text() == render_haproxy(), \
         "deploy/haproxy/haproxy.cfg is stale: run `triton-hybrid deploy render-haproxy --k8s`"
-    assert (K8S / "control-plane" / "haproxy.cfg").read_text() == render_k8s_haproxy(), \
+    assert (K8S / "control-plane" / "haproxy.cfg").read_text() == render_haproxy(K8S_REGISTRY), \
         "deploy/k8s/control-plane/haproxy.cfg is stale: run `triton-hybrid deploy render-haproxy --k8s`"
 
 
@@ -229,10 +247,6 @@ def test_deploy_haproxy_config_is_valid_and_has_every_instance():
 
 
 def test_render_haproxy_command(tmp_path):
-    from click.testing import CliRunner
-
-    from control.cli import cli
-
     out = tmp_path / "h.cfg"
     r = CliRunner().invoke(cli, ["deploy", "render-haproxy", "--config", str(DEPLOY / "sites.yaml"), "--out", str(out)])
     assert r.exit_code == 0, r.output
@@ -344,10 +358,6 @@ def test_sites_registry_loads():
 
 
 def test_render_prometheus_command(tmp_path):
-    from click.testing import CliRunner
-
-    from control.cli import cli
-
     out = tmp_path / "p.yml"
     r = CliRunner().invoke(cli, ["deploy", "render-prometheus", "--config", str(DEPLOY / "sites.yaml"), "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import requests
+from botocore.response import StreamingBody
 
 from control.adapters import s3 as s3x
 from control.mirror.manifest import MANIFEST_NAME, build_manifest
@@ -159,7 +160,7 @@ def test_tampered_object_is_refused_and_previous_keeps_serving(env):
     publish_version(settings, repo, "add_one", client=client)
     key = s3x.object_key(settings.s3, "add_one", 2, "model.py")
     h = client.head_object(Bucket=settings.s3.bucket, Key=key)
-    body = client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read().replace(b"ADD = 2.0", b"ADD = 666.0")
+    body = client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read().replace(b"ADD = 2.0", b"ADD = 6.0")  # same size: only the sha256 can tell
     client.put_object(Bucket=settings.s3.bucket, Key=key, Body=body, Metadata=h["Metadata"],
                       ServerSideEncryption="AES256")  # an attacker keeping the metadata
     with Load(inst.http_url) as load:
@@ -399,3 +400,50 @@ def test_overlapping_scheduled_sync_is_skipped_not_queued(settings_factory):
         assert got
         out = sync_instance(settings, inst, force=False)
     assert [(o.status, o.reason) for o in out] == [("skipped", "another sync of this instance is running")]
+
+
+@pytest.mark.parametrize("stray", ["add_one/abc/x", "add_one/\u00b2/junk", "add_one/07/x", "add_one/\u0661/x"])
+def test_stray_key_in_the_mirror_is_ignored_with_a_warning_and_blocks_nothing(env, stray, caplog):
+    """Issue 15 finding 5: `ranker/²/junk` (str.isdigit() accepts '²', int() does not) made every sync
+    of every model fail until deleted."""
+    settings, inst, client, repo, _ = env
+    sync_all(settings)
+    client.put_object(Bucket=settings.s3.bucket, Key=f"{settings.s3.prefix}/{stray}", Body=b"junk",
+                      ServerSideEncryption="AES256")
+    write_add_model(repo, 2, 2.0)
+    publish_version(settings, repo, "add_one", client=client)
+    with caplog.at_level("WARNING", logger="triton_hybrid.mirror"):
+        out = sync_all(settings)["onprem-1"]
+    assert vs(out) == [(2, "live")]
+    assert infer(inst) == 2.0
+    name = stray.split("/")[1]
+    assert any("not a version" in r.getMessage() and f"/add_one/{name}/" in r.getMessage() for r in caplog.records)
+
+
+def test_oversized_object_is_refused_without_reading_it_whole(env, monkeypatch):
+    """Issue 15 finding 6: a file the manifest says is small was downloaded whole (~275 MB) before the
+    size check. Now no more than manifest size + 1 byte is read."""
+    settings, inst, client, repo, _ = env
+    sync_all(settings)
+    write_add_model(repo, 2, 2.0)
+    publish_version(settings, repo, "add_one", client=client)
+    key = s3x.object_key(settings.s3, "add_one", 2, "model.py")
+    h = client.head_object(Bucket=settings.s3.bucket, Key=key)
+    small = h["ContentLength"]
+    big = client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read() + b"#" * (8 * 1024 * 1024)
+    client.put_object(Bucket=settings.s3.bucket, Key=key, Body=big, Metadata=h["Metadata"],
+                      ServerSideEncryption="AES256")
+    read: dict[int, int] = {}  # bytes read per object body
+    orig = StreamingBody.iter_chunks
+
+    def counting(self, chunk_size=1024):
+        for chunk in orig(self, chunk_size):
+            read[id(self)] = read.get(id(self), 0) + len(chunk)
+            yield chunk
+    monkeypatch.setattr(StreamingBody, "iter_chunks", counting)
+    out = sync_all(settings)["onprem-1"]
+    assert vs(out) == [(2, "failed")]
+    assert f"larger than the {small} bytes" in first(out)["reason"] and key in first(out)["reason"]
+    assert max(read.values()) <= small + 1, f"read {max(read.values())} bytes of an object the manifest says has {small}"
+    assert infer(inst) == 1.0
+    assert not (repository_path(settings, inst) / "add_one" / "2").exists()

@@ -1,15 +1,19 @@
-"""A thin adapter over Triton's HTTP repository and health API (DESIGN.md fact 6).
+"""A thin adapter over Triton's health and repository API, through tritonclient.http (DESIGN.md fact 6).
 
 Repository calls (index, load, unload) carry the header ``admin-key: SECRET`` that Triton's
 ``--http-restricted-api=model-repository:admin-key=SECRET`` demands; the key is never logged or
-put into an error message. Inference for smoke checks goes through tritonclient.http.
+put into an error message. A client is made per call: tritonclient.http's client is not
+thread-safe and the control plane calls from scheduler threads.
 """
 from __future__ import annotations
 
-import time
+import json
 
 import numpy as np
-import requests
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
+
+from control.waiting import WaitTimeout, wait_until
 
 
 class TritonAdminError(RuntimeError):
@@ -26,10 +30,21 @@ _NP = {"TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_UINT16": np.uint16, 
        "TYPE_STRING": np.object_}
 
 
+def ready_versions_of(index: list[dict], model: str | None = None) -> dict[str, set[int]]:
+    """{model: versions READY} from a repository index (one parser for every caller)."""
+    out: dict[str, set[int]] = {}
+    for m in index:
+        version = str(m.get("version", ""))
+        if m.get("state") == "READY" and version.isascii() and version.isdigit() and (model in (None, m.get("name"))):
+            out.setdefault(m["name"], set()).add(int(version))
+    return out
+
+
 class TritonAdmin:
     def __init__(self, name: str, http_url: str, admin_key: str | None, timeout: float = 120.0):
         self.name = name
         self.url = http_url.rstrip("/")
+        self.host = self.url.split("://", 1)[-1]
         self._headers = {"admin-key": admin_key} if admin_key else {}
         self.timeout = timeout
 
@@ -37,96 +52,70 @@ class TritonAdmin:
     def for_instance(cls, settings, instance) -> "TritonAdmin":
         return cls(instance.name, instance.http_url, settings.triton.admin_key.get_secret_value())
 
-    def _post(self, path: str, body: dict | None = None, timeout: float | None = None) -> requests.Response:
-        try:
-            return requests.post(f"{self.url}{path}", json=body or {}, headers=self._headers,
-                                 timeout=timeout or self.timeout)
-        except requests.RequestException as e:
-            raise TritonUnreachable(f"Triton {self.name} ({self.url}) did not answer {path}: {type(e).__name__}") from None
+    def client(self, timeout: float | None = None) -> th.InferenceServerClient:
+        t = timeout or self.timeout
+        return th.InferenceServerClient(self.host, connection_timeout=min(t, 5.0), network_timeout=t)
 
-    @staticmethod
-    def _error(r: requests.Response) -> str:
+    def _call(self, what: str, fn, timeout: float | None = None):
+        """Run fn(client); a refusal becomes TritonAdminError, no answer TritonUnreachable."""
         try:
-            return r.json().get("error", r.text)
-        except ValueError:
-            return r.text[:500]
+            with self.client(timeout) as c:
+                return fn(c)
+        except InferenceServerException as e:
+            raise TritonAdminError(f"Triton {self.name}: {what} refused: {e.message()}") from None
+        except Exception as e:  # noqa: BLE001 - socket/timeout errors of the HTTP client
+            raise TritonUnreachable(f"Triton {self.name} ({self.url}) did not answer ({what}): "
+                                    f"{type(e).__name__}") from None
+
+    def _check(self, what: str, fn, timeout: float) -> bool:
+        try:
+            return bool(self._call(what, fn, timeout))
+        except TritonAdminError:
+            return False
 
     # Health --------------------------------------------------------------------------------
     def server_ready(self, timeout: float = 2.0) -> bool:
-        try:
-            return requests.get(f"{self.url}/v2/health/ready", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            return False
+        return self._check("ready", lambda c: c.is_server_ready(), timeout)
 
     def server_live(self, timeout: float = 2.0) -> bool:
-        try:
-            return requests.get(f"{self.url}/v2/health/live", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            return False
+        return self._check("live", lambda c: c.is_server_live(), timeout)
 
     def model_ready(self, model: str, version: int | str | None = None, timeout: float = 5.0) -> bool:
-        path = f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "") + "/ready"
-        try:
-            return requests.get(f"{self.url}{path}", timeout=timeout).status_code == 200
-        except requests.RequestException:
-            return False
+        v = "" if version is None else str(version)
+        return self._check(f"ready of {model}", lambda c: c.is_model_ready(model, v), timeout)
 
     def wait_model_ready(self, model: str, version: int | str, timeout: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.model_ready(model, version):
-                return True
-            time.sleep(0.1)
-        return False
+        try:
+            return wait_until(lambda: self.model_ready(model, version), timeout, f"{model} v{version} ready on {self.name}")
+        except WaitTimeout:
+            return False
 
     def model_config(self, model: str, version: int | str | None = None) -> dict:
-        path = f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "") + "/config"
-        try:
-            r = requests.get(f"{self.url}{path}", timeout=10)
-        except requests.RequestException as e:
-            raise TritonUnreachable(f"Triton {self.name} did not answer {path}: {type(e).__name__}") from None
-        if r.status_code != 200:
-            raise TritonAdminError(f"Triton {self.name}: config of {model} unavailable: {self._error(r)}")
-        return r.json()
+        v = "" if version is None else str(version)
+        return self._call(f"config of {model}", lambda c: c.get_model_config(model, v), timeout=10)
 
     # Repository API (admin key) -------------------------------------------------------------
     def index(self, ready_only: bool = False) -> list[dict]:
-        r = self._post("/v2/repository/index", {"ready": ready_only}, timeout=10)
-        if r.status_code != 200:
-            raise TritonAdminError(f"Triton {self.name}: repository index refused ({r.status_code}): {self._error(r)}")
-        return r.json()
+        idx = self._call("repository index", lambda c: c.get_model_repository_index(headers=self._headers), timeout=10)
+        return [m for m in idx if not ready_only or m.get("state") == "READY"]
 
     def ready_versions(self, model: str) -> set[int]:
-        out = set()
-        for m in self.index():
-            if m.get("name") == model and m.get("state") == "READY" and str(m.get("version", "")).isdigit():
-                out.add(int(m["version"]))
-        return out
+        return ready_versions_of(self.index(), model).get(model, set())
 
     def load(self, model: str, config: dict | None = None) -> None:
         """Load (or reload) a model from the repository; blocks until Triton finished loading.
         Triton keeps the previously loaded versions serving until the new set is ready."""
-        body = {}
-        if config is not None:
-            import json  # noqa: PLC0415
-            body = {"parameters": {"config": json.dumps(config)}}
-        r = self._post(f"/v2/repository/models/{model}/load", body)
-        if r.status_code != 200:
-            raise TritonAdminError(f"Triton {self.name}: loading {model} failed: {self._error(r)}")
+        cfg = None if config is None else json.dumps(config)
+        self._call(f"loading {model}", lambda c: c.load_model(model, headers=self._headers, config=cfg))
 
     def unload(self, model: str, unload_dependents: bool = False) -> None:
-        body = {"parameters": {"unload_dependents": True}} if unload_dependents else {}
-        r = self._post(f"/v2/repository/models/{model}/unload", body)
-        if r.status_code != 200:
-            raise TritonAdminError(f"Triton {self.name}: unloading {model} failed: {self._error(r)}")
+        self._call(f"unloading {model}",
+                   lambda c: c.unload_model(model, headers=self._headers, unload_dependents=unload_dependents))
 
     # Inference for smoke checks ------------------------------------------------------------
     def infer_zeros(self, model: str, version: int | str | None = None) -> dict:
         """One inference with zero (or empty-string) inputs shaped from the model's config;
         returns {output name: array}. Raises TritonAdminError on any failure."""
-        import tritonclient.http as th  # noqa: PLC0415
-        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
-
         cfg = self.model_config(model, version)
         batch = int(cfg.get("max_batch_size", 0) or 0)
         inputs = []
@@ -142,9 +131,8 @@ class TritonAdmin:
             inp.set_data_from_numpy(arr, binary_data=True)
             inputs.append(inp)
         outputs = [th.InferRequestedOutput(o["name"], binary_data=True) for o in cfg.get("output", [])]
-        host = self.url.split("://", 1)[-1]
         try:
-            with th.InferenceServerClient(host, network_timeout=30.0, connection_timeout=5.0) as c:
+            with self.client(30.0) as c:
                 res = c.infer(model, inputs, model_version=str(version) if version is not None else "",
                               outputs=outputs or None)
         except InferenceServerException as e:

@@ -77,14 +77,9 @@ def new_instance_cost(settings) -> float:
 
 def ready_versions(settings, inst, timeout: float = 5.0) -> dict[str, list[int]]:
     """{model: sorted READY versions} from the instance's repository index (admin key)."""
-    from control.adapters.triton import TritonAdmin  # noqa: PLC0415 - requests only
+    from control.adapters.triton import TritonAdmin, ready_versions_of  # noqa: PLC0415 - tritonclient only when used
     admin = TritonAdmin(inst.name, inst.http_url, settings.triton.admin_key.get_secret_value(), timeout=timeout)
-    out: dict[str, set[int]] = {}
-    for m in admin.index(ready_only=True):
-        v = m.get("version")
-        if v not in (None, ""):
-            out.setdefault(m["name"], set()).add(int(v))
-    return {k: sorted(v) for k, v in sorted(out.items())}
+    return {k: sorted(v) for k, v in sorted(ready_versions_of(admin.index()).items())}
 
 
 def _default_repository(settings, inst) -> Path:

@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS cost_ledger (
     up INTEGER NOT NULL
 );
 """
+# Migration i takes the tables from schema version i to i+1 (control/db.migrate); append, never edit.
+MIGRATIONS = [DDL]
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def site_totals(usages: list[Usage], now: float, fresh_s: float = 60.0) -> dict[
 class CostLedger:
     def __init__(self, path):
         self.conn = db.connect(path)
-        db.ensure_schema(self.conn, DDL)
+        db.migrate(self.conn, "cost", MIGRATIONS)
 
     def close(self) -> None:
         self.conn.close()

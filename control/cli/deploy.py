@@ -3,7 +3,7 @@ generators the local stack uses, and check the Kubernetes manifests.
 
   triton-hybrid deploy render-haproxy    --config deploy/sites.yaml --out deploy/haproxy/haproxy.cfg
   triton-hybrid deploy render-prometheus --config deploy/sites.yaml --out deploy/prometheus/prometheus.sites.yml
-  triton-hybrid deploy check-k8s         (control/deploy/kustomize.py: overlays resolve, no inline secrets)
+  triton-hybrid deploy check-k8s         (control/deploy/kustomize.py: kubectl kustomize + schema + checks)
 """
 from __future__ import annotations
 
@@ -11,33 +11,18 @@ from pathlib import Path
 
 import click
 
-from control.config import PROJECT_ROOT, ConfigError, load_config
+from control.config import PROJECT_ROOT, ConfigError
+from control.deploy.kustomize import KustomizeError, check_tree
+from control.deploy.render import (
+    HAPROXY_OUT, K8S_HAPROXY_OUT, K8S_REGISTRY, SITES_REGISTRY, load_registry, render_haproxy, render_prometheus,
+)
 
-SITES_REGISTRY = PROJECT_ROOT / "deploy" / "sites.yaml"
-HAPROXY_OUT = PROJECT_ROOT / "deploy" / "haproxy" / "haproxy.cfg"
-K8S_REGISTRY = PROJECT_ROOT / "deploy" / "k8s" / "control-plane" / "triton-hybrid.yaml"
-K8S_HAPROXY_OUT = PROJECT_ROOT / "deploy" / "k8s" / "control-plane" / "haproxy.cfg"
 
-
-def _load(path) -> object:
+def _load(path):
     try:
-        # Secrets never come from a deploy registry; the environment must not leak into a committed file.
-        return load_config(path, environ={})
+        return load_registry(path)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-
-
-def render_haproxy(registry: Path = SITES_REGISTRY) -> str:
-    from control.adapters.haproxy_config import render  # noqa: PLC0415
-
-    return render(load_config(registry, environ={}))
-
-
-def render_k8s_haproxy(registry: Path = K8S_REGISTRY) -> str:
-    """HAProxy in Kubernetes; its stats socket is in run_dir, the state volume both containers mount."""
-    from control.adapters.haproxy_config import render  # noqa: PLC0415
-
-    return render(load_config(registry, environ={}))
 
 
 @click.group("deploy")
@@ -57,7 +42,8 @@ def render_haproxy_cmd(registry: str, out: str, k8s: bool) -> None:
     Path(out).write_text(render_haproxy(Path(registry)))
     click.echo(f"wrote {out}")
     if k8s:
-        K8S_HAPROXY_OUT.write_text(render_k8s_haproxy())
+        _load(K8S_REGISTRY)
+        K8S_HAPROXY_OUT.write_text(render_haproxy(K8S_REGISTRY))
         click.echo(f"wrote {K8S_HAPROXY_OUT}")
 
 
@@ -68,12 +54,9 @@ def render_haproxy_cmd(registry: str, out: str, k8s: bool) -> None:
               help="Default: deploy/prometheus/prometheus.sites.yml (and prometheus.yml for deploy/local.yaml).")
 def render_prometheus_cmd(registry: str, out: str | None) -> None:
     """prometheus.yml from the registry (control/adapters/prometheus_config.py)."""
-    from control.adapters import prometheus_config as pc  # noqa: PLC0415
-
-    settings = _load(registry)
-    local = Path(registry).resolve() == (PROJECT_ROOT / "deploy" / "local.yaml").resolve()
-    text = pc.render_local_example(settings) if local else pc.render_sites_example(settings)
-    target = Path(out) if out else (pc.LOCAL_EXAMPLE if local else pc.SITES_EXAMPLE)
+    _load(registry)
+    text, default_out = render_prometheus(Path(registry))
+    target = Path(out) if out else default_out
     target.write_text(text)
     click.echo(f"wrote {target}")
 
@@ -82,10 +65,12 @@ def render_prometheus_cmd(registry: str, out: str | None) -> None:
 @click.option("--root", default=str(PROJECT_ROOT / "deploy" / "k8s"), show_default=True,
               type=click.Path(exists=True, file_okay=False))
 def check_k8s_cmd(root: str) -> None:
-    """Resolve base + overlays and check them (YAML parses, no inline Secret data, readiness probes)."""
-    from control.deploy.kustomize import check_tree  # noqa: PLC0415
-
-    results = check_tree(Path(root))
+    """Render base + overlays with `kubectl kustomize`, validate the objects against the Kubernetes
+    schema and check them (no inline Secret data, readiness probes, references, pinned images)."""
+    try:
+        results = check_tree(Path(root))
+    except KustomizeError as e:
+        raise click.ClickException(str(e)) from None
     bad = False
     for name, res in results.items():
         kinds = ", ".join(f"{k} {n}" for k, n in res.summary())

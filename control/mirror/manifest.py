@@ -250,9 +250,14 @@ def _check_local(p: Path, model_dir: Path, rel: str) -> None:
             raise UnsafePathError(f"{p} is a symlink to {target}, outside {model_dir}; copy the file instead")
 
 
+_VERSION_NAME = re.compile(r"[1-9][0-9]*")
+
+
+def version_of(name: str) -> int | None:
+    """The version a directory (or S3 prefix) name stands for, or None when it is not one.
+    ASCII digits only: `str.isdigit()` accepts '²', which `int()` then refuses."""
+    return int(name) if _VERSION_NAME.fullmatch(name) else None
+
+
 def local_versions(model_dir: Path) -> list[int]:
-    out = []
-    for p in Path(model_dir).iterdir():
-        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"):
-            out.append(int(p.name))
-    return sorted(out)
+    return sorted(v for p in Path(model_dir).iterdir() if p.is_dir() and (v := version_of(p.name)) is not None)

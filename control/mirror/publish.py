@@ -21,6 +21,7 @@ One version is published in this order (see control/mirror/manifest.py for the l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -32,8 +33,10 @@ from pathlib import Path
 from control.adapters import s3 as s3x
 from control.mirror.manifest import (
     LOCK_NAME, MANIFEST_NAME, PLACEHOLDER_NAME, Manifest, ManifestError, build_manifest, local_versions,
-    parse_manifest, validate_model_name, validate_version,
+    parse_manifest, validate_model_name, validate_version, version_of,
 )
+
+log = logging.getLogger("triton_hybrid.mirror")
 
 
 class PublishError(RuntimeError):
@@ -92,9 +95,15 @@ def list_models(client, s3cfg) -> list[str]:
 def candidate_versions(client, s3cfg, model: str) -> list[int]:
     """Version 'directories' in S3 (with or without a manifest)."""
     out = []
-    for name in s3x.list_prefixes(client, s3cfg.bucket, s3x.model_prefix(s3cfg, model)):
-        if name.isdigit() and not name.startswith("0"):
-            out.append(int(name))
+    prefix = s3x.model_prefix(s3cfg, model)
+    for name in s3x.list_prefixes(client, s3cfg.bucket, prefix):
+        v = version_of(name)
+        if v is None:
+            # A stray key (`ranker/abc/x`, `ranker/²/x`) is not a version: skip it, never fail the model.
+            log.warning("ignoring s3://%s/%s%s/: not a version (positive integer, ASCII digits); remove it",
+                        s3cfg.bucket, prefix, name)
+            continue
+        out.append(v)
     return sorted(out)
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from control.db import connect, ensure_schema
+from control.db import connect, migrate
 
 STATUSES = ("published", "pulled", "loaded", "live", "failed", "retired")
 PERMANENT_FAILURES = ("verify", "load", "smoke")
@@ -45,13 +45,15 @@ CREATE TABLE IF NOT EXISTS mirror_events (
     event TEXT NOT NULL, detail TEXT);
 CREATE INDEX IF NOT EXISTS mirror_events_at ON mirror_events(at);
 """
+# Migration i takes the tables from schema version i to i+1 (control/db.migrate); append, never edit.
+MIGRATIONS = [DDL]
 
 
 class MirrorState:
     def __init__(self, db_path: str | Path):
         self.path = Path(db_path)
         self.conn: sqlite3.Connection = connect(self.path)
-        ensure_schema(self.conn, DDL)
+        migrate(self.conn, "mirror_state", MIGRATIONS)
         self._lock = threading.Lock()
 
     @classmethod
@@ -92,7 +94,8 @@ class MirrorState:
     # Per instance ----------------------------------------------------------------------------
     def set_status(self, instance: str, model: str, version: int, status: str, reason: str | None = None,
                    failure_kind: str | None = None, content_sha256: str | None = None) -> None:
-        assert status in STATUSES, status
+        if status not in STATUSES:
+            raise ValueError(f"unknown version status {status!r}; one of {sorted(STATUSES)}")
         now = time.time()
         stamp = {"pulled": "pulled_at", "loaded": "loaded_at", "live": "live_at"}.get(status)
         self._exec(f"""INSERT INTO mirror_versions(instance, model, version, status, reason, failure_kind,

@@ -40,11 +40,11 @@ from typing import Callable
 from control.adapters import s3 as s3x
 from control.mirror.manifest import (
     MANIFEST_NAME, Manifest, ManifestError, UnsafePathError, parse_manifest, safe_join, sha256_file,
-    validate_model_name,
+    local_versions, validate_model_name,
 )
 from control.mirror.publish import list_models, published_versions, read_manifest
 from control.mirror.state import MirrorState
-from control.adapters.triton import TritonAdmin, TritonAdminError, TritonUnreachable
+from control.adapters.triton import TritonAdmin, TritonAdminError, TritonUnreachable, ready_versions_of
 
 CANDIDATE_SUFFIX = "__candidate_v"
 SmokeFn = Callable[..., None]  # (admin, model name to call, version, version_dir); raises on failure
@@ -133,7 +133,7 @@ def _ensemble_smoke(mod) -> SmokeFn:
         if version_dir is None or not (Path(version_dir) / "smoke.json").is_file():
             return default_smoke(admin, model, version)
         inputs, expected = mod.smoke_request(version_dir)
-        with th.InferenceServerClient(admin.url.split("://", 1)[-1], connection_timeout=10, network_timeout=30) as c:
+        with admin.client(30.0) as c:
             res = c.infer(model, mod.to_infer_inputs(inputs, th), model_version=str(version))
         problems = mod.check_response({n: res.as_numpy(n) for n in mod.OUTPUTS}, expected)
         if problems:
@@ -184,7 +184,7 @@ def _step_smoke(mod) -> SmokeFn:
         inputs, expected = mod.smoke_request(ens_dir)
         tensors = dict(inputs)
         pending = list(ens.ensemble_scheduling.step)
-        with th.InferenceServerClient(admin.url.split("://", 1)[-1], connection_timeout=10, network_timeout=30) as c:
+        with admin.client(30.0) as c:
             while pending:
                 step = next((st for st in pending if all(v in tensors for v in st.input_map.values())), None)
                 if step is None:
@@ -232,8 +232,13 @@ def smoke_for(model: str) -> SmokeFn:
 # Pull + verify ----------------------------------------------------------------------------------
 
 def _download_verified(client, bucket: str, key: str, dest: Path, entry) -> None:
+    """Download one manifest file, never reading more than its manifest size + 1 byte: an oversized
+    object is refused as soon as it shows it is too big (a Range request caps what S3 sends, the
+    loop caps what is read), then size and sha256 are checked before the file is used."""
+    limit = entry.size + 1
     try:
-        obj = client.get_object(Bucket=bucket, Key=key)
+        # An empty object has no byte 0: a Range on it is refused (416), so size-0 files read whole (capped below).
+        obj = client.get_object(Bucket=bucket, Key=key, **({"Range": f"bytes=0-{entry.size}"} if entry.size else {}))
     except Exception as e:  # noqa: BLE001
         if s3x.is_not_found(e):
             raise SyncError("verify", f"s3://{bucket}/{key} is listed in the manifest but missing; "
@@ -243,14 +248,25 @@ def _download_verified(client, bucket: str, key: str, dest: Path, entry) -> None
     h = hashlib.sha256()
     n = 0
     dest.parent.mkdir(parents=True, exist_ok=True)
+    body = obj["Body"]
     try:
         with open(dest, "wb") as f:
-            for chunk in obj["Body"].iter_chunks(1024 * 1024):
+            for chunk in body.iter_chunks(min(1024 * 1024, limit)):
+                chunk = chunk[: limit - n]
                 h.update(chunk)
                 n += len(chunk)
                 f.write(chunk)
+                if n >= limit:
+                    break
     except Exception as e:  # noqa: BLE001
         raise SyncError("unreachable", f"s3://{bucket}/{key}: download interrupted ({type(e).__name__})") from None
+    finally:
+        body.close()
+    if n > entry.size:
+        dest.unlink(missing_ok=True)
+        raise SyncError("verify", f"s3://{bucket}/{key}: larger than the {entry.size} bytes its manifest says; "
+                                  f"refused after reading {n} bytes. The object was replaced or damaged; publish a "
+                                  "new version. The previous version keeps serving")
     if n != entry.size or h.hexdigest() != entry.sha256:
         raise SyncError("verify", f"s3://{bucket}/{key}: checksum mismatch (got sha256 {h.hexdigest()[:16]}... "
                                   f"{n} bytes, manifest says {entry.sha256[:16]}... {entry.size} bytes); the object "
@@ -583,11 +599,7 @@ def _sync_instance(settings, instance, client, state, models, smoke) -> list[Out
     repo = repository_path(settings, instance)
     _remove_candidates(repo, admin)
     catalog = _manifests(settings, client, state, models)
-    index = admin.index()
-    loaded: dict[str, set[int]] = {}
-    for m in index:
-        if m.get("state") == "READY" and str(m.get("version", "")).isdigit():
-            loaded.setdefault(m["name"], set()).add(int(m["version"]))
+    loaded = ready_versions_of(admin.index())
     outcomes = []
     for model in _ordered(catalog):
         rejected = set(state.rejected(model))
@@ -689,7 +701,7 @@ def apply_host_retention(settings, instance, state: MirrorState) -> list[tuple[s
             validate_model_name(model_dir.name)
         except ManifestError:
             continue
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+        versions = local_versions(model_dir)
         protect = set(versions[-keep_n:])
         live = state.live_version(instance.name, model_dir.name)
         if live is not None:

@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS control_drains (
     by TEXT NOT NULL DEFAULT ''
 );
 """
+# Migration i takes the tables from schema version i to i+1 (control/db.migrate); append, never edit.
+MIGRATIONS = [DDL]
 
 
 @dataclass
@@ -106,7 +108,7 @@ def _row(r: sqlite3.Row) -> DecisionRow:
 class Audit:
     def __init__(self, path):
         self.conn = db.connect(path)
-        db.ensure_schema(self.conn, DDL)
+        db.migrate(self.conn, "audit", MIGRATIONS)
 
     def close(self) -> None:
         self.conn.close()
