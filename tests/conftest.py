@@ -70,3 +70,26 @@ def cpu_repository(tiny_export, tmp_path_factory):
     from model_repository.build import build_repository
 
     return build_repository(tiny_export, tmp_path_factory.mktemp("repository") / "cpu", "cpu").out_dir
+
+
+class CallCounter:
+    """Counts S3 API calls a client makes (PutObject, UploadPart, CopyObject ...)."""
+
+    def __init__(self, client):
+        self.calls: dict[str, int] = {}
+        client.meta.events.register("before-call.s3.*", self._count)
+
+    def _count(self, model, **_):
+        self.calls[model.name] = self.calls.get(model.name, 0) + 1
+
+    def __getitem__(self, name):
+        return self.calls.get(name, 0)
+
+    def reset(self):
+        self.calls.clear()
+
+
+@pytest.fixture
+def s3_calls():
+    """s3_calls(client) -> a counter of the S3 API calls that client makes from now on."""
+    return CallCounter

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from control.adapters import s3 as s3x
+from control.drills.models import write_add_model, write_ensemble
 from control.mirror.manifest import (
     MANIFEST_NAME, ManifestError, UnsafePathError, build_manifest, parse_manifest, safe_join, validate_relpath,
 )
@@ -23,80 +24,6 @@ from control.mirror.publish import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-ADD_ONE_CONFIG = """name: "add_one"
-backend: "python"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
-
-MODEL_PY = '''import os, sys
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-ADD = {add!r}
-FAIL = {fail!r}
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
-            if FAIL:
-                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("broken on purpose")))
-                continue
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x + ADD).astype(np.float32))]))
-        return out
-'''
-
-
-def write_add_model(repo: Path, version: int, add: float, name: str = "add_one", fail: bool = False,
-                    extra: dict[str, bytes] | None = None) -> Path:
-    mdir = repo / name
-    (mdir / str(version)).mkdir(parents=True, exist_ok=True)
-    (mdir / "config.pbtxt").write_text(ADD_ONE_CONFIG.replace('"add_one"', f'"{name}"'))
-    (mdir / str(version) / "model.py").write_text(MODEL_PY.format(add=float(add), fail=fail))
-    for rel, data in (extra or {}).items():
-        p = mdir / str(version) / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return mdir
-
-
-def write_ensemble(repo: Path, version: int = 1, step: str = "add_one") -> Path:
-    mdir = repo / "pipeline"
-    (mdir / str(version)).mkdir(parents=True, exist_ok=True)
-    (mdir / "config.pbtxt").write_text(f"""name: "pipeline"
-platform: "ensemble"
-max_batch_size: 8
-input [ {{ name: "IN" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-output [ {{ name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] }} ]
-ensemble_scheduling {{ step [ {{ model_name: "{step}" model_version: -1
-  input_map {{ key: "INPUT0" value: "IN" }} output_map {{ key: "OUTPUT0" value: "OUT" }} }} ] }}
-""")
-    return mdir
-
-
-class CallCounter:
-    """Counts S3 API calls a client makes (PutObject, UploadPart, CopyObject ...)."""
-
-    def __init__(self, client):
-        self.calls: dict[str, int] = {}
-        client.meta.events.register("before-call.s3.*", self._count)
-
-    def _count(self, model, **_):
-        self.calls[model.name] = self.calls.get(model.name, 0) + 1
-
-    def __getitem__(self, name):
-        return self.calls.get(name, 0)
-
-    def reset(self):
-        self.calls.clear()
-
 
 @pytest.fixture
 def s3env(settings_factory, tmp_path):
@@ -191,11 +118,11 @@ def test_sse_kms_is_configurable(settings_factory, tmp_path):
         proc.stop()
 
 
-def test_unchanged_files_are_not_uploaded_again(s3env):
+def test_unchanged_files_are_not_uploaded_again(s3env, s3_calls):
     settings, client, repo = s3env
     blob = os.urandom(2 * 1024 * 1024)
     write_add_model(repo, 1, 1.0, extra={"weights.bin": blob})
-    count = CallCounter(client)
+    count = s3_calls(client)
     first = publish_version(settings, repo, "add_one", client=client)
     assert first.uploaded_files == 3 and first.uploaded_bytes == first.bytes_total
     count.reset()

@@ -20,7 +20,7 @@ from control.capacity.actuators import LocalProcessScaler, ScaleError, ready_ver
 from control.capacity.scaler import ScaleDecision, ScalerState
 from control.mirror.sync import prepare_instance_repository
 from control.local.triton_server import start_instance
-from test_publish import write_add_model
+from control.drills.models import write_add_model
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ import requests
 from botocore.response import StreamingBody
 
 from control.adapters import s3 as s3x
+from control.drills.models import write_add_model, write_ensemble
 from control.mirror.manifest import MANIFEST_NAME, build_manifest
 from control.mirror.publish import publish_repository, publish_version
 from control.mirror.state import MirrorState
@@ -21,7 +22,6 @@ from control.mirror.sync import (
     lag_report, live_config_version, prepare_instance_repository, repository_path, rollback, sync_all,
 )
 from control.local.triton_server import start_instance
-from test_publish import CallCounter, write_add_model, write_ensemble
 
 
 class Load:
@@ -229,14 +229,14 @@ def test_s3_unreachable_keeps_serving_backs_off_and_reports_lag(env):
     assert "did not answer" in lag[("onprem-1", "add_one")]["last_sync_error"]
 
 
-def test_restart_resumes_without_pulling_again(env):
+def test_restart_resumes_without_pulling_again(env, s3_calls):
     settings, inst, client, repo, procs = env
     sync_all(settings)
     write_add_model(repo, 2, 2.0)
     publish_version(settings, repo, "add_one", client=client)
     assert vs(sync_all(settings)["onprem-1"]) == [(2, "live")]
     procs.pop("triton").stop()
-    count = CallCounter(client)
+    count = s3_calls(client)
     path = prepare_instance_repository(settings, inst, client=client)
     assert count["GetObject"] == 2  # the two manifests; no file is downloaded again
     procs["triton"] = start_instance(settings, inst, path, ready_timeout=120)
