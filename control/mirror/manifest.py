@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 FORMAT = 1
+CONTROL_DIR = "_control"  # <prefix>/_control/: desired state and agent status (control/mirror/desired.py), not a model
 MANIFEST_NAME = "_manifest.json"
 LOCK_NAME = "_publish.lock"
 PLACEHOLDER_NAME = ".placeholder"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from control.adapters import s3 as s3x
 from control.mirror.manifest import (
-    LOCK_NAME, MANIFEST_NAME, PLACEHOLDER_NAME, Manifest, ManifestError, build_manifest, local_versions,
+    CONTROL_DIR, LOCK_NAME, MANIFEST_NAME, PLACEHOLDER_NAME, Manifest, ManifestError, build_manifest, local_versions,
     parse_manifest, validate_model_name, validate_version, version_of,
 )
 
@@ -85,6 +85,8 @@ def list_models(client, s3cfg) -> list[str]:
     prefix = f"{s3cfg.prefix}/" if s3cfg.prefix else ""
     out = []
     for name in s3x.list_prefixes(client, s3cfg.bucket, prefix):
+        if name == CONTROL_DIR:
+            continue
         try:
             out.append(validate_model_name(name))
         except ManifestError:

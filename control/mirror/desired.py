@@ -1,0 +1,224 @@
+"""Desired state and agent status in the S3 mirror, next to the versions both sites already read.
+
+    <prefix>/_control/desired.json           what every Triton host should serve (one writer at a time)
+    <prefix>/_control/status/<instance>.json what one host's agent serves now (written by that agent only)
+
+The desired state is durable, survives the loss of either site, and lets a new or restarted host
+converge with no control plane running. Every write is conditional: the first with If-None-Match: *,
+every later one with If-Match on the ETag that was read, so two writers never overwrite each other;
+a lost race is re-read and re-decided (`DesiredStore.update` takes a pure function of the state).
+Each object carries the sha256 of its body in its metadata and is checked before use: a damaged or
+stray object is refused with an error naming the key, never half-read.
+
+Per model: `stable` (the version every instance serves), `canary` (a version and the instances that
+serve it instead of stable, during a rollout), `rejected` (versions that must never go live again,
+with the reason). An instance's target for a model is the canary version if the instance is in the
+canary, else stable.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from control.adapters import s3 as s3x
+from control.mirror.manifest import CONTROL_DIR, validate_model_name
+
+DESIRED_NAME = "desired.json"
+SCHEMA = 1
+
+
+class DesiredStateError(RuntimeError):
+    """The desired state object is missing, damaged, or from a newer release; the message names the key."""
+
+
+class Canary(BaseModel):
+    version: int = Field(ge=1)
+    instances: list[str] = Field(default_factory=list)
+
+
+class Rejection(BaseModel):
+    reason: str
+    at: float
+    by: str = ""
+
+
+class ModelState(BaseModel):
+    stable: int | None = Field(default=None, ge=1)
+    canary: Canary | None = None
+    rejected: dict[int, Rejection] = Field(default_factory=dict)
+
+    def target(self, instance: str) -> int | None:
+        if self.canary is not None and instance in self.canary.instances:
+            return self.canary.version
+        return self.stable
+
+
+class DesiredState(BaseModel):
+    schema_version: int = SCHEMA
+    revision: int = 0          # +1 on every write
+    generation: int = 0        # the writing leader's lease generation (fencing token)
+    updated_at: float = 0.0
+    updated_by: str = ""
+    models: dict[str, ModelState] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, v: dict[str, ModelState]) -> dict[str, ModelState]:
+        for name in v:
+            validate_model_name(name)
+        return v
+
+    def targets(self, instance: str) -> dict[str, int]:
+        """{model: version} this instance should serve (models without a stable or canary version skipped)."""
+        return {m: t for m, s in sorted(self.models.items()) if (t := s.target(instance)) is not None}
+
+    def is_rejected(self, model: str, version: int) -> bool:
+        s = self.models.get(model)
+        return s is not None and version in s.rejected
+
+
+class InstanceStatus(BaseModel):
+    """What one host's agent reports: its registration (addresses, site, capacity) and what it serves."""
+    instance: str
+    site: str
+    http_url: str = ""
+    grpc_url: str = ""
+    metrics_url: str = ""
+    agent_url: str = ""
+    capacity: float = 1.0
+    at: float = 0.0
+    ready: bool = False        # every model live at its desired version
+    desired_revision: int = -1  # the desired state revision the agent last converged to (or tried)
+    models: dict[str, dict] = Field(default_factory=dict)  # {model: {"live": v, "state": ..., "error": ...}}
+
+
+def _sha(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def control_key(s3cfg, *parts: str) -> str:
+    return "/".join(p for p in (s3cfg.prefix, CONTROL_DIR, *parts) if p)
+
+
+@dataclass
+class Read:
+    state: DesiredState
+    etag: str | None  # None: the object does not exist yet
+
+
+class DesiredStore:
+    """Conditional reads and writes of desired.json (and the agents' status objects)."""
+
+    def __init__(self, client, s3cfg):
+        self.client, self.s3cfg = client, s3cfg
+        self.bucket = s3cfg.bucket
+        self.key = control_key(s3cfg, DESIRED_NAME)
+
+    # ---- desired state -----------------------------------------------------------------------
+    def read(self) -> Read:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            body = obj["Body"].read()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if s3x.is_not_found(e):
+                return Read(DesiredState(), None)
+            raise s3x.describe(e, self.bucket, self.key) from None
+        return Read(self._parse(body, obj.get("Metadata", {}), self.key, DesiredState), obj["ETag"])
+
+    def _parse(self, body: bytes, meta: dict, key: str, model):
+        where = f"s3://{self.bucket}/{key}"
+        if meta.get("sha256") != _sha(body):
+            raise DesiredStateError(f"{where}: sha256 of the body does not match its metadata: the object is damaged "
+                                    "or was not written by triton-hybrid. Nothing was changed; restore it from a "
+                                    "backup or delete it and set the versions again (`triton-hybrid rollout`)")
+        try:
+            state = model.model_validate_json(body)
+        except ValidationError as e:
+            raise DesiredStateError(f"{where}: not a valid {model.__name__}: {e.errors()[0]['msg']} at "
+                                    f"{'.'.join(str(p) for p in e.errors()[0]['loc'])}") from None
+        if isinstance(state, DesiredState) and state.schema_version > SCHEMA:
+            raise DesiredStateError(f"{where}: schema {state.schema_version} is newer than this release knows "
+                                    f"({SCHEMA}); upgrade triton-hybrid")
+        return state
+
+    def _put(self, key: str, body: bytes, **cond) -> str:
+        try:
+            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
+                                       Metadata={"sha256": _sha(body)}, **cond, **s3x.sse_args(self.s3cfg))
+        except Exception as e:  # noqa: BLE001
+            raise s3x.describe(e, self.bucket, key) from None
+        return r["ETag"]
+
+    def write(self, state: DesiredState, etag: str | None) -> str:
+        """Write `state` if the object is still at `etag` (None: only if it does not exist).
+        Raises s3x.PreconditionFailed when another writer got there first."""
+        body = state.model_dump_json(indent=1).encode()
+        return self._put(self.key, body, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
+
+    def update(self, change: Callable[[DesiredState], DesiredState | None], by: str, generation: int = 0,
+               attempts: int = 8, clock: Callable[[], float] = time.time) -> DesiredState:
+        """Read, apply `change` (pure: returns the new state, or None for "nothing to do"), write
+        conditionally; on a lost race re-read and re-decide. Returns the state now in S3."""
+        for _ in range(attempts):
+            cur = self.read()
+            if generation < cur.state.generation:
+                raise DesiredStateError(f"s3://{self.bucket}/{self.key} was written by generation "
+                                        f"{cur.state.generation}; this writer has {generation}: a newer leader "
+                                        "exists, refusing to write")
+            new = change(cur.state.model_copy(deep=True))
+            if new is None:
+                return cur.state
+            new = new.model_copy(update={"revision": cur.state.revision + 1, "generation": generation,
+                                         "updated_at": clock(), "updated_by": by})
+            try:
+                self.write(new, cur.etag)
+                return new
+            except s3x.PreconditionFailed:
+                continue  # another writer won: re-read, re-decide
+        raise DesiredStateError(f"s3://{self.bucket}/{self.key}: lost {attempts} write races in a row; "
+                                "another writer keeps changing it. Try again")
+
+    # ---- agent status --------------------------------------------------------------------------
+    def status_key(self, instance: str) -> str:
+        validate_model_name(instance)  # same character rules: the name becomes a key
+        return control_key(self.s3cfg, "status", f"{instance}.json")
+
+    def write_status(self, status: InstanceStatus) -> None:
+        """One agent writes its own key only, so no condition is needed."""
+        self._put(self.status_key(status.instance), status.model_dump_json(indent=1).encode())
+
+    def statuses(self) -> tuple[dict[str, InstanceStatus], list[str]]:
+        """({instance: status}, [problems]): a damaged or stray status object is skipped and named."""
+        out, problems = {}, []
+        prefix = control_key(self.s3cfg, "status") + "/"
+        for key in s3x.list_keys(self.client, self.bucket, prefix):
+            try:
+                obj = self.client.get_object(Bucket=self.bucket, Key=key)
+                st = self._parse(obj["Body"].read(), obj.get("Metadata", {}), key, InstanceStatus)
+            except (DesiredStateError, s3x.S3Error) as e:
+                problems.append(str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - a vanished object between list and get
+                problems.append(f"s3://{self.bucket}/{key}: {type(e).__name__}: {e}")
+                continue
+            if key != self.status_key(st.instance):
+                problems.append(f"s3://{self.bucket}/{key}: holds the status of {st.instance!r}; ignored")
+                continue
+            out[st.instance] = st
+        return out, problems
+
+
+def reject(model: str, version: int, reason: str, by: str, now: float) -> Callable[[DesiredState], DesiredState]:
+    """A change for `DesiredStore.update`: mark model/version rejected (kept for good, with the reason);
+    a canary of that version ends. Choosing the stable version is the rollout's decision, not this."""
+    def change(s: DesiredState) -> DesiredState:
+        m = s.models.setdefault(model, ModelState())
+        m.rejected[version] = Rejection(reason=reason, at=now, by=by)
+        if m.canary is not None and m.canary.version == version:
+            m.canary = None
+        return s
+    return change
