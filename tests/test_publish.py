@@ -150,24 +150,31 @@ def test_published_version_is_immutable(s3env):
         publish_version(settings, repo, "add_one", client=client)
 
 
-def test_two_publishers_other_content_one_wins(s3env, tmp_path):
-    settings, client, _ = s3env
-    repos = [tmp_path / "a", tmp_path / "b"]
-    write_add_model(repos[0], 1, 1.0, extra={"w.bin": os.urandom(3 * 1024 * 1024)})
-    write_add_model(repos[1], 1, 9.0, extra={"w.bin": os.urandom(3 * 1024 * 1024)})
+def race(settings, repos, before=None, **kw) -> tuple[list, list[str]]:
+    """Publish add_one v1 from each repo at once (one thread each): (results, conflict messages)."""
     results, errors = [], []
-    barrier = threading.Barrier(2)
 
     def run(repo):
-        barrier.wait()
+        if before:
+            before()
         try:
-            results.append(publish_version(settings, repo, "add_one", client=s3x.make_client(settings.s3)))
+            results.append(publish_version(settings, repo, "add_one", client=s3x.make_client(settings.s3), **kw))
         except PublishConflict as e:
             errors.append(str(e))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in repos]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    return results, errors
+
+
+def test_two_publishers_other_content_one_wins(s3env, tmp_path):
+    settings, client, _ = s3env
+    repos = [tmp_path / "a", tmp_path / "b"]
+    write_add_model(repos[0], 1, 1.0, extra={"w.bin": os.urandom(3 * 1024 * 1024)})
+    write_add_model(repos[1], 1, 9.0, extra={"w.bin": os.urandom(3 * 1024 * 1024)})
+    barrier = threading.Barrier(2)
+    results, errors = race(settings, repos, before=barrier.wait)
     assert len(results) == 1 and len(errors) == 1, (results, errors)
     assert "add_one version 1" in errors[0]
     m = read_manifest(client, settings.s3, "add_one", 1)
@@ -191,18 +198,7 @@ def test_manifest_conditional_write_decides_a_race(s3env, tmp_path, monkeypatch)
         barrier.wait(timeout=30)
 
     monkeypatch.setattr(pub, "_upload_files", upload_then_wait)
-    results, errors = [], []
-
-    def run(repo):
-        try:
-            results.append(publish_version(settings, repo, "add_one", client=s3x.make_client(settings.s3),
-                                           break_lock=True))
-        except PublishConflict as e:
-            errors.append(str(e))
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in repos]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    results, errors = race(settings, repos, break_lock=True)
     assert len(results) == 1 and len(errors) == 1, (results, errors)
     assert "completed" in errors[0] and "first" in errors[0]
 
