@@ -313,7 +313,7 @@ def bench_stack(ctx: Ctx, name: str, repository: Path, instances=(("onprem-1", "
     repository; everything stopped (by its pid files) on the way out."""
     try:
         from control.local import stack  # noqa: PLC0415
-        from control.config import isolated_settings as make_settings  # noqa: PLC0415
+        from control.local.isolated import isolated_settings as make_settings  # noqa: PLC0415
     except ImportError as e:
         raise Missing(f"the stack helpers are not importable ({e})") from None
     run_dir = ctx.work_dir / name / "run"

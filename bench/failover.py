@@ -16,7 +16,7 @@ def run(ctx: Ctx) -> Section:
         from control.drills import scenarios  # noqa: PLC0415
         from control.cli.drill import search_ranking_spec  # noqa: PLC0415
         from control.drills.runner import run_drill  # noqa: PLC0415
-        from control.config import isolated_settings as make_settings  # noqa: PLC0415
+        from control.local.isolated import isolated_settings as make_settings  # noqa: PLC0415
     except ImportError as e:
         raise Missing(f"the drill runner (control/drills) is not importable ({e})") from None
     missing = [s for s in SCENARIOS if s not in scenarios.SCENARIOS]

@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from control.local.procs import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "deploy" / "local.yaml"
@@ -351,7 +350,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping")
     if overrides:
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
     data = apply_env_overrides(data, environ)
     data["source"] = str(path)
     try:
@@ -364,39 +363,11 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from None
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
-
-
-def isolated_settings(run_dir, instances=(("onprem-1", "onprem", 90, True), ("cloud-1", "cloud", 10, False)),
-                  **sections):
-    """Settings for a stack of its own (tests, benchmarks): every port a free loopback port, everything
-    under run_dir, written next to it as a config file so CLI calls and the daemon see the same."""
-    overrides = {
-        "run_dir": str(run_dir),
-        "s3": {"port": free_port()},
-        "haproxy": {"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()},
-        "control": {"api_port": free_port(), "metrics_port": free_port()},
-        "instances": [
-            {"name": name, "site": site, "http_port": free_port(), "grpc_port": free_port(),
-             "metrics_port": free_port(), "weight": weight, "sensitive_ok": sensitive}
-            for name, site, weight, sensitive in instances
-        ],
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            overrides.setdefault(key, {}).update(value)
-        else:
-            overrides[key] = value
-    # Written to a file so that CLI calls and the daemon `up` starts (`--config`) see the same ports.
-    data = _deep_merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), overrides)
-    path = Path(run_dir).parent / f"config-{Path(run_dir).name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data))
-    return load_config(path, environ={})

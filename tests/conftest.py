@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from control.config import isolated_settings as make_settings  # noqa: F401 - tests import it from here
+from control.local.isolated import isolated_settings as make_settings
 from control.local.procs import free_port
 
 

@@ -10,7 +10,7 @@ import requests
 from control.traffic.actuators import DryRunActuator
 from control.daemon.api import serve_api
 from control.daemon.controller import Controller
-from tests.conftest import make_settings
+from control.local.isolated import isolated_settings as make_settings
 
 TOKEN = "test-admin-token-123"
 

@@ -13,7 +13,7 @@ from control.daemon.controller import Controller
 from control.local.procs import free_port
 from control.capacity.actuators import AsgScaler, K8sScaler, ScaleError
 from control.capacity.scaler import ScaleDecision, ScalerState
-from tests.conftest import make_settings
+from control.local.isolated import isolated_settings as make_settings
 
 DECISION = ScaleDecision("out", "scale_out_load", "test", 1, 2, None, ScalerState(), {})
 

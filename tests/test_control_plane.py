@@ -22,7 +22,7 @@ from control.daemon.controller import Controller, Daemon
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.drills.load import run_load
 from control.traffic.triton_metrics import parse
-from tests.conftest import make_settings
+from control.local.isolated import isolated_settings as make_settings
 
 pytestmark = pytest.mark.slow
 

@@ -115,7 +115,7 @@ def live(tmp_path_factory):
     from control.config import load_config
     from control.drills.runner import MODEL_ADD_ONE, write_add_one_repository
     from control.local.procs import free_port, load_managed
-    from tests.conftest import make_settings
+    from control.local.isolated import isolated_settings as make_settings
 
     base = tmp_path_factory.mktemp("prom_live")
     repo = write_add_one_repository(base / "repo")

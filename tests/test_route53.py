@@ -81,7 +81,7 @@ def test_daemon_with_route53_actuator_changes_records(moto_endpoint, zone, tmp_p
     """The control loop end to end on DNS: an operator override goes through decide + apply into
     the weighted records of the local endpoint server, and is audited."""
     from control.daemon.controller import Controller
-    from tests.conftest import make_settings
+    from control.local.isolated import isolated_settings as make_settings
     settings = make_settings(tmp_path / "run", control={"actuator": "route53", "route53": {
         "endpoint_url": moto_endpoint, "hosted_zone_id": zone, "record_name": "triton.search.example.com.",
         "targets": {"onprem": "lb.onprem.example.com.", "cloud": "lb.cloud.example.com."}}})

@@ -163,7 +163,7 @@ def test_site_totals_and_burn_rate():
 
 
 def test_ledger_persists_and_summary_reads_it(tmp_path):
-    from tests.conftest import make_settings
+    from control.local.isolated import isolated_settings as make_settings
     settings = make_settings(tmp_path / "run", control={"scaler": {"budget_per_hour": 10.0}})
     led = CostLedger(settings.database_path)
     led.observe("cloud-1", "cloud", 4.0, True, now=0.0)

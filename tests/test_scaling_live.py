@@ -25,7 +25,7 @@ from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.drills.load import run_load
 from control.traffic.triton_metrics import parse
 from control.capacity.actuators import LocalProcessScaler
-from tests.conftest import make_settings
+from control.local.isolated import isolated_settings as make_settings
 from tests.test_control_plane import MODEL, POLICY, wait_for, write_repo
 
 pytestmark = pytest.mark.slow

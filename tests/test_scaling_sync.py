@@ -33,7 +33,7 @@ def decision(action, instance=None):
 def env(tmp_path_factory):
     from control.local.haproxy import start_haproxy
     from control.local.s3_endpoint import start_s3_server
-    from tests.conftest import make_settings
+    from control.local.isolated import isolated_settings as make_settings
 
     root = tmp_path_factory.mktemp("scalesync")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 0, True), ("cloud-1", "cloud", 100, False)),

@@ -22,7 +22,7 @@ from export.reference import ReferencePipeline
 
 @pytest.fixture(scope="module")
 def live_stack(tmp_path_factory, cpu_repository, tiny_export):
-    from tests.conftest import make_settings
+    from control.local.isolated import isolated_settings as make_settings
 
     settings = make_settings(tmp_path_factory.mktemp("stack") / "run",
                              models={"repository_dir": str(cpu_repository), "exports_dir": str(tiny_export.parent)},

@@ -287,7 +287,7 @@ def test_full_stack_publish_sync_rollback_through_haproxy_zero_failures(tmp_path
 
     from control.local import stack
     from model_repository.build import build_repository
-    from tests.conftest import make_settings
+    from control.local.isolated import isolated_settings as make_settings
 
     repo = tmp_path_factory.mktemp("mirror_repo") / "cpu"
     shutil.copytree(cpu_repository, repo)
