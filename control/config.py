@@ -218,6 +218,42 @@ class ScalerConfig(_Section):
         return self
 
 
+class RolloutConfig(_Section):
+    """Knobs of the rollout phase machine (control/rollout/phases.py, a pure function), in the spirit of
+    Flagger's canary analysis (its names in the comments). A new version goes to a canary (a count
+    of instances, or a share of each site), is compared every `interval_s` with the stable instances
+    of the SAME site, then promoted in waves of at most `wave_size` reloading instances."""
+
+    enabled: bool = True
+    start_on_publish: bool = True     # a newly published version starts a rollout by itself
+    # The canary: `canary_instances` instances in all (spread over the sites), or, when
+    # `canary_share_per_site` is set, that share of each site's instances (at least one). A site
+    # always keeps one stable instance: the baseline the canary is compared with.
+    canary_instances: int = Field(1, ge=1)
+    canary_share_per_site: float | None = Field(None, gt=0, lt=1)
+    interval_s: float = Field(10.0, gt=0)           # Flagger analysis.interval
+    analysis_window_s: float = Field(60.0, gt=0)    # how long the canary must be judged (~ iterations x interval)
+    max_failed_checks: int = Field(3, ge=1)         # Flagger analysis.threshold
+    max_error_rate_delta: float = Field(0.01, ge=0, le=1)  # canary error ratio minus the site's stable one
+    max_p99_ratio: float = Field(1.5, gt=1)         # canary p99 / the site's stable p99
+    min_requests: int = Field(100, ge=1)            # per side in the window before judging
+    canary_step_weight: int = Field(25, ge=0, le=100)  # Flagger stepWeight (% of the instance's own weight)
+    canary_max_weight: int = Field(100, ge=1, le=100)  # Flagger maxWeight
+    wave_size: int = Field(1, ge=1)                 # at most this many instances reloading at once
+    progress_deadline_s: float = Field(600.0, gt=0)  # Flagger progressDeadlineSeconds
+    on_unreachable: Literal["stop", "skip"] = "stop"  # at the deadline: stop the rollout, or go on without it
+    status_stale_s: float = Field(30.0, gt=0)       # an agent status older than this is "not reporting"
+    scrape_timeout_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_canary_size(self) -> "RolloutConfig":
+        if self.canary_share_per_site is not None and "canary_instances" in self.model_fields_set:
+            raise ValueError("set one of canary_instances or canary_share_per_site, not both")
+        if self.analysis_window_s < self.interval_s:
+            raise ValueError("analysis_window_s must be at least interval_s (one check per interval)")
+        return self
+
+
 class ControlConfig(_Section):
     api_host: str = "127.0.0.1"
     api_port: int = 8300
@@ -237,6 +273,7 @@ class ControlConfig(_Section):
     start_daemon: bool = True
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
 
 class ModelsConfig(_Section):

@@ -21,6 +21,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -38,6 +39,9 @@ class DesiredStateError(RuntimeError):
 class Canary(BaseModel):
     version: int = Field(ge=1)
     instances: list[str] = Field(default_factory=list)
+    # The rollout's progress (phase, reason, failed checks, ...), written by the rollout controller
+    # and opaque here: control/rollout/phases.RolloutState validates it. Agents read only the above.
+    rollout: dict[str, Any] = Field(default_factory=dict)
 
 
 class Rejection(BaseModel):
