@@ -33,6 +33,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "sync": ("control.cli.mirror", "sync_cmd"),
     "rollback": ("control.cli.mirror", "rollback_cmd"),
     "versions": ("control.cli.mirror", "versions_cmd"),
+    "rollout": ("control.cli.rollout", "rollout_group"),
 }
 
 

@@ -250,16 +250,18 @@ class RolloutController:
 
 def from_settings(settings, *, registry: CollectorRegistry | None = None, weight_hook: WeightHook | None = None,
                   generation: Callable[[], int] | int = 0, by: str = "rollout-controller",
-                  client=None, audit: bool = True) -> RolloutController:
+                  client=None, audit: bool = True, windows: WindowSource | None = None,
+                  clock: Callable[[], float] = time.time) -> RolloutController:
     """The controller for a config: S3 desired state + published versions of the mirror, agents'
     metrics scraped at their registered metrics_url, audit in the control plane's SQLite."""
     cfg = settings.control.rollout
     client = client or s3x.make_client(settings.s3)
     store = DesiredStore(client, settings.s3)
-    collector = MetricsCollector(cfg.scrape_timeout_s, keep_s=cfg.analysis_window_s + 3 * cfg.interval_s)
+    collector = None if windows is not None else MetricsCollector(
+        cfg.scrape_timeout_s, keep_s=cfg.analysis_window_s + 3 * cfg.interval_s, clock=clock)
     return RolloutController(
         store, cfg, published=lambda m: published_versions(client, settings.s3, m),
         models=lambda: list_models(client, settings.s3),
         expected=lambda: [i.name for i in settings.instances],
-        audit=RolloutAudit(settings.database_path) if audit else None, collector=collector,
-        weight_hook=weight_hook, registry=registry, by=by, generation=generation)
+        audit=RolloutAudit(settings.database_path) if audit else None, collector=collector, windows=windows,
+        weight_hook=weight_hook, registry=registry, by=by, generation=generation, clock=clock)
