@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from control.config import RolloutConfig
-from control.mirror.desired import DesiredState, InstanceStatus, ModelState
+from control.mirror.desired import Canary, DesiredState, InstanceStatus, ModelState
 from control.rollout.analysis import MetricWindow, judge
 from control.rollout.phases import (
     Command, CommandError, CommandKind, Inputs, Phase, Promote, Reason, SetCanary, apply, state_of, step,
@@ -264,8 +264,7 @@ def test_config_refuses_both_canary_sizes():
 def test_hand_written_canary_is_adopted_and_analysed():
     now = 1000.0
     d = DesiredState(models={M: ModelState(stable=1)})
-    d.models[M].canary = __import__("control.mirror.desired", fromlist=["Canary"]).Canary(version=2,
-                                                                                        instances=["onprem-1"])
+    d.models[M].canary = Canary(version=2, instances=["onprem-1"])
     st = state_of(d.models[M], now)
     assert st.phase == Phase.CANARY and st.canaries == ["onprem-1"]
     statuses = {"onprem-1": InstanceStatus(instance="onprem-1", site="onprem", at=now,
