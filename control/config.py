@@ -243,12 +243,17 @@ class RolloutConfig(_Section):
     progress_deadline_s: float = Field(600.0, gt=0)  # Flagger progressDeadlineSeconds
     on_unreachable: Literal["stop", "skip"] = "stop"  # at the deadline: stop the rollout, or go on without it
     status_stale_s: float = Field(30.0, gt=0)       # an agent status older than this is "not reporting"
+    # A status this old, of an instance not in the registry (`instances`), is a decommissioned host
+    # (scaled in, replaced): waves neither wait for it nor stop on it.
+    forget_after_s: float = Field(3600.0, gt=0)
     scrape_timeout_s: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
     def _one_canary_size(self) -> "RolloutConfig":
         if self.canary_share_per_site is not None and "canary_instances" in self.model_fields_set:
             raise ValueError("set one of canary_instances or canary_share_per_site, not both")
+        if self.forget_after_s <= self.status_stale_s:
+            raise ValueError("forget_after_s must be above status_stale_s")
         if self.analysis_window_s < self.interval_s:
             raise ValueError("analysis_window_s must be at least interval_s (one check per interval)")
         return self

@@ -271,3 +271,20 @@ def test_hand_written_canary_is_adopted_and_analysed():
                                            models={M: {"live": 2, "target": 2, "state": "live"}})}
     new, _, ev = step(st, Inputs(M, d.models[M], statuses, published=(1, 2)), cfg(), now)
     assert ev.to_phase == Phase.ANALYSIS
+
+
+def test_a_long_gone_instance_outside_the_registry_does_not_block_the_waves():
+    fleet = Fleet(dict(SIX))
+    c = cfg(forget_after_s=3600)
+    d = desired_with(1)
+    statuses = fleet.statuses(d, 0)
+    statuses["cloud-old"] = InstanceStatus(instance="cloud-old", site="cloud", at=-7200.0,
+                                           models={M: {"live": 1, "target": 1, "state": "live"}})
+    st = state_of(apply(d, M, None, [SetCanary(2, ())], "t", 0).models[M], 0)
+    st = st.model_copy(update={"phase": Phase.PROMOTING})
+    ms = ModelState(stable=1, canary=Canary(version=2, instances=[]))
+    _, actions, ev = step(st, Inputs(M, ms, statuses, published=(1, 2), expected=tuple(SIX)), c, 1)
+    assert ev.reason == Reason.WAVE and "cloud-old" not in ev.message and "/6 live" in ev.message
+    # the same status inside the registry is waited for (and stops the rollout at the deadline)
+    _, _, ev = step(st, Inputs(M, ms, statuses, published=(1, 2), expected=(*SIX, "cloud-old")), c, 1)
+    assert "/7 live" in ev.message

@@ -142,7 +142,10 @@ class RolloutController:
     # ---- one pass ----------------------------------------------------------------------------------
     def tick(self) -> list[Transition]:
         """Decide and apply once for every model (in desired state or published); returns the
-        transitions. A failure on one model is logged and counted; the others still run."""
+        transitions. A failure on one model is logged and counted; the others still run.
+        With `enabled: false` it does nothing (operator commands still work)."""
+        if not self.cfg.enabled:
+            return []
         with self.lock:
             now = self.clock()
             statuses, self.last_problems = self.store.statuses()

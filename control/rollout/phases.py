@@ -184,6 +184,12 @@ class _View:
         st = self.i.statuses.get(name)
         return st is not None and self.now - st.at <= self.cfg.status_stale_s
 
+    def forgotten(self, name: str) -> bool:
+        """A long-silent status of an instance not in the registry: a decommissioned host."""
+        st = self.i.statuses.get(name)
+        return (name not in self.i.expected and st is not None
+                and self.now - st.at > self.cfg.forget_after_s)
+
     def live_at(self, name: str, version: int | None) -> bool:
         e = self.entry(name)
         return (version is not None and self.fresh(name) and e.get("live") == version
@@ -422,7 +428,7 @@ def _promoting(v: _View, st: RolloutState) -> Result:
         err = v.failed_at(c, st.version)
         if err is not None:
             return _rollback(v.model, st, Reason.LOAD_FAILED, f"{c}: v{st.version} failed to load: {err}", v.now)
-    every = [n for n in sorted(set(v.i.statuses) | set(v.i.expected)) if n not in st.skipped]
+    every = [n for n in sorted(set(v.i.statuses) | set(v.i.expected)) if n not in st.skipped and not v.forgotten(n)]
     live = [n for n in every if v.live_at(n, st.version)]
     if len(live) > st.live_count:
         st = st.model_copy(update=dict(live_count=len(live), phase_since=v.now))
