@@ -155,7 +155,7 @@ def test_a_real_canary_failing_one_request_in_four_is_rolled_back(fleet):
     check = last.details["check"]["instances"][0]
     assert check["instance"] == "onprem-1" and check["baseline"]["instances"] == ["onprem-2"]
     ratio = check["canary"]["errors"] / check["canary"]["requests"]
-    assert 0.15 < ratio < 0.35, check  # one in four, measured from Triton's own counters
+    assert 0.2 < ratio < 0.3, check  # one in four, measured from Triton's own counters
     assert check["baseline"]["errors"] == 0 and check["canary"]["p99_ms"] is not None  # summary latencies on
     d = store.read().state
     assert d.models[M].stable == 1 and d.models[M].canary is None
@@ -176,5 +176,5 @@ def test_real_metrics_page_parses_per_model(fleet):
     for _ in range(5):
         c.infer(M, [x])
     text = requests.get(inst.metrics_url, timeout=5).text
-    s = parse_models(text)[M]
-    assert s.success == 5 and s.failure == 0 and s.duration_us > 0 and s.p99_us is not None and s.p99_us > 0
+    s = parse_models(text)[M].series(1)["1"]
+    assert s["success"] == 5 and s["failure"] == 0 and s["duration_us"] > 0 and s["p99_us"] > 0

@@ -22,12 +22,15 @@ P99_QUANTILE = "0.99"
 
 @dataclass(frozen=True)
 class ModelSample:
-    """One scrape, one model: cumulative counters and the latest p99 (µs)."""
+    """One scrape, one model: cumulative counters and the latest p99 (µs), per version (Triton
+    labels every series with the version; a reload ends one series and starts another at 0)."""
 
-    success: float = 0.0
-    failure: float = 0.0
-    duration_us: float = 0.0
-    p99_us: float | None = None
+    versions: dict[str, dict[str, float | None]]  # version label -> {success, failure, duration_us, p99_us}
+
+    def series(self, version: int | None) -> dict[str, dict[str, float | None]]:
+        if version is None:
+            return self.versions
+        return {k: v for k, v in self.versions.items() if k == str(version)}
 
 
 _FIELDS = {"nv_inference_request_success": "success", "nv_inference_request_failure": "failure",
@@ -40,7 +43,7 @@ def parse_models(text: str | bytes | None) -> dict[str, ModelSample]:
         raise MetricsError("no metrics text")
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    acc: dict[str, dict] = {}
+    acc: dict[str, dict[str, dict]] = {}
     seen = 0
     try:
         for family in text_string_to_metric_families(text):
@@ -58,35 +61,48 @@ def parse_models(text: str | bytes | None) -> dict[str, ModelSample]:
                 value = float(s.value)
                 if value != value or value in (float("inf"), float("-inf")):
                     raise MetricsError(f"{name} of {model} is {value}")
-                d = acc.setdefault(model, {"success": 0.0, "failure": 0.0, "duration_us": 0.0, "p99_us": None})
-                if name in _FIELDS:
+                d = acc.setdefault(model, {}).setdefault(
+                    s.labels.get("version", ""), {"success": 0.0, "failure": 0.0, "duration_us": 0.0, "p99_us": None})
+                if name in _FIELDS:  # failure has a `reason` label in 2.51: summed over reasons
                     d[_FIELDS[name]] += value
                 elif name == "nv_inference_request_summary_us" and s.labels.get("quantile") == P99_QUANTILE:
-                    d["p99_us"] = value if d["p99_us"] is None else max(d["p99_us"], value)
+                    d["p99_us"] = value
     except MetricsError:
         raise
     except Exception as e:  # the parser raises ValueError/IndexError/... on garbage
         raise MetricsError(f"unparseable metrics text: {type(e).__name__}: {e}") from None
     if not seen:
         raise MetricsError("no Triton (nv_*) metric in the text")
-    return {m: ModelSample(**d) for m, d in acc.items()}
+    return {m: ModelSample(v) for m, v in acc.items()}
 
 
-def _delta(cur: float, base: float) -> float:
-    return cur if cur < base else cur - base  # a counter that went down was reset (Triton restarted)
+def _increase(cur: float, base: float | None) -> float:
+    # A series absent at the base started after it (from 0); one that went down was reset.
+    if base is None or cur < base:
+        return cur
+    return cur - base
 
 
 def window(samples: Sequence[tuple[float, ModelSample]], since: float, instance: str, site: str,
            version: int | None = None) -> MetricWindow | None:
-    """The window from the first sample at or after `since` to the last one (samples oldest first).
-    None with fewer than two such samples: no interval to measure yet."""
+    """The window from the first sample at or after `since` to the last one (samples oldest first),
+    counting only `version`'s series when given (the version the instance should be serving: a
+    reload's old series must not leak into the new version's numbers). None with fewer than two
+    samples: no interval to measure yet."""
     inside = [(t, s) for t, s in samples if t >= since]
     if len(inside) < 2:
         return None
-    (_, a), (_, b) = inside[0], inside[-1]
-    ok, fail = _delta(b.success, a.success), _delta(b.failure, a.failure)
+    a, b = inside[0][1].series(version), inside[-1][1].series(version)
+    ok = fail = dur = 0.0
+    p99s = []
+    for label, cur in b.items():
+        base = a.get(label, {})
+        ok += _increase(cur["success"], base.get("success"))
+        fail += _increase(cur["failure"], base.get("failure"))
+        dur += _increase(cur["duration_us"], base.get("duration_us"))
+        if cur["p99_us"] is not None:
+            p99s.append(cur["p99_us"])
     n = ok + fail
-    dur = _delta(b.duration_us, a.duration_us)
     return MetricWindow(instance, site, requests=n, errors=fail,
-                        p99_ms=b.p99_us / 1000.0 if b.p99_us is not None else None,
+                        p99_ms=max(p99s) / 1000.0 if p99s else None,
                         mean_ms=(dur / n / 1000.0) if n else None, version=version)
