@@ -26,7 +26,7 @@ import triton_python_backend_utils as pb_utils
 ADD = {add!r}
 DELAY_S = {delay_s!r}
 FAIL = {fail!r}
-ERROR_EVERY = {error_every!r}  # fail one request in ERROR_EVERY (0: never)
+ERROR_EVERY = {error_every!r}  # fail one execute() in ERROR_EVERY (0: never)
 
 
 class TritonPythonModel:
@@ -34,13 +34,17 @@ class TritonPythonModel:
         self.seen = 0
 
     def execute(self, requests):
+        self.seen += 1
+        if ERROR_EVERY and self.seen % ERROR_EVERY == 0:
+            # Raised, not returned: Triton 2.51 counts an error *response* as a success in
+            # nv_inference_request_success; a raise is counted in nv_inference_request_failure.
+            raise pb_utils.TritonModelException("broken on purpose (one request in %d)" % ERROR_EVERY)
         out = []
         for r in requests:
-            self.seen += 1
             x = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
             if DELAY_S:
                 time.sleep(DELAY_S)
-            if FAIL or (ERROR_EVERY and self.seen % ERROR_EVERY == 0):
+            if FAIL:
                 out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("broken on purpose")))
                 continue
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x + ADD).astype(np.float32))]))
