@@ -15,12 +15,31 @@ import time
 import requests
 
 from bench.common import (
-    PROJECT_ROOT, Ctx, Missing, Section, drive, fmt_ratio, load_queries, md_table, perf_available, perf_input_data,
-    perf_measure, perf_warmup, single_triton, triton_http_caller,
+    BREAKDOWN_HEADERS, PROJECT_ROOT, Ctx, Missing, Section, drive, ensemble_steps, fmt_ratio, load_queries, md_table,
+    perf_available, perf_input_data, perf_measure, perf_warmup, single_triton, stats_breakdown, triton_http_caller,
+    triton_model_stats,
 )
 
 CONCURRENCY = (1, 4, 16)
+BREAKDOWN_CONCURRENCY = (1, 16)
 TOP_K = 10
+
+
+def server_breakdown(ctx: Ctx, http: str, grpc: str, data: dict, concurrency=BREAKDOWN_CONCURRENCY,
+                     interval_ms: int = 2000) -> list[str]:
+    """Where a request's time goes inside Triton: its per-model statistics before and after one
+    perf_analyzer run (gRPC) per concurrency, as markdown blocks."""
+    steps = ensemble_steps(http)
+    out = []
+    for c in concurrency:
+        ctx.say(f"serving: per-step breakdown at c={c}")
+        before = triton_model_stats(http)
+        m = perf_measure(grpc, c, data, "grpc", interval_ms)
+        rows = stats_breakdown(before, triton_model_stats(http), steps)
+        out += [f"Per step at concurrency {c} (perf_analyzer gRPC: {m['throughput']:.0f} infer/s, client p50 "
+                f"{m['p50_ms']:.2f} ms; Triton's statistics, averages per request over the whole run):",
+                md_table(BREAKDOWN_HEADERS, rows)]
+    return out
 
 
 def inprocess_caller(pipe, queries):
@@ -83,6 +102,7 @@ def run(ctx: Ctx) -> Section:
     pipe = ReferencePipeline(export)
     res: dict[tuple[str, int], dict] = {}
     perf_rows = []
+    breakdown: list[str] = []
     flask_proc, flask_url = start_flask(ctx, export)
     try:
         with single_triton(ctx, "serving-triton", repo) as (http, grpc):
@@ -104,6 +124,7 @@ def run(ctx: Ctx) -> Section:
                         ctx.say(f"serving: perf_analyzer {proto} c={c}")
                         m = perf_measure(url, c, data, proto, int(ctx.dur(2500, 1000)))
                         perf_rows.append([proto, c, m["throughput"], m["p50_ms"], m["p99_ms"]])
+                breakdown = server_breakdown(ctx, http, grpc, data, interval_ms=int(ctx.dur(2000, 1000)))
             except Missing as e:
                 perf_rows = [[f"perf_analyzer missing: {e}", None, None, None, None]]
     finally:
@@ -132,6 +153,7 @@ def run(ctx: Ctx) -> Section:
             md_table(["concurrency", "throughput Triton / Flask", "p99 Triton / Flask"], ratio_rows),
             "perf_analyzer (C++ client) against the same Triton, same queries:",
             md_table(["protocol", "concurrency", "infer/s", "p50 ms", "p99 ms"], perf_rows)]
+    body += breakdown
     if errors:
         body.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     top = conc[-1]
