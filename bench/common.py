@@ -79,8 +79,9 @@ class Ctx:
             raise Missing("no export found (artifacts/exports is empty): run `make models` or pass --export DIR")
         return self.export_dir
 
-    def repository(self, name: str = "fp32", export_dir: Path | None = None) -> Path:
-        """A CPU-target Triton repository built from the export (once per run and name)."""
+    def repository(self, name: str = "fp32", export_dir: Path | None = None, variant: str | None = None) -> Path:
+        """A CPU-target Triton repository built from the export (once per run and name), serving
+        `variant` (fp32 | int8 | student; default: the spec's, fp32)."""
         if name not in self._repos:
             try:
                 from model_repository.build import build_repository  # noqa: PLC0415
@@ -89,7 +90,8 @@ class Ctx:
             out = self.work_dir / "repos" / name
             shutil.rmtree(out, ignore_errors=True)
             self.say(f"building the cpu repository '{name}' from {export_dir or self.need_export()}")
-            self._repos[name] = build_repository(export_dir or self.need_export(), out, "cpu").out_dir
+            kw = {"variant": variant} if variant else {}
+            self._repos[name] = build_repository(export_dir or self.need_export(), out, "cpu", **kw).out_dir
         return self._repos[name]
 
 
