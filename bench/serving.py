@@ -143,25 +143,43 @@ def run(ctx: Ctx) -> Section:
                          fmt_ratio(r["throughput"], bound["throughput"]),
                          fmt_ratio(r["p99_ms"], bound["p99_ms"])])
     ratio_rows = []
+    perf_by = {(r[0], r[1]): r for r in perf_rows if r[1] is not None}
     for c in conc:
-        t, f = res[("Triton ensemble (HTTP)", c)], res[("Flask + onnxruntime (HTTP)", c)]
-        ratio_rows.append([c, fmt_ratio(t["throughput"], f["throughput"]), fmt_ratio(t["p99_ms"], f["p99_ms"])])
+        t, f, b = (res[(n, c)] for n in ("Triton ensemble (HTTP)", "Flask + onnxruntime (HTTP)", "in-process (bound)"))
+        pa = perf_by.get(("grpc", c))
+        ratio_rows.append([c, fmt_ratio(t["throughput"], f["throughput"]), fmt_ratio(t["p50_ms"], f["p50_ms"]),
+                           fmt_ratio(t["p99_ms"], f["p99_ms"]),
+                           # latency vs the in-process pipeline: only where neither queues (concurrency 1)
+                           fmt_ratio(t["p50_ms"], b["p50_ms"]) if c == 1 else "-",
+                           fmt_ratio(pa[3], b["p50_ms"]) if pa and c == 1 else "-",
+                           fmt_ratio(pa[2], b["throughput"]) if pa else "-"])
     errors = {f"{n} c={c}": r["errors"] for (n, c), r in res.items() if r["errors"]}
     body = [md_table(["concurrency", "path", "req/s", "p50 ms", "p99 ms", "failed",
                       "throughput vs in-process", "p99 vs in-process"], rows),
-            "Triton vs the Flask service (same load generator):",
-            md_table(["concurrency", "throughput Triton / Flask", "p99 Triton / Flask"], ratio_rows),
+            "Triton vs the Flask service and vs the in-process bound (Triton HTTP and Flask: the same Python load "
+            "generator; perf_analyzer: gRPC, from the table below):",
+            md_table(["concurrency", "throughput Triton / Flask", "p50 Triton / Flask", "p99 Triton / Flask",
+                      "p50 Triton (HTTP) / in-process", "p50 Triton (perf_analyzer) / in-process",
+                      "throughput Triton (perf_analyzer) / in-process"], ratio_rows),
             "perf_analyzer (C++ client) against the same Triton, same queries:",
             md_table(["protocol", "concurrency", "infer/s", "p50 ms", "p99 ms"], perf_rows)]
     body += breakdown
     if errors:
         body.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
-    top = conc[-1]
+    top, low = conc[-1], conc[0]
     t, f, b = (res[(n, top)] for n in ("Triton ensemble (HTTP)", "Flask + onnxruntime (HTTP)", "in-process (bound)"))
-    headline = (f"At concurrency {top}: Triton {t['throughput']:.0f} req/s (p99 {t['p99_ms']:.1f} ms) = "
-                f"{fmt_ratio(t['throughput'], f['throughput'])} the Flask service ({f['throughput']:.0f} req/s, p99 "
-                f"{f['p99_ms']:.1f} ms) and {fmt_ratio(t['throughput'], b['throughput'])} the in-process bound "
-                f"({b['throughput']:.0f} req/s), same Python load generator.")
+    t1, b1 = res[("Triton ensemble (HTTP)", low)], res[("in-process (bound)", low)]
+    pa1, pa16 = perf_by.get(("grpc", low)), perf_by.get(("grpc", top))
+    beats = all(res[("Triton ensemble (HTTP)", c)][k] < res[("Flask + onnxruntime (HTTP)", c)][k]
+                for c in conc for k in ("p50_ms", "p99_ms"))
+    headline = (f"Concurrency {low}: Triton p50 {t1['p50_ms']:.2f} ms = {fmt_ratio(t1['p50_ms'], b1['p50_ms'])} the "
+                f"in-process pipeline's {b1['p50_ms']:.2f} ms"
+                + (f" (perf_analyzer {pa1[3]:.2f} ms = {fmt_ratio(pa1[3], b1['p50_ms'])})" if pa1 else "")
+                + f". Concurrency {top}: Triton {t['throughput']:.0f} req/s = {fmt_ratio(t['throughput'], f['throughput'])} "
+                f"the Flask service and {fmt_ratio(t['throughput'], b['throughput'])} the in-process bound "
+                f"({b['throughput']:.0f} req/s)"
+                + (f"; with perf_analyzer as the client {pa16[2]:.0f} req/s = {fmt_ratio(pa16[2], b['throughput'])}" if pa16 else "")
+                + f". Triton {'beats' if beats else 'does NOT beat'} Flask on p50 and p99 at every concurrency measured.")
     return Section(
         "serving", "", headline=headline,
         what="The ensemble on Triton vs the same pipeline in-process (one Python process, numpy + onnxruntime: "

@@ -132,4 +132,7 @@ def onnx_session(path, params):
     options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Idle intra-op threads sleep instead of spinning: the cores are shared with Triton, the other
+    # step and the clients.
+    options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
