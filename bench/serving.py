@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import requests
 
 from bench.common import (
@@ -39,6 +40,23 @@ def server_breakdown(ctx: Ctx, http: str, grpc: str, data: dict, concurrency=BRE
         out += [f"Per step at concurrency {c} (perf_analyzer gRPC: {m['throughput']:.0f} infer/s, client p50 "
                 f"{m['p50_ms']:.2f} ms; Triton's statistics, averages per request over the whole run):",
                 md_table(BREAKDOWN_HEADERS, rows)]
+    return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Per-figure medians over the rounds of one path (errors and failures summed)."""
+    out = dict(runs[0])
+    for key in ("throughput", "p50_ms", "p99_ms"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = float(np.median(vals)) if vals else None
+    if "failed" in out:
+        out["failed"] = sum(r["failed"] for r in runs)
+        errors: dict = {}
+        for r in runs:
+            for k, v in r.get("errors", {}).items():
+                errors[k] = errors.get(k, 0) + v
+        out["errors"] = errors
+    out["rounds"] = len(runs)
     return out
 
 
@@ -110,19 +128,31 @@ def run(ctx: Ctx) -> Section:
                      "Triton ensemble (HTTP)": triton_http_caller(http, queries, TOP_K),
                      "Flask + onnxruntime (HTTP)": flask_caller(flask_url, queries)}
             names = list(paths)
-            for c in conc:
-                k = CONCURRENCY.index(c)
-                for name in names[k % 3:] + names[:k % 3]:   # rotate the order per concurrency
-                    ctx.say(f"serving: {name} c={c} for {dur:g}s")
-                    res[(name, c)] = drive(paths[name], c, dur, warmup_s=warm).as_dict()
+            rounds = int(ctx.dur(3, 1))
+            runs: dict[tuple[str, int], list[dict]] = {}
+            for r in range(rounds):          # interleaved rounds: a burst of load elsewhere hits every path
+                for c in conc:
+                    k = CONCURRENCY.index(c) + r
+                    for name in names[k % 3:] + names[:k % 3]:   # rotate the order per concurrency and round
+                        ctx.say(f"serving: round {r + 1}/{rounds} {name} c={c} for {dur / rounds:g}s")
+                        runs.setdefault((name, c), []).append(
+                            drive(paths[name], c, dur / rounds, warmup_s=warm).as_dict())
+            res = {key: median_run(v) for key, v in runs.items()}
             try:
                 perf_available()
                 data = perf_input_data(queries, TOP_K)
+                perf_runs: dict[tuple[str, int], list[dict]] = {}
                 for proto, url in (("grpc", grpc), ("http", http)):
                     perf_warmup(url, data, proto)
+                for r in range(rounds):
+                    for proto, url in (("grpc", grpc), ("http", http))[::(1 if r % 2 == 0 else -1)]:
+                        for c in conc:
+                            ctx.say(f"serving: round {r + 1}/{rounds} perf_analyzer {proto} c={c}")
+                            perf_runs.setdefault((proto, c), []).append(
+                                perf_measure(url, c, data, proto, int(ctx.dur(1500, 1000))))
+                for proto in ("grpc", "http"):
                     for c in conc:
-                        ctx.say(f"serving: perf_analyzer {proto} c={c}")
-                        m = perf_measure(url, c, data, proto, int(ctx.dur(2500, 1000)))
+                        m = median_run(perf_runs[(proto, c)])
                         perf_rows.append([proto, c, m["throughput"], m["p50_ms"], m["p99_ms"]])
                 breakdown = server_breakdown(ctx, http, grpc, data, interval_ms=int(ctx.dur(2000, 1000)))
             except Missing as e:
@@ -187,7 +217,8 @@ def run(ctx: Ctx) -> Section:
              "service calling onnxruntime per request). Throughput and p99 at concurrency "
              + ", ".join(map(str, conc)) + ", ratios to the in-process bound.",
         how=f"One Python closed-loop load generator (`bench.common.drive`: N threads, {warm:g} s warm-up, then "
-            f"{dur:g} s counted) drives all three paths, interleaved per concurrency (order rotated). In-process: "
+            f"{dur:g} s counted in {int(ctx.dur(3, 1))} interleaved rounds; medians of the rounds) drives all three paths, "
+            "interleaved per concurrency (order rotated per round). perf_analyzer: the same rounds, medians. In-process: "
             "`export.reference.ReferencePipeline.rank` called by the threads (default onnxruntime threading). "
             "Triton: one Triton (no HAProxy) serving the CPU repository built from the export, tritonclient.http "
             "(binary tensors), one client per thread. Flask: `bench/flask_service.py` (Flask 3, werkzeug "
