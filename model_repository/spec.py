@@ -207,10 +207,11 @@ class RepositorySpec:
         return replace(self, variants={**self.variants, **{t: variant for t in targets}})
 
 
-def request_limits(spec: RepositorySpec) -> dict[str, int]:
+def request_limits(spec: "RepositorySpec | Limits | None" = None) -> dict[str, int]:
     """The request limits as a plain dict (for proxy-side validation and docs):
-    {"max_candidates", "max_top_k", "max_query_bytes", "max_batch_size"}."""
-    lim = spec.limits
+    {"max_candidates", "max_top_k", "max_query_bytes", "max_batch_size"}; of a spec, of a Limits,
+    or the defaults (no argument: what a repository built without limit options enforces)."""
+    lim = spec if isinstance(spec, Limits) else (spec.limits if spec is not None else Limits())
     return {"max_candidates": lim.max_candidates, "max_top_k": lim.max_top_k,
             "max_query_bytes": lim.max_query_bytes, "max_batch_size": lim.max_batch_size}
 

@@ -75,6 +75,7 @@ def test_request_limits_come_from_the_spec_and_reach_the_models(export_dir):
     assert gpu["preprocess"].parameters["max_query_bytes"].string_value == "64"
     assert all(c.max_batch_size == 8 for c in cpu.values())
     assert spec_for_export(export_dir).strict_unknown_ids is False        # lenient by default
+    assert request_limits() == request_limits(spec_for_export(export_dir)) == request_limits(spec_for_export(export_dir).limits)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
