@@ -79,8 +79,9 @@ class Ctx:
             raise Missing("no export found (artifacts/exports is empty): run `make models` or pass --export DIR")
         return self.export_dir
 
-    def repository(self, name: str = "fp32", export_dir: Path | None = None) -> Path:
-        """A CPU-target Triton repository built from the export (once per run and name)."""
+    def repository(self, name: str = "fp32", export_dir: Path | None = None, variant: str | None = None) -> Path:
+        """A CPU-target Triton repository built from the export (once per run and name), serving
+        `variant` (fp32 | int8 | student; default: the spec's, fp32)."""
         if name not in self._repos:
             try:
                 from model_repository.build import build_repository  # noqa: PLC0415
@@ -89,7 +90,8 @@ class Ctx:
             out = self.work_dir / "repos" / name
             shutil.rmtree(out, ignore_errors=True)
             self.say(f"building the cpu repository '{name}' from {export_dir or self.need_export()}")
-            self._repos[name] = build_repository(export_dir or self.need_export(), out, "cpu").out_dir
+            kw = {"variant": variant} if variant else {}
+            self._repos[name] = build_repository(export_dir or self.need_export(), out, "cpu", **kw).out_dir
         return self._repos[name]
 
 
@@ -405,3 +407,67 @@ def perf_warmup(url: str, data: dict, protocol: str) -> None:
         perf_measure(url, 1, data, protocol, 500)
     except RuntimeError:
         pass
+
+
+# Where a request's time goes inside Triton ---------------------------------------------------------
+
+STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def triton_model_stats(http: str) -> dict[str, dict]:
+    """Triton's per-model statistics (`GET /v2/models/stats`, cumulative since load), summed over the
+    loaded versions: {model: {"requests", "executions", "inferences", "<stat>_ns" for STAT_KEYS}}."""
+    import requests  # noqa: PLC0415
+
+    body = requests.get(f"http://{http}/v2/models/stats", timeout=10).json()
+    out: dict[str, dict] = {}
+    for m in body.get("model_stats", []):
+        s = m.get("inference_stats", {})
+        row = out.setdefault(m["name"], {"requests": 0, "executions": 0, "inferences": 0,
+                                         **{f"{k}_ns": 0 for k in STAT_KEYS}})
+        row["requests"] += int(s.get("success", {}).get("count", 0))
+        row["executions"] += int(m.get("execution_count", 0))
+        row["inferences"] += int(m.get("inference_count", 0))
+        for k in STAT_KEYS:
+            row[f"{k}_ns"] += int(s.get(k, {}).get("ns", 0))
+    return out
+
+
+def ensemble_steps(http: str, ensemble: str = "search_ranking") -> list[str]:
+    import requests  # noqa: PLC0415
+
+    cfg = requests.get(f"http://{http}/v2/models/{ensemble}/config", timeout=10).json()
+    return [s["model_name"] for s in cfg.get("ensemble_scheduling", {}).get("step", [])]
+
+
+def stats_breakdown(before: dict, after: dict, steps: list[str], ensemble: str = "search_ranking") -> list[list]:
+    """Rows [model, requests, requests per execution, queue us, compute input us, compute infer us,
+    compute output us, total us] per request, averaged over the requests served between the two
+    snapshots; the steps in ensemble order, then the ensemble itself (its total is the server-side
+    time of a whole request) and what the ensemble adds on top of its steps (scheduling, tensor
+    hand-over between steps)."""
+    def delta(name):
+        a, b = after.get(name, {}), before.get(name, {})
+        return {k: a.get(k, 0) - b.get(k, 0) for k in a}
+
+    rows, step_total = [], 0.0
+    for name in steps + [ensemble]:
+        d = delta(name)
+        n = d.get("requests", 0)
+        if not n:
+            rows.append([name, 0, None, None, None, None, None, None])
+            continue
+        per = {k: d[f"{k}_ns"] / n / 1000 for k in STAT_KEYS}
+        if name != ensemble:
+            step_total += per["success"]
+            rows.append([name, n, n / max(d["executions"], 1), per["queue"], per["compute_input"],
+                         per["compute_infer"], per["compute_output"], per["success"]])
+        else:
+            rows.append([f"{name} (whole request, server side)", n, None, None, None, None, None, per["success"]])
+            rows.append(["ensemble overhead (whole - sum of steps)", None, None, None, None, None, None,
+                         per["success"] - step_total])
+    return rows
+
+
+BREAKDOWN_HEADERS = ["step", "requests", "requests / execution", "queue us", "compute input us",
+                     "compute infer us", "compute output us", "total us / request"]

@@ -1,14 +1,13 @@
 """Section 3: model formats. FP32 vs INT8 vs the distilled student:
   - in onnxruntime alone: `export.bench.run_bench` (the export's own measurement, reused);
-  - through Triton: one repository per variant, all Tritons up at once, perf_analyzer against each
-    in turn (interleaved, order rotated per round).
-The repository builder takes the ONNX files by their fixed names (query_intent.onnx, ranker.onnx),
-so a variant is served by building from a derived export: a copy of the export in the scratch dir
-with the variant's file under the served name and metadata.json re-recorded (export.artifacts)."""
+  - through Triton, end to end: one repository per variant (`build_repository(..., variant=V)`: the
+    spec serves the variant's ONNX files), all Tritons up at once, perf_analyzer against each in turn
+    (interleaved, order rotated per round), and the held-out NDCG@10 of what each one serves;
+  - the serving guard: a variant is worth serving when it is >= MIN_SPEEDUP x FP32's end-to-end
+    throughput at concurrency 16 and its served NDCG@10 is within MAX_NDCG_DROP of FP32's."""
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -19,34 +18,51 @@ from bench.common import (
     perf_warmup, single_triton,
 )
 
-# variant -> {served file name: export file}
-VARIANTS = {
-    "fp32": {},
-    "int8": {"query_intent.onnx": "query_intent_int8.onnx", "ranker.onnx": "ranker_int8.onnx"},
-    "student": {"query_intent.onnx": "query_intent_student.onnx"},
-}
+VARIANT_NAMES = ("fp32", "int8", "student")
+CONCURRENCY = (1, 16)
+MIN_SPEEDUP = 1.5          # end-to-end throughput vs fp32 at concurrency 16
+MAX_NDCG_DROP = 0.01       # 1 point of held-out NDCG@10
 
 
-def derived_export(ctx: Ctx, export: Path, variant: str) -> Path | None:
-    swaps = VARIANTS[variant]
-    if not swaps:
-        return export
-    if not all((export / src).exists() for src in swaps.values()):
-        return None
-    from export.artifacts import write_metadata  # noqa: PLC0415
+def variant_files(variant: str) -> tuple[str, str]:
+    from model_repository.spec import VARIANTS  # noqa: PLC0415
 
-    out = ctx.work_dir / "variants" / variant
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for f in export.iterdir():
-        if f.is_file() and f.name not in ("metadata.json", "checkpoint.pt"):
-            shutil.copy2(f, out / f.name)
-    for served, src in swaps.items():
-        shutil.copy2(export / src, out / served)
-    meta = json.loads((export / "metadata.json").read_text())
-    meta["derived_for_bench"] = {"from": str(export), "served_as": swaps}
-    write_metadata(out, meta)
-    return out
+    v = VARIANTS[variant]
+    return v.query_intent, v.ranker
+
+
+def guard(speedup: float | None, ndcg_drop: float | None) -> tuple[bool, str]:
+    """(kept, reason) of the serving guard for one variant."""
+    if speedup is None or ndcg_drop is None:
+        return False, "not measured"
+    fast, good = speedup >= MIN_SPEEDUP, ndcg_drop <= MAX_NDCG_DROP
+    why = (f"{speedup:.2f}x throughput ({'>=' if fast else '<'} {MIN_SPEEDUP}x), NDCG@10 drop "
+           f"{ndcg_drop * 100:.2f} points ({'<=' if good else '>'} {MAX_NDCG_DROP * 100:.0f})")
+    return fast and good, ("kept: " if fast and good else "rejected: ") + why
+
+
+def served_ndcg(http: str, export: Path, k: int = 10) -> tuple[float, int]:
+    """Mean NDCG@k (gain 2^rel - 1) of the top-k the ensemble returns for every held-out query
+    (all its candidates, TOP_K k), over HTTP: (ndcg, queries)."""
+    import tritonclient.http as th  # noqa: PLC0415
+
+    from bench.common import triton_inputs  # noqa: PLC0415
+
+    held = json.loads((export / "heldout_queries.json").read_text())
+    client = th.InferenceServerClient(http, connection_timeout=30, network_timeout=30)
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    vals = []
+    for h in held:
+        rel = {int(c): r for c, r in zip(h["candidate_ids"], h["relevance"])}
+        gains = np.array(sorted((2.0 ** r - 1.0 for r in rel.values()), reverse=True)[:k])
+        ideal = float((gains * disc[: len(gains)]).sum())
+        if ideal <= 0:
+            continue
+        top = client.infer("search_ranking", triton_inputs(th, {"query": h["query"],
+                                                                 "candidate_ids": list(rel)}, k)).as_numpy("TOP_IDS")
+        got = np.array([2.0 ** rel[int(i)] - 1.0 for i in top.reshape(-1)[:k]])
+        vals.append(float((got * disc[: len(got)]).sum()) / ideal)
+    return float(np.mean(vals)), len(vals)
 
 
 def ort_section(ctx: Ctx, export: Path, headline_parts: list[str]) -> list[str]:
@@ -104,23 +120,26 @@ def run(ctx: Ctx) -> Section:
         queries = load_queries(export, 16)
         data = perf_input_data(queries)
         variants = {}
-        for v in VARIANTS:
-            d = derived_export(ctx, export, v)
-            if d is None:
-                triton_note += f" {v}: its ONNX file is not in the export, skipped."
+        for v in VARIANT_NAMES:
+            missing = [f for f in variant_files(v) if not (export / f).exists()]
+            if missing:
+                triton_note += f" {v}: {', '.join(missing)} not in the export (its gate rejected it), skipped."
                 continue
-            variants[v] = ctx.repository(v, d)
-        conc = (1, 8)
+            variants[v] = ctx.repository(v, export, variant=v)
+        conc = CONCURRENCY
         rounds = int(ctx.dur(3, 1))
         interval = int(ctx.dur(2000, 1000))
         res: dict[tuple[str, int], list[dict]] = {}
+        ndcg: dict[str, tuple[float, int]] = {}
         with ExitStack() as stack:
-            urls = {}
+            urls, https = {}, {}
             for v, repo in variants.items():
                 ctx.say(f"formats: starting a Triton for {v}")
-                urls[v] = stack.enter_context(single_triton(ctx, f"formats-{v}", repo))[1]
+                https[v], urls[v] = stack.enter_context(single_triton(ctx, f"formats-{v}", repo))
             names = list(urls)
             for v in names:
+                ctx.say(f"formats: held-out NDCG@10 served by {v}")
+                ndcg[v] = served_ndcg(https[v], export)
                 perf_warmup(urls[v], data, "grpc")
             for r in range(rounds):
                 for c in conc:
@@ -128,21 +147,37 @@ def run(ctx: Ctx) -> Section:
                     for v in names[k:] + names[:k]:
                         ctx.say(f"formats: round {r + 1}/{rounds} {v} c={c}")
                         res.setdefault((v, c), []).append(perf_measure(urls[v], c, data, "grpc", interval))
+
+        def med(v, c, key):
+            return float(np.median([m[key] for m in res[(v, c)]])) if (v, c) in res else None
+
         rows = []
         for c in conc:
-            base_t = float(np.median([m["throughput"] for m in res[("fp32", c)]])) if ("fp32", c) in res else None
             for v in names:
-                t = float(np.median([m["throughput"] for m in res[(v, c)]]))
-                p50 = float(np.median([m["p50_ms"] for m in res[(v, c)]]))
-                p99 = float(np.median([m["p99_ms"] for m in res[(v, c)]]))
-                rows.append([v, c, t, p50, p99, fmt_ratio(t, base_t)])
-        hl = [f"{v} {fmt_ratio(float(np.median([m['throughput'] for m in res[(v, 8)]])), float(np.median([m['throughput'] for m in res[('fp32', 8)]])))}"
-              for v in names if v != "fp32" and (v, 8) in res and ("fp32", 8) in res]
+                t = med(v, c, "throughput")
+                rows.append([v, c, t, med(v, c, "p50_ms"), med(v, c, "p99_ms"), fmt_ratio(t, med("fp32", c, "throughput"))])
+        top = conc[-1]
+        guard_rows, hl = [], []
+        base_ndcg = ndcg.get("fp32", (None, 0))[0]
+        for v in names:
+            base_t = med("fp32", top, "throughput")
+            speed = None if v == "fp32" or not base_t else med(v, top, "throughput") / base_t
+            drop = None if base_ndcg is None else base_ndcg - ndcg[v][0]
+            kept, why = (True, "the baseline") if v == "fp32" else guard(speed, drop)
+            guard_rows.append([v, f"{ndcg[v][0]:.4f}", ndcg[v][1], "-" if v == "fp32" else f"{-drop * 100:+.2f}",
+                               "1.00x" if v == "fp32" else fmt_ratio(speed, 1.0), "kept" if kept else "rejected", why])
+            if v != "fp32":
+                hl.append(f"{v} {fmt_ratio(speed, 1.0)} ({'kept' if kept else 'rejected'})")
         if hl:
-            headline_parts.append("through Triton at concurrency 8, throughput vs fp32: " + ", ".join(hl))
+            headline_parts.append(f"end to end through Triton at concurrency {top}, throughput vs fp32: " + ", ".join(hl))
         body += [f"Through Triton (the whole `search_ranking` ensemble, gRPC, perf_analyzer, {len(queries)} held-out "
                  f"queries, {interval} ms windows, {rounds} round(s) interleaved, medians):",
-                 md_table(["variant", "concurrency", "infer/s", "p50 ms", "p99 ms", "throughput vs fp32"], rows)]
+                 md_table(["variant", "concurrency", "infer/s", "p50 ms", "p99 ms", "throughput vs fp32"], rows),
+                 f"The serving guard (>= {MIN_SPEEDUP}x fp32's end-to-end throughput at concurrency {top}, held-out "
+                 f"NDCG@10 of the served answers within {MAX_NDCG_DROP * 100:.0f} point of fp32's; NDCG@10 over every "
+                 "held-out query, all its candidates, TOP_K 10, through each variant's Triton over HTTP):",
+                 md_table(["variant", "served NDCG@10", "queries", "NDCG@10 vs fp32 (points)",
+                           f"throughput vs fp32 at c={top}", "decision", "why"], guard_rows)]
         if triton_note:
             body.append(triton_note.strip())
     except Missing as e:
@@ -150,12 +185,14 @@ def run(ctx: Ctx) -> Section:
     return Section(
         "formats", "", headline="; ".join(headline_parts) + ("." if headline_parts else ""),
         what="FP32 vs INT8 (dynamic quantization) vs the distilled student query encoder: model latency in "
-             "onnxruntime alone, and the end-to-end ensemble through Triton with each variant served.",
+             "onnxruntime alone, the end-to-end ensemble through Triton with each variant served, and whether "
+             "each variant passes the serving guard.",
         how="onnxruntime: `export.bench.run_bench(export, batches=(1, 64))` (the export engineer's measurement, "
-            "reused as is). Triton: for each variant a derived export (copy of the export with the variant's "
-            "file served as `query_intent.onnx` / `ranker.onnx`, metadata re-recorded with export.artifacts) -> "
-            "`model_repository.build.build_repository(..., 'cpu')`; int8 = query_intent_int8 + ranker_int8, "
-            "student = query_intent_student + the FP32 ranker. All variants' Tritons run at once; perf_analyzer "
-            "visits them in rotating order per round. Inside Triton each ONNX model runs in a Python-backend "
-            "model through onnxruntime with 1 intra-op thread (the CPU target).",
+            "reused as is). Triton: `model_repository.build.build_repository(export, out, 'cpu', variant=V)` per "
+            "variant (the spec's `variants`: int8 = query_intent_int8 + ranker_int8, student = "
+            "query_intent_student + the FP32 ranker; `triton-hybrid repo build --variant V`). All variants' "
+            "Tritons run at once; perf_analyzer visits them in rotating order per round. On the CPU target each "
+            "step runs its graph through onnxruntime (1 intra-op thread) inside a Python-backend model; the int8 "
+            "graphs (dynamic quantization: results depend on what shares a batch) run one query per "
+            "onnxruntime call, the others one call per execute.",
         body=body)

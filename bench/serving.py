@@ -12,15 +12,52 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import requests
 
 from bench.common import (
-    PROJECT_ROOT, Ctx, Missing, Section, drive, fmt_ratio, load_queries, md_table, perf_available, perf_input_data,
-    perf_measure, perf_warmup, single_triton, triton_http_caller,
+    BREAKDOWN_HEADERS, PROJECT_ROOT, Ctx, Missing, Section, drive, ensemble_steps, fmt_ratio, load_queries, md_table,
+    perf_available, perf_input_data, perf_measure, perf_warmup, single_triton, stats_breakdown, triton_http_caller,
+    triton_model_stats,
 )
 
 CONCURRENCY = (1, 4, 16)
+BREAKDOWN_CONCURRENCY = (1, 16)
 TOP_K = 10
+
+
+def server_breakdown(ctx: Ctx, http: str, grpc: str, data: dict, concurrency=BREAKDOWN_CONCURRENCY,
+                     interval_ms: int = 2000) -> list[str]:
+    """Where a request's time goes inside Triton: its per-model statistics before and after one
+    perf_analyzer run (gRPC) per concurrency, as markdown blocks."""
+    steps = ensemble_steps(http)
+    out = []
+    for c in concurrency:
+        ctx.say(f"serving: per-step breakdown at c={c}")
+        before = triton_model_stats(http)
+        m = perf_measure(grpc, c, data, "grpc", interval_ms)
+        rows = stats_breakdown(before, triton_model_stats(http), steps)
+        out += [f"Per step at concurrency {c} (perf_analyzer gRPC: {m['throughput']:.0f} infer/s, client p50 "
+                f"{m['p50_ms']:.2f} ms; Triton's statistics, averages per request over the whole run):",
+                md_table(BREAKDOWN_HEADERS, rows)]
+    return out
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Per-figure medians over the rounds of one path (errors and failures summed)."""
+    out = dict(runs[0])
+    for key in ("throughput", "p50_ms", "p99_ms"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = float(np.median(vals)) if vals else None
+    if "failed" in out:
+        out["failed"] = sum(r["failed"] for r in runs)
+        errors: dict = {}
+        for r in runs:
+            for k, v in r.get("errors", {}).items():
+                errors[k] = errors.get(k, 0) + v
+        out["errors"] = errors
+    out["rounds"] = len(runs)
+    return out
 
 
 def inprocess_caller(pipe, queries):
@@ -83,6 +120,7 @@ def run(ctx: Ctx) -> Section:
     pipe = ReferencePipeline(export)
     res: dict[tuple[str, int], dict] = {}
     perf_rows = []
+    breakdown: list[str] = []
     flask_proc, flask_url = start_flask(ctx, export)
     try:
         with single_triton(ctx, "serving-triton", repo) as (http, grpc):
@@ -90,20 +128,33 @@ def run(ctx: Ctx) -> Section:
                      "Triton ensemble (HTTP)": triton_http_caller(http, queries, TOP_K),
                      "Flask + onnxruntime (HTTP)": flask_caller(flask_url, queries)}
             names = list(paths)
-            for c in conc:
-                k = CONCURRENCY.index(c)
-                for name in names[k % 3:] + names[:k % 3]:   # rotate the order per concurrency
-                    ctx.say(f"serving: {name} c={c} for {dur:g}s")
-                    res[(name, c)] = drive(paths[name], c, dur, warmup_s=warm).as_dict()
+            rounds = int(ctx.dur(3, 1))
+            runs: dict[tuple[str, int], list[dict]] = {}
+            for r in range(rounds):          # interleaved rounds: a burst of load elsewhere hits every path
+                for c in conc:
+                    k = CONCURRENCY.index(c) + r
+                    for name in names[k % 3:] + names[:k % 3]:   # rotate the order per concurrency and round
+                        ctx.say(f"serving: round {r + 1}/{rounds} {name} c={c} for {dur / rounds:g}s")
+                        runs.setdefault((name, c), []).append(
+                            drive(paths[name], c, dur / rounds, warmup_s=warm).as_dict())
+            res = {key: median_run(v) for key, v in runs.items()}
             try:
                 perf_available()
                 data = perf_input_data(queries, TOP_K)
+                perf_runs: dict[tuple[str, int], list[dict]] = {}
                 for proto, url in (("grpc", grpc), ("http", http)):
                     perf_warmup(url, data, proto)
+                for r in range(rounds):
+                    for proto, url in (("grpc", grpc), ("http", http))[::(1 if r % 2 == 0 else -1)]:
+                        for c in conc:
+                            ctx.say(f"serving: round {r + 1}/{rounds} perf_analyzer {proto} c={c}")
+                            perf_runs.setdefault((proto, c), []).append(
+                                perf_measure(url, c, data, proto, int(ctx.dur(1500, 1000))))
+                for proto in ("grpc", "http"):
                     for c in conc:
-                        ctx.say(f"serving: perf_analyzer {proto} c={c}")
-                        m = perf_measure(url, c, data, proto, int(ctx.dur(2500, 1000)))
+                        m = median_run(perf_runs[(proto, c)])
                         perf_rows.append([proto, c, m["throughput"], m["p50_ms"], m["p99_ms"]])
+                breakdown = server_breakdown(ctx, http, grpc, data, interval_ms=int(ctx.dur(2000, 1000)))
             except Missing as e:
                 perf_rows = [[f"perf_analyzer missing: {e}", None, None, None, None]]
     finally:
@@ -122,24 +173,43 @@ def run(ctx: Ctx) -> Section:
                          fmt_ratio(r["throughput"], bound["throughput"]),
                          fmt_ratio(r["p99_ms"], bound["p99_ms"])])
     ratio_rows = []
+    perf_by = {(r[0], r[1]): r for r in perf_rows if r[1] is not None}
     for c in conc:
-        t, f = res[("Triton ensemble (HTTP)", c)], res[("Flask + onnxruntime (HTTP)", c)]
-        ratio_rows.append([c, fmt_ratio(t["throughput"], f["throughput"]), fmt_ratio(t["p99_ms"], f["p99_ms"])])
+        t, f, b = (res[(n, c)] for n in ("Triton ensemble (HTTP)", "Flask + onnxruntime (HTTP)", "in-process (bound)"))
+        pa = perf_by.get(("grpc", c))
+        ratio_rows.append([c, fmt_ratio(t["throughput"], f["throughput"]), fmt_ratio(t["p50_ms"], f["p50_ms"]),
+                           fmt_ratio(t["p99_ms"], f["p99_ms"]),
+                           # latency vs the in-process pipeline: only where neither queues (concurrency 1)
+                           fmt_ratio(t["p50_ms"], b["p50_ms"]) if c == 1 else "-",
+                           fmt_ratio(pa[3], b["p50_ms"]) if pa and c == 1 else "-",
+                           fmt_ratio(pa[2], b["throughput"]) if pa else "-"])
     errors = {f"{n} c={c}": r["errors"] for (n, c), r in res.items() if r["errors"]}
     body = [md_table(["concurrency", "path", "req/s", "p50 ms", "p99 ms", "failed",
                       "throughput vs in-process", "p99 vs in-process"], rows),
-            "Triton vs the Flask service (same load generator):",
-            md_table(["concurrency", "throughput Triton / Flask", "p99 Triton / Flask"], ratio_rows),
+            "Triton vs the Flask service and vs the in-process bound (Triton HTTP and Flask: the same Python load "
+            "generator; perf_analyzer: gRPC, from the table below):",
+            md_table(["concurrency", "throughput Triton / Flask", "p50 Triton / Flask", "p99 Triton / Flask",
+                      "p50 Triton (HTTP) / in-process", "p50 Triton (perf_analyzer) / in-process",
+                      "throughput Triton (perf_analyzer) / in-process"], ratio_rows),
             "perf_analyzer (C++ client) against the same Triton, same queries:",
             md_table(["protocol", "concurrency", "infer/s", "p50 ms", "p99 ms"], perf_rows)]
+    body += breakdown
     if errors:
         body.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
-    top = conc[-1]
+    top, low = conc[-1], conc[0]
     t, f, b = (res[(n, top)] for n in ("Triton ensemble (HTTP)", "Flask + onnxruntime (HTTP)", "in-process (bound)"))
-    headline = (f"At concurrency {top}: Triton {t['throughput']:.0f} req/s (p99 {t['p99_ms']:.1f} ms) = "
-                f"{fmt_ratio(t['throughput'], f['throughput'])} the Flask service ({f['throughput']:.0f} req/s, p99 "
-                f"{f['p99_ms']:.1f} ms) and {fmt_ratio(t['throughput'], b['throughput'])} the in-process bound "
-                f"({b['throughput']:.0f} req/s), same Python load generator.")
+    t1, b1 = res[("Triton ensemble (HTTP)", low)], res[("in-process (bound)", low)]
+    pa1, pa16 = perf_by.get(("grpc", low)), perf_by.get(("grpc", top))
+    beats = all(res[("Triton ensemble (HTTP)", c)][k] < res[("Flask + onnxruntime (HTTP)", c)][k]
+                for c in conc for k in ("p50_ms", "p99_ms"))
+    headline = (f"Concurrency {low}: Triton p50 {t1['p50_ms']:.2f} ms = {fmt_ratio(t1['p50_ms'], b1['p50_ms'])} the "
+                f"in-process pipeline's {b1['p50_ms']:.2f} ms"
+                + (f" (perf_analyzer {pa1[3]:.2f} ms = {fmt_ratio(pa1[3], b1['p50_ms'])})" if pa1 else "")
+                + f". Concurrency {top}: Triton {t['throughput']:.0f} req/s = {fmt_ratio(t['throughput'], f['throughput'])} "
+                f"the Flask service and {fmt_ratio(t['throughput'], b['throughput'])} the in-process bound "
+                f"({b['throughput']:.0f} req/s)"
+                + (f"; with perf_analyzer as the client {pa16[2]:.0f} req/s = {fmt_ratio(pa16[2], b['throughput'])}" if pa16 else "")
+                + f". Triton {'beats' if beats else 'does NOT beat'} Flask on p50 and p99 at every concurrency measured.")
     return Section(
         "serving", "", headline=headline,
         what="The ensemble on Triton vs the same pipeline in-process (one Python process, numpy + onnxruntime: "
@@ -147,7 +217,8 @@ def run(ctx: Ctx) -> Section:
              "service calling onnxruntime per request). Throughput and p99 at concurrency "
              + ", ".join(map(str, conc)) + ", ratios to the in-process bound.",
         how=f"One Python closed-loop load generator (`bench.common.drive`: N threads, {warm:g} s warm-up, then "
-            f"{dur:g} s counted) drives all three paths, interleaved per concurrency (order rotated). In-process: "
+            f"{dur:g} s counted in {int(ctx.dur(3, 1))} interleaved rounds; medians of the rounds) drives all three paths, "
+            "interleaved per concurrency (order rotated per round). perf_analyzer: the same rounds, medians. In-process: "
             "`export.reference.ReferencePipeline.rank` called by the threads (default onnxruntime threading). "
             "Triton: one Triton (no HAProxy) serving the CPU repository built from the export, tritonclient.http "
             "(binary tensors), one client per thread. Flask: `bench/flask_service.py` (Flask 3, werkzeug "

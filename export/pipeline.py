@@ -43,10 +43,11 @@ REFERENCE = {
     "intent_probs": "softmax(intent_logits) in float32: exp(l - max(l)) / sum",
     "intent_name": "intents.json[argmax(intent_logits)]",
     "intent_score": "max(intent_probs)",
-    "feature_lookup": "item_features.npz: features row whose item_ids equals the candidate id; unknown id -> error",
+    "dedupe": "duplicate candidate ids ranked once, at their first position",
+    "feature_lookup": "item_features.npz: features row whose item_ids equals the candidate id; unknown id -> the cold-start row (all zeros), counted; strict mode: error",
     "ranker_input": "item_features [1, N, feat_dim] in request order; query_embedding, intent_probs [1, ...]",
     "order": "descending score; ties keep candidate order (stable sort); top_k first",
-    "implementation": "export/reference.py ReferencePipeline",
+    "implementation": "export/reference.py ReferencePipeline, export/ranking.py",
 }
 
 # TensorRT optimization-profile limits of the ranker plan (model_repository's max_candidates

@@ -1,49 +1,57 @@
 """In-process reference of the serving pipeline (tokenizer -> query_intent.onnx -> softmax ->
 feature lookup -> ranker.onnx -> top-k), in plain numpy + onnxruntime. The Triton ensemble is
-tested for equality against this."""
+tested for equality against this. The ranking semantics (duplicates ranked once, unknown ids
+ranked with cold-start features and counted, or refused in strict mode) are `export.ranking`'s,
+the same file the ensemble's ranking step runs.
+
+A variant (INT8, the distilled student) is served from other ONNX files of the same export:
+`ReferencePipeline(dir, query_model="query_intent_student.onnx", ranker_model="ranker.onnx")`.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
 from .artifacts import load_metadata
+from .ranking import FeatureTable, RankingError, dedupe, softmax, top_k_order, unknown_message
 from .tokenizer import Tokenizer
 
+__all__ = ["ReferencePipeline", "Ranking", "softmax"]
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True).astype(np.float32)
-    e = np.exp(z, dtype=np.float32)
-    return (e / e.sum(axis=-1, keepdims=True, dtype=np.float32)).astype(np.float32)
+
+class Ranking(NamedTuple):
+    ids: np.ndarray          # int64 [k]
+    scores: np.ndarray       # float32 [k]
+    intent: str
+    intent_score: float
+    unknown: int             # distinct candidate ids not in the feature table (ranked with cold-start features)
 
 
 class ReferencePipeline:
-    def __init__(self, export_dir: Path | str, verify: bool = True):
+    def __init__(self, export_dir: Path | str, verify: bool = True, query_model: str = "query_intent.onnx",
+                 ranker_model: str = "ranker.onnx", strict: bool = False):
         self.dir = Path(export_dir)
         self.metadata = load_metadata(self.dir, verify=verify)
         self.tokenizer = Tokenizer.load(self.dir / "tokenizer.json")
         self.intents: list[str] = json.loads((self.dir / "intents.json").read_text(encoding="utf-8"))
-        with np.load(self.dir / "item_features.npz", allow_pickle=False) as z:
-            ids = z["item_ids"].astype(np.int64)
-            feats = z["features"].astype(np.float32)
-        order = np.argsort(ids, kind="stable")
-        self._sorted_ids, self._features = ids[order], feats[order]
+        self.table = FeatureTable.load(self.dir / "item_features.npz")
+        self.strict = strict
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        self._qi = ort.InferenceSession(str(self.dir / "query_intent.onnx"), so, providers=["CPUExecutionProvider"])
-        self._rk = ort.InferenceSession(str(self.dir / "ranker.onnx"), so, providers=["CPUExecutionProvider"])
+        self._qi = ort.InferenceSession(str(self.dir / query_model), so, providers=["CPUExecutionProvider"])
+        self._rk = ort.InferenceSession(str(self.dir / ranker_model), so, providers=["CPUExecutionProvider"])
 
     def lookup(self, candidate_ids) -> np.ndarray:
-        """[N] item ids -> [N, feat_dim] features; unknown ids raise ValueError."""
+        """[N] item ids -> [N, feat_dim] features; unknown ids get the cold-start row (strict: ValueError)."""
         ids = np.asarray(candidate_ids, dtype=np.int64).reshape(-1)
-        pos = np.searchsorted(self._sorted_ids, ids)
-        pos_c = np.minimum(pos, len(self._sorted_ids) - 1)
-        unknown = self._sorted_ids[pos_c] != ids
-        if unknown.any():
-            raise ValueError(f"unknown candidate item ids: {ids[unknown][:10].tolist()}")
-        return self._features[pos_c]
+        feats, unknown = self.table.lookup(ids)
+        if self.strict and unknown.any():
+            raise RankingError(unknown_message(ids, unknown))
+        return feats
 
     def query(self, query: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> intent_logits [1, C], query_embedding [1, E], intent_probs [1, C]."""
@@ -51,17 +59,23 @@ class ReferencePipeline:
         logits, emb = self._qi.run(["intent_logits", "query_embedding"], {"input_ids": ids, "attention_mask": mask})
         return logits, emb, softmax(logits)
 
-    def rank(self, query: str, candidate_ids, top_k: int):
-        """-> (top_ids int64 [k], top_scores float32 [k], intent_name, intent_score)."""
-        ids = np.asarray(candidate_ids, dtype=np.int64).reshape(-1)
+    def ranking(self, query: str, candidate_ids, top_k: int) -> Ranking:
+        ids = dedupe(np.asarray(candidate_ids, dtype=np.int64))
         if ids.size == 0:
-            raise ValueError("no candidate ids given")
+            raise RankingError("no candidate ids given")
         if int(top_k) < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        feats = self.lookup(ids)
+            raise RankingError(f"top_k must be >= 1, got {top_k}")
+        feats, unknown = self.table.lookup(ids)
+        if self.strict and unknown.any():
+            raise RankingError(unknown_message(ids, unknown))
         _, emb, probs = self.query(query)
         scores = self._rk.run(["scores"], {"query_embedding": emb, "intent_probs": probs,
                                            "item_features": feats[None]})[0][0]
-        order = np.argsort(-scores, kind="stable")[: int(top_k)]
+        order = top_k_order(scores, int(top_k))
         best = int(np.argmax(probs[0]))
-        return ids[order], scores[order].astype(np.float32), self.intents[best], float(probs[0, best])
+        return Ranking(ids[order], scores[order].astype(np.float32), self.intents[best], float(probs[0, best]),
+                       int(unknown.sum()))
+
+    def rank(self, query: str, candidate_ids, top_k: int):
+        """-> (top_ids int64 [k], top_scores float32 [k], intent_name, intent_score)."""
+        return tuple(self.ranking(query, candidate_ids, top_k)[:4])

@@ -1,6 +1,7 @@
 """Query tokenizer: word tokens, with character-trigram fallback for out-of-vocabulary words.
 
-This file is copied into the Triton model repository (the `preprocess` Python-backend model) and
+This file is copied into the Triton model repository (next to every Python-backend step: the cpu
+target's `query_intent`, the gpu target's `preprocess`) and
 imported there, so it depends only on the standard library and numpy. Its state is the shipped
 `tokenizer.json`: {"vocab": {token: id}, "max_len", "pad_id": 0, "unk_id": 1, "normalization": {...}}.
 

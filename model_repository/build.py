@@ -13,11 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model_repository import configgen
-from model_repository.spec import ENSEMBLE, PLACEHOLDER, TARGETS, RepositorySpec, Signature, search_ranking_spec
+from model_repository.spec import (
+    ENSEMBLE, PLACEHOLDER, TARGETS, VARIANTS, RepositorySpec, Signature, request_limits, search_ranking_spec,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENSEMBLES_DIR = PROJECT_ROOT / "ensembles"
-TOKENIZER_SOURCE = PROJECT_ROOT / "export" / "tokenizer.py"
+# Copied next to every Python-backend model.py (each model.py puts its own directory on sys.path):
+# the shared plumbing and stage code of the steps, the ranking semantics and the tokenizer that
+# export.reference runs too.
+SHARED_CODE = {
+    ENSEMBLES_DIR / "common.py": "common.py",
+    ENSEMBLES_DIR / "stages.py": "stages.py",
+    PROJECT_ROOT / "export" / "ranking.py": "ranking.py",
+    PROJECT_ROOT / "export" / "tokenizer.py": "tokenizer.py",
+}
 DEFAULT_EXPORTS = PROJECT_ROOT / "artifacts" / "exports"
 SMOKE_FILE = "smoke.json"
 
@@ -32,6 +42,7 @@ class BuildResult:
     out_dir: Path
     export_dir: Path
     versions: dict[str, int] = field(default_factory=dict)   # model -> version written
+    variant: str = "fp32"
 
     @property
     def models(self) -> list[str]:
@@ -39,7 +50,7 @@ class BuildResult:
 
     def __str__(self) -> str:
         rows = ", ".join(f"{m} v{v}" for m, v in self.versions.items())
-        return f"{self.target} repository {self.out_dir} from {self.export_dir}: {rows}"
+        return f"{self.target} repository {self.out_dir} from {self.export_dir} (variant {self.variant}): {rows}"
 
 
 def default_out_dir(target: str) -> Path:
@@ -99,52 +110,73 @@ def next_version(model_dir: Path) -> int:
 
 
 def generate_configs(spec: RepositorySpec, target: str, export_dir: Path) -> dict:
-    """All model configs of a target, checked; raises BuildError listing every problem."""
+    """All model configs of a target, checked; raises BuildError listing every problem.
+    Every graph the target serves (the variant's file) is checked against the config of a native
+    backend for it (the gpu layout's model of that role): the cpu Python steps feed their graphs
+    the same names, dtypes and dims."""
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    configs = {m.name: configgen.model_config(m, spec, target) for m in spec.models}
+    models = spec.models_for(target)
+    configs = {m.name: configgen.model_config(m, spec, target) for m in models}
     problems = configgen.check_ensemble(configs, ENSEMBLE)
-    for m in spec.models:
-        if m.onnx_export_file:
-            sig = configgen.onnx_signature(Path(export_dir) / m.onnx_export_file)
-            problems += configgen.check_against_onnx(configs[m.name], sig)
+    native = {m.onnx_role: m for m in spec.models_for("gpu") if m.onnx_role}
+    for m in models:
+        if not m.onnx_role:
+            continue
+        path = Path(export_dir) / spec.onnx_file(m, target)
+        if not path.is_file():
+            problems.append(f"{m.name}: variant {spec.variants.get(target)!r} needs {path.name}, which the export "
+                            "does not have (its gates rejected it, or it is an older export)")
+            continue
+        cfg = configs[m.name] if m.runtime(target).kind != "python" else \
+            configgen.model_config(native[m.onnx_role], spec, "gpu")
+        problems += configgen.check_against_onnx(cfg, configgen.onnx_signature(path))
     if problems:
         raise BuildError("the generated configs are inconsistent:\n  " + "\n  ".join(problems))
     return configs
 
 
-def _use_plan(model, target: str, export_dir: Path) -> bool:
-    return target == "gpu" and bool(model.plan_export_file) and (Path(export_dir) / model.plan_export_file).exists()
+def _use_plan(model, target: str, export_dir: Path, spec: RepositorySpec) -> bool:
+    """A plan is built from the FP32 graph: used only where the target serves that graph."""
+    return (target == "gpu" and bool(model.plan_export_file) and bool(model.onnx_role)
+            and spec.onnx_file(model, target) == VARIANTS["fp32"].file(model.onnx_role)
+            and (Path(export_dir) / model.plan_export_file).exists())
 
 
-def _files_for(model, target: str, export_dir: Path) -> dict[Path, str]:
+def _files_for(model, target: str, export_dir: Path, spec: RepositorySpec) -> dict[Path, str]:
     """{source file: name in the version dir} for one model."""
     rt = model.runtime(target)
     files: dict[Path, str] = {Path(export_dir) / src: dst for src, dst in model.data_files.items()}
     if rt.kind == "python":
         files[ENSEMBLES_DIR / rt.python_impl / "model.py"] = "model.py"
-        if rt.python_impl == "preprocess":
-            files[TOKENIZER_SOURCE] = "tokenizer.py"
-    if model.onnx_export_file and rt.kind in ("python", "onnxruntime"):
-        files[Path(export_dir) / model.onnx_export_file] = "model.onnx"
+        files.update(SHARED_CODE)
+    if model.onnx_role and rt.kind in ("python", "onnxruntime"):
+        files[Path(export_dir) / spec.onnx_file(model, target)] = "model.onnx"
     if rt.kind == "tensorrt_plan":
         files[Path(export_dir) / model.plan_export_file] = "model.plan"
     return files
 
 
 def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = "cpu", version: int | None = None,
-                     spec: RepositorySpec | None = None, dynamic_batching: bool = True) -> BuildResult:
+                     spec: RepositorySpec | None = None, dynamic_batching: bool = True,
+                     variant: str | None = None) -> BuildResult:
+    """`variant` (fp32 | int8 | student) overrides the spec's variant for this target."""
     export_dir, out_dir = Path(export_dir).resolve(), Path(out_dir)
     if not (export_dir / "query_intent.onnx").exists():
         raise BuildError(f"{export_dir} is not an export (no query_intent.onnx)")
     verify_export(export_dir)
     spec = (spec or spec_for_export(export_dir)).with_dynamic_batching(dynamic_batching)
+    if variant is not None:
+        try:
+            spec = spec.with_variant(variant, target)
+        except ValueError as e:
+            raise BuildError(str(e)) from None
     if target == "gpu":
         # Plans in the export replace the ONNX runtime by a TensorRT engine for that model.
         from dataclasses import replace  # noqa: PLC0415
         models = []
         for m in spec.models:
-            if _use_plan(m, target, export_dir):
+            if target in m.runtimes and _use_plan(m, target, export_dir, spec):
                 rts = dict(m.runtimes)
                 rts["gpu"] = replace(rts["gpu"], kind="tensorrt_plan", tensorrt_accelerator=False)
                 # The I/O is still checked against the ONNX graph the plan was built from.
@@ -154,17 +186,17 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
     configs = generate_configs(spec, target, export_dir)
 
     plan = {}
-    for m in spec.models:
-        files = _files_for(m, target, export_dir)
+    for m in spec.models_for(target):
+        files = _files_for(m, target, export_dir, spec)
         missing = [str(p) for p in files if not p.exists()]
         if missing:
             raise BuildError(f"{m.name}: missing source files: {', '.join(missing)}")
         plan[m.name] = files
 
-    smoke = smoke_payload(export_dir, spec)
+    smoke = smoke_payload(export_dir, spec, target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = BuildResult(target, out_dir.resolve(), export_dir)
-    for m in spec.models:
+    result = BuildResult(target, out_dir.resolve(), export_dir, variant=spec.variants.get(target, "fp32"))
+    for m in spec.models_for(target):
         model_dir = out_dir / m.name
         v = version if version is not None else next_version(model_dir)
         vdir = model_dir / str(v)
@@ -178,7 +210,8 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
             shutil.copy2(src, tmp / dst)
         if m.runtime(target).kind == "ensemble":
             (tmp / PLACEHOLDER).write_text(
-                f"Version {v} of the ensemble {m.name} (built from {export_dir.name}). An ensemble has no model\n"
+                f"Version {v} of the ensemble {m.name} (built from {export_dir.name}, variant "
+                f"{result.variant}: {spec.variant(target).description}). An ensemble has no model\n"
                 "file, but Triton needs the version directory and S3 keeps no empty directories: this file keeps it.\n")
             (tmp / SMOKE_FILE).write_text(json.dumps(smoke, indent=1))
         tmp.rename(vdir)
@@ -187,20 +220,31 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
     return result
 
 
-def smoke_payload(export_dir: Path, spec: RepositorySpec) -> dict:
-    """A small valid request from the export's held-out set and the reference answer to it."""
+def smoke_payload(export_dir: Path, spec: RepositorySpec, target: str = "cpu") -> dict:
+    """A small valid request from the export's held-out set and the reference answer to it (the
+    reference runs the target's variant with the spec's semantics)."""
     held = json.loads((Path(export_dir) / "heldout_queries.json").read_text())
-    fits = [h for h in held if h["candidate_ids"] and 0 < len(h["query"].strip()) <= spec.max_query_chars]
+    limit = spec.limits.max_query_bytes
+    fits = [h for h in held if h["candidate_ids"] and 0 < len(h["query"].strip()) and len(h["query"].encode()) <= limit]
     item = dict(fits[0] if fits else held[0])
-    item["query"] = item["query"][: spec.max_query_chars]   # only when no held-out query fits the limit
-    top_k = min(5, spec.top_k_default)
+    if not fits:   # only when no held-out query fits the limit
+        item["query"] = item["query"].encode()[:limit].decode("utf-8", "ignore")
+    top_k = min(5, spec.top_k_default, spec.limits.max_top_k)
     candidates = [int(c) for c in item["candidate_ids"]][: min(20, spec.max_candidates)]
-    payload = {"query": item["query"], "candidate_ids": candidates, "top_k": top_k}
+    payload = {"query": item["query"], "candidate_ids": candidates, "top_k": top_k,
+               "variant": spec.variants.get(target, "fp32")}
     try:
         from export.reference import ReferencePipeline  # noqa: PLC0415
-        ids, scores, intent, intent_score = ReferencePipeline(export_dir).rank(item["query"], candidates, top_k)
-        payload["expected"] = {"top_ids": [int(i) for i in ids], "top_scores": [float(s) for s in scores],
-                               "intent": str(intent), "intent_score": float(intent_score)}
+        variant = spec.variant(target)
+        ref = ReferencePipeline(export_dir, query_model=variant.query_intent, ranker_model=variant.ranker,
+                                strict=spec.strict_unknown_ids).ranking(item["query"], candidates, top_k)
+        payload["expected"] = {"top_ids": [int(i) for i in ref.ids], "top_scores": [float(s) for s in ref.scores],
+                               "intent": str(ref.intent), "intent_score": float(ref.intent_score),
+                               "unknown_count": ref.unknown}
     except ImportError:
         pass
     return payload
+
+
+__all__ = ["BuildError", "BuildResult", "build_repository", "generate_configs", "request_limits", "smoke_payload",
+           "spec_for_export"]

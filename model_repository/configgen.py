@@ -59,14 +59,16 @@ def model_config(model: ModelSpec, spec: RepositorySpec, target: str) -> mc.Mode
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(rt.instances.kind), count=rt.instances.count)
     if spec.dynamic_batching and model.dynamic_batching is not None and model.max_batch_size > 0:
         db = cfg.dynamic_batching
+        db.SetInParent()   # an empty dynamic_batching {} is "on, never wait"
         db.preferred_batch_size.extend(p for p in model.dynamic_batching.preferred_batch_sizes
                                        if p <= model.max_batch_size)
         db.max_queue_delay_microseconds = model.dynamic_batching.max_queue_delay_us
     if rt.kind == "python":  # read by our model.py files; the native backends get none
         for key, value in model.parameters.items():
             cfg.parameters[key].string_value = value
-        if model.onnx_export_file:
+        if model.onnx_role:
             cfg.parameters["onnx_file"].string_value = "model.onnx"
+            cfg.parameters["batch_rows"].string_value = "true" if spec.variant(target).batch_invariant else "false"
     return cfg
 
 

@@ -19,6 +19,8 @@ import numpy as np
 from model_repository.spec import ENSEMBLE
 
 OUTPUTS = ("TOP_IDS", "TOP_SCORES", "INTENT", "INTENT_SCORE")
+# Checked when the answer has it (repositories built before it existed do not).
+OPTIONAL_OUTPUTS = ("UNKNOWN_COUNT",)
 
 
 def _smoke_file(source: Path) -> Path | None:
@@ -81,6 +83,10 @@ def check_response(outputs: dict[str, np.ndarray], expected: dict | None = None,
         score = float(np.asarray(outputs["INTENT_SCORE"]).reshape(-1)[0])
         if abs(score - expected["intent_score"]) > atol:
             problems.append(f"INTENT_SCORE {score} != expected {expected['intent_score']}")
+        if outputs.get("UNKNOWN_COUNT") is not None and "unknown_count" in expected:
+            unknown = int(np.asarray(outputs["UNKNOWN_COUNT"]).reshape(-1)[0])
+            if unknown != expected["unknown_count"]:
+                problems.append(f"UNKNOWN_COUNT {unknown} != expected {expected['unknown_count']}")
     return problems
 
 
@@ -100,4 +106,4 @@ def run_smoke(url: str, source: str | Path, protocol: str = "http", timeout_s: f
             result = client.infer(ENSEMBLE, to_infer_inputs(inputs, client_module))
     except Exception as e:  # noqa: BLE001 - a failed smoke inference is a finding, not a crash
         return [f"inference failed: {e}"]
-    return check_response({n: result.as_numpy(n) for n in OUTPUTS}, expected)
+    return check_response({n: result.as_numpy(n) for n in OUTPUTS + OPTIONAL_OUTPUTS}, expected)

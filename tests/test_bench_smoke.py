@@ -31,3 +31,29 @@ def test_only_replaces_its_own_block(tmp_path):
     new = bench_run.merge(old, "# H2\n", {"control": Section("control", "C", body=["new control"]).markdown()})
     assert new.startswith("# H2") and "old routing" in new and "new control" in new and "old control" not in new
     assert new.index("section:routing") < new.index("section:control")
+
+
+def test_stats_breakdown_is_per_request_and_per_step():
+    from bench.common import stats_breakdown
+
+    def snap(requests, execs, ns):
+        return {"requests": requests, "executions": execs, "inferences": requests,
+                **{f"{k}_ns": ns[i] for i, k in enumerate(("success", "queue", "compute_input", "compute_infer",
+                                                           "compute_output"))}}
+    before = {"a": snap(10, 10, [0] * 5), "b": snap(10, 10, [0] * 5), "search_ranking": snap(10, 10, [0] * 5)}
+    after = {"a": snap(110, 60, [100_000_000, 10_000_000, 1_000_000, 80_000_000, 9_000_000]),
+             "b": snap(110, 110, [50_000_000, 0, 0, 50_000_000, 0]),
+             "search_ranking": snap(110, 110, [160_000_000, 0, 0, 0, 0])}
+    rows = stats_breakdown(before, after, ["a", "b"])
+    assert rows[0] == ["a", 100, 2.0, 100.0, 10.0, 800.0, 90.0, 1000.0]   # us per request, 2 requests per execution
+    assert rows[1][0] == "b" and rows[1][-1] == 500.0
+    assert rows[2][0].startswith("search_ranking") and rows[2][-1] == 1600.0
+    assert rows[3][-1] == 100.0                                        # whole - sum of steps
+
+
+def test_the_serving_guard_keeps_only_fast_and_good_variants():
+    from bench.formats import guard
+    assert guard(1.6, 0.004)[0] is True
+    assert guard(1.4, 0.0)[0] is False and "< 1.5x" in guard(1.4, 0.0)[1]
+    assert guard(2.0, 0.017)[0] is False and "1.70 points (> 1)" in guard(2.0, 0.017)[1]
+    assert guard(None, 0.0) == (False, "not measured")

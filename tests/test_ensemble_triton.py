@@ -1,6 +1,7 @@
 """The generated cpu repository in a real Triton (the pytriton wheel's server): search_ranking's
-answers equal the in-process reference pipeline, top_k both ways, and every kind of bad request
-gets a clear Triton error while the server and other requests carry on."""
+answers equal the in-process reference pipeline for every variant served (fp32, int8, student),
+over HTTP and gRPC, top_k both ways, and every kind of bad request gets a clear Triton error while
+the server and other requests carry on."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,11 @@ from control.local.procs import free_port
 from control.local.triton_server import start_triton
 from model_repository.build import build_repository
 from model_repository.smoke import OUTPUTS, check_response, run_smoke, smoke_request, to_infer_inputs
-from model_repository.spec import ENSEMBLE
+from model_repository.spec import ENSEMBLE, VARIANTS
 
 pytestmark = pytest.mark.slow
 N_PARITY = 200
+N_PARITY_VARIANT = 100
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,24 @@ def server(export_dir, tmp_path_factory):
         proc.stop()
 
 
+@pytest.fixture(scope="module", params=[v for v in VARIANTS if v != "fp32"])
+def variant_server(request, export_dir, tmp_path_factory):
+    """A Triton serving another variant of the same export (built with build_repository(variant=))."""
+    variant = request.param
+    files = VARIANTS[variant]
+    if not all((export_dir / f).exists() for f in (files.query_intent, files.ranker)):
+        pytest.fail(f"the test export has no {variant} files; the tiny profile keeps every variant")
+    root = tmp_path_factory.mktemp(f"variant-{variant}")
+    build = build_repository(export_dir, root / "repo", "cpu", variant=variant)
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    proc = start_triton(f"triton-{variant}-test", build.out_dir, run_dir=root / "run", ready_timeout=120, **ports)
+    try:
+        yield {"http": f"127.0.0.1:{ports['http_port']}", "grpc": f"127.0.0.1:{ports['grpc_port']}",
+               "repo": build.out_dir, "variant": variant}
+    finally:
+        proc.stop()
+
+
 @pytest.fixture(scope="module")
 def reference(export_dir):
     from export.reference import ReferencePipeline
@@ -50,12 +70,12 @@ def reference(export_dir):
 
 @pytest.fixture(scope="module")
 def limits(server):
-    cfg = requests.get(f"http://{server['http']}/v2/models/feature_lookup/config", timeout=5).json()
-    pre = requests.get(f"http://{server['http']}/v2/models/preprocess/config", timeout=5).json()
-    post = requests.get(f"http://{server['http']}/v2/models/postprocess/config", timeout=5).json()
-    return {"max_candidates": int(cfg["parameters"]["max_candidates"]["string_value"]),
-            "max_query_chars": int(pre["parameters"]["max_query_chars"]["string_value"]),
-            "top_k_default": int(post["parameters"]["top_k_default"]["string_value"])}
+    ranker = requests.get(f"http://{server['http']}/v2/models/ranker/config", timeout=5).json()["parameters"]
+    query = requests.get(f"http://{server['http']}/v2/models/query_intent/config", timeout=5).json()["parameters"]
+    return {"max_candidates": int(ranker["max_candidates"]["string_value"]),
+            "max_top_k": int(ranker["max_top_k"]["string_value"]),
+            "max_query_bytes": int(query["max_query_bytes"]["string_value"]),
+            "top_k_default": int(ranker["top_k_default"]["string_value"])}
 
 
 def inputs(module, query, candidates, top_k=None, cand_dtype=np.int64, query_shape=None):
@@ -72,7 +92,7 @@ def infer(server, protocol, query, candidates, top_k=None, parameters=None, **kw
     module = grpcclient if protocol == "grpc" else httpclient
     client = module.InferenceServerClient(server[protocol])
     result = client.infer(ENSEMBLE, inputs(module, query, candidates, top_k, **kw), parameters=parameters)
-    return {n: result.as_numpy(n) for n in OUTPUTS}
+    return {n: result.as_numpy(n) for n in OUTPUTS + ("UNKNOWN_COUNT",)}
 
 
 def parity_cases(export_dir, n):
@@ -101,10 +121,7 @@ def assert_same(out, expected, where):
     assert abs(float(out["INTENT_SCORE"].reshape(-1)[0]) - float(intent_score)) <= 1e-4, where
 
 
-def test_answers_equal_the_reference_pipeline(server, export_dir, reference, limits):
-    cases = parity_cases(export_dir, N_PARITY)
-    assert len(cases) >= 200
-
+def check_parity(server, cases, reference, top_k_default):
     def one(i_case):
         i, (query, cands, top_k) = i_case
         protocol = "grpc" if i % 2 else "http"
@@ -115,8 +132,25 @@ def test_answers_equal_the_reference_pipeline(server, export_dir, reference, lim
     with ThreadPoolExecutor(4) as pool:
         results = dict(pool.map(one, enumerate(cases)))
     for i, (query, cands, top_k) in enumerate(cases):
-        expected = reference.rank(query, cands, top_k or limits["top_k_default"])
+        expected = reference.rank(query, cands, top_k or top_k_default)
         assert_same(results[i], expected, f"case {i}: {query!r} top_k={top_k} n={len(cands)}")
+        assert results[i]["UNKNOWN_COUNT"].tolist() == [[0]]
+
+
+def test_answers_equal_the_reference_pipeline(server, export_dir, reference, limits):
+    cases = parity_cases(export_dir, N_PARITY)
+    assert len(cases) >= 200
+    check_parity(server, cases, reference, limits["top_k_default"])
+
+
+def test_each_variant_answers_like_its_reference(variant_server, export_dir, limits):
+    """int8 and student served through the same ensemble equal the reference run on their files."""
+    from export.reference import ReferencePipeline
+    files = VARIANTS[variant_server["variant"]]
+    ref = ReferencePipeline(export_dir, query_model=files.query_intent, ranker_model=files.ranker)
+    check_parity(variant_server, parity_cases(export_dir, N_PARITY_VARIANT), ref, limits["top_k_default"])
+    assert run_smoke(variant_server["http"], variant_server["repo"]) == []
+    assert run_smoke(variant_server["grpc"], variant_server["repo"], protocol="grpc") == []
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -130,30 +164,31 @@ def test_top_k_by_input_and_by_request_parameter(server, export_dir, reference, 
     assert by_param["TOP_IDS"].shape == (1, min(3, len(cands)))
     assert both["TOP_IDS"].shape == (1, 1)           # the TOP_K input wins
     assert_same(by_param, reference.rank(h["query"], cands, 3), "top_k parameter")
-    big = infer(server, protocol, h["query"], cands, top_k=10_000)
-    assert big["TOP_IDS"].shape == (1, len(cands))   # k is capped at N
+    big = infer(server, protocol, h["query"], cands, top_k=len(cands) + 5)
+    assert big["TOP_IDS"].shape == (1, len(set(cands)))   # k is capped at the distinct candidates
 
 
 def bad_requests(export_dir, limits):
     held = json.loads((export_dir / "heldout_queries.json").read_text())
     known = [int(c) for c in held[0]["candidate_ids"]]
-    table = np.load(export_dir / "item_features.npz")["item_ids"]
-    unknown = int(table.max()) + 1000
     q = held[0]["query"]
     return {
         "empty query": (dict(query="", candidates=known), "QUERY[0] is empty"),
         "blank query": (dict(query="   ", candidates=known), "QUERY[0] is empty"),
-        "over-long query": (dict(query="a" * (limits["max_query_chars"] + 1), candidates=known),
-                            f"the maximum is {limits['max_query_chars']}"),
+        "over-long query": (dict(query="a" * (limits["max_query_bytes"] + 1), candidates=known),
+                            f"has {limits['max_query_bytes'] + 1} bytes; the maximum is {limits['max_query_bytes']}"),
+        "over-long in bytes, not in characters": (dict(query="é" * (limits["max_query_bytes"] // 2 + 1),
+                                                       candidates=known), f"the maximum is {limits['max_query_bytes']}"),
         "not UTF-8": (dict(query=b"\xff\xfe shoes", candidates=known), "not valid UTF-8"),
         "too many candidates": (dict(query=q, candidates=(known * (limits["max_candidates"] // len(known) + 2))
                                      [: limits["max_candidates"] + 1]),
                                 f"{limits['max_candidates'] + 1} candidates; the maximum is {limits['max_candidates']}"),
         "no candidates": (dict(query=q, candidates=[]), "CANDIDATE_IDS is empty"),
-        "unknown candidate ids": (dict(query=q, candidates=known[:3] + [unknown, -5]), "unknown candidate id(s): -5, "),
         "wrong dtype": (dict(query=q, candidates=known, cand_dtype=np.int32), "CANDIDATE_IDS"),
         "wrong shape": (dict(query=q, candidates=known, query_shape=(1, 2)), "QUERY"),
         "zero top_k": (dict(query=q, candidates=known, top_k=0), "top_k must be at least 1"),
+        "top_k over the limit": (dict(query=q, candidates=known, top_k=limits["max_top_k"] + 1),
+                                 f"the maximum is {limits['max_top_k']}"),
         "bad top_k parameter": (dict(query=q, candidates=known, parameters={"top_k": "many"}),
                                 "request parameter top_k must be an integer"),
     }
@@ -172,7 +207,7 @@ def test_each_bad_request_gets_a_clear_error_and_the_server_carries_on(server, e
 
 
 def test_client_errors_are_invalid_argument(server, export_dir, limits):
-    request, _ = bad_requests(export_dir, limits)["unknown candidate ids"]
+    request, _ = bad_requests(export_dir, limits)["no candidates"]
     client = httpclient.InferenceServerClient(server["http"])
     with pytest.raises(InferenceServerException) as err:
         client.infer(ENSEMBLE, inputs(httpclient, request["query"], request["candidates"]))
@@ -219,7 +254,7 @@ def test_smoke_request_passes(server):
 
 
 def test_only_the_latest_version_is_served(server):
-    for model in ("preprocess", "query_intent", "feature_lookup", "ranker", "postprocess", ENSEMBLE):
+    for model in ("query_intent", "ranker", ENSEMBLE):
         base = f"http://{server['http']}/v2/models/{model}"
         assert (server["repo"] / model / "1").is_dir() and (server["repo"] / model / "2").is_dir()
         assert requests.get(f"{base}/versions/2/ready", timeout=5).status_code == 200, model

@@ -286,12 +286,23 @@ def test_reference_pipeline(export_run):
     ids, scores, intent, p = ref.rank(q["query"], q["candidate_ids"], 10)
     assert len(ids) == min(10, len(q["candidate_ids"])) and ids.dtype == np.int64
     assert np.all(np.diff(scores) <= 0) and 0 < p <= 1 and intent in json.loads((res.path / "intents.json").read_text())
+    # unknown ids: ranked with the cold-start row and counted; strict mode refuses them
+    got = ref.ranking(q["query"], [q["candidate_ids"][0], -5, -7], 3)
+    assert sorted(got.ids.tolist()) == sorted([q["candidate_ids"][0], -5, -7]) and got.unknown == 2
+    assert got.ids.tolist().index(-5) < got.ids.tolist().index(-7)     # equal (cold-start) scores: candidate order
+    from export.ranking import FeatureTable
+    feats, unknown = FeatureTable.load(res.path / "item_features.npz").lookup([-5, q["candidate_ids"][0]])
+    assert unknown.tolist() == [True, False] and not feats[0].any() and feats[1].any()
+    strict = ReferencePipeline(res.path, strict=True)
     with pytest.raises(ValueError, match="unknown"):
-        ref.rank(q["query"], [q["candidate_ids"][0], -5], 3)
-    # ties: equal features -> candidate order kept
+        strict.rank(q["query"], [q["candidate_ids"][0], -5], 3)
+    # duplicates are ranked once
     same = [q["candidate_ids"][0]] * 3
-    tied, _, _, _ = ref.rank(q["query"], same, 3)
-    assert tied.tolist() == same
+    once, _, _, _ = ref.rank(q["query"], same, 3)
+    assert once.tolist() == same[:1]
+    c = [int(x) for x in q["candidate_ids"]]
+    doubled = ref.rank(q["query"], c + c[::-1], 2 * len(c))[0].tolist()
+    assert doubled == ref.rank(q["query"], c, len(c))[0].tolist()
     all_scores, rels, hits = [], [], 0
     for h in held[:200]:
         ids, sc, name, _ = ref.rank(h["query"], h["candidate_ids"], len(h["candidate_ids"]))

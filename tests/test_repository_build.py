@@ -11,9 +11,12 @@ from click.testing import CliRunner
 from model_repository import configgen
 from model_repository.build import BuildError, build_repository, export_signature, generate_configs, spec_for_export
 from model_repository.cli import repo_group
-from model_repository.spec import ENSEMBLE, PLACEHOLDER, Tensor
+from model_repository.spec import ENSEMBLE, PLACEHOLDER, VARIANTS, Tensor, request_limits
 
-MODELS = ["preprocess", "query_intent", "feature_lookup", "ranker", "postprocess", ENSEMBLE]
+CPU_MODELS = ["query_intent", "ranker", ENSEMBLE]
+GPU_MODELS = ["preprocess", "query_intent", "feature_lookup", "ranker", "postprocess", ENSEMBLE]
+MODELS = {"cpu": CPU_MODELS, "gpu": GPU_MODELS}
+SHARED_CODE = {"model.py", "common.py", "stages.py", "ranking.py", "tokenizer.py"}
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +33,81 @@ def read_config(model_dir):
 def test_configs_parse_back_and_match_the_onnx_graphs(export_dir, target):
     spec = spec_for_export(export_dir)
     configs = generate_configs(spec, target, export_dir)   # raises on any inconsistency
-    assert set(configs) == set(MODELS)
+    assert set(configs) == set(MODELS[target])
     for name, cfg in configs.items():
         assert configgen.parse_pbtxt(configgen.to_pbtxt(cfg)) == cfg, name
-    for name, onnx_file in (("query_intent", "query_intent.onnx"), ("ranker", "ranker.onnx")):
-        assert configgen.check_against_onnx(configs[name], configgen.onnx_signature(export_dir / onnx_file)) == []
+    if target == "gpu":
+        for name, onnx_file in (("query_intent", "query_intent.onnx"), ("ranker", "ranker.onnx")):
+            assert configgen.check_against_onnx(configs[name], configgen.onnx_signature(export_dir / onnx_file)) == []
     assert configgen.check_ensemble(configs, ENSEMBLE) == []
+    ens = configs[ENSEMBLE]
+    assert [o.name for o in ens.output] == ["TOP_IDS", "TOP_SCORES", "INTENT", "INTENT_SCORE", "UNKNOWN_COUNT"]
+    assert [st.model_name for st in ens.ensemble_scheduling.step] == [m for m in MODELS[target] if m != ENSEMBLE]
+
+
+def test_the_cpu_target_crosses_the_python_backend_twice(export_dir):
+    """Issue 17: two Python-backend steps on cpu (query side, candidate side), each running its graph
+    in-process; batching that never waits."""
+    configs = generate_configs(spec_for_export(export_dir), "cpu", export_dir)
+    steps = [st.model_name for st in configs[ENSEMBLE].ensemble_scheduling.step]
+    assert steps == ["query_intent", "ranker"]
+    for name in steps:
+        cfg = configs[name]
+        assert cfg.backend == "python" and cfg.parameters["onnx_file"].string_value == "model.onnx"
+        assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds == 0
+    assert {o.name for o in configs["query_intent"].output} == {"intent_probs", "query_embedding", "INTENT",
+                                                                 "INTENT_SCORE"}
+    assert "QUERY" in configgen.to_pbtxt(configs["query_intent"])
+
+
+def test_request_limits_come_from_the_spec_and_reach_the_models(export_dir):
+    spec = spec_for_export(export_dir, max_candidates=50, max_top_k=20, max_query_bytes=64, strict_unknown_ids=True)
+    assert request_limits(spec) == {"max_candidates": 50, "max_top_k": 20, "max_query_bytes": 64, "max_batch_size": 8}
+    cpu = generate_configs(spec, "cpu", export_dir)
+    assert cpu["ranker"].parameters["max_candidates"].string_value == "50"
+    assert cpu["ranker"].parameters["max_top_k"].string_value == "20"
+    assert cpu["ranker"].parameters["strict_unknown_ids"].string_value == "true"
+    assert cpu["query_intent"].parameters["max_query_bytes"].string_value == "64"
+    gpu = generate_configs(spec, "gpu", export_dir)
+    assert gpu["feature_lookup"].parameters["max_candidates"].string_value == "50"
+    assert gpu["feature_lookup"].parameters["strict_unknown_ids"].string_value == "true"
+    assert gpu["postprocess"].parameters["max_top_k"].string_value == "20"
+    assert gpu["preprocess"].parameters["max_query_bytes"].string_value == "64"
+    assert all(c.max_batch_size == 8 for c in cpu.values())
+    assert spec_for_export(export_dir).strict_unknown_ids is False        # lenient by default
+    assert request_limits() == request_limits(spec_for_export(export_dir)) == request_limits(spec_for_export(export_dir).limits)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_variant_serves_its_files(export_dir, tmp_path, variant):
+    files = VARIANTS[variant]
+    if not all((export_dir / f).exists() for f in (files.query_intent, files.ranker)):
+        with pytest.raises(BuildError, match="does not have"):
+            build_repository(export_dir, tmp_path / variant, "cpu", variant=variant)
+        return
+    result = build_repository(export_dir, tmp_path / variant, "cpu", variant=variant)
+    assert result.variant == variant
+    for model, src in (("query_intent", files.query_intent), ("ranker", files.ranker)):
+        assert (tmp_path / variant / model / "1" / "model.onnx").read_bytes() == (export_dir / src).read_bytes()
+    smoke = json.loads((tmp_path / variant / ENSEMBLE / "1" / "smoke.json").read_text())
+    assert smoke["variant"] == variant and smoke["expected"]["unknown_count"] == 0
+    gpu = build_repository(export_dir, tmp_path / f"{variant}-gpu", "gpu", variant=variant)
+    assert (tmp_path / f"{variant}-gpu" / "ranker" / "1" / "model.onnx").read_bytes() == (export_dir / files.ranker).read_bytes()
+    assert gpu.variant == variant
+
+
+def test_a_variant_missing_from_the_export_is_refused(export_dir, tmp_path):
+    import shutil
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    (copy / "query_intent_student.onnx").unlink(missing_ok=True)
+    from export.artifacts import write_metadata
+    meta = json.loads((copy / "metadata.json").read_text())
+    write_metadata(copy, meta)
+    with pytest.raises(BuildError, match="query_intent_student.onnx"):
+        build_repository(copy, tmp_path / "repo", "cpu", variant="student")
+    with pytest.raises(BuildError, match="unknown variant"):
+        build_repository(export_dir, tmp_path / "repo2", "cpu", variant="fp8")
 
 
 def test_gpu_configs_use_the_native_backends(export_dir):
@@ -51,26 +123,27 @@ def test_gpu_configs_use_the_native_backends(export_dir):
 
 def test_a_config_that_disagrees_with_the_graph_is_caught(export_dir):
     spec = spec_for_export(export_dir)
-    ranker = spec.model("ranker")
+    ranker = spec.model("ranker", "gpu")
     wrong = replace(ranker, inputs=(Tensor("query_embedding", "TYPE_FP32", (3,)),) + ranker.inputs[1:],
                     outputs=(Tensor("scores", "TYPE_INT64", (-1,)),))
     cfg = configgen.model_config(wrong, spec, "gpu")
     problems = configgen.check_against_onnx(cfg, configgen.onnx_signature(export_dir / "ranker.onnx"))
     assert any("query_embedding dims" in p for p in problems)
     assert any("scores dtype TYPE_INT64" in p for p in problems)
-    bad_spec = replace(spec, models=tuple(wrong if m.name == "ranker" else m for m in spec.models))
+    bad_spec = replace(spec, models=tuple(wrong if m is ranker else m for m in spec.models))
     with pytest.raises(BuildError, match="inconsistent"):
         generate_configs(bad_spec, "gpu", export_dir)
 
 
 def test_ensemble_wiring_errors_are_caught(export_dir):
     spec = spec_for_export(export_dir)
-    ens = spec.ensemble
-    steps = list(ens.steps)
-    steps[3] = replace(steps[3], input_map={**steps[3].input_map, "item_features": "no_such_tensor"})
-    configs = {m.name: configgen.model_config(m, spec, "cpu") for m in spec.models}
-    configs[ENSEMBLE] = configgen.model_config(replace(ens, steps=tuple(steps)), spec, "cpu")
-    assert any("no_such_tensor" in p for p in configgen.check_ensemble(configs, ENSEMBLE))
+    for target, step, tensor in (("gpu", 3, "item_features"), ("cpu", 1, "query_embedding")):
+        ens = spec.ensemble_for(target)
+        steps = list(ens.steps)
+        steps[step] = replace(steps[step], input_map={**steps[step].input_map, tensor: "no_such_tensor"})
+        configs = {m.name: configgen.model_config(m, spec, target) for m in spec.models_for(target)}
+        configs[ENSEMBLE] = configgen.model_config(replace(ens, steps=tuple(steps)), spec, target)
+        assert any("no_such_tensor" in p for p in configgen.check_ensemble(configs, ENSEMBLE)), target
 
 
 def test_build_versions_are_monotonic_and_kept(export_dir, tmp_path):
@@ -78,17 +151,17 @@ def test_build_versions_are_monotonic_and_kept(export_dir, tmp_path):
     first = build_repository(export_dir, out, "cpu")
     second = build_repository(export_dir, out, "cpu")
     assert set(first.versions.values()) == {1} and set(second.versions.values()) == {2}
-    for model in MODELS:
+    for model in CPU_MODELS:
         assert sorted(p.name for p in (out / model).iterdir() if p.is_dir()) == ["1", "2"]
         cfg = read_config(out / model)
         assert cfg.name == model and cfg.version_policy.latest.num_versions == 1
     assert (out / ENSEMBLE / "2" / PLACEHOLDER).is_file()   # survives a trip through S3
     smoke = json.loads((out / ENSEMBLE / "2" / "smoke.json").read_text())
     assert smoke["query"] and smoke["candidate_ids"] and "expected" in smoke
-    assert {p.name for p in (out / "preprocess" / "2").iterdir()} == {"model.py", "tokenizer.py", "tokenizer.json"}
-    assert {p.name for p in (out / "query_intent" / "2").iterdir()} == {"model.py", "model.onnx"}
-    assert {p.name for p in (out / "feature_lookup" / "2").iterdir()} == {"model.py", "item_features.npz"}
-    assert {p.name for p in (out / "postprocess" / "2").iterdir()} == {"model.py", "intents.json"}
+    assert {p.name for p in (out / "query_intent" / "2").iterdir()} == SHARED_CODE | {"model.onnx", "tokenizer.json",
+                                                                                       "intents.json"}
+    assert {p.name for p in (out / "ranker" / "2").iterdir()} == SHARED_CODE | {"model.onnx", "item_features.npz"}
+    assert not (out / "preprocess").exists() and not (out / "postprocess").exists()
     with pytest.raises(BuildError, match="never overwritten"):
         build_repository(export_dir, out, "cpu", version=2)
     assert build_repository(export_dir, out, "cpu", version=7).versions["ranker"] == 7
@@ -99,13 +172,14 @@ def test_cpu_build_batching_and_limits(export_dir, tmp_path):
     build_repository(export_dir, tmp_path / "on", "cpu")
     build_repository(export_dir, tmp_path / "off", "cpu", dynamic_batching=False)
     on, off = read_config(tmp_path / "on" / "query_intent"), read_config(tmp_path / "off" / "query_intent")
-    assert on.HasField("dynamic_batching") and list(on.dynamic_batching.preferred_batch_size) == [4, 8]
-    assert on.dynamic_batching.max_queue_delay_microseconds > 0
+    assert on.HasField("dynamic_batching") and on.dynamic_batching.max_queue_delay_microseconds == 0
     assert not off.HasField("dynamic_batching")
+    gpu = generate_configs(spec_for_export(export_dir), "gpu", export_dir)["query_intent"]
+    assert list(gpu.dynamic_batching.preferred_batch_size) == [4, 8] and gpu.dynamic_batching.max_queue_delay_microseconds > 0
     assert on.backend == "python" and on.parameters["onnx_file"].string_value == "model.onnx"
     assert on.instance_group[0].kind == on.instance_group[0].KIND_CPU
-    fl = read_config(tmp_path / "on" / "feature_lookup")
-    assert int(fl.parameters["max_candidates"].string_value) == spec_for_export(export_dir).max_candidates
+    rk = read_config(tmp_path / "on" / "ranker")
+    assert int(rk.parameters["max_candidates"].string_value) == spec_for_export(export_dir).max_candidates
 
 
 def test_gpu_build_lays_out_onnx_for_the_onnxruntime_backend(export_dir, tmp_path):
@@ -128,12 +202,16 @@ def test_cli_build(export_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "search_ranking" in res.output and (out / ENSEMBLE / "config.pbtxt").exists()
     res = CliRunner().invoke(repo_group, ["build", "--export", str(export_dir), "--out", str(tmp_path / "limits"),
-                                          "--max-candidates", "7", "--max-query-chars", "12", "--top-k", "3"])
+                                          "--max-candidates", "7", "--max-query-bytes", "12", "--top-k", "3",
+                                          "--max-top-k", "5", "--strict-unknown-ids", "--variant", "int8"])
     assert res.exit_code == 0, res.output
-    params = {m: read_config(tmp_path / "limits" / m).parameters for m in ("preprocess", "feature_lookup", "postprocess")}
-    assert params["feature_lookup"]["max_candidates"].string_value == "7"
-    assert params["preprocess"]["max_query_chars"].string_value == "12"
-    assert params["postprocess"]["top_k_default"].string_value == "3"
+    assert "variant int8" in res.output
+    params = {m: read_config(tmp_path / "limits" / m).parameters for m in ("query_intent", "ranker")}
+    assert params["ranker"]["max_candidates"].string_value == "7"
+    assert params["query_intent"]["max_query_bytes"].string_value == "12"
+    assert params["ranker"]["top_k_default"].string_value == "3"
+    assert params["ranker"]["max_top_k"].string_value == "5"
+    assert params["ranker"]["strict_unknown_ids"].string_value == "true"
     res = CliRunner().invoke(repo_group, ["build", "--export", str(tmp_path), "--out", str(out)])
     assert res.exit_code != 0 and "not an export" in res.output
 
