@@ -18,8 +18,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from control.procs import free_port
-from control.triton import start_triton
+from control.local.procs import free_port
+from control.local.triton_server import start_triton
 from model_repository.build import build_repository
 
 pytestmark = pytest.mark.slow
