@@ -24,7 +24,6 @@ def svc(tmp_path):
     base = f"http://{settings.control.api_host}:{settings.control.api_port}"
     yield base, c
     srv.shutdown()
-    srv.server_close()
     c.close()
 
 

@@ -49,15 +49,19 @@ class Poller:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def forget(self, name: str) -> None:
-        """Drop what we know of a removed instance (control.daemon.controller.Controller.remove_instance)."""
+        """Drop what we know of a removed instance."""
         with self._lock:
             self._latest.pop(name, None)
             self._history.pop(name, None)
         self._prev.pop(name, None)
 
     def set_instances(self, instances) -> None:
-        """The registry changed (control/daemon/registry.py): poll these from the next round on."""
+        """The registry changed (control/daemon/registry.py): poll these from the next round on,
+        and forget what we knew of the removed ones."""
+        gone = {i.name for i in self.instances} - {i.name for i in instances}
         self.instances = list(instances)
+        for name in gone:
+            self.forget(name)
 
     def latest(self, now: float | None = None, stale_after_s: float | None = None) -> dict[str, InstanceSnapshot]:
         with self._lock:
