@@ -385,3 +385,73 @@ def _inp(th):
     i = th.InferInput("INPUT0", [1, 2], "FP32")
     i.set_data_from_numpy(np.ones((1, 2), np.float32))
     return i
+
+
+# ---- issue 15 findings 2 and 4 at the controller: fake Tritons (readiness + /metrics under test
+# control, tests/test_metrics_parse.py), the dry-run actuator, time as it comes ------------------
+@pytest.fixture
+def fake_pair(tmp_path):
+    from control.traffic.actuators import DryRunActuator
+    from tests.test_metrics_parse import _Fake
+
+    fakes = {"onprem-1": _Fake(), "cloud-1": _Fake()}
+    settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 99, True), ("cloud-1", "cloud", 1, False)),
+                             control={"actuator": "dry-run", "poll_timeout_s": 0.3,
+                                      "policy": {"home_onprem_weight": 99, "failback_healthy_s": 10.0}})
+    for inst in settings.instances:  # point each instance at its fake
+        inst.http_port = inst.metrics_port = fakes[inst.name].port
+    yield settings, fakes, (lambda: Controller(settings, actuator=DryRunActuator(settings.instances)))
+    for f in fakes.values():
+        f.srv.shutdown()
+        f.srv.server_close()
+
+
+def test_one_slow_readiness_probe_does_not_fail_a_site_over(fake_pair):
+    settings, fakes, make = fake_pair
+    c = make()
+    try:
+        for _ in range(3):
+            c.poll()
+            c.tick()
+        assert c.weights == {"onprem": 99, "cloud": 1}, c.last_decision
+        fakes["onprem-1"].delay = 0.6           # one probe answers after the 0.3 s poll timeout
+        c.poll()
+        fakes["onprem-1"].delay = 0.0
+        d = c.tick()
+        assert not d.reason.startswith("failover"), d.message
+        assert c.weights == {"onprem": 99, "cloud": 1}
+        for _ in range(2):
+            c.poll()
+            c.tick()
+        reasons = [r.reason for r in c.audit.history(0, 100, changes_only=False)]
+        assert not any(r.startswith("failover") for r in reasons), reasons
+    finally:
+        c.close()
+
+
+def test_restart_does_not_resume_a_stale_failover_when_both_sites_answer(fake_pair):
+    """Issue 15 finding 4: the database's last row says 'failed over from on-prem' (written before
+    a down+up); both sites are healthy now. The restarted controller's first tick must not hold
+    all traffic on the cloud for failback_healthy_s."""
+    from control.traffic.audit import Audit
+    from control.traffic.policy import PolicyState
+
+    settings, _, make = fake_pair
+    audit = Audit(settings.database_path)
+    audit.record(ts=time.time() - 30, reason="failover_onprem_down", message="onprem has no ready instance",
+                 old={"onprem": 99, "cloud": 1}, new={"onprem": 0, "cloud": 100},
+                 instance_weights={"onprem-1": 0, "cloud-1": 100}, inputs={},
+                 state=PolicyState(failover_site="onprem", pre_failover={"onprem": 99, "cloud": 1},
+                                   last_change_at=time.time() - 30),
+                 actuator="dry-run", applied=True)
+    audit.close()
+    c = make()
+    try:
+        c.actuator.current.site_weights = {"onprem": 0, "cloud": 100}  # what the routing layer still has
+        c.poll()                                                         # what Daemon.start does
+        d = c.tick()
+        assert d.weights == {"onprem": 99, "cloud": 1}, (d.reason, d.message)
+        assert d.reason not in ("failback_wait", "failover_onprem_down")
+        assert c.state.failover_site is None
+    finally:
+        c.close()
