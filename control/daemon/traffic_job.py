@@ -140,6 +140,7 @@ class TrafficJob:
                 self.last_plan = plan
             self.ticks += 1
             self._export(d, inst_w, controls, instances)
+            self.metrics.observe_states(snaps.values())
             if self.ticks % 600 == 0:
                 self.audit.prune(now - self.settings.control.audit_retention_h * 3600)
             return d
