@@ -65,7 +65,6 @@ class WeightActuator(Protocol):
     def set_instances(self, instances) -> None: ...
 
 
-
 def site_weights_from_instances(instance_weights: dict[str, int], instances) -> dict[str, int] | None:
     tot = {"onprem": 0, "cloud": 0}
     for i in instances:
