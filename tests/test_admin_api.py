@@ -1,5 +1,6 @@
 """Admin HTTP API: bearer-token auth, input validation naming the field, and the operations
-(through a real ThreadingHTTPServer; the actuator is the dry-run one, no Triton needed)."""
+(through the real flask app on waitress; the actuator is the dry-run one, no Triton needed); a slow
+client, malformed Content-Length and short TTLs (issue 15, finding 3)."""
 from __future__ import annotations
 
 import time

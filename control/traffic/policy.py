@@ -162,7 +162,7 @@ def site_view(snaps: list[InstanceSnapshot], cfg, drained: frozenset[str] = froz
     if not healthy:
         state = "unhealthy" if all(s.state is InstanceState.UNHEALTHY for s in snaps) else "unknown"
         return SiteView(state, None, None, None, None, answering)
-    signal = getattr(cfg, "util_signal", "auto")
+    signal = cfg.util_signal
     util, kind = None, None
     if signal != "none":
         use_gpu = signal == "gpu" or (signal == "auto" and any(s.gpu_util is not None for s in healthy))
