@@ -426,13 +426,44 @@ def _inp(th):
 
 
 # ---- issue 15 findings 2 and 4 at the controller: fake Tritons (readiness + /metrics under test
-# control, tests/test_metrics_parse.py), the dry-run actuator, time as it comes ------------------
+# control), the dry-run actuator, time as it comes ----------------------------------------------
+class FakeTriton:
+    """`/v2/health/ready` (answering after `delay` seconds) and a recorded Triton `/metrics` page."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.delay = 0.0
+        metrics = (Path(__file__).parent / "fixtures" / "triton_metrics_cpu.txt").read_bytes()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                if self.path == "/v2/health/ready" and fake.delay:
+                    time.sleep(fake.delay)  # the fake's own slowness, not a wait in the test
+                body = b"" if self.path == "/v2/health/ready" else metrics
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the poller gave up on a slow answer
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.srv.daemon_threads = True
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
 @pytest.fixture
 def fake_pair(tmp_path):
     from control.traffic.actuators import DryRunActuator
-    from tests.test_metrics_parse import _Fake
 
-    fakes = {"onprem-1": _Fake(), "cloud-1": _Fake()}
+    fakes = {"onprem-1": FakeTriton(), "cloud-1": FakeTriton()}
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 99, True), ("cloud-1", "cloud", 1, False)),
                              control={"actuator": "dry-run", "poll_timeout_s": 0.3,
                                       "policy": {"home_onprem_weight": 99, "failback_healthy_s": 10.0}})
@@ -507,17 +538,17 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
     hold no failover decision and the weights must never leave home."""
     import shutil
 
-    from bench.rollout import next_version_dir
+    from bench.common import load_queries, triton_http_caller
+    from bench.rollout import SteadyLoad, next_version_dir
     from control.local import stack
     from control.mirror.publish import publish_version
     from control.waiting import wait_until
-    from tests.test_sync import EnsembleLoad
 
     repo = tmp_path_factory.mktemp("rollout_repo") / "cpu"
     shutil.copytree(cpu_repository, repo)
     settings = make_settings(tmp_path_factory.mktemp("rollout_stack") / "run", models={"repository_dir": str(repo)},
                              control={"start_daemon": False, "sync_interval_s": 3600})
-    q = json.loads((tiny_export / "heldout_queries.json").read_text())[0]
+    queries = load_queries(tiny_export, 8)
     st = stack.up(settings)
     daemon = None
     try:
@@ -529,8 +560,8 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
                    30, "both Tritons healthy at home weights")
         h = settings.haproxy
         t0, timings = time.time(), []
-        with EnsembleLoad(f"http://{h.host}:{h.http_port}", q["query"], q["candidate_ids"]) as load:
-            wait_until(lambda: load.ok >= 10, 30, "the ensemble load to get going")
+        with SteadyLoad(triton_http_caller(f"{h.host}:{h.http_port}", queries), threads=2) as load:
+            wait_until(lambda: load.counts()[0] >= 10, 30, "the ensemble load to get going")
             for _ in range(ROLLOUTS):
                 v = next_version_dir(repo, "ranker", change=True)
                 r0 = time.monotonic()
@@ -549,11 +580,11 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
         FIGURES["rollout_under_load"] = {
             "rollouts": ROLLOUTS, "publish_to_live_s": timings, "decisions": len(rows),
             "failover_decisions": len(failovers), "decisions_with_a_degraded_or_unhealthy_instance": not_healthy,
-            "weights_seen": weights, "requests_ok": load.ok, "requests_failed": len(load.failures)}
+            "weights_seen": weights, "requests_ok": load.ok, "requests_failed": load.failed}
         print(json.dumps(FIGURES["rollout_under_load"], indent=1))
         assert failovers == [], failovers
         assert weights == [f"{home['onprem']}/{home['cloud']}"], weights
-        assert load.failures == [], load.failures[:5]
+        assert load.failed == 0, load.errors
     finally:
         if daemon is not None:
             daemon.stop()

@@ -264,7 +264,8 @@ def create_app(settings, service: AdminService) -> Flask:
 
 
 class AdminServer:
-    """The admin API's waitress server on its own thread."""
+    """The admin API's waitress server, its I/O loop on a thread of its own. `shutdown()` stops the
+    loop and closes the listener and every client connection on that thread, before returning."""
 
     def __init__(self, settings, app: Flask, host: str, port: int):
         c = settings.control
@@ -274,24 +275,28 @@ class AdminServer:
             # +1 KiB: a body at the limit still reaches the app, which names the field if over.
             max_request_body_size=c.api_max_body_bytes + 1024, max_request_header_size=c.api_max_header_bytes,
             expose_tracebacks=False, clear_untrusted_proxy_headers=True)
-        self.thread = threading.Thread(target=self.server.run, name="admin-api", daemon=True)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="admin-api", daemon=True)
 
     @property
     def port(self) -> int:
         return int(self.server.effective_port)
+
+    def _run(self) -> None:
+        srv = self.server
+        # waitress's own run() loops until its socket map is empty; this loop also ends on shutdown().
+        while not self._stopping.is_set():
+            srv.asyncore.loop(timeout=0.2, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
+        srv.task_dispatcher.shutdown()
+        srv.asyncore.close_all(srv._map)  # the listener, the trigger, every client connection
 
     def start(self) -> "AdminServer":
         self.thread.start()
         return self
 
     def shutdown(self) -> None:
-        self.server.task_dispatcher.shutdown()
-        self.server.close()
-        # close every open client connection too, so the loop ends (its map empties)
-        for channel in list(self.server._map.values()):
-            channel.close()
-        # The I/O loop notices its empty map at its next wake-up (<= 1 s) and the thread ends;
-        # the listening socket is closed already, so nobody waits for that.
+        self._stopping.set()
+        self.thread.join(10)
 
 
 def serve_api(settings, controller, host: str | None = None, port: int | None = None) -> AdminServer:
