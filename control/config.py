@@ -130,6 +130,12 @@ class PolicyConfig(_Section):
     cooldown_s: float = 3.0                    # minimum time between two weight changes by scaling
     failback_healthy_s: float = 10.0           # a failed site must stay healthy this long
     stale_after_s: float = 5.0                 # metrics older than this make an instance unknown
+    # Health is judged over the last `health_window` readiness probes (control/traffic/health.py):
+    # an instance is down when `health_failures_to_down` of them were refused / not 200, or when
+    # HAProxy's own health check reports it DOWN. A slow probe (timeout) is "degraded", not down,
+    # and HAProxy reporting the server UP overrides our probes: a rollout never fails a site over.
+    health_window: int = Field(3, ge=1, le=20)
+    health_failures_to_down: int = Field(2, ge=1, le=20)
     # Anti-flap for queue/util signals that fall as soon as weight moves away: on-prem's request
     # rate when it was last hot is remembered (its saturation point); scaling in only happens if
     # the projected on-prem rate at the new weight stays below `scale_in_headroom` x that rate.
@@ -144,6 +150,8 @@ class PolicyConfig(_Section):
             raise ValueError("queue_time_low_ms must be below queue_time_high_ms (hysteresis band)")
         if self.min_onprem_weight + self.max_cloud_weight < 100:
             raise ValueError("min_onprem_weight + max_cloud_weight must be at least 100")
+        if self.health_failures_to_down > self.health_window:
+            raise ValueError("health_failures_to_down must not exceed health_window (k of the last n probes)")
         return self
 
 
@@ -265,6 +273,15 @@ class ControlConfig(_Section):
     metrics_port: int = 8301
     prometheus_port: int = 9090  # `up --with-prometheus`
     admin_token: SecretStr = SecretStr("change-me-admin-token")
+    # Admin API (flask on waitress): a connection idle this long while sending its request (headers
+    # or body) is closed; the request is only handed to the app once it is complete.
+    api_timeout_s: int = Field(5, ge=1, le=300)
+    api_max_body_bytes: int = Field(64 * 1024, ge=1024)
+    api_max_header_bytes: int = Field(16 * 1024, ge=1024)
+    api_threads: int = Field(4, ge=1, le=64)
+    # Manual overrides (`weights set --ttl`): shorter ones are refused, as are longer ones.
+    override_min_ttl_s: float = Field(1.0, gt=0)
+    override_max_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 0.8
     decide_interval_s: float = 1.0
@@ -279,6 +296,12 @@ class ControlConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+    @model_validator(mode="after")
+    def _ttl_range(self) -> "ControlConfig":
+        if self.override_min_ttl_s > self.override_max_ttl_s:
+            raise ValueError("override_min_ttl_s must not exceed override_max_ttl_s")
+        return self
 
 
 class ModelsConfig(_Section):

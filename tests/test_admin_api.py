@@ -1,5 +1,6 @@
 """Admin HTTP API: bearer-token auth, input validation naming the field, and the operations
-(through a real ThreadingHTTPServer; the actuator is the dry-run one, no Triton needed)."""
+(through the real flask app on waitress; the actuator is the dry-run one, no Triton needed); a slow
+client, malformed Content-Length and short TTLs (issue 15, finding 3)."""
 from __future__ import annotations
 
 import time
@@ -24,7 +25,6 @@ def svc(tmp_path):
     base = f"http://{settings.control.api_host}:{settings.control.api_port}"
     yield base, c
     srv.shutdown()
-    srv.server_close()
     c.close()
 
 
@@ -180,3 +180,95 @@ def test_decision_metrics_are_exported(svc):
     assert reg.get_sample_value("triton_hybrid_decisions_total", {"reason": "override"}) >= 1
     assert reg.get_sample_value("triton_hybrid_override_active") == 1
     assert reg.get_sample_value("triton_hybrid_last_apply_timestamp_seconds") > 0
+
+
+# ---- issue 15 finding 3: a slow admin client must not freeze the control loop -------------------
+import socket  # noqa: E402
+
+from control.daemon.controller import Daemon  # noqa: E402
+from control.waiting import wait_until  # noqa: E402
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """The whole daemon (scheduler + admin API), dry-run actuator, decide every 0.2 s."""
+    settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
+                             control={"admin_token": TOKEN, "actuator": "dry-run", "decide_interval_s": 0.2,
+                                      "poll_interval_s": 0.2, "poll_timeout_s": 0.1, "sync_interval_s": 3600})
+    d = Daemon(settings, actuator=DryRunActuator(settings.instances), serve_metrics=False).start()
+    yield settings, d
+    d.stop()
+
+
+def raw(settings, data: bytes, timeout: float = 10.0) -> socket.socket:
+    s = socket.create_connection((settings.control.api_host, settings.control.api_port), timeout=timeout)
+    s.sendall(data)
+    return s
+
+
+def status_line(sock: socket.socket) -> str:
+    buf = b""
+    while b"\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\r\n", 1)[0].decode("latin-1")
+
+
+def test_a_client_holding_a_partial_body_does_not_stop_the_decide_ticks(daemon):
+    settings, d = daemon
+    c = d.controller
+    head = (f"POST /v1/weights HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 200\r\n\r\n").encode()
+    sock = raw(settings, head + b'{"weights": {"onprem"')   # and then nothing: a slow or stuck client
+    try:
+        t0, ticks0 = time.monotonic(), c.ticks
+        time.sleep(5.0)  # the client holds its partial body this long; the scheduler must keep ticking
+        ticks = c.ticks - ticks0
+        held_s = time.monotonic() - t0
+        print(f"\ndecide ticks while a client held a partial body for {held_s:.1f}s: {ticks} "
+              f"(interval {settings.control.decide_interval_s}s)")
+        assert ticks >= 10, f"only {ticks} decide ticks in {held_s:.1f}s while a client held a partial body"
+        # Other clients are served meanwhile, and the idle connection is closed after api_timeout_s.
+        assert call(f"http://{settings.control.api_host}:{settings.control.api_port}", "GET", "/v1/weights").ok
+        sock.settimeout(settings.control.api_timeout_s + 5)
+        assert wait_until(lambda: sock.recv(4096) == b"", settings.control.api_timeout_s + 5,
+                          "the server to close the stalled connection", interval=0.0)
+    finally:
+        sock.close()
+    assert c.audit.override() is None  # the half-sent override never happened
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1e3", "+5", "5, 5", "0x10", " "])
+@pytest.mark.parametrize("token", [TOKEN, None])
+def test_malformed_content_length_is_400_not_a_dropped_connection(daemon, value, token):
+    settings, d = daemon
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    sock = raw(settings, f"POST /v1/weights HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {value}\r\n\r\n{{}}".encode(),
+               timeout=5)
+    try:
+        line = status_line(sock)
+    except TimeoutError:
+        line = "(no answer within 5 s)"
+    finally:
+        sock.close()
+    assert line.startswith("HTTP/1.1 400"), f"Content-Length {value!r}: {line or '(connection dropped)'}"
+    assert d.controller.audit.override() is None
+
+
+@pytest.mark.parametrize("ttl", [0.5, "0.5s", "0.2", 0.999])
+def test_ttl_below_the_documented_minimum_is_refused(svc, ttl):
+    base, c = svc
+    r = call(base, "POST", "/v1/weights", {"weights": {"onprem": 70, "cloud": 30}, "ttl_s": ttl})
+    assert r.status_code == 400, f"ttl_s={ttl!r} was accepted: {r.text}"
+    assert r.json()["field"] == "ttl_s" and "between 1s" in r.json()["error"]
+    assert c.audit.override() is None
+
+
+def test_body_over_the_size_limit_is_refused(svc):
+    base, c = svc
+    r = requests.post(base + "/v1/weights", data=b"{" + b" " * (2 * 1024 * 1024) + b"}", timeout=10,
+                      headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert r.status_code in (400, 413), r.text
+    assert c.audit.override() is None

@@ -380,8 +380,216 @@ def test_09_sensitive_requests_stay_onprem_and_get_503_when_it_is_down(stack):
     assert FIGURES["failback_s"] >= POLICY["failback_healthy_s"]
 
 
+def test_10_restart_with_a_stale_failover_in_the_database_goes_home_at_once(stack):
+    """Issue 15 finding 4 with real Tritons: the last audit row says 'failed over from on-prem'
+    (what a daemon writes when the Tritons go down before it does, `down` + `up`), HAProxy still
+    has 0/100, both Tritons are healthy. The restarted daemon must observe health before trusting
+    that state: home weights on HAProxy from its first tick, no failback wait."""
+    from control.traffic.audit import Audit
+    from control.traffic.policy import PolicyState
+    from control.waiting import wait_until
+
+    settings = stack["settings"]
+    d: Daemon = stack["daemon"]
+    wait_until(lambda: d.controller.weights == {"onprem": 100, "cloud": 0}, 30, "home weights before the restart")
+    d.stop()
+    audit = Audit(settings.database_path)
+    audit.record(ts=time.time(), reason="failover_onprem_down", message="onprem has no ready instance (unhealthy)",
+                 old={"onprem": 100, "cloud": 0}, new={"onprem": 0, "cloud": 100},
+                 instance_weights={"onprem-1": 0, "cloud-1": 100}, inputs={},
+                 state=PolicyState(failover_site="onprem", pre_failover={"onprem": 100, "cloud": 0},
+                                   last_change_at=time.time()), actuator="haproxy", applied=True)
+    audit.close()
+    for be in ("be_triton_http", "be_triton_grpc"):
+        stack["rt"].set_weight(be, "onprem-1", 0)
+        stack["rt"].set_weight(be, "cloud-1", 100)
+    t_restart = time.time()
+    d2 = Daemon(settings)
+    stack["daemon"] = d2
+    d2.start()
+    assert haproxy_weights(stack) == {"onprem-1": 100, "cloud-1": 0}, d2.controller.last_decision
+    ticks = d2.controller.ticks
+    wait_until(lambda: d2.controller.ticks >= ticks + 4, 20, "four decide ticks after the restart")
+    rows = d2.controller.audit.history(t_restart, 1000)
+    FIGURES["restart_with_stale_failover"] = {"reasons": [r.reason for r in rows],
+                                              "weights": sorted({str(r.new_weights) for r in rows})}
+    assert all(r.new_weights == {"onprem": 100, "cloud": 0} for r in rows), FIGURES["restart_with_stale_failover"]
+    assert not any(r.reason in ("failback_wait", "failover_onprem_down") for r in rows), [r.reason for r in rows]
+    assert haproxy_weights(stack) == {"onprem-1": 100, "cloud-1": 0}
+
+
 def _inp(th):
     import numpy as np
     i = th.InferInput("INPUT0", [1, 2], "FP32")
     i.set_data_from_numpy(np.ones((1, 2), np.float32))
     return i
+
+
+# ---- issue 15 findings 2 and 4 at the controller: fake Tritons (readiness + /metrics under test
+# control), the dry-run actuator, time as it comes ----------------------------------------------
+class FakeTriton:
+    """`/v2/health/ready` (answering after `delay` seconds) and a recorded Triton `/metrics` page."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.delay = 0.0
+        metrics = (Path(__file__).parent / "fixtures" / "triton_metrics_cpu.txt").read_bytes()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                if self.path == "/v2/health/ready" and fake.delay:
+                    time.sleep(fake.delay)  # the fake's own slowness, not a wait in the test
+                body = b"" if self.path == "/v2/health/ready" else metrics
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the poller gave up on a slow answer
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.srv.daemon_threads = True
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+@pytest.fixture
+def fake_pair(tmp_path):
+    from control.traffic.actuators import DryRunActuator
+
+    fakes = {"onprem-1": FakeTriton(), "cloud-1": FakeTriton()}
+    settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 99, True), ("cloud-1", "cloud", 1, False)),
+                             control={"actuator": "dry-run", "poll_timeout_s": 0.3,
+                                      "policy": {"home_onprem_weight": 99, "failback_healthy_s": 10.0}})
+    for inst in settings.instances:  # point each instance at its fake
+        inst.http_port = inst.metrics_port = fakes[inst.name].port
+    yield settings, fakes, (lambda: Controller(settings, actuator=DryRunActuator(settings.instances)))
+    for f in fakes.values():
+        f.srv.shutdown()
+        f.srv.server_close()
+
+
+def test_one_slow_readiness_probe_does_not_fail_a_site_over(fake_pair):
+    settings, fakes, make = fake_pair
+    c = make()
+    try:
+        for _ in range(3):
+            c.poll()
+            c.tick()
+        assert c.weights == {"onprem": 99, "cloud": 1}, c.last_decision
+        fakes["onprem-1"].delay = 0.6           # one probe answers after the 0.3 s poll timeout
+        c.poll()
+        fakes["onprem-1"].delay = 0.0
+        d = c.tick()
+        assert not d.reason.startswith("failover"), d.message
+        assert c.weights == {"onprem": 99, "cloud": 1}
+        for _ in range(2):
+            c.poll()
+            c.tick()
+        reasons = [r.reason for r in c.audit.history(0, 100, changes_only=False)]
+        assert not any(r.startswith("failover") for r in reasons), reasons
+    finally:
+        c.close()
+
+
+def test_restart_does_not_resume_a_stale_failover_when_both_sites_answer(fake_pair):
+    """Issue 15 finding 4: the database's last row says 'failed over from on-prem' (written before
+    a down+up); both sites are healthy now. The restarted controller's first tick must not hold
+    all traffic on the cloud for failback_healthy_s."""
+    from control.traffic.audit import Audit
+    from control.traffic.policy import PolicyState
+
+    settings, _, make = fake_pair
+    audit = Audit(settings.database_path)
+    audit.record(ts=time.time() - 30, reason="failover_onprem_down", message="onprem has no ready instance",
+                 old={"onprem": 99, "cloud": 1}, new={"onprem": 0, "cloud": 100},
+                 instance_weights={"onprem-1": 0, "cloud-1": 100}, inputs={},
+                 state=PolicyState(failover_site="onprem", pre_failover={"onprem": 99, "cloud": 1},
+                                   last_change_at=time.time() - 30),
+                 actuator="dry-run", applied=True)
+    audit.close()
+    c = make()
+    try:
+        c.actuator.current.site_weights = {"onprem": 0, "cloud": 100}  # what the routing layer still has
+        c.poll()                                                         # what Daemon.start does
+        d = c.tick()
+        assert d.weights == {"onprem": 99, "cloud": 1}, (d.reason, d.message)
+        assert d.reason not in ("failback_wait", "failover_onprem_down")
+        assert c.state.failover_site is None
+    finally:
+        c.close()
+
+
+# ---- issue 15 finding 2, live: a full rollout under load never fails a site over ----------------
+ROLLOUTS = 3
+
+
+def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_repository, tiny_export):
+    """S3 + two Tritons serving the search_ranking ensemble + HAProxy (`control.local.stack.up`), the
+    daemon in this process (real HAProxy actuator, default poll timeout). Under a steady ensemble
+    load through HAProxy, publish a changed `ranker` version and sync it (pull, verify, candidate
+    load + smoke, go live: Triton loads a new model while serving) ROLLOUTS times. The audit must
+    hold no failover decision and the weights must never leave home."""
+    import shutil
+
+    from bench.common import load_queries, triton_http_caller
+    from bench.rollout import SteadyLoad, next_version_dir
+    from control.local import stack
+    from control.mirror.publish import publish_version
+    from control.waiting import wait_until
+
+    repo = tmp_path_factory.mktemp("rollout_repo") / "cpu"
+    shutil.copytree(cpu_repository, repo)
+    settings = make_settings(tmp_path_factory.mktemp("rollout_stack") / "run", models={"repository_dir": str(repo)},
+                             control={"start_daemon": False, "sync_interval_s": 3600})
+    queries = load_queries(tiny_export, 8)
+    st = stack.up(settings)
+    daemon = None
+    try:
+        daemon = Daemon(settings, serve_metrics=False).start()
+        c: Controller = daemon.controller
+        home = {"onprem": settings.control.policy.home_onprem_weight,
+                "cloud": 100 - settings.control.policy.home_onprem_weight}
+        wait_until(lambda: c.weights == home and all(s.state.value == "healthy" for s in c.poller.latest().values()),
+                   30, "both Tritons healthy at home weights")
+        h = settings.haproxy
+        t0, timings = time.time(), []
+        with SteadyLoad(triton_http_caller(f"{h.host}:{h.http_port}", queries), threads=2) as load:
+            wait_until(lambda: load.counts()[0] >= 10, 30, "the ensemble load to get going")
+            for _ in range(ROLLOUTS):
+                v = next_version_dir(repo, "ranker", change=True)
+                r0 = time.monotonic()
+                publish_version(settings, repo, "ranker")
+                out = c.sync()
+                timings.append(round(time.monotonic() - r0, 1))
+                live = {name: models["ranker"]["live"] for name, models in out.items()}
+                assert set(live.values()) == {v}, out
+            ticks = c.ticks
+            wait_until(lambda: c.ticks >= ticks + 3, 30, "three decide ticks after the last rollout")
+        rows = c.audit.history(t0, 100_000, changes_only=False)
+        failovers = [(r.reason, r.message) for r in rows if r.reason.startswith("failover")]
+        not_healthy = sum(1 for r in rows if any(i.get("state") in ("degraded", "unhealthy")
+                                                 for i in r.inputs.get("instances", {}).values()))
+        weights = sorted({f"{r.new_weights['onprem']}/{r.new_weights['cloud']}" for r in rows})
+        FIGURES["rollout_under_load"] = {
+            "rollouts": ROLLOUTS, "publish_to_live_s": timings, "decisions": len(rows),
+            "failover_decisions": len(failovers), "decisions_with_a_degraded_or_unhealthy_instance": not_healthy,
+            "weights_seen": weights, "requests_ok": load.ok, "requests_failed": load.failed}
+        print(json.dumps(FIGURES["rollout_under_load"], indent=1))
+        assert failovers == [], failovers
+        assert weights == [f"{home['onprem']}/{home['cloud']}"], weights
+        assert load.failed == 0, load.errors
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        st.stop()
+        stack.down(settings)
+        if FIGURES:
+            REPORT.parent.mkdir(exist_ok=True)
+            REPORT.write_text(json.dumps(FIGURES, indent=2))

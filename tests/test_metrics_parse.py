@@ -176,7 +176,7 @@ def test_poller_timeout_and_connection_refused(fake_instance):
     from control.config import InstanceConfig
     from control.traffic.poller import Poller
     from control.local.procs import free_port
-    from control.traffic.snapshot import InstanceState
+    from control.traffic.snapshot import InstanceState, Probe
     f, inst = fake_instance
     dead_port = free_port()
     dead = InstanceConfig(name="cloud-1", site="cloud", http_port=dead_port, grpc_port=1, metrics_port=dead_port)
@@ -185,6 +185,10 @@ def test_poller_timeout_and_connection_refused(fake_instance):
     t0 = time.monotonic()
     snaps = p.poll_once()
     took = time.monotonic() - t0
-    assert snaps["onprem-1"].state is InstanceState.UNHEALTHY and "Timeout" in snaps["onprem-1"].reason
-    assert snaps["cloud-1"].state is InstanceState.UNHEALTHY
+    # A probe that answers late is slow (degraded), not down; a refused one failed. Whether either
+    # instance is down is judged over a window of probes (tests/test_policy.py, health).
+    assert snaps["onprem-1"].state is InstanceState.DEGRADED and snaps["onprem-1"].probe is Probe.SLOW
+    assert "Timeout" in snaps["onprem-1"].reason
+    assert snaps["cloud-1"].state is InstanceState.UNHEALTHY and snaps["cloud-1"].probe is Probe.FAILED
+    assert [s.probe for s in p.histories()["cloud-1"]] == [Probe.FAILED]
     assert took < 1.0  # instances are scraped concurrently, each bounded by its timeout

@@ -304,3 +304,151 @@ def test_no_shift_to_a_cloud_that_is_hot_too():
     r.ticks(6, w)
     assert r.weights == {"onprem": 50, "cloud": 50}
     assert r.reasons[-1] == "hold_cloud_busy"
+
+
+# ---- health over a window of probes, HAProxy's view, restarts (issue 15, findings 2 and 4) ------
+from control.traffic.health import assess, judge  # noqa: E402
+from control.traffic.policy import Reason  # noqa: E402
+from control.traffic.snapshot import Probe  # noqa: E402
+
+HCFG = CFG.model_copy(update={"health_window": 3, "health_failures_to_down": 2, "home_onprem_weight": 99})
+OK, SLOW, FAIL = Probe.OK, Probe.SLOW, Probe.FAILED
+
+
+def probed(name, site, probe, t):
+    """One poller snapshot (raw, before judging) with readiness outcome `probe` at time t."""
+    if probe is OK:
+        return InstanceSnapshot(name=name, site=site, taken_at=t, state=H, ready=True, gpu_util=0.3, queue_ms=1.0,
+                                request_rate=100.0, probe=OK)
+    state, why = (InstanceState.DEGRADED, "/v2/health/ready no answer within 0.8s (ReadTimeout)") if probe is SLOW \
+        else (U, "/v2/health/ready failed: ConnectionError")
+    return InstanceSnapshot(name=name, site=site, taken_at=t, state=state, reason=why, ready=False, probe=probe)
+
+
+class Pipeline:
+    """Poller windows -> health.assess (with HAProxy's verdict) -> policy.decide, one tick a second:
+    what the traffic job does, on a recorded sequence of probe outcomes and injected time."""
+
+    def __init__(self, cfg=HCFG, weights=None, state=None, t0=1000.0):
+        self.cfg, self.t = cfg, t0
+        self.weights = dict(weights or {"onprem": 99, "cloud": 1})
+        self.state = state or PolicyState()
+        self.hist: dict[str, list] = {"onprem-1": [], "cloud-1": []}
+        self.log: list[Decision] = []
+
+    def tick(self, onprem=OK, cloud=OK, lb=None) -> Decision:
+        self.t += 1.0
+        self.hist["onprem-1"].append(probed("onprem-1", "onprem", onprem, self.t - 0.2))
+        self.hist["cloud-1"].append(probed("cloud-1", "cloud", cloud, self.t - 0.2))
+        hist = {k: v[-self.cfg.health_window:] for k, v in self.hist.items()}
+        snaps = assess(hist, lb or {}, self.cfg, self.t)
+        d = decide(snaps, self.weights, self.state, self.cfg, self.t)
+        self.weights, self.state = d.weights, d.state
+        self.log.append(d)
+        return d
+
+    @property
+    def failovers(self) -> list[Decision]:
+        return [d for d in self.log if d.reason.startswith("failover")]
+
+
+def test_one_failed_probe_is_degraded_k_of_n_is_down():
+    p = Pipeline()
+    for _ in range(3):
+        p.tick()
+    d = p.tick(onprem=FAIL)
+    assert d.reason != Reason.FAILOVER_ONPREM_DOWN and d.weights == {"onprem": 99, "cloud": 1}
+    assert d.inputs["instances"]["onprem-1"]["state"] == "degraded"
+    assert "1 failed and 0 slow of the last 3 probes" in d.inputs["instances"]["onprem-1"]["reason"]
+    p.tick()                        # OK again: one failure in the window, never two
+    p.tick(onprem=FAIL)             # window: FAIL, OK, FAIL -> 2 of 3 failed
+    assert p.log[-1].reason == Reason.FAILOVER_ONPREM_DOWN, p.log[-1]
+    assert p.weights == {"onprem": 0, "cloud": 100}
+    assert len(p.failovers) == 1
+
+
+def test_a_crash_is_still_detected_within_k_probes():
+    p = Pipeline()
+    p.tick()
+    reasons = [p.tick(onprem=FAIL).reason for _ in range(3)]
+    assert reasons[0] != Reason.FAILOVER_ONPREM_DOWN and reasons[1] == Reason.FAILOVER_ONPREM_DOWN
+
+
+def test_slow_probes_are_degraded_not_down():
+    """A rollout: readiness answers late on every other probe for a while; never a failover."""
+    p = Pipeline()
+    seq = [OK, SLOW, OK, SLOW, SLOW, OK, SLOW, OK, OK, SLOW, SLOW, OK, OK]
+    for probe in seq:
+        p.tick(onprem=probe)
+    assert p.failovers == [], [d.reason for d in p.log]
+    assert {d.weights["onprem"] for d in p.log} == {99}
+    assert any(d.inputs["instances"]["onprem-1"]["state"] == "degraded" for d in p.log)
+
+
+def test_a_hung_server_without_haproxy_is_down_once_no_probe_answers():
+    p = Pipeline()
+    p.tick()
+    assert [p.tick(onprem=SLOW).reason.startswith("failover") for _ in range(3)] == [False, False, True]
+
+
+def test_haproxy_up_while_probes_time_out_or_fail_means_no_failover():
+    """HAProxy's own health check says UP: our probes timing out (or even failing) are not an outage."""
+    p = Pipeline()
+    p.tick()
+    for probe in (SLOW, FAIL, FAIL, SLOW, FAIL, SLOW):
+        d = p.tick(onprem=probe, lb={"onprem-1": True, "cloud-1": True})
+        assert not d.reason.startswith("failover"), d
+        assert d.inputs["instances"]["onprem-1"]["state"] == "degraded"
+        assert "HAProxy's health check reports it UP" in d.inputs["instances"]["onprem-1"]["reason"]
+    assert p.weights == {"onprem": 99, "cloud": 1}
+
+
+def test_haproxy_down_is_down_even_before_k_probes():
+    p = Pipeline()
+    p.tick()
+    d = p.tick(onprem=FAIL, lb={"onprem-1": False, "cloud-1": True})
+    assert d.reason == Reason.FAILOVER_ONPREM_DOWN
+    assert "HAProxy's health check reports it DOWN" in d.inputs["instances"]["onprem-1"]["reason"]
+
+
+def test_judge_keeps_recorded_snapshots_without_probes_as_they_were():
+    s = snap(state=U)  # recorded before probes were kept: the poller's verdict stands
+    assert judge([s], None, HCFG, 1.0).state is U
+    assert judge([snap(t=0.0)], None, HCFG, 100.0).state is K  # stale still ages into unknown
+
+
+def test_restart_with_both_sites_healthy_drops_a_resumed_failover():
+    """Issue 15 finding 4: the database says 'failed over from on-prem', both sites answer."""
+    stale = PolicyState(failover_site="onprem", pre_failover={"onprem": 99, "cloud": 1}, last_change_at=900.0)
+    restored = PolicyState.from_dict(json.loads(json.dumps(stale.to_dict()))).as_resumed()
+    p = Pipeline(weights={"onprem": 0, "cloud": 100}, state=restored)
+    d = p.tick()
+    assert d.reason == Reason.RESUME_HEALTHY and d.weights == {"onprem": 99, "cloud": 1}
+    assert d.state.failover_site is None and not d.state.resumed
+    p.tick()
+    assert Reason.FAILBACK_WAIT not in [x.reason for x in p.log] and p.failovers == []
+
+
+def test_restart_holds_until_the_failed_site_is_observed():
+    restored = PolicyState(failover_site="onprem", pre_failover={"onprem": 99, "cloud": 1}).as_resumed()
+    never_polled = {"onprem-1": InstanceSnapshot("onprem-1", "onprem", 1000.0, K, reason="not polled yet"),
+                    "cloud-1": snap("cloud-1", "cloud")}
+    d = decide(never_polled, {"onprem": 60, "cloud": 40}, restored, HCFG, 1001.0)
+    assert d.reason == Reason.RESUME_WAIT and d.weights == {"onprem": 60, "cloud": 40}  # nothing moved
+    assert d.state.resumed and d.state.failover_site == "onprem"
+
+
+def test_restart_with_the_site_still_down_keeps_the_failover():
+    restored = PolicyState(failover_site="onprem", pre_failover={"onprem": 99, "cloud": 1}).as_resumed()
+    p = Pipeline(weights={"onprem": 0, "cloud": 100}, state=restored)
+    d = p.tick(onprem=FAIL, lb={"onprem-1": False})
+    assert d.reason == Reason.FAILOVER_ONPREM_DOWN and d.weights == {"onprem": 0, "cloud": 100}
+    for _ in range(12):
+        p.tick()
+    assert p.log[-1].reason in (Reason.FAILBACK, Reason.STEADY) and p.weights == {"onprem": 99, "cloud": 1}
+    assert Reason.FAILBACK_WAIT in [x.reason for x in p.log]  # a real failover still waits failback_healthy_s
+
+
+def test_reasons_are_strings_for_audit_and_metrics():
+    assert Reason.FAILOVER_ONPREM_DOWN == "failover_onprem_down" and f"{Reason.STEADY}" == "steady"
+    assert json.dumps({"r": Reason.DRAIN}) == '{"r": "drain"}'

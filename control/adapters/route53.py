@@ -76,6 +76,9 @@ class Route53Actuator:
     def from_settings(cls, settings) -> "Route53Actuator":
         return cls(Route53Weights.from_config(settings.control.route53))
 
+    def set_instances(self, instances) -> None:
+        """Records are per site, not per instance: a registry change needs nothing here."""
+
     def observe(self) -> Observed:
         try:
             w = self.records.read()

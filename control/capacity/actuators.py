@@ -3,6 +3,7 @@
     instances() -> list[CloudInstance]      what the cloud has now (count, removable, cost)
     scale_out(decision) -> dict             add one instance; returns what it did
     scale_in(decision) -> dict              remove decision.instance (drained first where we route)
+    adopt() -> list[str]                    after a daemon restart: take back what still runs
 
 LocalProcessScaler  extra Triton processes on this host, named `cloud-N`, on free ports, each with
                     a pid file (control/local/procs.py) so `triton-hybrid down` stops them too. A new
@@ -49,6 +50,8 @@ class ScaleError(RuntimeError):
 
 
 class ScaleActuator(Protocol):
+    """What the capacity job (control/daemon/capacity_job.py) needs of a way to add cloud capacity."""
+
     name: str
 
     def instances(self) -> list[CloudInstance]: ...
@@ -56,6 +59,20 @@ class ScaleActuator(Protocol):
     def scale_out(self, decision: ScaleDecision) -> dict: ...
 
     def scale_in(self, decision: ScaleDecision) -> dict: ...
+
+    def adopt(self) -> list[str]: ...
+
+
+class InstanceRegistry(Protocol):
+    """The daemon's instance registry as the local scaler uses it (control/daemon/registry.py)."""
+
+    def add_instance(self, inst: InstanceConfig) -> None: ...
+
+    def remove_instance(self, name: str) -> None: ...
+
+    def begin_drain(self, name: str) -> None: ...
+
+    def end_drain(self, name: str) -> None: ...
 
 
 def template_instance(settings) -> InstanceConfig:
@@ -90,7 +107,7 @@ def _default_repository(settings, inst) -> Path:
 class LocalProcessScaler:
     name = "local"
 
-    def __init__(self, settings, controller, runtime: HAProxyRuntime | None = None,
+    def __init__(self, settings, controller: InstanceRegistry, runtime: HAProxyRuntime | None = None,
                  repository_factory: Callable[[object, InstanceConfig], Path] | None = None,
                  live_versions: Callable[[], dict] | None = None, clock=time.time):
         self.settings = settings
@@ -314,6 +331,10 @@ class AsgScaler:
         names = (ids + [f"{self.group}-pending-{k}" for k in range(n)])[:n]
         return [CloudInstance(x, True, self.cost_per_hour, self.capacity) for x in names]
 
+    def adopt(self) -> list[str]:
+        """The group keeps its instances across a daemon restart: nothing to take back."""
+        return []
+
     def scale_out(self, decision: ScaleDecision) -> dict:
         return self.set_desired(self.desired() + 1)
 
@@ -381,6 +402,10 @@ class K8sScaler:
         return [CloudInstance(f"{self.deployment}-{k}", True, self.cost_per_hour, self.capacity)
                 for k in range(self.replicas())]
 
+    def adopt(self) -> list[str]:
+        """The Deployment keeps its replicas across a daemon restart: nothing to take back."""
+        return []
+
     def scale_out(self, decision: ScaleDecision) -> dict:
         return self.set_replicas(self.replicas() + 1)
 
@@ -400,6 +425,9 @@ class DryRunScaler:
         return ([CloudInstance(i.name, False, i.cost_per_hour, i.capacity) for i in self.settings.site_instances("cloud")]
                 + [CloudInstance(n, True, cost) for n in self.extra])
 
+    def adopt(self) -> list[str]:
+        return []
+
     def scale_out(self, decision: ScaleDecision) -> dict:
         self.extra.append(f"dry-run-{len(self.extra) + 1}")
         log.info("dry-run: would add a cloud instance (%s)", decision.message)
@@ -412,7 +440,7 @@ class DryRunScaler:
         return {"instance": decision.instance}
 
 
-def make_scale_actuator(settings, controller, **kw) -> ScaleActuator:
+def make_scale_actuator(settings, controller: InstanceRegistry, **kw) -> ScaleActuator:
     kind = settings.control.scaler.actuator
     if kind == "local":
         return LocalProcessScaler(settings, controller, **kw)
@@ -423,5 +451,6 @@ def make_scale_actuator(settings, controller, **kw) -> ScaleActuator:
     return DryRunScaler(settings)
 
 
-__all__ = ["AsgScaler", "DryRunScaler", "K8sScaler", "LocalProcessScaler", "ScaleError", "make_scale_actuator",
+__all__ = ["AsgScaler", "DryRunScaler", "InstanceRegistry", "K8sScaler", "LocalProcessScaler", "ScaleActuator",
+           "ScaleError", "make_scale_actuator",
            "new_instance_cost", "ready_versions", "template_instance"]

@@ -24,14 +24,39 @@ remove it, its cost per hour). Rules, first match wins (one reason per decision)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 from typing import Mapping
 
 from control.traffic.snapshot import InstanceSnapshot, InstanceState
 
-ACTIONS = ("out", "in", "hold")
-REASONS = ("below_min", "above_max", "over_budget", "unknown_metrics", "scale_out_load", "hold_sustain",
-           "at_max", "hold_cooldown", "budget_cap", "scale_in_idle", "hold_idle_cooldown", "at_min",
-           "hold_inflight", "no_removable", "steady")
+
+
+class ScaleAction(StrEnum):
+    OUT = "out"
+    IN = "in"
+    HOLD = "hold"
+
+
+class ScaleReason(StrEnum):
+    BELOW_MIN = "below_min"
+    ABOVE_MAX = "above_max"
+    OVER_BUDGET = "over_budget"
+    UNKNOWN_METRICS = "unknown_metrics"
+    SCALE_OUT_LOAD = "scale_out_load"
+    HOLD_SUSTAIN = "hold_sustain"
+    AT_MAX = "at_max"
+    HOLD_COOLDOWN = "hold_cooldown"
+    BUDGET_CAP = "budget_cap"
+    SCALE_IN_IDLE = "scale_in_idle"
+    HOLD_IDLE_COOLDOWN = "hold_idle_cooldown"
+    AT_MIN = "at_min"
+    HOLD_INFLIGHT = "hold_inflight"
+    NO_REMOVABLE = "no_removable"
+    STEADY = "steady"
+
+
+ACTIONS = tuple(a.value for a in ScaleAction)
+REASONS = tuple(r.value for r in ScaleReason)
 
 
 @dataclass(frozen=True)
@@ -60,8 +85,8 @@ class ScalerState:
 
 @dataclass(frozen=True)
 class ScaleDecision:
-    action: str                   # out | in | hold
-    reason: str
+    action: ScaleAction
+    reason: ScaleReason
     message: str
     count: int                    # cloud instances before
     target: int                   # cloud instances wanted after
@@ -113,11 +138,11 @@ def decide_scale(snapshots: Mapping[str, InstanceSnapshot], cloud_weight: int, i
                                                   for k, v in load.items()}}
 
     def out(reason, message, st):
-        return ScaleDecision("out", reason, message, n, n + 1, None, replace(st, hot_ticks=0, idle_since=None,
+        return ScaleDecision(ScaleAction.OUT, ScaleReason(reason), message, n, n + 1, None, replace(st, hot_ticks=0, idle_since=None,
                                                                                last_scale_at=now), inputs)
 
     def hold(reason, message, st):
-        return ScaleDecision("hold", reason, message, n, n, None, st, inputs)
+        return ScaleDecision(ScaleAction.HOLD, ScaleReason(reason), message, n, n, None, st, inputs)
 
     def scale_in(reason, message, st):
         pending = (load or {}).get("pending", {})
@@ -129,7 +154,7 @@ def decide_scale(snapshots: Mapping[str, InstanceSnapshot], cloud_weight: int, i
             busy = ", ".join(f"{i.name}={pending.get(i.name):g}" for i in cands)
             return hold("hold_inflight", f"{message}; but every candidate has requests in flight ({busy})", st)
         victim = sorted(idle, key=lambda i: _order(i.name))[-1]
-        return ScaleDecision("in", reason, f"{message}: remove {victim.name}", n, n - 1, victim.name,
+        return ScaleDecision(ScaleAction.IN, ScaleReason(reason), f"{message}: remove {victim.name}", n, n - 1, victim.name,
                              replace(st, hot_ticks=0, idle_since=None, last_scale_at=now), inputs)
 
     def over(cost):

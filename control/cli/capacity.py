@@ -1,6 +1,7 @@
 """CLI of the cloud scaler and cost: `scale show`, `scale history`, `cost` (all with --json).
 
-Read-only: from the daemon's admin API, or (daemon down) the SQLite database, and say so.
+Read-only: from the daemon's admin API, or (daemon down) the SQLite database, and say so
+(control/cli/daemon_client.py, `daemon_or_database`).
 """
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import time
 
 import click
 
+from control.capacity.cost import cost_summary
 from control.cli import settings_from
-from control.cli.traffic import AdminClient, DaemonDown, _db_audit, _print
+from control.cli.daemon_client import daemon_or_database
+from control.cli.daemon_client import print_result as _print
+from control.daemon.api import BadRequest, since_to_ts
 
 
 @click.group("scale")
@@ -23,19 +27,15 @@ def scale_group():
 def scale_show(ctx, as_json):
     """Scaler limits, cloud instances, state, last decision and cost."""
     settings = settings_from(ctx)
-    try:
-        d = {"source": "daemon", **AdminClient(settings).call("GET", "/v1/scale")}
-    except DaemonDown as e:
-        from control.capacity.cost import cost_summary  # noqa: PLC0415
-        audit = _db_audit(settings)
-        try:
-            last = audit.scale_history(0, 1)
-        finally:
-            audit.close()
-        sc = settings.control.scaler
-        d = {"source": "database (daemon down)", "error": e.format_message(), "enabled": sc.enabled,
-             "min_instances": sc.min_instances, "max_instances": sc.max_instances, "budget_per_hour": sc.budget_per_hour,
-             "last_decision": last[-1] if last else None, "cost": cost_summary(settings)}
+    sc = settings.control.scaler
+    config = {"enabled": sc.enabled, "min_instances": sc.min_instances, "max_instances": sc.max_instances,
+              "budget_per_hour": sc.budget_per_hour}
+
+    def read_db(audit) -> dict:
+        last = audit.scale_history(0, 1)
+        return {**config, "last_decision": last[-1] if last else None, "cost": cost_summary(settings)}
+    d = daemon_or_database(settings, "/v1/scale", read_db, timeout=10,
+                           no_database={**config, "last_decision": None, "cost": cost_summary(settings)})
 
     def human(d):
         click.echo(f"scaler: {'enabled' if d.get('enabled') else 'disabled'} ({d.get('actuator') or '-'}), "
@@ -59,16 +59,17 @@ def scale_show(ctx, as_json):
 @click.pass_context
 def scale_history(ctx, since, limit, all_rows, as_json):
     """Scaling decisions with their reasons (audit)."""
-    from control.daemon.api import since_to_ts  # noqa: PLC0415
     settings = settings_from(ctx)
-    since_ts = since_to_ts(since, time.time())
-    audit = _db_audit(settings)
     try:
-        rows = audit.scale_history(since_ts, limit, changes_only=not all_rows)
-    finally:
-        audit.close()
+        since_ts = since_to_ts(since, time.time())
+    except BadRequest as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    d = daemon_or_database(settings, "/v1/scale/history", lambda audit: {"decisions": audit.scale_history(
+        since_ts, limit, changes_only=not all_rows)}, params={"since": since, "limit": limit, "all": int(all_rows)})
 
-    def human(rows):
+    def human(d):
+        rows = d["decisions"]
+        click.echo(f"source: {d['source']}")
         if not rows:
             click.echo("no scaling decisions in that window")
         for r in rows:
@@ -76,7 +77,7 @@ def scale_history(ctx, since, limit, all_rows, as_json):
             click.echo(f"{r['time']}  {r['action']:<4} {r['reason']:<18} {r['count_before']}->{r['count_after']}  "
                        f"{r['message']}{err}")
 
-    _print(rows, as_json, human)
+    _print(d, as_json, human)
 
 
 def _human_cost(c: dict) -> None:
@@ -94,5 +95,8 @@ def _human_cost(c: dict) -> None:
 @click.pass_context
 def cost_cmd(ctx, as_json):
     """Cost so far and burn rate per site (instance-hours x cost_per_hour), the cloud budget."""
-    from control.capacity.cost import cost_summary  # noqa: PLC0415
-    _print(cost_summary(settings_from(ctx)), as_json, _human_cost)
+    settings = settings_from(ctx)
+    # The ledger is in the control database: the daemon reads the same table; ask it only for the source.
+    d = daemon_or_database(settings, "/v1/cost", lambda audit: cost_summary(settings),
+                           no_database=cost_summary(settings))
+    _print(d, as_json, _human_cost)

@@ -8,6 +8,7 @@ import time
 import click
 
 from control.cli import settings_from
+from control.durations import parse_duration
 
 
 @click.command("report")
@@ -25,7 +26,7 @@ def report_cmd(ctx, since: str, out: str, prometheus_url: str | None, db_path: s
     from control.traffic import chart as report  # noqa: PLC0415 - matplotlib only when needed
 
     try:
-        since_s = report.parse_duration(since)
+        since_s = parse_duration(since)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--since") from None
     now = time.time()

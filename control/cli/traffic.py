@@ -8,79 +8,31 @@ daemon is down, read the SQLite database directly (and say so).
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 
 import click
-import requests
 
 from control.cli import settings_from
-
-
-class DaemonDown(click.ClickException):
-    pass
-
-
-class AdminClient:
-    def __init__(self, settings, timeout: float = 10.0):
-        c = settings.control
-        self.base = f"http://{c.api_host}:{c.api_port}"
-        self.headers = {"Authorization": f"Bearer {c.admin_token.get_secret_value()}"}
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, body: dict | None = None, params: dict | None = None) -> dict:
-        try:
-            r = requests.request(method, self.base + path, json=body, params=params, headers=self.headers,
-                                 timeout=self.timeout)
-        except requests.ConnectionError:
-            raise DaemonDown(f"the control daemon is not answering at {self.base} "
-                             "(start it with `triton-hybrid up` or `triton-hybrid control run`)") from None
-        try:
-            data = r.json()
-        except ValueError:
-            data = {"error": r.text[:300]}
-        if r.status_code != 200:
-            raise click.ClickException(f"{method} {path}: HTTP {r.status_code}: {data.get('error', data)}")
-        return data
-
-
-def _print(obj, as_json: bool, human) -> None:
-    if as_json:
-        click.echo(json.dumps(obj, indent=2, default=str))
-    else:
-        human(obj)
-
-
-def _db_audit(settings):
-    from control.traffic.audit import Audit  # noqa: PLC0415
-    return Audit(settings.database_path)
+from control.cli.daemon_client import AdminClient, DaemonDown, daemon_or_database  # noqa: F401 - DaemonDown: callers
+from control.cli.daemon_client import print_result as _print
+from control.daemon.api import BadRequest, policy_view, since_to_ts
 
 
 def weights_summary(settings) -> dict:
     """For `triton-hybrid status`: the weights part, from the daemon or (daemon down) the database."""
-    try:
-        d = AdminClient(settings, timeout=3).call("GET", "/v1/weights")
-        return {"source": "daemon", **d}
-    except (DaemonDown, click.ClickException) as e:
-        err = e.format_message()
-    if not settings.database_path.exists():
-        return {"source": "none", "error": err, "weights": None}
-    audit = _db_audit(settings)
-    try:
+    def read_db(audit) -> dict:
         last = audit.last()
         ov = audit.override()
         now = time.time()
-        return {"source": "database (daemon down)", "error": err,
-                "weights": last.new_weights if last else None,
+        return {"weights": last.new_weights if last else None,
                 "instance_weights": last.instance_weights if last else None,
                 "last_decision": None if last is None else {"reason": last.reason, "message": last.message,
                                                             "time": last.to_dict()["time"]},
                 "override": None if ov is None or ov.expires_at <= now else
                 {"weights": ov.weights, "ttl_left_s": round(ov.expires_at - now, 1)},
                 "drained": [d["target"] for d in audit.drains()]}
-    finally:
-        audit.close()
+    return daemon_or_database(settings, "/v1/weights", read_db, any_error=True, no_database={"weights": None})
 
 
 # ---- control run --------------------------------------------------------------------------------
@@ -206,17 +158,11 @@ def policy_group():
 def policy_show(ctx, as_json):
     """Policy thresholds, the instance registry and the policy's carried state."""
     settings = settings_from(ctx)
-    try:
-        d = {"source": "daemon", **AdminClient(settings, timeout=3).call("GET", "/v1/policy")}
-    except DaemonDown:
-        from control.daemon.api import policy_view  # noqa: PLC0415
-        state = None
-        if settings.database_path.exists():
-            audit = _db_audit(settings)
-            last = audit.last()
-            audit.close()
-            state = last.state if last else None
-        d = {"source": "config + database (daemon down)", **policy_view(settings, state)}
+
+    def read_db(audit) -> dict:
+        last = audit.last()
+        return policy_view(settings, last.state if last else None)
+    d = daemon_or_database(settings, "/v1/policy", read_db, no_database=policy_view(settings, None))
 
     def human(d):
         click.echo(f"source: {d['source']}")
@@ -240,21 +186,13 @@ def policy_show(ctx, as_json):
 def history_cmd(ctx, since, limit, all_rows, as_json):
     """Audited policy decisions (from the daemon; from the database when it is down)."""
     settings = settings_from(ctx)
-    params = {"since": since, "limit": limit, "all": int(all_rows)}
     try:
-        d = {"source": "daemon", **AdminClient(settings, timeout=5).call("GET", "/v1/history", params=params)}
-    except DaemonDown:
-        from control.daemon.api import BadRequest, since_to_ts  # noqa: PLC0415
-        if not settings.database_path.exists():
-            raise click.ClickException(f"no database at {settings.database_path} and the daemon is down") from None
-        try:
-            ts = since_to_ts(since, time.time())
-        except BadRequest as e:
-            raise click.BadParameter(str(e), param_hint="--since") from None
-        audit = _db_audit(settings)
-        rows = audit.history(ts, limit, changes_only=not all_rows)
-        audit.close()
-        d = {"source": "database (daemon down)", "decisions": [r.to_dict() for r in rows]}
+        ts = since_to_ts(since, time.time())
+    except BadRequest as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    params = {"since": since, "limit": limit, "all": int(all_rows)}
+    d = daemon_or_database(settings, "/v1/history", lambda audit: {"decisions": [
+        r.to_dict() for r in audit.history(ts, limit, changes_only=not all_rows)]}, params=params, timeout=5)
 
     def human(d):
         click.echo(f"source: {d['source']}")

@@ -1,4 +1,4 @@
-"""Admin HTTP API of the control plane (JSON; stdlib ThreadingHTTPServer on control.api_port).
+"""Admin HTTP API of the control plane (JSON; flask app on the waitress WSGI server, control.api_port).
 
 Every endpoint but /healthz needs `Authorization: Bearer <control.admin_token>` (compared in
 constant time). No or wrong token -> 401; bad input -> 400 with a message naming the field.
@@ -7,31 +7,40 @@ constant time). No or wrong token -> 401; bad input -> 400 with a message naming
   GET    /v1/status                  weights, observed actuator state, instances, override, drains
   GET    /v1/weights                 site and instance weights, override
   POST   /v1/weights                 {"weights": {"onprem": 70, "cloud": 30}, "ttl_s": 600, "note": "..."}
+                                     ttl_s: control.override_min_ttl_s (1 s) .. override_max_ttl_s (7 d)
   DELETE /v1/weights/override        clear the manual override
   POST   /v1/drain                   {"target": "onprem" | "cloud" | "<instance>"}
-  POST   /v1/undrain                 {"target": ...}   (= ready)
+  POST   /v1/undrain                 {"target": ...}   (= /v1/ready)
   GET    /v1/policy                  policy config and state
   GET    /v1/history?since=10m&limit=100&all=1
   GET    /v1/scale                   scaler config, cloud instances, state, last decision, cost
   GET    /v1/scale/history?since=10m&limit=100&all=1    scaling decisions with reasons
   GET    /v1/cost                    cost so far and burn rate per site, cloud budget
+
+A slow or stuck client never reaches the control loop: waitress reads the whole request (headers
+and body, at most control.api_max_header_bytes / api_max_body_bytes) on its own I/O thread and
+closes a connection idle for control.api_timeout_s; only a complete request is handed to a worker
+thread, and only then may an operation take the traffic job's lock (an override applies at once).
+A malformed Content-Length is answered 400 by waitress before any of this code runs.
 """
 from __future__ import annotations
 
 import hmac
 import json
 import logging
-import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from datetime import datetime, timezone
 
+from flask import Flask, Response, request
+from waitress.server import create_server
+from werkzeug.exceptions import HTTPException
+
+from control.capacity.cost import cost_summary
+from control.durations import DurationError, parse_duration
 from control.traffic.policy import SITES
 
 log = logging.getLogger(__name__)
-MAX_TTL_S = 7 * 24 * 3600
-MAX_BODY = 64 * 1024
 
 
 class BadRequest(ValueError):
@@ -40,19 +49,14 @@ class BadRequest(ValueError):
         self.field = field
 
 
-def parse_duration(text: str | int | float, field: str = "ttl") -> float:
-    """'90', '90s', '10m', '2h', '1d' -> seconds."""
-    if isinstance(text, bool):
-        raise BadRequest(field, "must be a duration like 600, 90s, 10m, 2h")
-    if isinstance(text, (int, float)):
-        secs = float(text)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
-        if not m:
-            raise BadRequest(field, f"{text!r} is not a duration (use e.g. 600, 90s, 10m, 2h)")
-        secs = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    if not 0 < secs <= MAX_TTL_S:
-        raise BadRequest(field, f"must be between 1s and {MAX_TTL_S // 86400}d, got {secs:g}s")
+def duration_field(value, field: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A duration from a request field, within [lo, hi]; BadRequest naming the field otherwise."""
+    try:
+        secs = parse_duration(value)
+    except DurationError as e:
+        raise BadRequest(field, str(e)) from None
+    if (lo is not None and secs < lo) or (hi is not None and secs > hi) or secs <= 0:
+        raise BadRequest(field, f"must be between {lo or 0:g}s and {hi or float('inf'):g}s, got {secs:g}s")
     return secs
 
 
@@ -87,20 +91,20 @@ def validate_target(settings, target) -> tuple[str, str]:
 
 
 def since_to_ts(since: str | None, now: float) -> float | None:
+    """`since` as a unix time: a duration back from `now` (10m, 2h) or an ISO time."""
     if not since:
         return None
     try:
-        return now - parse_duration(since, "since")
-    except BadRequest:
+        return now - parse_duration(since)
+    except DurationError:
         pass
     try:
-        from datetime import datetime, timezone  # noqa: PLC0415
         dt = datetime.fromisoformat(since.replace("Z", "+00:00"))
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return dt.timestamp()
     except ValueError:
         raise BadRequest("since", f"{since!r} is neither a duration (10m, 2h) nor an ISO time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
 
 
 def policy_view(settings, state: dict | None) -> dict:
@@ -110,8 +114,23 @@ def policy_view(settings, state: dict | None) -> dict:
                            "metrics": i.metrics_url} for i in settings.instances]}
 
 
+def _limit(query) -> int:
+    try:
+        limit = int(query.get("limit", "100"))
+    except ValueError:
+        raise BadRequest("limit", "must be an integer") from None
+    if not 1 <= limit <= 10000:
+        raise BadRequest("limit", "must be 1..10000")
+    return limit
+
+
+def _all_rows(query) -> bool:
+    return query.get("all", "0") in ("1", "true", "yes")
+
+
 class AdminService:
-    """The operations behind the endpoints (also used by tests without HTTP)."""
+    """The operations behind the endpoints (also used by tests without HTTP). `controller` is a
+    control.daemon.controller.Controller: its traffic and capacity jobs and its audit."""
 
     def __init__(self, settings, controller):
         self.settings = settings
@@ -121,12 +140,14 @@ class AdminService:
         return self.c.status()
 
     def weights(self) -> dict:
-        s = self.c.status()
+        s = self.c.traffic.status()
         return {k: s[k] for k in ("weights", "instance_weights", "override", "drained", "last_decision", "observed")}
 
     def set_weights(self, body: dict, by: str) -> dict:
+        c = self.settings.control
         w = validate_weights(body.get("weights"))
-        ttl = parse_duration(body.get("ttl_s", body.get("ttl", 600)), "ttl_s")
+        ttl = duration_field(body.get("ttl_s", body.get("ttl", 600)), "ttl_s", c.override_min_ttl_s,
+                             c.override_max_ttl_s)
         note = body.get("note", "")
         if not isinstance(note, str) or len(note) > 500:
             raise BadRequest("note", "must be a string of at most 500 characters")
@@ -153,138 +174,132 @@ class AdminService:
     def policy(self) -> dict:
         return policy_view(self.settings, self.c.state.to_dict())
 
-    def history(self, query: dict) -> dict:
-        now = time.time()
-        since = since_to_ts((query.get("since") or [None])[0], now)
-        try:
-            limit = int((query.get("limit") or ["100"])[0])
-        except ValueError:
-            raise BadRequest("limit", "must be an integer") from None
-        if not 1 <= limit <= 10000:
-            raise BadRequest("limit", "must be 1..10000")
-        all_rows = (query.get("all") or ["0"])[0] in ("1", "true", "yes")
-        rows = self.c.audit.history(since, limit, changes_only=not all_rows)
+    def history(self, query) -> dict:
+        since = since_to_ts(query.get("since"), time.time())
+        rows = self.c.audit.history(since, _limit(query), changes_only=not _all_rows(query))
         return {"decisions": [r.to_dict() for r in rows]}
 
     def scale(self) -> dict:
         return self.c.scale_status()
 
-    def scale_history(self, query: dict) -> dict:
-        since = since_to_ts((query.get("since") or [None])[0], time.time())
-        try:
-            limit = int((query.get("limit") or ["100"])[0])
-        except ValueError:
-            raise BadRequest("limit", "must be an integer") from None
-        all_rows = (query.get("all") or ["0"])[0] in ("1", "true", "yes")
-        return {"decisions": self.c.audit.scale_history(since, max(1, min(limit, 10000)), changes_only=not all_rows)}
+    def scale_history(self, query) -> dict:
+        since = since_to_ts(query.get("since"), time.time())
+        return {"decisions": self.c.audit.scale_history(since, _limit(query), changes_only=not _all_rows(query))}
 
     def cost(self) -> dict:
-        from control.capacity.cost import cost_summary  # noqa: PLC0415
         return cost_summary(self.settings)
 
 
-def make_handler(service: AdminService, token: str):
-    token_b = token.encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "triton-hybrid-control"
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *args):  # route to logging, not stderr
-            log.debug("api %s - %s", self.address_string(), fmt % args)
-
-        def _send(self, code: int, obj) -> None:
-            body = json.dumps(obj, default=str, indent=1).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if code == 401:
-                self.send_header("WWW-Authenticate", 'Bearer realm="triton-hybrid"')
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _authorized(self) -> bool:
-            h = self.headers.get("Authorization", "")
-            given = h[7:].strip().encode() if h[:7].lower() == "bearer " else b""
-            return hmac.compare_digest(given, token_b)
-
-        def _body(self) -> dict:
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise BadRequest("Content-Length", "not an integer") from None
-            if n > MAX_BODY:
-                raise BadRequest("body", f"larger than {MAX_BODY} bytes")
-            raw = self.rfile.read(n) if n else b""
-            if not raw:
-                return {}
-            try:
-                data = json.loads(raw)
-            except ValueError as e:
-                raise BadRequest("body", f"not valid JSON: {e}") from None
-            if not isinstance(data, dict):
-                raise BadRequest("body", "must be a JSON object")
-            return data
-
-        def _route(self, method: str) -> None:
-            url = urlparse(self.path)
-            path = url.path.rstrip("/") or "/"
-            if method == "GET" and path == "/healthz":
-                return self._send(200, {"ok": True})
-            if not self._authorized():
-                # Drain the body so the connection stays usable.
-                n = int(self.headers.get("Content-Length") or 0)
-                if 0 < n <= MAX_BODY:
-                    self.rfile.read(n)
-                return self._send(401, {"error": "missing or wrong bearer token"})
-            by = f"api:{self.client_address[0]}"
-            routes = {
-                ("GET", "/v1/status"): lambda: service.status(),
-                ("GET", "/v1/weights"): lambda: service.weights(),
-                ("POST", "/v1/weights"): lambda: service.set_weights(self._body(), by),
-                ("DELETE", "/v1/weights/override"): lambda: service.clear_override(),
-                ("POST", "/v1/drain"): lambda: service.drain(self._body(), by),
-                ("POST", "/v1/undrain"): lambda: service.drain(self._body(), by, undrain=True),
-                ("POST", "/v1/ready"): lambda: service.drain(self._body(), by, undrain=True),
-                ("GET", "/v1/policy"): lambda: service.policy(),
-                ("GET", "/v1/history"): lambda: service.history(parse_qs(url.query)),
-                ("GET", "/v1/scale"): lambda: service.scale(),
-                ("GET", "/v1/scale/history"): lambda: service.scale_history(parse_qs(url.query)),
-                ("GET", "/v1/cost"): lambda: service.cost(),
-            }
-            fn = routes.get((method, path))
-            if fn is None:
-                if any(p == path for _, p in routes):
-                    return self._send(405, {"error": f"{method} not allowed on {path}"})
-                return self._send(404, {"error": f"no endpoint {path}"})
-            try:
-                # One SQLite connection and one policy state: API calls and scheduler ticks take turns.
-                with service.c.lock:
-                    result = fn()
-                return self._send(200, result)
-            except BadRequest as e:
-                return self._send(400, {"error": str(e), "field": e.field})
-            except Exception as e:  # noqa: BLE001
-                log.exception("api %s %s failed", method, path)
-                return self._send(500, {"error": f"{type(e).__name__}: {e}"})
-
-        def do_GET(self):  # noqa: N802
-            self._route("GET")
-
-        def do_POST(self):  # noqa: N802
-            self._route("POST")
-
-        def do_DELETE(self):  # noqa: N802
-            self._route("DELETE")
-
-    return Handler
+def _json(code: int, obj, headers: dict | None = None) -> Response:
+    return Response(json.dumps(obj, default=str, indent=1), status=code, mimetype="application/json",
+                    headers=headers)
 
 
-def serve_api(settings, controller, host: str | None = None, port: int | None = None) -> ThreadingHTTPServer:
+def create_app(settings, service: AdminService) -> Flask:
+    token_b = settings.control.admin_token.get_secret_value().encode()
+    max_body = settings.control.api_max_body_bytes
+    app = Flask("triton-hybrid-control")
+
+    def body() -> dict:
+        # waitress has read the whole body already (bounded in size and time): no socket I/O here.
+        raw = request.get_data(cache=False)
+        if len(raw) > max_body:
+            raise BadRequest("body", f"larger than {max_body} bytes")
+        if not raw:
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise BadRequest("body", f"not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise BadRequest("body", "must be a JSON object")
+        return data
+
+    def by() -> str:
+        return f"api:{request.remote_addr}"
+
+    @app.before_request
+    def authenticate():
+        if request.path == "/healthz":
+            return None
+        h = request.headers.get("Authorization", "")
+        given = h[7:].strip().encode() if h[:7].lower() == "bearer " else b""
+        if not hmac.compare_digest(given, token_b):
+            return _json(401, {"error": "missing or wrong bearer token"},
+                         {"WWW-Authenticate": 'Bearer realm="triton-hybrid"'})
+        return None
+
+    @app.errorhandler(BadRequest)
+    def bad_request(e: BadRequest):
+        return _json(400, {"error": str(e), "field": e.field})
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        msg = {404: f"no endpoint {request.path}", 405: f"{request.method} not allowed on {request.path}"}
+        return _json(e.code or 500, {"error": msg.get(e.code, e.description)})
+
+    @app.errorhandler(Exception)
+    def internal(e: Exception):
+        log.exception("api %s %s failed", request.method, request.path)
+        return _json(500, {"error": f"{type(e).__name__}: {e}"})
+
+    routes = [
+        ("/healthz", "GET", lambda: {"ok": True}),
+        ("/v1/status", "GET", service.status),
+        ("/v1/weights", "GET", service.weights),
+        ("/v1/weights", "POST", lambda: service.set_weights(body(), by())),
+        ("/v1/weights/override", "DELETE", service.clear_override),
+        ("/v1/drain", "POST", lambda: service.drain(body(), by())),
+        ("/v1/undrain", "POST", lambda: service.drain(body(), by(), undrain=True)),
+        ("/v1/ready", "POST", lambda: service.drain(body(), by(), undrain=True)),
+        ("/v1/policy", "GET", service.policy),
+        ("/v1/history", "GET", lambda: service.history(request.args)),
+        ("/v1/scale", "GET", service.scale),
+        ("/v1/scale/history", "GET", lambda: service.scale_history(request.args)),
+        ("/v1/cost", "GET", service.cost),
+    ]
+    for k, (path, method, fn) in enumerate(routes):
+        app.add_url_rule(path, f"r{k}", (lambda fn=fn: _json(200, fn())), methods=[method], strict_slashes=False)
+    return app
+
+
+class AdminServer:
+    """The admin API's waitress server, its I/O loop on a thread of its own. `shutdown()` stops the
+    loop and closes the listener and every client connection on that thread, before returning."""
+
+    def __init__(self, settings, app: Flask, host: str, port: int):
+        c = settings.control
+        self.server = create_server(
+            app, host=host, port=port, threads=c.api_threads, ident="triton-hybrid-control",
+            channel_timeout=c.api_timeout_s, cleanup_interval=1,
+            # +1 KiB: a body at the limit still reaches the app, which names the field if over.
+            max_request_body_size=c.api_max_body_bytes + 1024, max_request_header_size=c.api_max_header_bytes,
+            expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="admin-api", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.effective_port)
+
+    def _run(self) -> None:
+        srv = self.server
+        # waitress's own run() loops until its socket map is empty; this loop also ends on shutdown().
+        while not self._stopping.is_set():
+            srv.asyncore.loop(timeout=0.2, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
+        srv.task_dispatcher.shutdown()
+        srv.asyncore.close_all(srv._map)  # the listener, the trigger, every client connection
+
+    def start(self) -> "AdminServer":
+        self.thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self.thread.join(10)
+
+
+def serve_api(settings, controller, host: str | None = None, port: int | None = None) -> AdminServer:
     c = settings.control
-    service = AdminService(settings, controller)
-    srv = ThreadingHTTPServer((host or c.api_host, port if port is not None else c.api_port),
-                              make_handler(service, c.admin_token.get_secret_value()))
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, name="admin-api", daemon=True).start()
-    return srv
+    app = create_app(settings, AdminService(settings, controller))
+    return AdminServer(settings, app, host or c.api_host, port if port is not None else c.api_port).start()

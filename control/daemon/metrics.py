@@ -17,7 +17,8 @@ class ControlMetrics:
                                      ["backend", "instance"], registry=r)
         self.decisions = Counter(p + "decisions", "Policy decisions by reason", ["reason"], registry=r)
         self.weight_changes = Counter(p + "weight_changes", "Decisions that changed site weights", ["reason"], registry=r)
-        self.instance_state = Gauge(p + "instance_state", "1 for the instance's current state", ["instance", "state"], registry=r)
+        self.instance_state = Gauge(p + "instance_state", "1 for the instance's current state (judged over the probe "
+                                    "window and HAProxy's health check)", ["instance", "state"], registry=r)
         self.instance_util = Gauge(p + "instance_utilization", "Last utilization 0..1", ["instance", "kind"], registry=r)
         self.instance_queue = Gauge(p + "instance_queue_ms", "Mean queue time per request (ms)", ["instance"], registry=r)
         self.instance_rate = Gauge(p + "instance_request_rate", "Requests per second", ["instance"], registry=r)
@@ -52,6 +53,12 @@ class ControlMetrics:
             self.poll_errors.labels(inst.name)
         self.apply_errors.labels(actuator)
 
+    def observe_states(self, snapshots) -> None:
+        """The judged state of every instance (control/traffic/health.py), once per decide tick."""
+        for snap in snapshots:
+            for st in STATES:
+                self.instance_state.labels(snap.name, st).set(1 if snap.state.value == st else 0)
+
     def serve(self, port: int, addr: str = "127.0.0.1"):
         return start_http_server(port, addr=addr, registry=self.registry)
 
@@ -59,8 +66,6 @@ class ControlMetrics:
         self.poll_duration.labels(snap.name).observe(seconds)
         if error:
             self.poll_errors.labels(snap.name).inc()
-        for st in STATES:
-            self.instance_state.labels(snap.name, st).set(1 if snap.state.value == st else 0)
         if snap.utilization is not None:
             self.instance_util.labels(snap.name, snap.util_kind).set(snap.utilization)
         if snap.queue_ms is not None:

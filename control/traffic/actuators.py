@@ -1,7 +1,8 @@
 """Actuators: make the routing layer match a `Plan`, then read back what it really is.
 
     apply(plan) -> Observed      set what differs, read back, raise ActuatorError if it still differs
-    observe()   -> Observed      read only (drift check, restart recovery)
+    observe()   -> Observed      read only (drift check, restart recovery, HAProxy's health view)
+    set_instances(instances)     the registry changed (an instance added or removed at run time)
 
 HAProxy (default): instance weights on every server named like an instance in the shared
 backends (`be_triton_http`, `be_triton_grpc`), drain/ready on those and on the on-prem-only
@@ -36,10 +37,13 @@ class Observed:
     drained: set[str] = field(default_factory=set)
     servers: list[dict] = field(default_factory=list)                # every backend/server, for status
     site_weights: dict[str, int] | None = None
+    # The routing layer's own health verdict per instance (HAProxy: srv_op_state of its health
+    # check), only where it has one: an instance missing here has no verdict (control/traffic/health.py).
+    health: dict[str, bool] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"instance_weights": self.instance_weights, "drained": sorted(self.drained),
-                "site_weights": self.site_weights, "servers": self.servers}
+                "site_weights": self.site_weights, "servers": self.servers, "health": self.health}
 
 
 @dataclass
@@ -49,12 +53,16 @@ class ApplyResult:
     drift: list[str]  # what differed from the plan before we applied (hand edit, restart)
 
 
-class Actuator(Protocol):
+class WeightActuator(Protocol):
+    """What the traffic job needs of a routing layer (HAProxy, Route53, dry-run)."""
+
     name: str
 
     def apply(self, plan: Plan) -> ApplyResult: ...
 
     def observe(self) -> Observed: ...
+
+    def set_instances(self, instances) -> None: ...
 
 
 def site_weights_from_instances(instance_weights: dict[str, int], instances) -> dict[str, int] | None:
@@ -73,10 +81,13 @@ class HAProxyActuator:
 
     def __init__(self, runtime: HAProxyRuntime, instances, backends: list[str], sensitive_backends: list[str]):
         self.rt = runtime
-        self.instances = list(instances)
-        self.names = {i.name for i in self.instances}
         self.backends = list(backends)
         self.sensitive_backends = list(sensitive_backends)
+        self.set_instances(instances)
+
+    def set_instances(self, instances) -> None:
+        self.instances = list(instances)
+        self.names = {i.name for i in self.instances}
 
     def _servers(self):
         return [s for s in self.rt.servers() if s.server in self.names
@@ -92,8 +103,15 @@ class HAProxyActuator:
         first = self.backends[0]
         weights = {s.server: s.weight for s in servers if s.backend == first}
         drained = {s.server for s in servers if s.backend == first and s.admin != "ready"}
+        # HAProxy's health check verdict: UP if any shared backend that checks it (not in
+        # maintenance, where checks stop) sees it UP; DOWN if all of them see it down.
+        checked: dict[str, list[bool]] = {}
+        for s in servers:
+            if s.backend in self.backends and s.admin != "maint":
+                checked.setdefault(s.server, []).append(s.up)
+        health = {name: any(ups) for name, ups in checked.items()}
         return Observed(weights, drained, [s.to_dict() for s in servers],
-                        site_weights_from_instances(weights, self.instances))
+                        site_weights_from_instances(weights, self.instances), health)
 
     def _diff(self, servers, plan: Plan) -> list[tuple[str, str, str, object]]:
         todo = []
@@ -141,6 +159,9 @@ class DryRunActuator:
         self.current = Observed({i.name: i.weight for i in self.instances}, set())
         self.current.site_weights = site_weights_from_instances(self.current.instance_weights, self.instances)
 
+    def set_instances(self, instances) -> None:
+        self.instances = list(instances)
+
     def observe(self) -> Observed:
         return self.current
 
@@ -153,7 +174,7 @@ class DryRunActuator:
         return ApplyResult(self.current, [], drift)
 
 
-def make_actuator(settings) -> Actuator:
+def make_actuator(settings) -> WeightActuator:
     kind = settings.control.actuator
     if kind == "haproxy":
         # Backend names and socket come from the config generator: one source for both sides.

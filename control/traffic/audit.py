@@ -4,8 +4,10 @@ weights, reason and message, what the actuator did. The last row also carries th
 so a restarted daemon resumes where it stopped."""
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 
@@ -105,30 +107,45 @@ def _row(r: sqlite3.Row) -> DecisionRow:
                        json.loads(r["commands"]), json.loads(r["drift"]), r["error"])
 
 
+def _locked(fn):
+    """One statement (or a read-modify-write) at a time on the shared connection: the decide job,
+    the scale job and the admin API's threads all use it. Held only for the local SQLite call."""
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+    return wrapper
+
+
 class Audit:
     def __init__(self, path):
+        self._lock = threading.RLock()
         self.conn = db.connect(path)
         db.migrate(self.conn, "audit", MIGRATIONS)
 
+    @_locked
     def close(self) -> None:
         self.conn.close()
 
     # ---- decisions -----------------------------------------------------------------------------
+    @_locked
     def record(self, *, ts: float, reason: str, message: str, old: dict, new: dict, instance_weights: dict,
                inputs: dict, state: PolicyState, actuator: str, applied: bool, commands=(), drift=(),
                error: str | None = None) -> int:
         cur = self.conn.execute(
             "INSERT INTO control_decisions (ts, reason, message, old_weights, new_weights, instance_weights, changed,"
             " inputs, state, actuator, applied, commands, drift, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (ts, reason, message, json.dumps(old), json.dumps(new), json.dumps(instance_weights),
+            (ts, str(reason), message, json.dumps(old), json.dumps(new), json.dumps(instance_weights),
              int(old != new or bool(drift)), json.dumps(inputs, default=str), json.dumps(state.to_dict()), actuator,
              int(applied), json.dumps(list(commands)), json.dumps(list(drift)), error))
         return cur.lastrowid
 
+    @_locked
     def last(self) -> DecisionRow | None:
         r = self.conn.execute("SELECT * FROM control_decisions ORDER BY id DESC LIMIT 1").fetchone()
         return _row(r) if r else None
 
+    @_locked
     def history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[DecisionRow]:
         """Decisions since `since`, oldest first. `changes_only`: rows that changed weights, fixed
         drift, failed, or whose reason differs from the previous row (no run of identical ticks)."""
@@ -141,21 +158,24 @@ class Audit:
         rows = self.conn.execute(q + " ORDER BY id DESC LIMIT ?", (since or 0.0, limit)).fetchall()
         return [_row(r) for r in reversed(rows)]
 
+    @_locked
     def prune(self, older_than: float) -> int:
         """Drop unchanged decisions older than `older_than` (weight changes are kept)."""
         return self.conn.execute("DELETE FROM control_decisions WHERE ts < ? AND changed = 0", (older_than,)).rowcount
 
     # ---- scaling decisions (control/capacity/scaler.py) --------------------------------------------------
+    @_locked
     def record_scale(self, *, ts: float, action: str, reason: str, message: str, count_before: int,
                      count_after: int, instance: str | None, inputs: dict, state: dict, cost: dict, actuator: str,
                      result: dict | None = None, error: str | None = None) -> int:
         cur = self.conn.execute(
             "INSERT INTO scale_decisions (ts, action, reason, message, count_before, count_after, instance, inputs,"
             " state, cost, actuator, result, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (ts, action, reason, message, count_before, count_after, instance, json.dumps(inputs, default=str),
+            (ts, str(action), str(reason), message, count_before, count_after, instance, json.dumps(inputs, default=str),
              json.dumps(state), json.dumps(cost, default=str), actuator, json.dumps(result or {}, default=str), error))
         return cur.lastrowid
 
+    @_locked
     def scale_history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[dict]:
         """Scaling decisions since `since`, oldest first; `changes_only`: actions, errors and
         rows whose reason differs from the previous row."""
@@ -176,15 +196,18 @@ class Audit:
             out.append(d)
         return out
 
+    @_locked
     def last_scale_state(self) -> dict | None:
         r = self.conn.execute("SELECT state FROM scale_decisions ORDER BY id DESC LIMIT 1").fetchone()
         return json.loads(r["state"]) if r else None
 
+    @_locked
     def prune_scale(self, older_than: float) -> int:
         return self.conn.execute("DELETE FROM scale_decisions WHERE ts < ? AND action = 'hold' AND error IS NULL",
                                  (older_than,)).rowcount
 
     # ---- overrides -----------------------------------------------------------------------------
+    @_locked
     def set_override(self, weights: dict, ttl_s: float, by: str = "", note: str = "", now: float | None = None) -> dict:
         now = time.time() if now is None else now
         self.conn.execute("UPDATE control_overrides SET cleared_at = ? WHERE cleared_at IS NULL", (now,))
@@ -193,11 +216,13 @@ class Audit:
             (now, now + ttl_s, json.dumps(weights), by, note))
         return {"id": cur.lastrowid, "weights": weights, "expires_at": now + ttl_s, "ttl_s": ttl_s, "by": by, "note": note}
 
+    @_locked
     def clear_override(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
         return self.conn.execute("UPDATE control_overrides SET cleared_at = ? WHERE cleared_at IS NULL",
                                  (now,)).rowcount > 0
 
+    @_locked
     def override(self) -> Override | None:
         """The newest uncleared override, expired or not (the policy reports expiry itself)."""
         r = self.conn.execute("SELECT * FROM control_overrides WHERE cleared_at IS NULL ORDER BY id DESC LIMIT 1").fetchone()
@@ -206,16 +231,20 @@ class Audit:
         return Override(json.loads(r["weights"]), r["expires_at"], r["by"], r["note"])
 
     # ---- drains --------------------------------------------------------------------------------
+    @_locked
     def drain(self, target: str, kind: str, by: str = "", now: float | None = None) -> None:
         self.conn.execute("INSERT OR REPLACE INTO control_drains (target, kind, created_at, by) VALUES (?,?,?,?)",
                           (target, kind, time.time() if now is None else now, by))
 
+    @_locked
     def undrain(self, target: str) -> bool:
         return self.conn.execute("DELETE FROM control_drains WHERE target = ?", (target,)).rowcount > 0
 
+    @_locked
     def drains(self) -> list[dict]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM control_drains ORDER BY target")]
 
+    @_locked
     def controls(self, now: float) -> Controls:
         ov = self.override()
         # An override long past its expiry is cleared once the policy has reported it (next tick).

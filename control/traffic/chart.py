@@ -18,7 +18,6 @@ Two sources, same picture:
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -26,8 +25,11 @@ from pathlib import Path
 
 import requests
 
+from control.durations import parse_duration  # noqa: F401 - kept importable here (tests/test_report.py)
+
 SITE_COLORS = {"onprem": "#1f77b4", "cloud": "#ff7f0e"}
-QUIET_REASONS = {"steady", "hold_sustain", "hold_cooldown", "unknown_metrics", "failback_wait", "override"}
+QUIET_REASONS = {"steady", "hold_sustain", "hold_cooldown", "unknown_metrics", "failback_wait", "override",
+                 "resume_wait"}
 
 Points = list[tuple[float, float]]
 
@@ -52,15 +54,6 @@ class ReportData:
     @property
     def empty(self) -> bool:
         return not any(self.weights.values()) and not any(self.traffic.values())
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '30m', '1h', '2d', '1h30m' -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
-    if not parts or "".join(n + u for n, u in parts) != text.strip():
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 1h, 2d)")
-    return sum(float(n) * units[u] for n, u in parts)
 
 
 # ---- source 1: the decision audit --------------------------------------------------------------

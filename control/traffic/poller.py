@@ -1,18 +1,23 @@
 """Scrape every instance concurrently: readiness (`GET /v2/health/ready`) and Triton `/metrics`
 (optionally a DCGM exporter), into `InstanceSnapshot`s. One `poll_once()` per scheduler tick;
-each instance has its own timeout, so one slow site never delays the other."""
+each instance has its own timeout, so one slow site never delays the other.
+
+A snapshot is one scrape's view: a readiness probe that timed out is `slow` (state degraded), one
+refused or answered non-200 is `failed` (state unhealthy). Whether the instance is *down* is judged
+over the last `history` snapshots (`histories()`) by control/traffic/health.py, not here."""
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import requests
 
 from control.traffic.triton_metrics import MetricsError, Totals, parse, parse_dcgm, rates
-from control.traffic.snapshot import InstanceSnapshot, InstanceState
+from control.traffic.snapshot import InstanceSnapshot, InstanceState, Probe
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +25,7 @@ log = logging.getLogger(__name__)
 class Poller:
     def __init__(self, instances, timeout_s: float = 0.8, dcgm_urls: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.time,
-                 on_result: Callable[[InstanceSnapshot, bool, float], None] | None = None):
+                 on_result: Callable[[InstanceSnapshot, bool, float], None] | None = None, history: int = 5):
         self.instances = list(instances)
         self.timeout_s = timeout_s
         self.dcgm_urls = dict(dcgm_urls or {})
@@ -28,6 +33,8 @@ class Poller:
         self.on_result = on_result  # (snapshot, scrape_error, seconds) -> None, for metrics
         self._prev: dict[str, tuple[float, Totals]] = {}
         self._latest: dict[str, InstanceSnapshot] = {}
+        self._history: dict[str, deque[InstanceSnapshot]] = {}
+        self.history_size = max(1, history)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.instances) * 2), thread_name_prefix="poll")
         self._local = threading.local()
@@ -42,10 +49,19 @@ class Poller:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def forget(self, name: str) -> None:
-        """Drop what we know of a removed instance (control.daemon.controller.Controller.remove_instance)."""
+        """Drop what we know of a removed instance."""
         with self._lock:
             self._latest.pop(name, None)
+            self._history.pop(name, None)
         self._prev.pop(name, None)
+
+    def set_instances(self, instances) -> None:
+        """The registry changed (control/daemon/registry.py): poll these from the next round on,
+        and forget what we knew of the removed ones."""
+        gone = {i.name for i in self.instances} - {i.name for i in instances}
+        self.instances = list(instances)
+        for name in gone:
+            self.forget(name)
 
     def latest(self, now: float | None = None, stale_after_s: float | None = None) -> dict[str, InstanceSnapshot]:
         with self._lock:
@@ -54,19 +70,27 @@ class Poller:
             snaps = {k: v.aged(now, stale_after_s) for k, v in snaps.items()}
         return snaps
 
+    def histories(self) -> dict[str, list[InstanceSnapshot]]:
+        """The last `history` snapshots of every instance, oldest first."""
+        with self._lock:
+            return {k: list(v) for k, v in self._history.items()}
+
     def poll_once(self) -> dict[str, InstanceSnapshot]:
-        futures = {i.name: self._pool.submit(self._poll_instance, i) for i in self.instances}
+        instances = list(self.instances)
+        futures = {i.name: self._pool.submit(self._poll_instance, i) for i in instances}
         out = {}
         for name, f in futures.items():
             try:
                 out[name] = f.result(timeout=self.timeout_s * 3 + 1)
             except Exception as e:  # noqa: BLE001 - a poll bug must not stop the loop
-                inst = next(i for i in self.instances if i.name == name)
+                inst = next(i for i in instances if i.name == name)
                 out[name] = InstanceSnapshot(name, inst.site, self.clock(), InstanceState.UNKNOWN,
                                              reason=f"poller error: {e}", capacity=inst.capacity,
                                              sensitive_ok=inst.sensitive_ok)
         with self._lock:
             self._latest.update(out)
+            for name, snap in out.items():
+                self._history.setdefault(name, deque(maxlen=self.history_size)).append(snap)
         return out
 
     def _poll_instance(self, inst) -> InstanceSnapshot:
@@ -79,9 +103,13 @@ class Poller:
         try:
             r = sess.get(f"{inst.http_url}/v2/health/ready", timeout=self.timeout_s)
             ready = r.status_code == 200
+            probe = Probe.OK if ready else Probe.FAILED
             ready_reason = "" if ready else f"/v2/health/ready answered {r.status_code}"
+        except requests.Timeout as e:  # before ConnectionError: ConnectTimeout is both
+            ready, probe = False, Probe.SLOW
+            ready_reason = f"/v2/health/ready no answer within {self.timeout_s:g}s ({type(e).__name__})"
         except requests.RequestException as e:
-            ready, ready_reason = False, f"/v2/health/ready failed: {type(e).__name__}"
+            ready, probe, ready_reason = False, Probe.FAILED, f"/v2/health/ready failed: {type(e).__name__}"
         scrape_error = False
         totals = None
         reason = ""
@@ -117,14 +145,16 @@ class Poller:
         else:
             self._prev.pop(inst.name, None)
         if not ready:
-            state, reason = InstanceState.UNHEALTHY, ready_reason
+            state = InstanceState.DEGRADED if probe is Probe.SLOW else InstanceState.UNHEALTHY
+            reason = ready_reason
         elif totals is None:
             state = InstanceState.UNKNOWN
         elif "queue_ms" not in fields:
             state, reason = InstanceState.UNKNOWN, "first scrape: no rates yet"
         else:
             state = InstanceState.HEALTHY
-        snap = InstanceSnapshot(**base, state=state, reason=reason, ready=ready, scrape_ms=elapsed * 1000, **fields)
+        snap = InstanceSnapshot(**base, state=state, reason=reason, ready=ready, scrape_ms=elapsed * 1000, probe=probe,
+                                **fields)
         if self.on_result:
             try:
                 self.on_result(snap, scrape_error or not ready, elapsed)

@@ -1,20 +1,35 @@
 """What the policy knows about one instance at one moment.
 
 State rules (never "healthy and idle" by default):
-  unhealthy  readiness GET failed or was not 200 (the server is down or not ready)
+  unhealthy  judged down: k of the last n readiness probes failed (refused, not 200), or HAProxy's
+             own health check reports it DOWN (control/traffic/health.py decides, over a window)
+  degraded   a probe was slow (read timeout) or failed, but not enough to call it down, or
+             HAProxy still reports it UP: it keeps serving, it does not count as load signal
   unknown    ready, but metrics missing / garbage / stale, or no rate yet (needs two scrapes)
   healthy    ready, metrics parsed, rates from two fresh scrapes
+
+`probe` is the raw outcome of this scrape's readiness GET (`ok`, `slow`, `failed`); the poller's
+`state` is the state of this one scrape, before the window and HAProxy's view are applied.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 
-class InstanceState(str, Enum):
+class InstanceState(StrEnum):
     HEALTHY = "healthy"
+    DEGRADED = "degraded"
     UNHEALTHY = "unhealthy"
     UNKNOWN = "unknown"
+
+
+class Probe(StrEnum):
+    """Outcome of one readiness probe (`GET /v2/health/ready`)."""
+
+    OK = "ok"            # 200 in time
+    SLOW = "slow"        # no answer within the poll timeout (busy, loading a model): not "down"
+    FAILED = "failed"    # refused, reset, or an answer other than 200
 
 
 STATES = tuple(s.value for s in InstanceState)
@@ -41,6 +56,7 @@ class InstanceSnapshot:
     latency_ms: float | None = None
     pending: float | None = None
     scrape_ms: float | None = None
+    probe: Probe | None = None      # None: not probed (recorded before probes were kept, or never polled)
 
     @property
     def utilization(self) -> float | None:
@@ -61,12 +77,15 @@ class InstanceSnapshot:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["state"] = self.state.value
+        d["probe"] = None if self.probe is None else self.probe.value
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "InstanceSnapshot":
         d = dict(d)
         d["state"] = InstanceState(d["state"])
+        if d.get("probe") is not None:
+            d["probe"] = Probe(d["probe"])
         return cls(**d)
 
     def summary(self) -> dict:
@@ -74,4 +93,5 @@ class InstanceSnapshot:
         def r(x, n=3):
             return None if x is None else round(x, n)
         return {"state": self.state.value, "util": r(self.utilization), "kind": self.util_kind,
-                "queue_ms": r(self.queue_ms, 2), "rps": r(self.request_rate, 1), "reason": self.reason or None}
+                "queue_ms": r(self.queue_ms, 2), "rps": r(self.request_rate, 1), "reason": self.reason or None,
+                "probe": None if self.probe is None else self.probe.value}

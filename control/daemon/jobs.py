@@ -1,0 +1,20 @@
+"""What the daemon schedules: each job names its scheduled functions and their intervals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    id: str                       # the APScheduler job id, also the log name
+    fn: Callable[[], object]
+    interval_s: float
+
+
+class Job(Protocol):
+    name: str
+
+    def schedule(self) -> list[Scheduled]: ...
+
+    def close(self) -> None: ...
