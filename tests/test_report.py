@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from click.testing import CliRunner
 
+from control import db
+from control.traffic import audit
 from control.traffic import chart as report
 from control.cli import cli
 
@@ -27,11 +29,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_scenario(db_path, now: float, ticks: int = 600) -> None:
     """One decision per second over 10 minutes, in the audit table's real schema."""
-    from control import db
-    from control.traffic.audit import DDL
-
     conn = db.connect(db_path)
-    db.ensure_schema(conn, DDL)
+    db.migrate(conn, "audit", audit.MIGRATIONS)
     w = {"onprem": 100, "cloud": 0}
     for n in range(ticks):
         ts = now - ticks + n
