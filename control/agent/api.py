@@ -1,6 +1,6 @@
 """The agent's HTTP API (flask on waitress, agent.api_host:api_port).
 
-    GET /healthz     200 while the agent's loop runs (liveness), no auth
+    GET /healthz     200 while the agent process serves (liveness), no auth
     GET /ready       200 only when every model is live at its desired version, else 503 (readiness), no auth
     GET /metrics     Prometheus text (control/agent/metrics.py), no auth
     GET /v1/status   the full status (what is also written to S3) + local failures;

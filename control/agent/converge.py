@@ -160,6 +160,7 @@ class Converger:
         self.clock = clock
         self.verified: set[tuple[str, int]] = set()
         self._warned: set[str] = set()
+        self._reported: set[str] = set()  # models with metric series, removed when no longer desired
 
     def _ready(self) -> dict[str, set[int]] | None:
         try:
@@ -208,7 +209,7 @@ class Converger:
             m = read_manifest(self.client, self.s3cfg, model, version)
         except ManifestError as e:
             self._warn_once(f"{model} v{version}: {e}; this model is not changed, the others go on")
-            return AgentError(FailureKind.VERIFY, str(e))
+            return AgentError(FailureKind.MANIFEST, str(e))
         except s3x.S3Error as e:
             return AgentError(FailureKind.UNREACHABLE, str(e))
         if m is None:
@@ -280,6 +281,10 @@ class Converger:
 
     def _observe(self, result: PassResult) -> None:
         m = self.metrics
+        for gone in self._reported - set(result.reports):
+            for g in (m.desired_version, m.live_version, m.model_converged):
+                g.remove(gone)
+        self._reported = set(result.reports)
         for r in result.reports.values():
             m.desired_version.labels(r.model).set(r.desired)
             m.live_version.labels(r.model).set(r.live or 0)

@@ -10,6 +10,7 @@ class FailureKind(StrEnum):
     SMOKE = "smoke"              # it loaded but answered wrongly
     UNREACHABLE = "unreachable"  # S3 or Triton did not answer: nothing changed, retried next pass
     UNPUBLISHED = "unpublished"  # the target has no manifest (yet): retried next pass
+    MANIFEST = "manifest"        # the target's manifest in S3 is damaged: retried next pass (it may be restored)
     REJECTED = "rejected"        # the desired state rejects the version: never loaded
 
 

@@ -103,8 +103,8 @@ def verify_local(settings, instance, manifest: Manifest) -> list[str]:
 def pull_version(settings, instance, manifest: Manifest, client, state: MirrorState | None = None) -> Path:
     """Make `repository/<model>/<version>/` a verified copy of the published version; return it."""
     host = _host(settings, instance).ensure()
-    _agent_pull.pull_version(client, settings.s3, host, manifest)
-    if state is not None:
+    pulled = _agent_pull.pull_version(client, settings.s3, host, manifest)
+    if pulled and state is not None:
         state.set_status(instance.name, manifest.model, manifest.version, "pulled",
                          content_sha256=manifest.content_sha256)
     return host.version_dir(manifest.model, manifest.version)
