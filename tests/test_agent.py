@@ -196,8 +196,10 @@ def test_new_stable_version_goes_live_under_load_without_a_failed_request(host):
                         open_ended=True).start()
     try:
         host.publish(2, 2.0)
+        t0 = time.monotonic()
         host.desire("add_one", 2)
-        host.wait_model("add_one", live(2), "add_one v2 live")
+        rolled = host.wait_model("add_one", live(2), "add_one v2 live")
+        took = time.monotonic() - t0
         load.extend_to(time_since(load) + 1.0)  # keep the load a moment on the new version
     finally:
         records = load.join()
@@ -205,7 +207,8 @@ def test_new_stable_version_goes_live_under_load_without_a_failed_request(host):
     assert failed == [], failed[:5]
     assert {r.version for r in records} == {"1", "2"} and len(records) > 40
     assert host.triton_index()["add_one"] == {2}
-    print(f"\n{len(records)} requests while v2 went live, 0 failed")
+    print(f"\ndesired -> live (seen in S3 status) {took:.1f}s, the agent's roll {rolled['seconds']:.1f}s; "
+          f"{len(records)} requests while v2 went live, 0 failed")
 
 
 def time_since(load: OpenLoopLoad) -> float:

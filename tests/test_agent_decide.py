@@ -115,3 +115,16 @@ def test_report_is_json_ready():
     assert d == {"model": "m", "desired": 2, "live": 1, "state": "failed", "action": "roll", "reason": "smoke",
                  "kind": "smoke", "seconds": 0.5}
     assert isinstance(d["state"], str) and type(d["state"]) is str
+
+
+def test_agent_config_for_an_instance_of_the_registry(settings_factory):
+    from control.agent.main import agent_config_for
+
+    settings = settings_factory()
+    inst = settings.instance("cloud-1")
+    cfg = agent_config_for(settings, inst, api_port=9999)
+    assert (cfg.instance, cfg.site, cfg.triton_url, cfg.api_port) == ("cloud-1", "cloud", inst.http_url, 9999)
+    assert cfg.repository_dir == str(settings.run_path / "instances" / "cloud-1" / "repository")
+    assert cfg.state_path == settings.run_path / "instances" / "cloud-1" / "agent"
+    assert cfg.admin_key.get_secret_value() == settings.triton.admin_key.get_secret_value()
+    assert "admin_key" not in repr(cfg) or "**********" in repr(cfg)

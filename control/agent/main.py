@@ -50,6 +50,23 @@ def read_secret(value, path: str, field: str) -> str:
     return p.read_text().strip()
 
 
+def agent_config_for(settings, instance, **overrides):
+    """The AgentConfig of one instance of the registry (the local stack, the scaler's new instances):
+    its site, capacity and addresses, Triton on its own address, the repository under
+    `run_dir/instances/<name>/repository` (where the local stack's Triton serves it), the state
+    beside it, this stack's Triton admin key. `overrides`: any AgentConfig field (api_port, token ...)."""
+    from control.config import AgentConfig  # noqa: PLC0415 - config imports nothing of the agent; keep it so
+
+    root = settings.run_path / "instances" / instance.name
+    base = dict(instance=instance.name, site=instance.site, triton_url=instance.http_url,
+                repository_dir=str(root / "repository"), state_dir=str(root / "agent"),
+                admin_key=settings.triton.admin_key, keep_versions=settings.s3.keep_versions,
+                load_timeout_s=settings.triton.startup_timeout_s, capacity=instance.capacity,
+                advertise_http_url=instance.http_url, advertise_grpc_url=instance.grpc_url,
+                advertise_metrics_url=instance.metrics_url)
+    return AgentConfig(**{**base, **overrides})
+
+
 class Agent:
     def __init__(self, s3cfg, cfg, *, client=None, smokes: dict[str, SmokeFn] | None = None,
                  clock: Callable[[], float] = time.time):

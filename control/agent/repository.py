@@ -89,8 +89,12 @@ class HostRepository:
 
     def ensure(self) -> "HostRepository":
         """Create both directories; refuse a state dir on another filesystem or inside the repository."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.state.mkdir(parents=True, exist_ok=True)
+        for d, what in ((self.root, "agent.repository_dir"), (self.state, "agent.state_dir")):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RepositoryError(f"{what} {d} cannot be created ({e.strerror}); fix the path or its "
+                                      "permissions") from None
         root, state = self.root.resolve(), self.state.resolve()
         if root == state or root in state.parents:
             raise RepositoryError(f"agent state dir {self.state} is inside the repository {self.root}: Triton would "

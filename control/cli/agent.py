@@ -40,6 +40,7 @@ def agent_cmd(ctx, once):
     """Run the host agent: pull, verify, load and report the models the desired state names for
     this host (agent.instance), through Triton's repository API on the loopback."""
     from control.agent.main import AgentSetupError, run_agent  # noqa: PLC0415 - boto3/tritonclient are heavy
+    from control.agent.repository import RepositoryError  # noqa: PLC0415
 
     settings = settings_from(ctx)
     check_secret_file(settings)
@@ -54,6 +55,6 @@ def agent_cmd(ctx, once):
         signal.signal(sig, lambda *_: stop.set())
     try:
         code = run_agent(settings.s3, cfg, once=once, stop=stop)
-    except AgentSetupError as e:
+    except (AgentSetupError, RepositoryError) as e:
         raise click.ClickException(str(e)) from None
     sys.exit(code)
