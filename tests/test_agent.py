@@ -166,7 +166,7 @@ def test_empty_host_converges_to_the_desired_versions_and_only_then_is_ready(hos
     st = host.status()
     assert st.ready and st.site == "onprem" and st.http_url == host.inst.http_url
     assert st.desired_revision == host.store.read().state.revision
-    assert {m: (r["state"], r["live"], r["desired"]) for m, r in st.models.items()} == {
+    assert {m: (r["state"], r["live"], r["target"]) for m, r in st.models.items()} == {
         "add_one": ("live", 1, 1), "add_ten": ("live", 1, 1)}
     # The status API needs the host's token; /ready and /metrics do not.
     assert host.get("/v1/status").status_code == 401
@@ -224,14 +224,15 @@ def test_a_version_that_fails_its_smoke_check_never_goes_live(host):
     host.publish(2, 2.0, fail=True)
     host.desire("add_one", 2)
     m = host.wait_model("add_one", lambda m: m["state"] == "failed", "add_one v2 failed")
-    assert m["kind"] == "smoke" and "smoke check" in m["reason"] and m["live"] == 1, m
+    assert m["kind"] == "smoke" and "smoke check" in m["error"] and (m["live"], m["target"]) == (1, 2), m
     assert host.infer() == 1.0
     assert host.triton_index() == {"add_one": {1}}  # the candidate was unloaded, v2 never served
     assert not (host.repo / "add_one" / "2").exists()
     assert host.get("/ready").status_code == 503
-    # Not retried: the next passes refuse it with the same reason, v1 keeps serving.
-    m = host.wait_model("add_one", lambda m: m["state"] == "refused", "add_one v2 refused")
-    assert "failed on this host before" in m["reason"] and m["live"] == 1
+    # Not retried: the next passes report the same failure (the rollout ties it to v2), v1 keeps serving.
+    first_error = m["error"]
+    m = host.wait_model("add_one", lambda m: m["reason"] == "failed-on-this-host", "add_one v2 not retried")
+    assert (m["state"], m["error"], m["live"]) == ("failed", first_error, 1), m
     assert host.infer() == 1.0
 
 
@@ -290,11 +291,11 @@ def test_stray_and_damaged_keys_and_rejected_versions_block_no_other_model(host)
     agent = host.start_agent()
     host.wait_model("add_one", live(1), "add_one v1 live")
     five = host.wait_model("add_five", lambda m: m["state"] == "waiting", "add_five reported")
-    assert bad_key in five["reason"] and five["kind"] == "manifest", five
+    assert bad_key in five["error"] and five["kind"] == "manifest", five
     ghost = host.wait_model("ghost", lambda m: m["kind"] == "unpublished", "ghost reported")
     assert ghost["live"] is None
     seven = host.wait_model("add_seven", lambda m: m["state"] == "refused", "add_seven refused")
-    assert seven["kind"] == "rejected" and "broke search in canary" in seven["reason"], seven
+    assert seven["kind"] == "rejected" and "broke search in canary" in seven["error"], seven
     assert host.infer() == 1.0
     assert host.triton_index() == {"add_one": {1}}
     assert not (host.repo / "add_seven").exists() and not (host.repo / "add_five").exists()

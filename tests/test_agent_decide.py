@@ -111,9 +111,10 @@ def test_throttle_keeps_the_rate():
 
 
 def test_report_is_json_ready():
-    d = ModelReport("m", 2, 1, ModelPhase.FAILED, Action.ROLL, "smoke", "smoke", 0.5).as_dict()
-    assert d == {"model": "m", "desired": 2, "live": 1, "state": "failed", "action": "roll", "reason": "smoke",
-                 "kind": "smoke", "seconds": 0.5}
+    d = ModelReport("m", 2, 1, ModelPhase.FAILED, Action.ROLL, "new-target", "bad answer", "smoke", 0.5).as_dict()
+    # The keys the rollout reads (docs/rollout.md "What the agent must report"): live, target, state, error.
+    assert d == {"model": "m", "target": 2, "live": 1, "state": "failed", "action": "roll", "reason": "new-target",
+                 "error": "bad answer", "kind": "smoke", "seconds": 0.5}
     assert isinstance(d["state"], str) and type(d["state"]) is str
 
 

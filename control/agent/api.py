@@ -33,7 +33,7 @@ def create_app(agent, token: str) -> Flask:
     @app.get("/ready")
     def ready():
         snap = agent.snapshot()
-        waiting = {m: r for m, r in snap["models"].items() if r.get("state") != "live" or r.get("live") != r.get("desired")}
+        waiting = {m: r for m, r in snap["models"].items() if r.get("state") != "live" or r.get("live") != r.get("target")}
         body = {"ready": agent.ready, "desired_revision": snap["desired_revision"], "not_live": waiting,
                 "last_error": snap["last_error"]}
         return _json(200 if agent.ready else 503, body)

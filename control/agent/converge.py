@@ -120,12 +120,16 @@ def plan(desired: DesiredState, instance: str, *, failed: dict[str, set[int]], o
 
 @dataclass
 class ModelReport:
+    """One model in the agent's status (the contract with the rollout, docs/rollout.md "What the agent
+    must report"): `target` the version the desired state asks for, `live` the one clients get now,
+    `state`, and `error` with `kind` when the target is not live; `reason` is the decision's reason."""
     model: str
-    desired: int
+    target: int
     live: int | None
     state: ModelPhase
     action: Action
     reason: str = ""
+    error: str = ""
     kind: str = ""
     seconds: float = 0.0
 
@@ -142,7 +146,7 @@ class PassResult:
     @property
     def converged(self) -> bool:
         """Every targeted model live at its target (as Kubernetes readiness means it)."""
-        return all(r.state == ModelPhase.LIVE and r.live == r.desired for r in self.reports.values())
+        return all(r.state == ModelPhase.LIVE and r.live == r.target for r in self.reports.values())
 
     @property
     def prepared(self) -> bool:
@@ -199,8 +203,8 @@ class Converger:
             for r in result.reports.values():
                 lc = self.repo.live_config_version(r.model)
                 r.live = lc if lc is not None and lc in after.get(r.model, set()) else None
-                if r.state == ModelPhase.LIVE and r.live != r.desired:
-                    r.state, r.reason = ModelPhase.WAITING, f"v{r.desired} is not READY on Triton any more"
+                if r.state == ModelPhase.LIVE and r.live != r.target:
+                    r.state, r.error = ModelPhase.WAITING, f"v{r.target} is not READY on Triton any more"
         self._observe(result)
         return result
 
@@ -223,18 +227,18 @@ class Converger:
         rep = ModelReport(d.model, d.target, d.previous, ModelPhase.LIVE, d.action, str(d.reason))
         try:
             if d.action == Action.REFUSE:
-                rep.state = ModelPhase.REFUSED
                 if d.reason == Reason.REJECTED:
                     rj = desired.models[d.model].rejected[d.target]
-                    rep.kind, rep.reason = str(FailureKind.REJECTED), f"v{d.target} is rejected ({rj.reason}); not loaded"
+                    rep.state, rep.kind = ModelPhase.REFUSED, str(FailureKind.REJECTED)
+                    rep.error = f"v{d.target} is rejected ({rj.reason}); not loaded"
                 else:
+                    # Still "failed" with the first reason, pass after pass: the rollout ties it to the target.
                     f = self.failures.get(d.model, d.target) or {}
-                    rep.kind = f.get("kind", "")
-                    rep.reason = f"v{d.target} failed on this host before: {f.get('reason', '?')}"
-                self._warn_once(f"{d.model}: {rep.reason}")
+                    rep.state, rep.kind, rep.error = ModelPhase.FAILED, f.get("kind", ""), f.get("reason", "?")
+                self._warn_once(f"{d.model} v{d.target}: {rep.error}")
             elif d.action == Action.WAIT:
                 rep.state = ModelPhase.WAITING
-                rep.reason = f"Triton is not answering; v{d.previous or '?'} stays, v{d.target} waits"
+                rep.error = f"Triton is not answering; v{d.previous or '?'} stays, v{d.target} waits"
             elif d.action == Action.KEEP:
                 rep.state = ModelPhase.PREPARED if d.reason == Reason.PREPARED else ModelPhase.LIVE
             elif d.action in (Action.VERIFY, Action.LOAD):
@@ -253,7 +257,7 @@ class Converger:
                     self.loader.go_live(d.model, d.target, d.previous)
                     self.verified.add((d.model, d.target))
         except AgentError as e:
-            rep.kind, rep.reason = str(e.kind), str(e)
+            rep.kind, rep.error = str(e.kind), str(e)
             self.metrics.converge_errors.labels(str(e.kind)).inc()
             if e.permanent:
                 rep.state = ModelPhase.FAILED
@@ -263,7 +267,7 @@ class Converger:
                 rep.state = ModelPhase.WAITING
                 self._warn_once(f"{d.model} v{d.target}: {e}")
         except Exception as e:  # noqa: BLE001 - one model's surprise must not stop the others
-            rep.state, rep.kind, rep.reason = ModelPhase.WAITING, "internal", f"unexpected {type(e).__name__}: {e}"
+            rep.state, rep.kind, rep.error = ModelPhase.WAITING, "internal", f"unexpected {type(e).__name__}: {e}"
             self.metrics.converge_errors.labels("internal").inc()
             log.exception("%s v%d: unexpected failure", d.model, d.target)
         rep.seconds = round(time.monotonic() - t0, 3)
@@ -286,7 +290,7 @@ class Converger:
                 g.remove(gone)
         self._reported = set(result.reports)
         for r in result.reports.values():
-            m.desired_version.labels(r.model).set(r.desired)
+            m.desired_version.labels(r.model).set(r.target)
             m.live_version.labels(r.model).set(r.live or 0)
-            m.model_converged.labels(r.model).set(1 if r.state == ModelPhase.LIVE and r.live == r.desired else 0)
+            m.model_converged.labels(r.model).set(1 if r.state == ModelPhase.LIVE and r.live == r.target else 0)
         m.converged.set(1 if result.converged else 0)

@@ -202,7 +202,7 @@ def run_agent(s3cfg, cfg, *, once: bool = False, stop: threading.Event | None = 
         result = agent.converge_once()
         ok = result is not None and result.prepared
         for r in (result.reports.values() if result else []):
-            log.info("%s: desired v%s, %s %s", r.model, r.desired, r.state, r.reason)
+            log.info("%s: target v%s, %s %s", r.model, r.target, r.state, r.error or r.reason)
         if not ok:
             log.error("not converged%s", f": {agent.last_error}" if agent.last_error else "")
         return 0 if ok else 1
