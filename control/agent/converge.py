@@ -22,7 +22,7 @@ from control.agent.metrics import AgentMetrics
 from control.agent.pull import Throttle, pull_version
 from control.agent.repository import FailureBook, HostRepository
 from control.mirror.desired import DesiredState
-from control.mirror.manifest import Manifest, ManifestError
+from control.mirror.manifest import MANIFEST_NAME, Manifest, ManifestError
 from control.mirror.publish import read_manifest
 
 log = logging.getLogger("triton_hybrid.agent")
@@ -217,7 +217,7 @@ class Converger:
         except s3x.S3Error as e:
             return AgentError(FailureKind.UNREACHABLE, str(e))
         if m is None:
-            key = s3x.object_key(self.s3cfg, model, version, "_manifest.json")
+            key = s3x.object_key(self.s3cfg, model, version, MANIFEST_NAME)
             return AgentError(FailureKind.UNPUBLISHED, f"{model} v{version} is not published (no s3://{self.s3cfg.bucket}/"
                                                        f"{key}); waiting for it")
         return m
