@@ -304,6 +304,49 @@ class ControlConfig(_Section):
         return self
 
 
+class AgentConfig(_Section):
+    """The host agent beside one Triton (control/agent/, docs/agent.md): the only writer of that host's
+    model repository. It reads the desired state from the S3 mirror, pulls and verifies versions, loads
+    them through Triton's repository API on the host's own loopback and reports its status to S3."""
+
+    instance: str = ""                       # this host's instance name: its status key in S3
+    site: Literal["onprem", "cloud"] = "onprem"
+    # Triton's HTTP endpoint on this host's loopback (repository API + smoke inference).
+    triton_url: str = "http://127.0.0.1:8000"
+    # The directory Triton serves (--model-repository, explicit model-control mode).
+    repository_dir: str = "/var/lib/triton-hybrid/repository"
+    # Staging, per-version metadata and the failure record; must be on the repository's filesystem
+    # (a verified version is renamed into place). Empty: <repository_dir>.agent beside it.
+    state_dir: str = ""
+    interval_s: float = Field(10.0, gt=0)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8400, ge=0, le=65535)
+    api_threads: int = Field(2, ge=1, le=16)
+    api_timeout_s: int = Field(5, ge=1, le=300)  # a connection idle this long mid-request is closed
+    # Bearer token of /v1/status (one per host); or read from token_file (mode 600).
+    token: SecretStr = SecretStr("")
+    token_file: str = ""
+    # This instance's own Triton repository-API key; or read from admin_key_file (mode 600).
+    admin_key: SecretStr = SecretStr("")
+    admin_key_file: str = ""
+    keep_versions: int = Field(3, ge=1)      # version directories kept per model on the host
+    load_timeout_s: float = Field(120.0, gt=0)   # a load (candidate or live) until READY
+    smoke_timeout_s: float = Field(30.0, gt=0)   # one smoke inference
+    pull_chunk_bytes: int = Field(1024 * 1024, ge=4096)
+    # Cap on the download rate, so a pull does not starve the host's serving traffic; None: no cap.
+    pull_bandwidth_mb_s: float | None = Field(None, gt=0)
+    # What the agent registers in S3 for the control plane (addresses reachable from it).
+    advertise_http_url: str = ""
+    advertise_grpc_url: str = ""
+    advertise_metrics_url: str = ""
+    advertise_agent_url: str = ""
+    capacity: float = Field(1.0, gt=0)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else Path(f"{Path(self.repository_dir)}.agent")
+
+
 class ModelsConfig(_Section):
     exports_dir: str = "artifacts/exports"
     repository_dir: str = "model_repository/generated/cpu"
@@ -319,6 +362,7 @@ class Settings(_Section):
     haproxy: HAProxyConfig = Field(default_factory=HAProxyConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
     instances: list[InstanceConfig] = Field(default_factory=list)
     # Where this config came from; relative paths resolve against the project root.
     source: str = ""

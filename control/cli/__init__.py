@@ -34,6 +34,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "rollback": ("control.cli.mirror", "rollback_cmd"),
     "versions": ("control.cli.mirror", "versions_cmd"),
     "rollout": ("control.cli.rollout", "rollout_group"),
+    "agent": ("control.cli.agent", "agent_cmd"),
 }
 
 
