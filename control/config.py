@@ -132,10 +132,12 @@ class HAProxyConfig(_Section):
     health_rise: int = 2
     timeout_connect_ms: int = 500
     timeout_server_ms: int = 10000
-    # Retry budget: a request is re-sent at most `retries` times, and only where the server never
-    # received it (conn-failure) or did not answer in time (response-timeout: a hung server), never
-    # after a server dropped the connection on it (see REPLAYING_RETRY_ON).
-    retries: int = Field(2, ge=0, le=5)
+    # Retry budget: a request is re-sent at most `retries` times (each to another server), and only
+    # where the server never received it (conn-failure: a Triton killed a moment ago) or did not
+    # answer within timeout_server_ms (response-timeout: a hung one), never after a server dropped
+    # the connection on it (see REPLAYING_RETRY_ON). One retry: a request that hangs a server reaches
+    # at most two servers; keep timeout_server_ms above the slowest legitimate answer.
+    retries: int = Field(1, ge=0, le=5)
     retry_on: list[str] = Field(default_factory=lambda: ["conn-failure", "response-timeout", "0rtt-rejected",
                                                          "503", "504"])
     # Only these models are reachable through the proxy (infer, ready, metadata, config, stats);

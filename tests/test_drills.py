@@ -76,7 +76,10 @@ def test_haproxy_config_for_drills(tmp_path):
     argv = triton_argv(tmp_path / "repo", 1, 2, 3, tmp_path / "run")
     assert "option httpchk GET /v2/health/live" in cfg or (
         "option httpchk GET /v2/health/ready" in cfg and "--strict-readiness=false" in argv)
-    assert "retry-on conn-failure empty-response response-timeout" in cfg and "option redispatch 1" in cfg
+    # Connection failures (a Triton killed a moment ago) and timeouts (a hung one) are retried on the
+    # other site; a request a server dropped the connection on is not (query of death, issue 15).
+    assert "retry-on conn-failure response-timeout" in cfg and "option redispatch 1" in cfg
+    assert "empty-response" not in cfg
     assert "shutdown-sessions" not in cfg  # killed sessions are client-visible failures; retries are not
     assert "inter 200ms" in cfg and "timeout server 800ms" in cfg
 
@@ -193,3 +196,14 @@ def test_s3_outage(drill_dirs):
     assert not t["no new version starts serving during the outage"]["value"]
     assert f["failures"]["total"] == 0, f["failures"]
     assert "2" in f["versions"]  # after the lift v2 goes live
+
+
+def test_query_of_death_crashes_nothing(drill_dirs):
+    r = drill(drill_dirs, "query-of-death", 8)
+    f = r["figures"]
+    q = f["query_of_death"]
+    assert q["sent"] == 6 and q["refused"] == 6, q
+    assert "haproxy.limits.max_elements" in q["first_refusal"], q
+    assert f["crashed_instances"] == [], f["crashed_instances"]
+    assert f["failures"]["total"] == 0, f["failures"]
+    assert r["passed"], r["targets"]

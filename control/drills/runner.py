@@ -223,6 +223,8 @@ def _drill_settings(base, run_dir, free_port, weights, hosts, haproxy, control) 
     data["s3"]["port"] = free_port()
     data["haproxy"].update({"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()})
     data["haproxy"].update(DRILL_HAPROXY | (haproxy or {}))
+    # The drills' own test model passes the proxy's allowlist like a served ensemble.
+    data["haproxy"]["served_models"] = sorted({*data["haproxy"]["served_models"], MODEL_ADD_ONE})
     data["control"].update({"api_port": free_port(), "metrics_port": free_port()})
     data["control"]["policy"].update({"util_signal": "none"})  # both sites share this host's CPU
     for k, v in (control or {}).items():

@@ -334,6 +334,83 @@ class ControlCrash(Scenario):
         ]
 
 
+class QueryOfDeath(Scenario):
+    """Requests that declare a huge shape with little data (HTTP/JSON, HTTP binary, gRPC), sent
+    through HAProxy in the middle of steady load. Triton 2.51 aborts on the HTTP/JSON form
+    (std::bad_alloc); the proxy's guard must refuse all three before they reach any Triton, and a
+    request that crashed a server must never be re-sent to the next one."""
+
+    name = "query-of-death"
+    title = "requests declaring 10^12 elements with 4 values of data, mixed into steady load"
+    target_site = "proxy"
+    fault_at, lift_at = 0.3, 0.6
+    rounds = 2
+
+    def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, guard: bool = True, **_):
+        settings = drill_settings(base, run_dir, weights=weights, haproxy={"guard": guard},
+                                  control=self.control_overrides(base, weights))
+        env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
+        env.extra["guard"] = guard
+        if not guard:
+            env.notes.append("the proxy's request guard is OFF in this run (haproxy.guard: false): what it prevents")
+        return env
+
+    def ready(self, env):
+        env.extra["pids"] = {i.name: env.procs[i.name].pid for i in env.settings.instances}
+
+    def inject(self, env):
+        env.mark("fault", action=f"{self.rounds} x (HTTP/JSON, HTTP binary, gRPC) requests declaring "
+                                 f"{faults.QOD_DIM:.0e} elements")
+        rows = []
+        for _ in range(self.rounds):
+            rows += faults.query_of_death(*env.haproxy_url(), env.spec)
+        env.extra["qod"] = rows
+        env.mark("qod_answered", refused=sum(r["refused"] for r in rows), sent=len(rows),
+                 first=rows[0]["detail"][:160] if rows else "")
+
+    def _crashed(self, env) -> list[str]:
+        """Instances whose Triton died or was replaced since the load started."""
+        out = []
+        for i in env.settings.instances:
+            proc = env.procs.get(i.name)
+            if proc is None or not proc.alive or proc.pid != env.extra["pids"][i.name]:
+                out.append(i.name)
+        return out
+
+    def lift(self, env):
+        crashed = self._crashed(env)
+        env.extra["crashed"] = crashed
+        env.mark("lift", crashed=crashed, action="restart the crashed Tritons" if crashed else "nothing crashed")
+        for name in crashed:
+            env.start_triton(env.settings.instance(name))
+        if crashed:
+            env.mark("restarted", instances=crashed)
+
+    def figures(self, a, env):
+        rows = env.extra.get("qod", [])
+        a["query_of_death"] = {
+            "sent": len(rows), "refused": sum(r["refused"] for r in rows),
+            "by_form": {f: [r["status"] for r in rows if r["form"] == f] for f in ("http-json", "http-binary", "grpc")},
+            "first_refusal": next((r["detail"] for r in rows if r["refused"]), None),
+            "guard": env.extra.get("guard", True),
+        }
+        a["crashed_instances"] = sorted(set(env.extra.get("crashed", [])) | set(self._crashed_after_restart(env)))
+
+    def _crashed_after_restart(self, env) -> list[str]:
+        # Crashes after the lift (a restarted instance keeps its new pid: only a dead one counts).
+        return [i.name for i in env.settings.instances if not (env.procs.get(i.name) and env.procs[i.name].alive)]
+
+    def targets(self, a, env):
+        q = a["query_of_death"]
+        crashed = a["crashed_instances"]
+        return [
+            target("no Triton crashed", not crashed, len(crashed), f"0 (crashed: {', '.join(crashed) or 'none'})"),
+            target("zero failed good requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+            target("every query of death refused with a client error", q["sent"] > 0 and q["refused"] == q["sent"],
+                   f"{q['refused']}/{q['sent']}", "HTTP 400 / gRPC INVALID_ARGUMENT naming the input and the limit"),
+        ]
+
+
 BAD_MODEL = '''import os, sys
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
@@ -540,7 +617,7 @@ def _wait_weights(env, want: dict[str, int], timeout: float) -> None:
 
 SCENARIOS: dict[str, type[Scenario]] = {s.name: s for s in (
     OnpremCrash, OnpremHang, OnpremPartition, CloudLatency, S3Outage, BadModel, CorruptArtifact, ControlCrash,
-    HAProxyRestart)}
+    HAProxyRestart, QueryOfDeath)}
 
 
 def get(name: str) -> Scenario:
