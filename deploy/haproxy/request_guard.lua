@@ -321,13 +321,15 @@ end
 local function http_allowed(txn)
     local method, path = txn.f:method(), txn.f:path() or ""
     if HEALTH[path] or path == "/v2" then
-        if method ~= "GET" and method ~= "HEAD" then refuse(403, method .. " " .. path .. " is not served") end
+        if method ~= "GET" and method ~= "HEAD" then
+            refuse(403, method .. " " .. path .. " is not served through this proxy; use GET")
+        end
         return false
     end
     local name, what = model_path(path)
     if name and MODELS[name] then
         if what == "/infer" then
-            if method ~= "POST" then refuse(403, method .. " " .. path .. " is not served; use POST") end
+            if method ~= "POST" then refuse(403, method .. " " .. path .. " is not served through this proxy; use POST") end
             return true
         end
         if MODEL_GET[what] and (method == "GET" or method == "HEAD") then return false end
@@ -339,8 +341,8 @@ local function http_allowed(txn)
             .. "(/v2/models/NAME/stats; served: " .. SERVED .. ")")
     end
     if name and READABLE[name] then
-        refuse(403, method .. " " .. path .. ": model " .. name .. " is an internal step; only its config, metadata, "
-            .. "readiness and statistics are readable through this proxy (served: " .. SERVED .. ")")
+        refuse(403, method .. " " .. path .. ": model " .. name .. " is an internal step, not served through this "
+            .. "proxy (served: " .. SERVED .. "); only its config, metadata, readiness and statistics can be read")
     end
     if name and not MODELS[name] then
         refuse(403, "model " .. name .. " is not served through this proxy (served: " .. SERVED .. ")")
