@@ -30,7 +30,8 @@ from tritonclient.utils import InferenceServerException
 
 from control.adapters.haproxy_config import GUARD_FILE, GUARD_SCRIPT, install_guard, render
 from control.adapters.haproxy_runtime import HAProxyRuntime
-from control.config import HAProxyConfig, PROJECT_ROOT, isolated_settings
+from control.config import PROJECT_ROOT, HAProxyConfig
+from control.local.isolated import isolated_settings
 from control.local.demo import MODEL, ensemble_inputs
 from control.local.haproxy import haproxy_binary, start_haproxy
 from control.local.procs import free_port, http_ok
