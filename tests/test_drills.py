@@ -111,7 +111,10 @@ def test_onprem_crash(drill_dirs):
     r = drill(drill_dirs, "onprem-crash", 10)
     f = r["figures"]
     assert f["detect_s"] is not None and f["detect_s"] < 1.5
-    assert f["failures"]["total"] == 0, f["failures"]
+    # Requests sent after the kill all succeed; one the server had already received when it died is
+    # lost, never re-sent to the other site (it could be a query of death: issue 15).
+    assert f["failed_after_kill"] == 0, f["failures"]
+    assert f["lost_in_flight"] <= 2 and f["failures"]["total"] == f["lost_in_flight"], f["failures"]
     assert f["recovery_s"] is not None and f["recovery_s"] <= 2.0
     assert f["fault_window"]["served"]["cloud"] > 0  # the traffic really went to the other site
     assert f["after_lift"]["up_s"] is not None
@@ -181,7 +184,8 @@ def test_corrupt_artifact_never_serves(drill_dirs):
     f = r["figures"]
     assert f["detect_s"] is not None
     sync = next(e for e in r["events"] if e["event"] == "sync")
-    assert "checksum mismatch" in sync["outcome"]
+    # the tampered object is longer than its manifest entry: refused by size before the checksum
+    assert "checksum mismatch" in sync["outcome"] or "its manifest says" in sync["outcome"], sync["outcome"]
     assert "2" not in f["versions"] and f["failures"]["total"] == 0, f["failures"]
     # Not asserted: v3 going live. publish.py copies unchanged files server-side from the earlier
     # version, so the tampered v2 object is copied into v3 and sync refuses v3 too (reported).

@@ -274,6 +274,7 @@ class DrillEnv:
     t0: float = 0.0
     notes: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)          # scenario scratch space
+    records: list = field(default_factory=list)        # the load's requests, for the scenario's figures
     say: Callable[[str], None] = lambda m: None
 
     def now(self) -> float:
@@ -487,6 +488,7 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
         env.mark("load_end")
         time.sleep(0.3)
         samples = observer.stop()
+        env.records = records
         scenario.after(env)
         report = analyze(meta, env, records, samples, scenario)
         report["status"] = "passed" if report["passed"] else "failed"

@@ -99,6 +99,33 @@ class OnpremCrash(_OnpremDown):
         proc = env.procs[self.victim(env).name]
         env.mark("fault", action=f"kill -9 process group {proc.pid}")
         faults.kill9(proc)
+        env.extra["killed_t"] = env.mark("killed", action="the process group is gone")
+
+    def figures(self, a, env):
+        # Requests the victim had already received when it died are not re-sent: HAProxy cannot tell
+        # them from a request that killed it (a query of death, issue 15), so `retry-on` has no
+        # empty-response. Requests sent after the kill must all succeed (conn-failure redispatch).
+        killed = env.extra.get("killed_t")
+        failed = [r for r in env.records if not r.ok]
+        a["lost_in_flight"] = sum(1 for r in failed if killed is not None and r.t_start <= killed)
+        a["failed_after_kill"] = len(failed) - a["lost_in_flight"]
+
+    def targets(self, a, env):
+        out = [t for t in super().targets(a, env) if t["name"] != "zero client-visible failures"]
+        return [
+            target("zero failures among requests sent after the kill", a["failed_after_kill"] == 0,
+                   a["failed_after_kill"], "0 (connection failures are redispatched)"),
+            target("only requests in flight at the kill lost", a["lost_in_flight"] <= self.in_flight_budget(env),
+                   a["lost_in_flight"], f"<= {self.in_flight_budget(env)} (never re-sent: could be a query of death)"),
+            *out,
+        ]
+
+    @staticmethod
+    def in_flight_budget(env) -> int:
+        """Requests the victim can hold at the kill: rate x the slowest answer before it, at least one."""
+        before = [r.latency_ms for r in env.records if r.ok and r.t_end < env.extra.get("killed_t", 0)]
+        rate = len(env.records) / max(env.records[-1].t_sched, 1e-3) if env.records else 0
+        return max(1, round(rate * (max(before, default=0) / 1000)) + 1)
 
     def lift(self, env):
         env.mark("lift", action="restart the on-prem Triton")
