@@ -95,7 +95,7 @@ class TritonConfig(_Section):
 
 class ProxyLimitsConfig(_Section):
     """What one inference request may declare at the client-facing proxy (deploy/haproxy/request_guard.lua).
-    Defaults match the repository's own limits (model_repository/spec.py: max_batch_size 8,
+    Defaults match the repository's own limits (model_repository/spec.py `Limits`: max_batch_size 8,
     max_candidates 1000); the control plane does not import model_repository, so they are repeated
     here: change both together."""
 
