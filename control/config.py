@@ -93,6 +93,33 @@ class TritonConfig(_Section):
     extra_args: list[str] = Field(default_factory=list)
 
 
+class ProxyLimitsConfig(_Section):
+    """What one inference request may declare at the client-facing proxy (deploy/haproxy/request_guard.lua).
+    Defaults match the repository's own limits (model_repository/spec.py `Limits`: max_batch_size 8,
+    max_candidates 1000); the control plane does not import model_repository, so they are repeated
+    here: change both together."""
+
+    max_body_bytes: int = Field(262144, ge=4096, le=64 * 1024 * 1024)
+    max_elements: int = Field(8000, ge=1)      # per input: product of its declared shape (8 x 1000)
+    max_batch: int = Field(8, ge=1)            # first dimension of every input
+    max_candidates: int = Field(1000, ge=1)    # per query (elements per batch row) of `candidate_inputs`
+    candidate_inputs: list[str] = Field(default_factory=lambda: ["CANDIDATE_IDS"])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ProxyLimitsConfig":
+        if self.max_candidates > self.max_elements:
+            raise ValueError("max_candidates must not exceed max_elements (one query's candidates are one input)")
+        for name in self.candidate_inputs:
+            if not name or any(c in name for c in ", \t"):
+                raise ValueError(f"candidate input name {name!r} must be a plain tensor name (no comma or space)")
+        return self
+
+
+# HAProxy `retry-on` keywords that re-send a request the server already received and died on
+# (a query of death would crash every server in turn): refused in haproxy.retry_on.
+REPLAYING_RETRY_ON = ("empty-response", "junk-response", "all-retryable-errors")
+
+
 class HAProxyConfig(_Section):
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -105,7 +132,48 @@ class HAProxyConfig(_Section):
     health_rise: int = 2
     timeout_connect_ms: int = 500
     timeout_server_ms: int = 10000
-    retries: int = 3
+    # Retry budget: a request is re-sent at most `retries` times (each to another server), and only
+    # where the server never received it (conn-failure: a Triton killed a moment ago) or did not
+    # answer within timeout_server_ms (response-timeout: a hung one), never after a server dropped
+    # the connection on it (see REPLAYING_RETRY_ON). One retry: a request that hangs a server reaches
+    # at most two servers; keep timeout_server_ms above the slowest legitimate answer.
+    retries: int = Field(1, ge=0, le=5)
+    retry_on: list[str] = Field(default_factory=lambda: ["conn-failure", "response-timeout", "0rtt-rejected",
+                                                         "503", "504"])
+    # Only these models are reachable through the proxy (infer, ready, metadata, config, stats);
+    # the ensemble's step models, the repository/logging/trace/shared-memory APIs are refused (403).
+    served_models: list[str] = Field(default_factory=lambda: ["search_ranking"], min_length=1)
+    # Read-only through the proxy (config, metadata, ready, stats; never infer): the served
+    # ensemble's steps (model_repository/spec.py), whose configs Triton's own clients read:
+    # perf_analyzer parses every step's config of an ensemble it measures.
+    readable_models: list[str] = Field(default_factory=lambda: [
+        "preprocess", "query_intent", "feature_lookup", "ranker", "postprocess"])
+    # Statistics of all models in one call (`/v2/models/stats`, gRPC ModelStatistics with no name):
+    # perf_analyzer asks for them on every measurement; False refuses them (and breaks perf_analyzer).
+    all_model_stats: bool = True
+    # The Lua request guard (allowlist + declared-shape checks); off only to measure its cost.
+    guard: bool = True
+    limits: ProxyLimitsConfig = Field(default_factory=ProxyLimitsConfig)
+
+    @field_validator("retry_on")
+    @classmethod
+    def _no_replay(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x in REPLAYING_RETRY_ON]
+        if bad:
+            raise ValueError(f"{bad} would re-send a request that a server dropped the connection on to the next "
+                             "server: one query of death then crashes every server in turn. Use conn-failure, "
+                             "response-timeout, 0rtt-rejected or status codes")
+        if not v:
+            raise ValueError("retry_on must name at least one condition (conn-failure keeps failover without loss)")
+        return v
+
+    @field_validator("served_models", "readable_models")
+    @classmethod
+    def _model_names(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not m or any(c in m for c in "/%, \t\"'"):
+                raise ValueError(f"served model name {m!r} must be a plain Triton model name")
+        return v
 
 
 class PolicyConfig(_Section):

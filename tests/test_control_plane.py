@@ -90,7 +90,8 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
                              control={"policy": POLICY, "poll_interval_s": 0.5, "decide_interval_s": 0.5,
-                                      "sync_interval_s": 3600})
+                                      "sync_interval_s": 3600},
+                             haproxy={"served_models": [MODEL]})  # through the proxy's allowlist
     repo = write_repo(root)
     procs, stack_info = [], {}
     try:

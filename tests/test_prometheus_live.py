@@ -121,7 +121,8 @@ def live(tmp_path_factory):
     repo = write_add_one_repository(base / "repo")
     settings = make_settings(base / "run", instances=(("onprem-1", "onprem", 50, True), ("cloud-1", "cloud", 50, False)),
                              models={"repository_dir": str(repo)},
-                             control={"poll_interval_s": 1.0, "sync_interval_s": 5.0, "prometheus_port": free_port()})
+                             control={"poll_interval_s": 1.0, "sync_interval_s": 5.0, "prometheus_port": free_port()},
+                             haproxy={"served_models": [MODEL_ADD_ONE]})  # through the proxy's allowlist
     settings = load_config(_write_settings_file(settings, base / "settings.yaml"), environ={})
     # `triton-hybrid up --with-prometheus`, as an operator runs it.
     st = stack.up(settings, with_control=True, with_prometheus=True)

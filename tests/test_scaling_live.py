@@ -49,7 +49,8 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
                              control={"policy": POLICY, "poll_interval_s": 0.5, "decide_interval_s": 0.5,
-                                      "sync_interval_s": 3600, "scaler": SCALER})
+                                      "sync_interval_s": 3600, "scaler": SCALER},
+                             haproxy={"served_models": [MODEL]})  # through the proxy's allowlist
     settings.instance("onprem-1").cost_per_hour = 1.0
     settings.instance("cloud-1").cost_per_hour = 4.0
     repo = write_repo(root)

@@ -6,7 +6,12 @@ Backends (the control plane's runtime adapter addresses servers as BACKEND/INSTA
 - `be_onprem_http`, `be_onprem_grpc`: only on-prem instances allowed to see sensitive data.
   Requests carrying the sensitive header go there and nowhere else; when none of those servers
   is up they get a 503 with a JSON reason, never a cloud answer.
-Triton's admin surface (repository, logging, trace, shared memory) is refused at the frontends.
+The frontends are an allowlist (deploy/haproxy/request_guard.lua, HAProxy's Lua 5.3): health, server
+metadata, and infer/ready/metadata/config/stats of `haproxy.served_models`; every inference request's
+declared shapes are checked against `haproxy.limits` and against its data before it reaches Triton
+(a huge declared shape with little data aborts Triton 2.51: the query of death of issue 15). Triton's
+admin surface (repository, logging, trace, shared memory) is refused by a plain ACL as well, so it
+stays closed with the guard off. The Lua file sits next to haproxy.cfg (`default-path config`).
 """
 from __future__ import annotations
 
@@ -28,8 +33,34 @@ ADMIN_GRPC_METHOD_REGEX = (
     r"^/inference\.GRPCInferenceService/"
     r"(Repository|LogSettings|TraceSetting|SystemSharedMemory|CudaSharedMemory)"
 )
+# No single quote inside: HAProxy takes the body as one single-quoted word.
+ADMIN_403_BODY = ('{"error":"the Triton admin API (repository, logging, trace, shared memory) is not served '
+                  'through this proxy; operators call the instance on its own address with the admin key"}')
 SENSITIVE_503_BODY = ('{"error":"no on-prem instance is available for sensitive requests; '
                       'they are never sent to the cloud"}')
+
+
+GUARD_FILE = "request_guard.lua"
+GUARD_SCRIPT = Path(__file__).resolve().parent.parent.parent / "deploy" / "haproxy" / GUARD_FILE
+GUARD_ENV_PREFIX = "TRITON_HYBRID_GUARD_"
+
+
+def install_guard(config_dir: str | Path) -> Path:
+    """Copy the Lua guard next to a haproxy.cfg written into config_dir (it loads it relative to itself)."""
+    target = Path(config_dir) / GUARD_FILE
+    target.write_bytes(GUARD_SCRIPT.read_bytes())
+    return target
+
+
+def guard_env(h) -> dict[str, str]:
+    """The guard's settings, rendered as `setenv` lines (the Lua reads them when it loads)."""
+    lim = h.limits
+    return {
+        "MAX_BODY_BYTES": str(lim.max_body_bytes), "MAX_ELEMENTS": str(lim.max_elements),
+        "MAX_BATCH": str(lim.max_batch), "MAX_CANDIDATES": str(lim.max_candidates),
+        "CANDIDATE_INPUTS": ",".join(lim.candidate_inputs), "MODELS": ",".join(h.served_models),
+        "READABLE_MODELS": ",".join(h.readable_models), "ALL_MODEL_STATS": "1" if h.all_model_stats else "0",
+    }
 
 
 def socket_path(settings) -> Path:
@@ -52,6 +83,17 @@ def render(settings, socket: str | Path | None = None) -> str:
         "    log stderr format raw local0 info",
         f"    stats socket {sock} mode 600 level admin",
         "    stats timeout 10s",
+    ]
+    if h.guard:
+        # A whole inference request (JSON or binary tensors) must fit in one buffer for the guard
+        # to read it; larger bodies are refused (413) by the guard.
+        lines += [
+            f"    tune.bufsize {h.limits.max_body_bytes + 16384}",
+            "    default-path config",
+            *(f"    setenv {GUARD_ENV_PREFIX}{k} {v}" for k, v in guard_env(h).items()),
+            f"    lua-load {GUARD_FILE}",
+        ]
+    lines += [
         "",
         "defaults",
         "    mode http",
@@ -63,22 +105,32 @@ def render(settings, socket: str | Path | None = None) -> str:
         f"    timeout server {h.timeout_server_ms}ms",
         "    timeout http-request 10s",
         "    timeout queue 5s",
-        # Inference requests are idempotent: retry them on another server when one fails.
+        # Retry budget: a request the server never got (conn-failure: e.g. a Triton killed a moment
+        # ago) or did not answer in time is re-sent to another server; one the server dropped the
+        # connection on (empty-response) is not: that is how a query of death would go round every
+        # site. config.py refuses the replaying keywords.
         f"    retries {h.retries}",
-        "    retry-on conn-failure empty-response response-timeout 502 503 504",
+        f"    retry-on {' '.join(h.retry_on)}",
         "    option redispatch 1",
         "",
     ]
-    for name, port, proto, backend, sens_backend, admin_regex in (
-        ("fe_http", h.http_port, "", HTTP_BACKEND, SENSITIVE_HTTP_BACKEND, ADMIN_HTTP_PATH_REGEX),
-        ("fe_grpc", h.grpc_port, " proto h2", GRPC_BACKEND, SENSITIVE_GRPC_BACKEND, ADMIN_GRPC_METHOD_REGEX),
+    for name, port, proto, backend, sens_backend, admin_regex, guard in (
+        ("fe_http", h.http_port, "", HTTP_BACKEND, SENSITIVE_HTTP_BACKEND, ADMIN_HTTP_PATH_REGEX, "guard_http"),
+        ("fe_grpc", h.grpc_port, " proto h2", GRPC_BACKEND, SENSITIVE_GRPC_BACKEND, ADMIN_GRPC_METHOD_REGEX,
+         "guard_grpc"),
     ):
         lines += [
             f"frontend {name}",
             f"    bind {h.host}:{port}{proto}",
             "    option http-buffer-request",
+        ]
+        if h.guard:
+            lines.append(f"    http-request lua.{guard}")
+        lines += [
+            # Also closed with the guard off (the guard refuses these first, with its own message).
             f"    acl admin_surface path_reg {admin_regex}",
-            "    http-request deny deny_status 403 if admin_surface",
+            f"    http-request return status 403 content-type application/json string '{ADMIN_403_BODY}' "
+            "if admin_surface",
             f"    acl sensitive req.hdr({hdr}) -m str -i 1 true yes",
             f"    http-request return status 503 content-type application/json string '{SENSITIVE_503_BODY}' "
             f"if sensitive !{{ nbsrv({sens_backend}) gt 0 }}",

@@ -65,16 +65,18 @@ def _spec_factory(model: str, repository: Path):
               help="Run the control daemon in the drill stack (default: where the scenario needs it).")
 @click.option("--restart-mode", type=click.Choice(["graceful", "kill"]), default="graceful", show_default=True,
               help="haproxy-restart: soft stop (SIGUSR1) or kill -9 of the old proxy.")
+@click.option("--guard/--no-guard", default=True, show_default=True,
+              help="query-of-death: the proxy's request guard on, or off to see what it prevents.")
 @click.option("--reports", "reports_dir", type=click.Path(file_okay=False), default=None,
               help="Reports folder (default reports/drills).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 @click.pass_context
-def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_control, restart_mode, reports_dir,
-              as_json):
+def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_control, restart_mode, guard,
+              reports_dir, as_json):
     """Run a disaster-recovery drill: SCENARIO is one of the list below, or `all`.
 
     onprem-crash, onprem-hang, onprem-partition, cloud-latency, s3-outage, bad-model,
-    corrupt-artifact, control-crash, haproxy-restart."""
+    corrupt-artifact, control-crash, haproxy-restart, query-of-death."""
     from control.drills import scenarios  # noqa: PLC0415
     from control.drills.runner import MODEL_ADD_ONE, run_drill, write_add_one_repository  # noqa: PLC0415
 
@@ -93,6 +95,10 @@ def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_co
         if not (repo / model).is_dir():
             raise click.ClickException(f"{repo} has no model {model!r}; build the repository first "
                                        "(`make demo` or `triton-hybrid repo build`) or run with --model add_one")
+    if model not in settings.haproxy.served_models:
+        # The drill stack's proxy must let the load's model through its allowlist.
+        settings = settings.model_copy(update={"haproxy": settings.haproxy.model_copy(
+            update={"served_models": [*settings.haproxy.served_models, model]})})
     weight_map = None
     if weights:
         try:
@@ -108,7 +114,7 @@ def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_co
             rep = run_drill(scenarios.get(name), settings, repo, duration_s=duration, rate=rate,
                             spec_factory=_spec_factory(model, repo), reports_dir=reports,
                             say=lambda m: console.print(f"[dim]{m}[/dim]"), weights=weight_map,
-                            with_control=with_control, restart_mode=restart_mode)
+                            with_control=with_control, restart_mode=restart_mode, guard=guard)
         except Exception as e:  # noqa: BLE001 - one broken drill must not stop `all`
             console.print(f"[red]{name}: the drill itself failed:[/red] {e}")
             rep = {"scenario": name, "status": "error", "error": str(e), "passed": False}

@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 
+import numpy as np
+
 from control.local.procs import ManagedProcess, load_managed
 
 
@@ -132,3 +134,77 @@ class DelayProxy:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:
             self._thread.join(5)
+
+
+# Query of death (issue 15) ----------------------------------------------------------------------------
+
+QOD_DIM = 10**12  # declared elements of the inflated input: Triton 2.51's HTTP/JSON path allocates for it
+
+
+def _inflate(inputs: list) -> str:
+    """Declare [batch, QOD_DIM] on the input with the most elements, keeping its (small) data."""
+    big = max(inputs, key=lambda i: int(np.prod(i.shape())))
+    big.set_shape([big.shape()[0] if big.shape() else 1, QOD_DIM])
+    return big.name()
+
+
+def _grpc_detail(e: Exception) -> tuple[str, str]:
+    status = getattr(e, "status", None)
+    return str(status() if callable(status) else status or type(e).__name__), str(e).replace("\n", " ")[:240]
+
+
+def query_of_death(http_url: str, grpc_url: str, spec, timeout_s: float = 10.0) -> list[dict]:
+    """One request of each form (HTTP/JSON, HTTP binary tensors, gRPC), built from the load's own
+    request with one input's declared shape inflated to QOD_DIM elements and its data unchanged.
+    Returns one row per request: form, refused (a clean client error came back), status, detail."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415 - heavy import, only for this fault
+    import tritonclient.http as httpclient  # noqa: PLC0415
+
+    rows = []
+    for form in ("http-json", "http-binary", "grpc"):
+        module = grpcclient if form == "grpc" else httpclient
+        inputs = spec.build(module)
+        if form == "http-json":
+            arrays = _spec_arrays(spec)
+            for inp in inputs:  # the same data again, as JSON: the form that crashes Triton 2.51
+                inp.set_data_from_numpy(arrays[inp.name()], binary_data=False)
+        name = _inflate(inputs)
+        client = None
+        try:
+            if form == "grpc":
+                client = grpcclient.InferenceServerClient(grpc_url)
+                client.infer(spec.model, inputs, client_timeout=timeout_s)
+            else:
+                client = httpclient.InferenceServerClient(http_url, connection_timeout=timeout_s,
+                                                          network_timeout=timeout_s)
+                client.infer(spec.model, inputs)
+            rows.append({"form": form, "input": name, "refused": False, "status": "ok",
+                         "detail": "accepted (the server answered a request declaring 10^12 elements)"})
+        except Exception as e:  # noqa: BLE001 - the expected outcome is an error; which one is the figure
+            status, detail = _grpc_detail(e)
+            clean = status in ("400", "StatusCode.INVALID_ARGUMENT")
+            rows.append({"form": form, "input": name, "refused": clean, "status": status, "detail": detail})
+        finally:
+            if client is not None:
+                client.close()
+    return rows
+
+
+def _spec_arrays(spec) -> dict:
+    """{input name: numpy array} of the spec's request: its builder run against a recorder that
+    stands in for a tritonclient module (tritonclient keeps only serialized bytes)."""
+    arrays = {}
+
+    class _Recorder:
+        def __init__(self, name, shape, datatype):
+            self.name = name
+
+        def set_data_from_numpy(self, arr, binary_data=True):
+            arrays[self.name] = arr
+            return self
+
+    class _Module:
+        InferInput = _Recorder
+
+    spec.build(_Module)
+    return arrays

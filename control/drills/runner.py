@@ -223,6 +223,8 @@ def _drill_settings(base, run_dir, free_port, weights, hosts, haproxy, control) 
     data["s3"]["port"] = free_port()
     data["haproxy"].update({"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()})
     data["haproxy"].update(DRILL_HAPROXY | (haproxy or {}))
+    # The drills' own test model passes the proxy's allowlist like a served ensemble.
+    data["haproxy"]["served_models"] = sorted({*data["haproxy"]["served_models"], MODEL_ADD_ONE})
     data["control"].update({"api_port": free_port(), "metrics_port": free_port()})
     data["control"]["policy"].update({"util_signal": "none"})  # both sites share this host's CPU
     for k, v in (control or {}).items():
@@ -272,6 +274,7 @@ class DrillEnv:
     t0: float = 0.0
     notes: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)          # scenario scratch space
+    records: list = field(default_factory=list)        # the load's requests, for the scenario's figures
     say: Callable[[str], None] = lambda m: None
 
     def now(self) -> float:
@@ -485,6 +488,7 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
         env.mark("load_end")
         time.sleep(0.3)
         samples = observer.stop()
+        env.records = records
         scenario.after(env)
         report = analyze(meta, env, records, samples, scenario)
         report["status"] = "passed" if report["passed"] else "failed"

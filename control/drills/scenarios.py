@@ -99,6 +99,33 @@ class OnpremCrash(_OnpremDown):
         proc = env.procs[self.victim(env).name]
         env.mark("fault", action=f"kill -9 process group {proc.pid}")
         faults.kill9(proc)
+        env.extra["killed_t"] = env.mark("killed", action="the process group is gone")
+
+    def figures(self, a, env):
+        # Requests the victim had already received when it died are not re-sent: HAProxy cannot tell
+        # them from a request that killed it (a query of death, issue 15), so `retry-on` has no
+        # empty-response. Requests sent after the kill must all succeed (conn-failure redispatch).
+        killed = env.extra.get("killed_t")
+        failed = [r for r in env.records if not r.ok]
+        a["lost_in_flight"] = sum(1 for r in failed if killed is not None and r.t_start <= killed)
+        a["failed_after_kill"] = len(failed) - a["lost_in_flight"]
+
+    def targets(self, a, env):
+        out = [t for t in super().targets(a, env) if t["name"] != "zero client-visible failures"]
+        return [
+            target("zero failures among requests sent after the kill", a["failed_after_kill"] == 0,
+                   a["failed_after_kill"], "0 (connection failures are redispatched)"),
+            target("only requests in flight at the kill lost", a["lost_in_flight"] <= self.in_flight_budget(env),
+                   a["lost_in_flight"], f"<= {self.in_flight_budget(env)} (never re-sent: could be a query of death)"),
+            *out,
+        ]
+
+    @staticmethod
+    def in_flight_budget(env) -> int:
+        """Requests the victim can hold at the kill: rate x the slowest answer before it, at least one."""
+        before = [r.latency_ms for r in env.records if r.ok and r.t_end < env.extra.get("killed_t", 0)]
+        rate = len(env.records) / max(env.records[-1].t_sched, 1e-3) if env.records else 0
+        return max(1, round(rate * (max(before, default=0) / 1000)) + 1)
 
     def lift(self, env):
         env.mark("lift", action="restart the on-prem Triton")
@@ -334,6 +361,83 @@ class ControlCrash(Scenario):
         ]
 
 
+class QueryOfDeath(Scenario):
+    """Requests that declare a huge shape with little data (HTTP/JSON, HTTP binary, gRPC), sent
+    through HAProxy in the middle of steady load. Triton 2.51 aborts on the HTTP/JSON form
+    (std::bad_alloc); the proxy's guard must refuse all three before they reach any Triton, and a
+    request that crashed a server must never be re-sent to the next one."""
+
+    name = "query-of-death"
+    title = "requests declaring 10^12 elements with 4 values of data, mixed into steady load"
+    target_site = "proxy"
+    fault_at, lift_at = 0.3, 0.6
+    rounds = 2
+
+    def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, guard: bool = True, **_):
+        settings = drill_settings(base, run_dir, weights=weights, haproxy={"guard": guard},
+                                  control=self.control_overrides(base, weights))
+        env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
+        env.extra["guard"] = guard
+        if not guard:
+            env.notes.append("the proxy's request guard is OFF in this run (haproxy.guard: false): what it prevents")
+        return env
+
+    def ready(self, env):
+        env.extra["pids"] = {i.name: env.procs[i.name].pid for i in env.settings.instances}
+
+    def inject(self, env):
+        env.mark("fault", action=f"{self.rounds} x (HTTP/JSON, HTTP binary, gRPC) requests declaring "
+                                 f"{faults.QOD_DIM:.0e} elements")
+        rows = []
+        for _ in range(self.rounds):
+            rows += faults.query_of_death(*env.haproxy_url(), env.spec)
+        env.extra["qod"] = rows
+        env.mark("qod_answered", refused=sum(r["refused"] for r in rows), sent=len(rows),
+                 first=rows[0]["detail"][:160] if rows else "")
+
+    def _crashed(self, env) -> list[str]:
+        """Instances whose Triton died or was replaced since the load started."""
+        out = []
+        for i in env.settings.instances:
+            proc = env.procs.get(i.name)
+            if proc is None or not proc.alive or proc.pid != env.extra["pids"][i.name]:
+                out.append(i.name)
+        return out
+
+    def lift(self, env):
+        crashed = self._crashed(env)
+        env.extra["crashed"] = crashed
+        env.mark("lift", crashed=crashed, action="restart the crashed Tritons" if crashed else "nothing crashed")
+        for name in crashed:
+            env.start_triton(env.settings.instance(name))
+        if crashed:
+            env.mark("restarted", instances=crashed)
+
+    def figures(self, a, env):
+        rows = env.extra.get("qod", [])
+        a["query_of_death"] = {
+            "sent": len(rows), "refused": sum(r["refused"] for r in rows),
+            "by_form": {f: [r["status"] for r in rows if r["form"] == f] for f in ("http-json", "http-binary", "grpc")},
+            "first_refusal": next((r["detail"] for r in rows if r["refused"]), None),
+            "guard": env.extra.get("guard", True),
+        }
+        a["crashed_instances"] = sorted(set(env.extra.get("crashed", [])) | set(self._crashed_after_restart(env)))
+
+    def _crashed_after_restart(self, env) -> list[str]:
+        # Crashes after the lift (a restarted instance keeps its new pid: only a dead one counts).
+        return [i.name for i in env.settings.instances if not (env.procs.get(i.name) and env.procs[i.name].alive)]
+
+    def targets(self, a, env):
+        q = a["query_of_death"]
+        crashed = a["crashed_instances"]
+        return [
+            target("no Triton crashed", not crashed, len(crashed), f"0 (crashed: {', '.join(crashed) or 'none'})"),
+            target("zero failed good requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+            target("every query of death refused with a client error", q["sent"] > 0 and q["refused"] == q["sent"],
+                   f"{q['refused']}/{q['sent']}", "HTTP 400 / gRPC INVALID_ARGUMENT naming the input and the limit"),
+        ]
+
+
 BAD_MODEL = '''import os, sys
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
@@ -540,7 +644,7 @@ def _wait_weights(env, want: dict[str, int], timeout: float) -> None:
 
 SCENARIOS: dict[str, type[Scenario]] = {s.name: s for s in (
     OnpremCrash, OnpremHang, OnpremPartition, CloudLatency, S3Outage, BadModel, CorruptArtifact, ControlCrash,
-    HAProxyRestart)}
+    HAProxyRestart, QueryOfDeath)}
 
 
 def get(name: str) -> Scenario:

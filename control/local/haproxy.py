@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from control.adapters.haproxy_config import config_path, render, socket_path
+from control.adapters.haproxy_config import config_path, install_guard, render, socket_path
 from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
 
 NAME = "haproxy"
@@ -23,6 +23,8 @@ def write_config(settings) -> str:
     path = config_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(settings))
+    if settings.haproxy.guard:
+        install_guard(path.parent)  # haproxy.cfg loads the Lua request guard from its own folder
     check = subprocess.run([binary, "-c", "-q", "-f", str(path)], capture_output=True, text=True)
     if check.returncode != 0:
         raise ComponentError(NAME, f"generated config {path} is invalid", (check.stdout + check.stderr).strip())
