@@ -7,7 +7,7 @@ the local stack. A key opens the load/unload/index API of its own instance only.
 Where a key comes from, first match wins:
 1. `triton.admin_keys.<instance>` in the config (production override per instance, e.g. from the
    secret store through `TRITON_HYBRID__TRITON__ADMIN_KEYS__<INSTANCE>`);
-2. the file `<key dir>/<instance>.admin-key`, key dir = `triton.admin_key_dir`, default
+2. the file `<key dir>/<instance>.admin-key`, key dir = `triton.credentials_dir`, default
    `<run_dir>/secrets` (0700; files 0600). Whoever starts a Triton locally (`up`, the supervisor,
    the scaler, drills, tests) generates a random key there when the instance has none yet.
 
@@ -35,7 +35,7 @@ def _name(instance) -> str:
 
 def key_dir(settings) -> Path:
     t = settings.triton
-    return settings.path(t.admin_key_dir) if t.admin_key_dir else settings.run_path / "secrets"
+    return settings.path(t.credentials_dir) if t.credentials_dir else settings.run_path / "secrets"
 
 
 def key_path(settings, instance) -> Path:

@@ -31,6 +31,7 @@ from control.local.procs import (
     AlreadyRunning, ComponentError, ManagedProcess, load_managed, private_dir, rss_bytes, start_process, wait_for_process,
     write_private,
 )
+from control.local.triton_server import server_binary, start_instance
 
 NAME = "supervisor"
 MAX_EVENTS = 50
@@ -98,7 +99,7 @@ class Supervisor:
         self.settings = settings
         self.cfg = settings.triton.supervise
         self.clock = clock
-        self._start = start or _start_instance
+        self._start = start or start_instance
         previous = read_state(settings).get("instances", {})
         self.instances = {i.name: previous.get(i.name, _instance_state()) for i in settings.instances if i.managed}
 
@@ -179,6 +180,7 @@ class Supervisor:
         """Until SIGTERM (from `down`): SystemExit also interrupts a restart that is waiting for
         readiness; that Triton's pid file is already written, so `down` stops it next."""
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        server_binary()  # fail now if tritonserver is missing, and pay pytriton's import before a crash
         log.info("supervising %s every %gs (at most %d restarts per %gs)", ", ".join(self.instances) or "nothing",
                  self.cfg.poll_interval_s, self.cfg.max_restarts, self.cfg.window_s)
         try:
@@ -192,11 +194,6 @@ class Supervisor:
 def _default_repository(settings, inst) -> Path:
     from control.mirror.sync import repository_path  # noqa: PLC0415 - boto3 only when needed
     return repository_path(settings, inst)
-
-
-def _start_instance(settings, inst, repository: str) -> ManagedProcess:
-    from control.local.triton_server import start_instance  # noqa: PLC0415 - pytriton lookup only when needed
-    return start_instance(settings, inst, repository)
 
 
 def start_supervisor(settings) -> ManagedProcess:
