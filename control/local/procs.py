@@ -283,8 +283,11 @@ class ManagedProcess:
                 waiting.wait_until(lambda: not self.alive, timeout, f"{self.name} to exit", interval=0.05)
             except waiting.WaitTimeout:
                 self.signal(signal.SIGKILL)
-                waiting.wait_until(lambda: not self.alive, _REAP_TIMEOUT_S, f"{self.name} to exit after SIGKILL",
-                                   interval=0.05)
+                try:
+                    waiting.wait_until(lambda: not self.alive, _REAP_TIMEOUT_S, f"{self.name} to exit after SIGKILL",
+                                       interval=0.05)
+                except waiting.WaitTimeout:
+                    raise ComponentError(self.name, f"pid {self.pid} survives SIGKILL (stuck in the kernel?)") from None
         self.reap()
         self.pid_file.unlink(missing_ok=True)
 
