@@ -7,12 +7,10 @@ import signal
 import stat
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
 from control.local.procs import (
-    ManagedProcess, load_managed, pid_alive, pid_file_for, start_process,
+    ManagedProcess, load_managed, pid_alive, pid_file_for, processes_in_group as group_of, start_process,
 )
 from control.waiting import wait_until
 
@@ -24,20 +22,6 @@ LEADER_WITH_CHILD = [sys.executable, "-c", (
     "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGHUP, signal.SIG_IGN); time.sleep(600)'])\n"
     "print(child.pid, flush=True)\n"
     "time.sleep(600)\n")]
-
-
-def group_of(pgid: int) -> list[int]:
-    """Every live process whose process group is `pgid`, read from /proc (independent of procs.py)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
 
 
 @pytest.fixture

@@ -21,10 +21,9 @@ from control.local import stack
 from control.cli import cli
 from control.local.demo import MODEL, ensemble_inputs
 from control.local.admin_keys import admin_key, key_dir
-from control.local.procs import load_managed, managed_names, pid_alive
+from control.local.procs import load_managed, managed_names, pid_alive, processes_in_group as group_of
 from control.waiting import wait_until
 from export.reference import ReferencePipeline
-from tests.test_procs import group_of
 
 
 @pytest.fixture(scope="module")

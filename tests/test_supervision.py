@@ -18,10 +18,10 @@ import tritonclient.http as httpclient
 from control.config import SuperviseConfig
 from control.local import stack
 from control.local.demo import MODEL, ensemble_inputs, served_per_instance
-from control.local.procs import http_ok, load_managed, pid_alive, rss_bytes
+from control.local.isolated import isolated_settings as make_settings
+from control.local.procs import http_ok, load_managed, pid_alive, processes_in_group as group_of, rss_bytes
 from control.local.supervisor import Action, backoff, decide, read_state
 from control.waiting import wait_until
-from tests.test_procs import group_of
 
 CFG = SuperviseConfig(max_restarts=3, window_s=60, backoff_initial_s=2, backoff_max_s=5)
 
@@ -47,8 +47,6 @@ def test_too_many_restarts_in_the_window_gives_up_and_old_ones_expire():
 
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory, cpu_repository, tiny_export):
-    from tests.conftest import make_settings
-
     settings = make_settings(tmp_path_factory.mktemp("supervised") / "run",
                              models={"repository_dir": str(cpu_repository), "exports_dir": str(tiny_export.parent)},
                              control={"start_daemon": False}, triton={"supervise": {"poll_interval_s": 0.2}})

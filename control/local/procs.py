@@ -165,25 +165,27 @@ def _carries_token(pid: int, token: str) -> bool:
     return f"{TOKEN_ENV}={token}".encode() in env
 
 
-def group_members(pgid: int, token: str | None) -> list[int]:
-    """Live (non-zombie) processes in process group `pgid` that carry our start token.
-    Without a token (a pid file written before tokens existed) nothing can be proven ours."""
-    if pgid <= 0 or not token:
-        return []
+def processes_in_group(pgid: int) -> list[int]:
+    """Every live (non-zombie) process whose process group is `pgid`, from /proc."""
     out = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        pid = int(entry.name)
         try:
-            fields = _stat_fields(pid)
-            if int(fields[2]) != pgid or fields[0] in ("Z", "X"):
-                continue
+            fields = _stat_fields(int(entry.name))
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                out.append(int(entry.name))
         except (OSError, IndexError, ValueError):
             continue
-        if _carries_token(pid, token):
-            out.append(pid)
     return sorted(out)
+
+
+def group_members(pgid: int, token: str | None) -> list[int]:
+    """The processes of group `pgid` that carry our start token. Without a token (a pid file
+    written before tokens existed) nothing can be proven ours."""
+    if pgid <= 0 or not token:
+        return []
+    return [pid for pid in processes_in_group(pgid) if _carries_token(pid, token)]
 
 
 def rss_bytes(pids: Iterable[int]) -> int:

@@ -199,7 +199,9 @@ def _default_repository(settings, inst) -> Path:
 def start_supervisor(settings) -> ManagedProcess:
     """Start `triton-hybrid supervise` for this config and wait until it has written its state."""
     if not settings.source:
-        raise ComponentError(NAME, "needs the stack's config file (settings.source is empty)")
+        raise ComponentError(NAME, "needs the stack's config file to start `triton-hybrid supervise` with, and these "
+                                   "settings came from none (settings.source is empty); load them from a file or set "
+                                   "triton.supervise.enabled: false")
     argv = [sys.executable, "-m", "control.cli", "--config", settings.source, "supervise"]
     proc = start_process(NAME, argv, settings.run_path)
     try:
