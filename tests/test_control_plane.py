@@ -271,7 +271,6 @@ def test_07_cli_reads_daemon_and_sets_weights(stack, tmp_path):
     settings = stack["settings"]
     data = settings.model_dump(mode="json", exclude={"source"})
     data["control"]["admin_token"] = settings.control.admin_token.get_secret_value()
-    data["triton"]["admin_key"] = settings.triton.admin_key.get_secret_value()
     data["s3"]["access_key_id"] = settings.s3.access_key_id.get_secret_value()
     data["s3"]["secret_access_key"] = settings.s3.secret_access_key.get_secret_value()
     data["control"]["route53"].pop("access_key_id")

@@ -25,6 +25,7 @@ from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.drills.load import run_load
 from control.traffic.triton_metrics import parse
 from control.capacity.actuators import LocalProcessScaler
+from control.local.admin_keys import ensure_admin_key
 from control.local.isolated import isolated_settings as make_settings
 from tests.test_control_plane import MODEL, POLICY, wait_for, write_repo
 
@@ -66,7 +67,7 @@ def stack(tmp_path_factory):
         for inst in settings.instances:
             procs.append(start_triton(inst.name, repo, inst.http_port, inst.grpc_port, inst.metrics_port,
                                       settings.run_path, load_models=(MODEL,), ready_timeout=60,
-                                      admin_key=settings.triton.admin_key.get_secret_value()))
+                                      admin_key=ensure_admin_key(settings, inst)))
         procs.append(start_haproxy(settings))
         daemon = Daemon(settings, scale_actuator=lambda c: LocalProcessScaler(settings, c, repository_factory=repository))
         daemon.start()

@@ -1,8 +1,12 @@
 """The local stack with every real component: S3 endpoint, publish + verified pull, two Tritons,
 HAProxy. Inference through the proxy over HTTP and gRPC, the admin surface refused at the proxy,
-one Triton killed, `down` leaving nothing behind."""
+one admin key per instance kept out of pid files and world-readable files, one Triton killed, a
+second `up` starting only what is missing, `down` leaving nothing behind (also of a Triton killed
+from outside). The supervisor is off here; tests/test_supervision.py covers it."""
 import json
+import os
 import signal
+import stat
 import time
 
 import numpy as np
@@ -16,7 +20,9 @@ from tritonclient.utils import InferenceServerException
 from control.local import stack
 from control.cli import cli
 from control.local.demo import MODEL, ensemble_inputs
-from control.local.procs import load_managed, pid_alive
+from control.local.admin_keys import admin_key, key_dir
+from control.local.procs import load_managed, managed_names, pid_alive, processes_in_group as group_of
+from control.waiting import wait_until
 from export.reference import ReferencePipeline
 
 
@@ -26,7 +32,7 @@ def live_stack(tmp_path_factory, cpu_repository, tiny_export):
 
     settings = make_settings(tmp_path_factory.mktemp("stack") / "run",
                              models={"repository_dir": str(cpu_repository), "exports_dir": str(tiny_export.parent)},
-                             control={"start_daemon": False})
+                             control={"start_daemon": False}, triton={"supervise": {"enabled": False}})
     st = stack.up(settings)
     yield settings, st
     stack.down(settings)
@@ -54,7 +60,7 @@ def test_http_and_grpc_through_haproxy_return_the_models_answer(live_stack, tiny
 
 def test_repository_api_refused_at_proxy_allowed_with_admin_key_on_instance(live_stack):
     settings, _ = live_stack
-    h, key = settings.haproxy, settings.triton.admin_key.get_secret_value()
+    h, key = settings.haproxy, admin_key(settings, settings.instances[0])
     proxied = requests.post(f"http://{h.host}:{h.http_port}/v2/repository/index", headers={"admin-key": key})
     assert proxied.status_code == 403
     for path in ("/v2/repository/models/ranker/unload", "/v2/logging", "/v2/trace/setting",
@@ -82,7 +88,48 @@ def test_status_json_shows_components_models_and_weights(live_stack):
         assert comps[inst.name]["sync_lag_versions"] == 0
         assert {r["model"] for r in comps[inst.name]["sync"]} >= {MODEL, "ranker"}
     assert comps["haproxy"]["weights"]["be_triton_http"] == {i.name: i.weight for i in settings.instances}
-    assert settings.triton.admin_key.get_secret_value() not in result.output
+    for inst in settings.instances:
+        assert admin_key(settings, inst) not in result.output
+
+
+def test_each_instance_has_its_own_admin_key_that_opens_only_its_own_repository_api(live_stack):
+    settings, _ = live_stack
+    keys = {inst.name: admin_key(settings, inst) for inst in settings.instances}
+    assert len(set(keys.values())) == len(keys)
+    for inst in settings.instances:
+        client = grpcclient.InferenceServerClient(inst.grpc_url)
+        for name, key in keys.items():
+            # Triton's gRPC side prefixes the header name of --grpc-restricted-protocol.
+            headers = {"triton-grpc-protocol-admin-key": key}
+            if name == inst.name:
+                assert {m.name for m in client.get_model_repository_index(headers=headers).models} >= {MODEL}
+            else:
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    client.get_model_repository_index(headers=headers)
+        http = httpclient.InferenceServerClient(inst.http_url.split("://", 1)[1])
+        assert {m["name"] for m in http.get_model_repository_index(headers={"admin-key": keys[inst.name]})} >= {MODEL}
+        other = next(k for n, k in keys.items() if n != inst.name)
+        with pytest.raises(InferenceServerException, match="restricted"):
+            http.get_model_repository_index(headers={"admin-key": other})
+
+
+def test_no_key_in_pid_files_and_run_dir_private(live_stack):
+    settings, _ = live_stack
+    run = settings.run_path
+    keys = [admin_key(settings, inst) for inst in settings.instances]
+    pid_files = list((run / "pids").glob("*.json"))
+    assert {p.stem for p in pid_files} >= {i.name for i in settings.instances}
+    for p in pid_files:
+        assert not [k for k in keys if k in p.read_text()], p
+    for p in pid_files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert (key_dir(settings) / f"{settings.instances[0].name}.admin-key").read_text() == keys[0]
+    private = [run, run / "pids", run / "logs", key_dir(settings)]
+    files = [settings.database_path, *key_dir(settings).iterdir(), *(run / "logs").glob("*.log")]
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
 def test_killed_triton_is_unhealthy_and_requests_still_succeed(live_stack, tiny_export):
@@ -105,13 +152,36 @@ def test_killed_triton_is_unhealthy_and_requests_still_succeed(live_stack, tiny_
     assert comps[settings.instances[0].name]["healthy"] is True
 
 
-def test_down_leaves_no_process_behind(live_stack):
+def test_up_with_some_components_running_starts_only_the_missing_ones(live_stack):
     settings, _ = live_stack
-    pids = [p.pid for n in ("s3", "haproxy", *[i.name for i in settings.instances])
-            if (p := load_managed(settings.run_path, n)) and p.alive]
-    assert pids
+    before = {n: load_managed(settings.run_path, n).pid for n in stack.running_components(settings)}
+    assert set(before) == {"s3", "haproxy", settings.instances[0].name}  # cloud-1 was killed above
+    st = stack.up(settings, with_control=True)  # e.g. after a crash, or to add the daemon
+    assert sorted(st.kept) == sorted(before)
+    assert sorted(p.name for p in st.procs) == sorted([settings.instances[1].name, "control"])
+    after = {n: load_managed(settings.run_path, n).pid for n in stack.running_components(settings)}
+    assert {n: after[n] for n in before} == before
+    comps = {c["name"]: c for c in stack.status(settings)["components"]}
+    assert all(comps[i.name]["healthy"] for i in settings.instances)
+    assert comps["control"]["running"] and comps["control"]["healthy"]
+
+
+def test_down_leaves_no_process_behind_also_of_a_triton_killed_from_outside(live_stack):
+    settings, _ = live_stack
+    procs = [p for n in managed_names(settings.run_path) if (p := load_managed(settings.run_path, n)) and p.alive]
+    assert {p.name for p in procs} >= {"s3", "haproxy", settings.instances[0].name}
+    groups = {p.pid: group_of(p.pid) for p in procs}
+    # kill -9 of one Triton's server process alone; one of its stubs is frozen, as a stub busy in a
+    # request is: it never notices the death and stays in the group (measured under load).
+    victim = load_managed(settings.run_path, settings.instances[0].name)
+    stub = next(m for m in groups[victim.pid] if m != victim.pid)
+    os.kill(stub, signal.SIGSTOP)
+    os.kill(victim.pid, signal.SIGKILL)
+    # Reaped, as init reaps it when `up` ran from the CLI (here the test process is its parent).
+    wait_until(lambda: not pid_alive(victim.pid), 10, "the killed server to be gone")
     stack.down(settings)
-    assert not [pid for pid in pids if pid_alive(pid)]
+    assert not [pid for pids in groups.values() for pid in pids if pid_alive(pid)]
     assert stack.running_components(settings) == []
+    assert managed_names(settings.run_path) == []
     assert (settings.run_path / "logs").is_dir()  # data kept
 

@@ -12,6 +12,7 @@ import time
 import pytest
 import requests
 from botocore.response import StreamingBody
+from pydantic import SecretStr
 
 from control.adapters import s3 as s3x
 from control.drills.models import write_add_model, write_ensemble
@@ -21,6 +22,7 @@ from control.mirror.state import MirrorState
 from control.mirror.sync import (
     lag_report, live_config_version, prepare_instance_repository, repository_path, rollback, sync_all,
 )
+from control.local.admin_keys import admin_key
 from control.local.triton_server import start_instance
 
 
@@ -188,7 +190,7 @@ def test_broken_version_fails_its_smoke_check_unseen_by_clients(env):
     assert load.failures == [] and set(load.seen) == {1.0}
     assert rows(settings, inst)[2]["failure_kind"] == "smoke"
     idx = requests.post(f"{inst.http_url}/v2/repository/index", json={"ready": True}, timeout=5,
-                        headers={"admin-key": settings.triton.admin_key.get_secret_value()}).json()
+                        headers={"admin-key": admin_key(settings, inst)}).json()
     assert [(m["name"], m["version"]) for m in idx] == [("add_one", "1")]
 
 
@@ -385,7 +387,7 @@ def test_host_retention_keeps_newest_and_live_and_wrong_admin_key_is_reported(en
     assert versions_on_disk() == [3, 4, 5]
     assert rows(settings, inst)[2]["status"] == "retired"
     # A wrong admin key: recorded with Triton's answer, nothing crashes, the model keeps serving.
-    bad = settings.model_copy(update={"triton": settings.triton.model_copy(update={"admin_key": type(settings.triton.admin_key)("wrong")})})
+    bad = settings.model_copy(update={"triton": settings.triton.model_copy(update={"admin_keys": {inst.name: SecretStr("wrong")}})})
     out = sync_all(bad, force=True)["onprem-1"]
     assert first(out)["status"] == "skipped" and "repository index refused" in first(out)["reason"]
     assert infer(inst) == 5.0

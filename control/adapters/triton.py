@@ -15,6 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from control.waiting import WaitTimeout, wait_until
 
+from control.local.admin_keys import admin_key
+
 
 class TritonAdminError(RuntimeError):
     """Triton refused or failed a repository call; the message names the instance and model."""
@@ -49,8 +51,9 @@ class TritonAdmin:
         self.timeout = timeout
 
     @classmethod
-    def for_instance(cls, settings, instance) -> "TritonAdmin":
-        return cls(instance.name, instance.http_url, settings.triton.admin_key.get_secret_value())
+    def for_instance(cls, settings, instance, timeout: float = 120.0) -> "TritonAdmin":
+        """The adapter for one instance, with that instance's own admin key."""
+        return cls(instance.name, instance.http_url, admin_key(settings, instance), timeout=timeout)
 
     def client(self, timeout: float | None = None) -> th.InferenceServerClient:
         t = timeout or self.timeout

@@ -95,7 +95,7 @@ def new_instance_cost(settings) -> float:
 def ready_versions(settings, inst, timeout: float = 5.0) -> dict[str, list[int]]:
     """{model: sorted READY versions} from the instance's repository index (admin key)."""
     from control.adapters.triton import TritonAdmin, ready_versions_of  # noqa: PLC0415 - tritonclient only when used
-    admin = TritonAdmin(inst.name, inst.http_url, settings.triton.admin_key.get_secret_value(), timeout=timeout)
+    admin = TritonAdmin.for_instance(settings, inst, timeout=timeout)
     return {k: sorted(v) for k, v in sorted(ready_versions_of(admin.index()).items())}
 
 

@@ -15,6 +15,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("control.cli.stack", "up_cmd"),
     "down": ("control.cli.stack", "down_cmd"),
     "status": ("control.cli.stack", "status_cmd"),
+    "supervise": ("control.cli.stack", "supervise_cmd"),
     "export": ("export.cli", "export_cmd"),
     "export-bench": ("export.cli", "export_bench_cmd"),
     "repo": ("model_repository.cli", "repo_group"),

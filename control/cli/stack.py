@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 import click
 from rich.console import Console
@@ -18,18 +20,20 @@ console = Console()
 @click.option("--no-control", is_flag=True, help="Do not start the control-plane daemon.")
 @click.pass_context
 def up_cmd(ctx, with_prometheus: bool, no_control: bool) -> None:
-    """Start the local stack: S3 endpoint, Tritons, HAProxy, control plane."""
+    """Start the local stack: S3 endpoint, Tritons, HAProxy, control plane, supervisor.
+    Components already running are kept; only the missing ones are started."""
     from control.local import stack  # noqa: PLC0415
 
     settings = settings_from(ctx)
     try:
-        stack.up(settings, with_prometheus=with_prometheus, with_control=False if no_control else None,
+        st = stack.up(settings, with_prometheus=with_prometheus, with_control=False if no_control else None,
                  say=lambda m: console.print(f"[dim]-[/dim] {m}"))
     except ComponentError as e:
         console.print(f"[red]up failed[/red] in [bold]{e.component}[/bold]; everything it started was stopped.")
         raise click.ClickException(str(e)) from None
     h = settings.haproxy
-    console.print("[green]stack is up[/green]")
+    kept = f" (kept running: {', '.join(st.kept)})" if st.kept else ""
+    console.print(f"[green]stack is up[/green]{kept}")
     console.print(f"  clients, HTTP : http://{h.host}:{h.http_port}/v2/models/search_ranking/infer")
     console.print(f"  clients, gRPC : {h.host}:{h.grpc_port}")
     console.print(f"  HAProxy stats : http://{h.host}:{h.stats_port}/stats (Prometheus: /metrics)")
@@ -50,7 +54,10 @@ def down_cmd(ctx) -> None:
     from control.local import stack  # noqa: PLC0415
 
     settings = settings_from(ctx)
-    stopped = stack.down(settings, say=lambda m: console.print(f"[dim]-[/dim] {m}"))
+    try:
+        stopped = stack.down(settings, say=lambda m: console.print(f"[dim]-[/dim] {m}"))
+    except ComponentError as e:
+        raise click.ClickException(str(e)) from None
     console.print(f"stopped {len(stopped)} component(s); data kept in {settings.run_path}")
 
 
@@ -73,6 +80,15 @@ def status_cmd(ctx, as_json: bool) -> None:
     for c in st["components"]:
         health = "[green]healthy[/green]" if c.get("healthy") else (
             "[red]unhealthy[/red]" if c["running"] or c["kind"] == "triton" else "[dim]stopped[/dim]")
+        if c["state"] == "dead":
+            health = "[red]dead[/red]"
+            if c.get("leftovers"):
+                health += (f" [red]{len(c['leftovers'])} leftover process(es), "
+                           f"{c['leftover_rss_bytes'] / 2**20:.0f} MiB[/red] (`down` or the supervisor reaps them)")
+        if c.get("restarts"):
+            health += f" ({c['restarts']} restart(s))"
+        if c.get("restart_given_up"):
+            health += f" [red]supervisor gave up: {c['restart_given_up']}[/red]"
         endpoints = " ".join(str(c[k]) for k in ("url", "http", "grpc", "api") if c.get(k))
         models = ", ".join(f"{m}:{'/'.join(map(str, v))}" for m, v in sorted(c.get("models", {}).items()))
         w = ""
@@ -93,3 +109,13 @@ def status_cmd(ctx, as_json: bool) -> None:
                           for site, v in sorted(cost["sites"].items()))
         budget = cost.get("budget_per_hour")
         console.print(f"cost: {sites}" + (f"; cloud budget ${budget:.2f}/h" if budget is not None else ""))
+
+
+@click.command("supervise")
+@click.pass_context
+def supervise_cmd(ctx) -> None:
+    """Restart crashed Tritons of the local stack (started by `up`, stopped by `down`)."""
+    from control.local.supervisor import Supervisor  # noqa: PLC0415
+
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    Supervisor(settings_from(ctx)).run()

@@ -28,6 +28,7 @@ import yaml
 
 from control.config import Settings
 from control.drills.load import OpenLoopLoad, RequestSpec
+from control.local.admin_keys import ensure_admin_key
 from control.local.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_for_process
 
 MODEL_ADD_ONE = "add_one"
@@ -299,10 +300,11 @@ class DrillEnv:
             proc = start_instance(self.settings, inst, repository, ready_timeout=90)
         else:
             argv = triton_argv(repository, http_port, grpc_port, inst.metrics_port, self.settings.run_path,
-                               admin_key=self.settings.triton.admin_key.get_secret_value(), host=inst.host,
+                               admin_key=ensure_admin_key(self.settings, inst), host=inst.host,
                                extra_args=self.settings.triton.extra_args)
             prefix = ns.exec_prefix() if ns is not None else []
-            proc = start_process(inst.name, prefix + argv, self.settings.run_path, env=triton_env())
+            proc = start_process(inst.name, prefix + argv, self.settings.run_path, env=triton_env(),
+                                 secret_values=[ensure_admin_key(self.settings, inst)])
             try:
                 wait_for_process(lambda: http_ok(f"http://{inst.host}:{http_port}/v2/health/ready"), proc, 90,
                            "ready (/v2/health/ready)")

@@ -1,30 +1,44 @@
 """The local hybrid stack: S3 endpoint -> publish + pull -> one Triton per instance -> HAProxy ->
-control-plane daemon (and Prometheus on request). `up` starts the components in that order and,
-when one cannot start, stops what it started and raises an error that names the component and
-shows its log. `down` stops only what the pid files say we started, and keeps the run dir's data.
+control-plane daemon (and Prometheus on request) -> the supervisor that restarts a crashed Triton.
+`up` starts the components in that order, only those not already running (a second `up` after a
+crash or a manual stop completes the stack), and, when one cannot start, stops what it started and
+raises an error that names the component and shows its log. `down` stops only what the pid files
+say we started, reaps what dead components left in their process groups, and keeps the run dir's
+data.
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from control.local.admin_keys import admin_key
 from control.local.procs import (
-    ComponentError, ManagedProcess, http_ok, load_managed, managed_names, port_in_use, start_process, wait_for_process,
+    AlreadyRunning, ComponentError, ManagedProcess, http_ok, load_managed, managed_names, port_in_use, private_dir,
+    rss_bytes, start_process, wait_for_process,
 )
+from control.local.supervisor import NAME as SUPERVISOR_NAME, read_state as supervisor_state, start_supervisor
 
 CONTROL_NAME = "control"
 Say = Callable[[str], None]
 
 
+class ProcState(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"   # no pid file: never started, or stopped on purpose
+    DEAD = "dead"         # pid file left but the process is gone: crashed or killed from outside
+
+
 @dataclass
 class Stack:
     settings: object
-    procs: list[ManagedProcess] = field(default_factory=list)
+    procs: list[ManagedProcess] = field(default_factory=list)  # started by this `up`
+    kept: list[str] = field(default_factory=list)              # already running, left alone
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -40,8 +54,9 @@ def running_components(settings) -> list[str]:
     return [n for n in managed_names(settings.run_path) if (p := load_managed(settings.run_path, n)) and p.alive]
 
 
-def stage_repositories(settings, say: Say = _quiet) -> dict[str, object]:
-    """Publish the built repository to S3, then pull a verified copy for every managed instance."""
+def stage_repositories(settings, say: Say = _quiet, only: list[str] | None = None) -> dict[str, object]:
+    """Publish the built repository to S3, then pull a verified copy for every managed instance
+    (or those named in `only`: a running Triton's repository is sync's business)."""
     repo_dir = settings.path(settings.models.repository_dir)
     if not repo_dir.is_dir() or not any(repo_dir.iterdir()):
         raise ComponentError("model repository", f"{repo_dir} is missing or empty; build it first with "
@@ -53,7 +68,7 @@ def stage_repositories(settings, say: Say = _quiet) -> dict[str, object]:
     publish_repository(settings, repo_dir, progress=False)
     staged = {}
     for inst in settings.instances:
-        if inst.managed:
+        if inst.managed and (only is None or inst.name in only):
             say(f"pulling the verified repository for {inst.name}")
             staged[inst.name] = prepare_instance_repository(settings, inst)
     return staged
@@ -88,8 +103,10 @@ def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
     return proc
 
 
-def planned_ports(settings, with_control: bool, with_prometheus: bool = False) -> list[tuple[str, str, str, int]]:
-    """(component, config field, host, port) of every port `up` will bind."""
+def planned_ports(settings, with_control: bool, with_prometheus: bool = False,
+                  running: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, str, str, int]]:
+    """(component, config field, host, port) of every port `up` will bind (components in
+    `running` are kept and bind nothing new)."""
     out = []
     if settings.s3.start_local_server:
         out.append(("s3", "s3.port", settings.s3.host, settings.s3.port))
@@ -104,48 +121,64 @@ def planned_ports(settings, with_control: bool, with_prometheus: bool = False) -
         out += [(CONTROL_NAME, f"control.{f}", c.api_host, getattr(c, f)) for f in ("api_port", "metrics_port")]
     if with_prometheus:
         out.append(("prometheus", "control.prometheus_port", settings.control.api_host, settings.control.prometheus_port))
-    return out
+    return [p for p in out if p[0] not in running]
 
 
-def preflight(settings, with_control: bool, with_prometheus: bool = False) -> None:
+def preflight(settings, with_control: bool, with_prometheus: bool = False,
+              running: set[str] | frozenset[str] = frozenset()) -> None:
     """Fail before starting anything when a port is taken: nothing to clean up, a precise message."""
-    for component, fld, host, port in planned_ports(settings, with_control, with_prometheus):
+    for component, fld, host, port in planned_ports(settings, with_control, with_prometheus, running):
         if port_in_use(host, port):
-            raise ComponentError(component, f"port {host}:{port} ({fld}) is already in use; stop what holds it "
-                                            "or change it in the config")
+            raise ComponentError(component, f"port {host}:{port} ({fld}) is already in use but not by a process "
+                                            f"this run dir started (no live pid file in {settings.run_path}/pids); "
+                                            "stop what holds it (e.g. a daemon started by hand) or change the port "
+                                            "in the config")
 
 
 def up(settings, with_prometheus: bool = False, with_control: bool | None = None, say: Say = _quiet) -> Stack:
+    """Start every component of the stack that is not running yet; keep those that are."""
     from control.local.haproxy import start_haproxy  # noqa: PLC0415
     from control.local.s3_endpoint import start_s3_server  # noqa: PLC0415
     from control.local.triton_server import start_instance  # noqa: PLC0415
 
-    already = running_components(settings)
-    if already:
-        raise ComponentError("stack", f"already running ({', '.join(already)}); run `triton-hybrid down` first")
+    private_dir(settings.run_path)
+    running = set(running_components(settings))
+    for name in sorted(running):
+        say(f"{name} is already running (pid {load_managed(settings.run_path, name).pid}); kept")
     with_control = settings.control.start_daemon if with_control is None else with_control
-    preflight(settings, with_control, with_prometheus)
-    stack = Stack(settings)
+    preflight(settings, with_control, with_prometheus, running)
+    stack = Stack(settings, kept=sorted(running))
     try:
-        if settings.s3.start_local_server:
+        s3_started = False
+        if settings.s3.start_local_server and "s3" not in running:
             say(f"starting the local S3 endpoint on {settings.s3.url}")
             stack.procs.append(start_s3_server(settings))
-        repos = stage_repositories(settings, say)
-        for inst in settings.instances:
-            if inst.managed:
-                say(f"starting Triton {inst.name} ({inst.site}) on {inst.http_url}")
+            s3_started = True
+        missing = [i for i in settings.instances if i.managed and i.name not in running]
+        # moto keeps objects in memory: a new S3 endpoint needs the repository published again.
+        repos = stage_repositories(settings, say, only=[i.name for i in missing]) if missing or s3_started else {}
+        for inst in missing:
+            say(f"starting Triton {inst.name} ({inst.site}) on {inst.http_url}")
+            try:
                 stack.procs.append(start_instance(settings, inst, repos[inst.name]))
-                go_live(settings, inst)
-        say(f"starting HAProxy on {settings.haproxy.host}:{settings.haproxy.http_port} (HTTP) and "
-            f":{settings.haproxy.grpc_port} (gRPC)")
-        stack.procs.append(start_haproxy(settings))
-        if with_control:
+            except AlreadyRunning:  # the supervisor restarted it meanwhile
+                say(f"{inst.name} was started meanwhile; kept")
+                continue
+            go_live(settings, inst)
+        if "haproxy" not in running:
+            say(f"starting HAProxy on {settings.haproxy.host}:{settings.haproxy.http_port} (HTTP) and "
+                f":{settings.haproxy.grpc_port} (gRPC)")
+            stack.procs.append(start_haproxy(settings))
+        if with_control and CONTROL_NAME not in running:
             say("starting the control-plane daemon")
             stack.procs.append(start_control_daemon(settings))
-        if with_prometheus:
+        if with_prometheus and "prometheus" not in running:
             from control.local.prometheus import start_prometheus  # noqa: PLC0415
             say("starting Prometheus")
             stack.procs.append(start_prometheus(settings))
+        if settings.triton.supervise.enabled and SUPERVISOR_NAME not in running:
+            say("starting the supervisor (restarts a crashed Triton)")
+            stack.procs.append(start_supervisor(settings))
     except BaseException:
         stack.stop()
         raise
@@ -153,10 +186,12 @@ def up(settings, with_prometheus: bool = False, with_control: bool | None = None
 
 
 def down(settings, say: Say = _quiet) -> list[str]:
-    """Stop every component whose pid file is in the run dir, newest layer first."""
-    order = ["prometheus", CONTROL_NAME, "haproxy"] + [i.name for i in settings.instances] + ["s3"]
+    """Stop every component whose pid file is in the run dir, the supervisor first (so it restarts
+    nothing), then newest layer first; reap the leftovers of components that died. Raises
+    ComponentError naming every component some process of which would not go."""
+    order = [SUPERVISOR_NAME, "prometheus", CONTROL_NAME, "haproxy"] + [i.name for i in settings.instances] + ["s3"]
     names = managed_names(settings.run_path)
-    stopped = []
+    stopped, failed = [], []
     for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
         proc = load_managed(settings.run_path, name)
         if proc is None:
@@ -164,7 +199,15 @@ def down(settings, say: Say = _quiet) -> list[str]:
         if proc.alive:
             say(f"stopping {name} (pid {proc.pid})")
             stopped.append(name)
-        proc.stop()
+        elif left := proc.leftovers():
+            say(f"{name} is dead; reaping {len(left)} leftover process(es) of its group {proc.pgid} "
+                f"({rss_bytes(left) / 2**20:.0f} MiB)")
+        try:
+            proc.stop()
+        except ComponentError as e:
+            failed.append(str(e))
+    if failed:
+        raise ComponentError("down", "; ".join(failed))
     return stopped
 
 
@@ -175,13 +218,15 @@ def _triton_status(settings, inst) -> dict:
     try:
         out["ready"] = http_ok(f"{inst.http_url}/v2/health/ready", timeout=1.0)
         index = requests.post(f"{inst.http_url}/v2/repository/index", json={"ready": False}, timeout=2.0,
-                              headers={"admin-key": settings.triton.admin_key.get_secret_value()})
+                              headers={"admin-key": admin_key(settings, inst)})
         if index.ok:
             for m in index.json():
                 if m.get("state") == "READY":
                     out["models"].setdefault(m["name"], []).append(m.get("version"))
     except requests.RequestException as e:
         out["error"] = type(e).__name__
+    except ComponentError as e:  # no key file yet: never started
+        out["error"] = str(e)
     return out
 
 
@@ -204,7 +249,15 @@ def status(settings) -> dict:
     def proc_info(name: str) -> dict:
         p = load_managed(run, name)
         alive = bool(p and p.alive)
-        return {"name": name, "pid": p.pid if alive else None, "running": alive}
+        info = {"name": name, "pid": p.pid if alive else None, "running": alive,
+                "state": ProcState.RUNNING if alive else ProcState.STOPPED if p is None else ProcState.DEAD}
+        if p is not None and not alive:
+            # Left behind in the dead component's process group (e.g. Python-backend stubs).
+            info["leftovers"] = p.leftovers()
+            info["leftover_rss_bytes"] = rss_bytes(info["leftovers"])
+        return info
+
+    sup = supervisor_state(settings).get("instances", {})
 
     s3 = settings.s3
     info = proc_info("s3") | {"kind": "s3", "url": s3.url, "bucket": s3.bucket, "prefix": s3.prefix}
@@ -229,6 +282,9 @@ def status(settings) -> dict:
         # Live vs newest published version per model, from the sync state (no S3 call).
         info["sync"] = lag.get(inst.name, [])
         info["sync_lag_versions"] = sum(r["lag_versions"] for r in info["sync"])
+        if inst.name in sup:
+            info["restarts"] = sup[inst.name]["restarts"]
+            info["restart_given_up"] = sup[inst.name]["given_up"]
         comps.append(info)
 
     h = settings.haproxy
@@ -255,5 +311,8 @@ def status(settings) -> dict:
     from control.capacity.cost import cost_summary  # noqa: PLC0415
 
     info["cost"] = cost_summary(settings)
+    comps.append(info)
+    info = proc_info(SUPERVISOR_NAME) | {"kind": "supervisor", "enabled": settings.triton.supervise.enabled}
+    info["healthy"] = info["running"]
     comps.append(info)
     return {"time": time.time(), "run_dir": str(run), "components": comps}

@@ -21,6 +21,7 @@ import site
 import sys
 from pathlib import Path
 
+from control.local.admin_keys import ensure_admin_key
 from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
 
 PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -109,14 +110,16 @@ def start_triton(name: str, repository: str | Path, http_port: int, grpc_port: i
                  run_dir: Path, admin_key: str | None = None, load_models=("*",),
                  env_extra: dict[str, str] | None = None, ready_timeout: float = 60.0,
                  host: str = "127.0.0.1", extra_args: list[str] | None = None,
-                 log_verbose: int = 0) -> ManagedProcess:
-    """Start one Triton and wait until /v2/health/ready; on failure stop it and raise with its log."""
+                 log_verbose: int = 0, meta: dict | None = None) -> ManagedProcess:
+    """Start one Triton and wait until /v2/health/ready; on failure stop it and raise with its log.
+    The admin key stays on Triton's command line only (the pid file records it redacted)."""
     for what, port in (("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)):
         if port_in_use(host, port):
             raise ComponentError(name, f"{what} port {host}:{port} is already in use; free it or change it in the config")
     argv = triton_argv(repository, http_port, grpc_port, metrics_port, run_dir, admin_key, load_models, host,
                        extra_args, log_verbose)
-    proc = start_process(name, argv, Path(run_dir), env=triton_env(env_extra))
+    proc = start_process(name, argv, Path(run_dir), env=triton_env(env_extra), secret_values=[admin_key or ""],
+                         meta=meta)
     try:
         wait_for_process(lambda: http_ok(f"http://{host}:{http_port}/v2/health/ready"), proc, ready_timeout,
                    "ready (/v2/health/ready); a model probably failed to load")
@@ -128,11 +131,13 @@ def start_triton(name: str, repository: str | Path, http_port: int, grpc_port: i
 
 
 def start_instance(settings, instance, repository: str | Path, ready_timeout: float | None = None) -> ManagedProcess:
-    """Start the Triton of a configured instance."""
+    """Start the Triton of a configured instance with its own admin key (generated on first start).
+    The pid file records the instance and repository, so the supervisor can start it again."""
     return start_triton(instance.name, repository, instance.http_port, instance.grpc_port, instance.metrics_port,
-                        settings.run_path, admin_key=settings.triton.admin_key.get_secret_value(),
+                        settings.run_path, admin_key=ensure_admin_key(settings, instance),
                         ready_timeout=ready_timeout or settings.triton.startup_timeout_s, host=instance.host,
-                        extra_args=settings.triton.extra_args, log_verbose=settings.triton.log_verbose)
+                        extra_args=settings.triton.extra_args, log_verbose=settings.triton.log_verbose,
+                        meta={"kind": "triton", "instance": instance.name, "repository": str(repository)})
 
 
 def _interesting(log: str) -> str:
