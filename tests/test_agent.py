@@ -16,6 +16,7 @@ import pytest
 import requests
 import yaml
 
+from control.local.admin_keys import admin_key
 from control.adapters import s3 as s3x
 from control.config import PROJECT_ROOT
 from control.drills.load import OpenLoopLoad, auto_spec
@@ -75,7 +76,7 @@ class Host:
         data["agent"] = {
             "instance": self.inst.name, "site": self.inst.site, "triton_url": self.inst.http_url,
             "repository_dir": str(self.repo), "interval_s": 0.5, "api_port": self.api_port,
-            "token": TOKEN, "admin_key": self.settings.triton.admin_key.get_secret_value(),
+            "token": TOKEN, "admin_key": admin_key(self.settings, self.inst),
             "load_timeout_s": 60, "advertise_http_url": self.inst.http_url,
             "advertise_agent_url": f"http://127.0.0.1:{self.api_port}", **agent}
         path = self.tmp / "agent.yaml"
@@ -121,7 +122,7 @@ class Host:
 
     def triton_index(self) -> dict[str, set[int]]:
         r = requests.post(f"{self.inst.http_url}/v2/repository/index", timeout=10,
-                          headers={"admin-key": self.settings.triton.admin_key.get_secret_value()})
+                          headers={"admin-key": admin_key(self.settings, self.inst)})
         r.raise_for_status()
         out: dict[str, set[int]] = {}
         for m in r.json():
@@ -177,12 +178,12 @@ def test_empty_host_converges_to_the_desired_versions_and_only_then_is_ready(hos
     assert 'triton_hybrid_agent_model_live_version{model="add_one"} 1.0' in metrics
     assert "triton_hybrid_agent_converged 1.0" in metrics
     # Secrets: not in the agent's argv, log, pid file or any file of its state dir.
-    admin_key = host.settings.triton.admin_key.get_secret_value()
+    key = admin_key(host.settings, host.inst)
     cmdline = Path(f"/proc/{agent.pid}/cmdline").read_bytes()
     looked = [cmdline, agent.log_path.read_bytes(), agent.pid_file.read_bytes()]
     looked += [p.read_bytes() for p in Path(f"{host.repo}.agent").rglob("*") if p.is_file()]
     for blob in looked:
-        assert TOKEN.encode() not in blob and admin_key.encode() not in blob
+        assert TOKEN.encode() not in blob and key.encode() not in blob
 
 
 def test_new_stable_version_goes_live_under_load_without_a_failed_request(host):

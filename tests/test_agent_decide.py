@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from control.local.admin_keys import admin_key
 from control.agent.converge import Action, ModelPhase, ModelReport, ModelView, PassResult, Reason, decide, plan
 from control.agent.pull import Throttle
 from control.mirror.desired import Canary, DesiredState, ModelState, Rejection
@@ -127,5 +128,5 @@ def test_agent_config_for_an_instance_of_the_registry(settings_factory):
     assert (cfg.instance, cfg.site, cfg.triton_url, cfg.api_port) == ("cloud-1", "cloud", inst.http_url, 9999)
     assert cfg.repository_dir == str(settings.run_path / "instances" / "cloud-1" / "repository")
     assert cfg.state_path == settings.run_path / "instances" / "cloud-1" / "agent"
-    assert cfg.admin_key.get_secret_value() == settings.triton.admin_key.get_secret_value()
+    assert cfg.admin_key.get_secret_value() == admin_key(settings, inst)
     assert "admin_key" not in repr(cfg) or "**********" in repr(cfg)

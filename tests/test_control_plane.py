@@ -17,7 +17,6 @@ import pytest
 import requests
 import yaml
 
-from control.daemon.api import serve_api
 from control.daemon.controller import Controller, Daemon
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.drills.load import run_load

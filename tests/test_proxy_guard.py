@@ -12,14 +12,12 @@ serving the search_ranking repository behind the real HAProxy.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
@@ -28,6 +26,7 @@ from pydantic import ValidationError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from control.local.admin_keys import admin_key
 from control.adapters.haproxy_config import GUARD_FILE, GUARD_SCRIPT, install_guard, render
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.config import PROJECT_ROOT, HAProxyConfig
@@ -254,7 +253,7 @@ REFUSED = [("POST", "/v2/models/preprocess/infer"), ("POST", "/v2/models/preproc
 def test_http_allowlist(guarded, tritons):
     for path in ALLOWED_GET:
         assert requests.get(f"{http_url(guarded)}{path}", timeout=10).status_code == 200, path
-    key = tritons[0].triton.admin_key.get_secret_value()
+    key = admin_key(tritons[0], tritons[0].instances[0])
     for method, path in REFUSED:
         r = requests.request(method, f"{http_url(guarded)}{path}", json={"inputs": []}, timeout=10,
                              headers={"admin-key": key})

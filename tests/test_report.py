@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from control import db
+from control.durations import parse_duration
 from control.traffic import audit
 from control.traffic import chart as report
 from control.cli import cli
@@ -106,11 +107,11 @@ def test_report_errors_are_clean(tmp_path):
 
 
 def test_parse_duration():
-    assert report.parse_duration("90s") == 90
-    assert report.parse_duration("1h30m") == 5400
-    assert report.parse_duration("2d") == 172800
+    assert parse_duration("90s") == 90
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("2d") == 172800
     with pytest.raises(ValueError):
-        report.parse_duration("1 hour")
+        parse_duration("1 hour")
 
 
 class _FakePrometheus(BaseHTTPRequestHandler):

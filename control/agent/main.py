@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from control.adapters import s3 as s3x
 from control.adapters.triton import TritonAdmin
 from control.agent.converge import Converger, PassResult
@@ -25,6 +27,7 @@ from control.agent.metrics import AgentMetrics
 from control.agent.repository import FailureBook, HostRepository
 from control.agent.smoke import SmokeFn
 from control.mirror.desired import DesiredState, DesiredStateError, DesiredStore, InstanceStatus, Read
+from control.local.admin_keys import ensure_admin_key
 from control.mirror.manifest import ManifestError, validate_model_name
 
 log = logging.getLogger("triton_hybrid.agent")
@@ -54,13 +57,14 @@ def agent_config_for(settings, instance, **overrides):
     """The AgentConfig of one instance of the registry (the local stack, the scaler's new instances):
     its site, capacity and addresses, Triton on its own address, the repository under
     `run_dir/instances/<name>/repository` (where the local stack's Triton serves it), the state
-    beside it, this stack's Triton admin key. `overrides`: any AgentConfig field (api_port, token ...)."""
+    beside it, the instance's own Triton admin key (generated if it has none yet).
+    `overrides`: any AgentConfig field (api_port, token ...)."""
     from control.config import AgentConfig  # noqa: PLC0415 - config imports nothing of the agent; keep it so
 
     root = settings.run_path / "instances" / instance.name
     base = dict(instance=instance.name, site=instance.site, triton_url=instance.http_url,
                 repository_dir=str(root / "repository"), state_dir=str(root / "agent"),
-                admin_key=settings.triton.admin_key, keep_versions=settings.s3.keep_versions,
+                admin_key=SecretStr(ensure_admin_key(settings, instance)), keep_versions=settings.s3.keep_versions,
                 load_timeout_s=settings.triton.startup_timeout_s, capacity=instance.capacity,
                 advertise_http_url=instance.http_url, advertise_grpc_url=instance.grpc_url,
                 advertise_metrics_url=instance.metrics_url)

@@ -8,6 +8,7 @@ import sys
 import click
 
 from control.config import ConfigError, load_config
+from control.daemon.client import DaemonError
 
 # (module, attribute) of each command or group; imported lazily so that `triton-hybrid status`
 # does not pay for torch.
@@ -40,6 +41,12 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DaemonError as e:  # the daemon refused or is down: a clean CLI error, no traceback
+            raise click.ClickException(str(e)) from None
+
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(_COMMANDS))
 

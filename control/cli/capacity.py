@@ -1,7 +1,7 @@
 """CLI of the cloud scaler and cost: `scale show`, `scale history`, `cost` (all with --json).
 
 Read-only: from the daemon's admin API, or (daemon down) the SQLite database, and say so
-(control/cli/daemon_client.py, `daemon_or_database`).
+(control/daemon/client.py, `daemon_or_database`).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import click
 
 from control.capacity.cost import cost_summary
 from control.cli import settings_from
-from control.cli.daemon_client import daemon_or_database
-from control.cli.daemon_client import print_result as _print
+from control.cli.output import print_result as _print
+from control.daemon.client import daemon_or_database
 from control.daemon.api import BadRequest, since_to_ts
 
 

@@ -14,25 +14,9 @@ import time
 import click
 
 from control.cli import settings_from
-from control.cli.daemon_client import AdminClient, DaemonDown, daemon_or_database  # noqa: F401 - DaemonDown: callers
-from control.cli.daemon_client import print_result as _print
+from control.cli.output import print_result as _print
+from control.daemon.client import AdminClient, daemon_or_database, weights_summary
 from control.daemon.api import BadRequest, policy_view, since_to_ts
-
-
-def weights_summary(settings) -> dict:
-    """For `triton-hybrid status`: the weights part, from the daemon or (daemon down) the database."""
-    def read_db(audit) -> dict:
-        last = audit.last()
-        ov = audit.override()
-        now = time.time()
-        return {"weights": last.new_weights if last else None,
-                "instance_weights": last.instance_weights if last else None,
-                "last_decision": None if last is None else {"reason": last.reason, "message": last.message,
-                                                            "time": last.to_dict()["time"]},
-                "override": None if ov is None or ov.expires_at <= now else
-                {"weights": ov.weights, "ttl_left_s": round(ov.expires_at - now, 1)},
-                "drained": [d["target"] for d in audit.drains()]}
-    return daemon_or_database(settings, "/v1/weights", read_db, any_error=True, no_database={"weights": None})
 
 
 # ---- control run --------------------------------------------------------------------------------

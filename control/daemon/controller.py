@@ -27,7 +27,7 @@ from control.daemon.jobs import Job
 from control.daemon.metrics import ControlMetrics
 from control.daemon.mirror_job import MirrorJob
 from control.daemon.registry import Registry
-from control.daemon.traffic_job import TrafficJob, home_weights  # noqa: F401 - home_weights: callers import it here
+from control.daemon.traffic_job import TrafficJob
 from control.traffic.actuators import WeightActuator, make_actuator
 from control.traffic.audit import Audit
 from control.traffic.policy import Decision

@@ -27,6 +27,7 @@ import requests
 import yaml
 
 from control.config import Settings
+from control.drills.faults import DelayProxy
 from control.drills.load import OpenLoopLoad, RequestSpec
 from control.local.admin_keys import ensure_admin_key
 from control.local.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_for_process
@@ -322,7 +323,6 @@ class DrillEnv:
     def start_s3(self) -> None:
         """moto on a port of its own behind a TCP proxy on `s3.port` (stopping the proxy is the
         outage: connections refused, the bucket's data kept), then publish + verified pull."""
-        from control.drills.faults import DelayProxy  # noqa: PLC0415
         from control.mirror.publish import publish_repository  # noqa: PLC0415
         from control.local.s3_endpoint import start_s3_server  # noqa: PLC0415
         from control.mirror.sync import prepare_instance_repository  # noqa: PLC0415
@@ -335,7 +335,6 @@ class DrillEnv:
             self.repositories[inst.name] = prepare_instance_repository(self.settings, inst)
 
     def start_s3_proxy(self) -> None:
-        from control.drills.faults import DelayProxy  # noqa: PLC0415
         s3 = self.settings.s3
         self.proxies["s3"] = [DelayProxy(s3.host, s3.port, s3.host, self.s3_real_port).start()]
 
@@ -349,7 +348,6 @@ class DrillEnv:
         return self.procs["control"]
 
     def start(self) -> None:
-        from control.drills.faults import DelayProxy  # noqa: PLC0415
         if self.with_control:
             self.settings = write_settings_file(self.settings)
         if self.with_s3:

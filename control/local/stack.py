@@ -304,7 +304,7 @@ def status(settings) -> dict:
         info["healthy"] = http_ok(info["metrics"]) if info["running"] else False
     except requests.RequestException:
         info["healthy"] = False
-    from control.cli.traffic import weights_summary  # noqa: PLC0415
+    from control.daemon.client import weights_summary  # noqa: PLC0415
 
     # The decided site weights, override and drains: from the daemon, or its database when down.
     info["decision"] = weights_summary(settings)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import requests
 
-from control.durations import parse_duration  # noqa: F401 - kept importable here (tests/test_report.py)
 
 SITE_COLORS = {"onprem": "#1f77b4", "cloud": "#ff7f0e"}
 QUIET_REASONS = {"steady", "hold_sustain", "hold_cooldown", "unknown_metrics", "failback_wait", "override",

@@ -1,19 +1,22 @@
-"""How the CLI talks to the control daemon: `AdminClient` (the admin API with the configured
-token) and `daemon_or_database`, the one fallback every read-only view uses: ask the daemon, and
-when it is down read the control database directly (and say so in `source`)."""
+"""How other processes (the CLI, `status`) talk to the control daemon: `AdminClient` (the admin API
+with the configured token) and `daemon_or_database`, the one fallback every read-only view uses: ask
+the daemon, and when it is down read the control database directly (and say so in `source`)."""
 from __future__ import annotations
 
-import json
+import time
 from typing import Callable
 
-import click
 import requests
 
 from control.traffic.audit import Audit
 
 
-class DaemonDown(click.ClickException):
-    pass
+class DaemonError(RuntimeError):
+    """The daemon refused a call (the message has the HTTP status and its error)."""
+
+
+class DaemonDown(DaemonError):
+    """The daemon is not answering."""
 
 
 class AdminClient:
@@ -35,7 +38,7 @@ class AdminClient:
         except ValueError:
             data = {"error": r.text[:300]}
         if r.status_code != 200:
-            raise click.ClickException(f"{method} {path}: HTTP {r.status_code}: {data.get('error', data)}")
+            raise DaemonError(f"{method} {path}: HTTP {r.status_code}: {data.get('error', data)}")
         return data
 
 
@@ -44,16 +47,16 @@ def daemon_or_database(settings, path: str, read_db: Callable[[Audit], dict], *,
     """`GET path` from the daemon as {"source": "daemon", ...}; if the daemon is down (with
     `any_error`: or answers an error), `read_db(audit)` from the control database as
     {"source": "database (daemon down)", "error": why, ...}. No database either: `no_database`
-    (with source "none"), or a ClickException saying both are missing."""
+    (with source "none"), or a DaemonDown saying both are missing."""
     try:
         return {"source": "daemon", **AdminClient(settings, timeout=timeout).call("GET", path, params=params)}
-    except click.ClickException as e:
+    except DaemonError as e:
         if not (any_error or isinstance(e, DaemonDown)):
             raise
-        err = e.format_message()
+        err = str(e)
     if not settings.database_path.exists():
         if no_database is None:
-            raise click.ClickException(f"{err}; and there is no control database at {settings.database_path}")
+            raise DaemonDown(f"{err}; and there is no control database at {settings.database_path}")
         return {"source": "none", "error": err, **no_database}
     audit = Audit(settings.database_path)
     try:
@@ -62,8 +65,17 @@ def daemon_or_database(settings, path: str, read_db: Callable[[Audit], dict], *,
         audit.close()
 
 
-def print_result(obj, as_json: bool, human) -> None:
-    if as_json:
-        click.echo(json.dumps(obj, indent=2, default=str))
-    else:
-        human(obj)
+def weights_summary(settings) -> dict:
+    """For `triton-hybrid status`: the weights part, from the daemon or (daemon down) the database."""
+    def read_db(audit) -> dict:
+        last = audit.last()
+        ov = audit.override()
+        now = time.time()
+        return {"weights": last.new_weights if last else None,
+                "instance_weights": last.instance_weights if last else None,
+                "last_decision": None if last is None else {"reason": last.reason, "message": last.message,
+                                                            "time": last.to_dict()["time"]},
+                "override": None if ov is None or ov.expires_at <= now else
+                {"weights": ov.weights, "ttl_left_s": round(ov.expires_at - now, 1)},
+                "drained": [d["target"] for d in audit.drains()]}
+    return daemon_or_database(settings, "/v1/weights", read_db, any_error=True, no_database={"weights": None})
