@@ -3,20 +3,29 @@ one closed-loop load generator used for every serving path, and a stack of the b
 (free loopback ports, run dir under the work dir) started with `control.local.stack.up`."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+import requests
+
+from control.local.procs import free_port
+from control.local.triton_server import start_triton
+from model_repository.perf import binary, input_data, perf_env
+from model_repository.smoke import to_infer_inputs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PY = ".venv/bin/python"
@@ -40,7 +49,6 @@ class Section:
     status: str = "measured"                            # measured | missing | error
     seconds: float = 0.0
     headline: str = ""                                  # one line: the figure to quote
-
 
     def markdown(self) -> str:
         out = [f"<!-- section:{self.key} -->", f"## {self.title}", ""]
@@ -154,7 +162,6 @@ def machine() -> dict:
         mem = f"{kb / 1024 / 1024:.1f} GiB"
     except (OSError, StopIteration, ValueError):
         pass
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
 
     def ver(pkg):
         try:
@@ -197,15 +204,11 @@ def load_queries(export_dir: Path, n: int = 16, max_candidates: int = 1000) -> l
 
 def perf_input_data(queries: list[dict], top_k: int = 10) -> dict:
     """perf_analyzer --input-data JSON with every query (it cycles through them)."""
-    from model_repository.perf import input_data  # noqa: PLC0415
-
     return {"data": [input_data(q["query"], q["candidate_ids"], top_k)["data"][0] for q in queries]}
 
 
 def triton_inputs(module, q: dict, top_k: int = 10) -> list:
     """tritonclient.http/grpc InferInputs for one search_ranking request (batch dim 1)."""
-    from model_repository.smoke import to_infer_inputs  # noqa: PLC0415
-
     return to_infer_inputs({
         "QUERY": np.array([[q["query"].encode()]], dtype=object),
         "CANDIDATE_IDS": np.array([q["candidate_ids"]], dtype=np.int64),
@@ -346,9 +349,6 @@ def _record_triton_version(ctx: Ctx, http_url: str) -> None:
 @contextmanager
 def single_triton(ctx: Ctx, name: str, repository: Path):
     """One Triton (no HAProxy) on free ports; yields (http host:port, grpc host:port)."""
-    from control.local.procs import free_port  # noqa: PLC0415
-    from control.local.triton_server import start_triton  # noqa: PLC0415
-
     run_dir = ctx.work_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -379,11 +379,6 @@ def perf_measure(url: str, concurrency: int, data: dict, protocol: str, interval
     throughput and average latency within 100% (this machine is shared and noisy; p99 as the
     stability criterion rarely converges), at most 6 windows; p50/p99 from its CSV. One retry with
     a doubled window if it does not stabilize."""
-    import csv  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
-    from model_repository.perf import binary, perf_env  # noqa: PLC0415
-
     last = ""
     for window in (interval_ms, interval_ms * 2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -417,8 +412,6 @@ STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_outp
 def triton_model_stats(http: str) -> dict[str, dict]:
     """Triton's per-model statistics (`GET /v2/models/stats`, cumulative since load), summed over the
     loaded versions: {model: {"requests", "executions", "inferences", "<stat>_ns" for STAT_KEYS}}."""
-    import requests  # noqa: PLC0415
-
     body = requests.get(f"http://{http}/v2/models/stats", timeout=10).json()
     out: dict[str, dict] = {}
     for m in body.get("model_stats", []):
@@ -434,7 +427,6 @@ def triton_model_stats(http: str) -> dict[str, dict]:
 
 
 def ensemble_steps(http: str, ensemble: str = "search_ranking") -> list[str]:
-    import requests  # noqa: PLC0415
 
     cfg = requests.get(f"http://{http}/v2/models/{ensemble}/config", timeout=10).json()
     return [s["model_name"] for s in cfg.get("ensemble_scheduling", {}).get("step", [])]

@@ -13,13 +13,13 @@ import time
 import numpy as np
 
 from bench.common import PROJECT_ROOT, Ctx, Missing, Section, md_table, pct
+from control.config import load_config
+from control.local.procs import free_port
 
 COUNTS = (1, 10, 100)
 
 
 def _settings(ctx: Ctx, n: int, ports: list[list[int]]):
-    from control.config import load_config  # noqa: PLC0415
-    from control.local.procs import free_port  # noqa: PLC0415
 
     run_dir = ctx.work_dir / f"control-{n}"
     run_dir.mkdir(parents=True, exist_ok=True)

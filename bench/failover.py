@@ -13,8 +13,8 @@ SCENARIOS = ("onprem-crash", "onprem-hang")
 
 def run(ctx: Ctx) -> Section:
     try:
-        from control.drills import scenarios  # noqa: PLC0415
         from control.cli.drill import search_ranking_spec  # noqa: PLC0415
+        from control.drills import scenarios  # noqa: PLC0415
         from control.drills.runner import run_drill  # noqa: PLC0415
         from control.local.isolated import isolated_settings as make_settings  # noqa: PLC0415
     except ImportError as e:

@@ -14,9 +14,20 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (
-    Ctx, Missing, Section, fmt_ratio, load_queries, md_table, perf_available, perf_input_data, perf_measure,
-    perf_warmup, single_triton,
+    Ctx,
+    Missing,
+    Section,
+    fmt_ratio,
+    load_queries,
+    md_table,
+    perf_available,
+    perf_input_data,
+    perf_measure,
+    perf_warmup,
+    single_triton,
+    triton_inputs,
 )
+from model_repository.spec import VARIANTS
 
 VARIANT_NAMES = ("fp32", "int8", "student")
 CONCURRENCY = (1, 16)
@@ -25,7 +36,6 @@ MAX_NDCG_DROP = 0.01       # 1 point of held-out NDCG@10
 
 
 def variant_files(variant: str) -> tuple[str, str]:
-    from model_repository.spec import VARIANTS  # noqa: PLC0415
 
     v = VARIANTS[variant]
     return v.query_intent, v.ranker
@@ -45,8 +55,6 @@ def served_ndcg(http: str, export: Path, k: int = 10) -> tuple[float, int]:
     """Mean NDCG@k (gain 2^rel - 1) of the top-k the ensemble returns for every held-out query
     (all its candidates, TOP_K k), over HTTP: (ndcg, queries)."""
     import tritonclient.http as th  # noqa: PLC0415
-
-    from bench.common import triton_inputs  # noqa: PLC0415
 
     held = json.loads((export / "heldout_queries.json").read_text())
     client = th.InferenceServerClient(http, connection_timeout=30, network_timeout=30)

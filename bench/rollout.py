@@ -13,7 +13,16 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import Ctx, Missing, Section, bench_stack, load_queries, md_table, mmm, triton_http_caller
+from bench.common import (
+    Ctx,
+    Missing,
+    Section,
+    bench_stack,
+    load_queries,
+    md_table,
+    mmm,
+    triton_http_caller,
+)
 
 MODEL = "ranker"
 

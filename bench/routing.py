@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 
 from bench.common import (
-    Ctx, Section, bench_stack, load_queries, md_table, perf_available, perf_input_data, perf_measure, perf_warmup,
+    Ctx,
+    Section,
+    bench_stack,
+    load_queries,
+    md_table,
+    perf_available,
+    perf_input_data,
+    perf_measure,
+    perf_warmup,
 )
 
 CONCURRENCY = (1, 8, 32)

@@ -16,10 +16,26 @@ import numpy as np
 import requests
 
 from bench.common import (
-    BREAKDOWN_HEADERS, PROJECT_ROOT, Ctx, Missing, Section, drive, ensemble_steps, fmt_ratio, load_queries, md_table,
-    perf_available, perf_input_data, perf_measure, perf_warmup, single_triton, stats_breakdown, triton_http_caller,
+    BREAKDOWN_HEADERS,
+    PROJECT_ROOT,
+    Ctx,
+    Missing,
+    Section,
+    drive,
+    ensemble_steps,
+    fmt_ratio,
+    load_queries,
+    md_table,
+    perf_available,
+    perf_input_data,
+    perf_measure,
+    perf_warmup,
+    single_triton,
+    stats_breakdown,
+    triton_http_caller,
     triton_model_stats,
 )
+from control.local.procs import free_port
 
 CONCURRENCY = (1, 4, 16)
 BREAKDOWN_CONCURRENCY = (1, 16)
@@ -84,7 +100,6 @@ def flask_caller(url: str, queries):
 
 
 def start_flask(ctx: Ctx, export) -> tuple[subprocess.Popen, str]:
-    from control.local.procs import free_port  # noqa: PLC0415
 
     port = free_port()
     log = open(ctx.work_dir / "flask.log", "w")
@@ -108,8 +123,9 @@ def start_flask(ctx: Ctx, export) -> tuple[subprocess.Popen, str]:
 def run(ctx: Ctx) -> Section:
     export = ctx.need_export()
     try:
-        from export.reference import ReferencePipeline  # noqa: PLC0415
         import flask  # noqa: F401, PLC0415
+
+        from export.reference import ReferencePipeline  # noqa: PLC0415
     except ImportError as e:
         raise Missing(f"{e.name} is not importable") from None
     queries = load_queries(export, 16)

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from .data import sha256_file
@@ -56,8 +57,6 @@ STALE_TEMP_SECONDS = 6 * 3600
 def remove_stale_temp_dirs(root: Path | str, older_than_s: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Temp dirs of runs that were killed (SIGKILL, power loss) are removed once they are old;
     recent ones may belong to an export still running."""
-    import time
-
     gone = []
     root = Path(root)
     if root.is_dir():

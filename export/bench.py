@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifacts import load_metadata
 from .onnx_export import session
+from .tokenizer import Tokenizer
 
 
 def measure(sess, feeds: dict[str, np.ndarray], repeats: int = 30, warmup: int = 3) -> float:
@@ -47,9 +49,6 @@ def speedup(base_path: Path, new_path: Path, feeds: dict[str, np.ndarray], repea
 
 def run_bench(export_dir: Path, batches=(1, 64), repeats: int = 50, n_candidates: int = 50,
               threads: int = 1) -> list[dict]:
-    from .artifacts import load_metadata
-    from .tokenizer import Tokenizer
-
     export_dir = Path(export_dir)
     meta = load_metadata(export_dir)
     tok = Tokenizer.load(export_dir / "tokenizer.json")

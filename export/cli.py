@@ -2,9 +2,18 @@
 `python -m export.cli export|export-bench` runs them standalone."""
 from __future__ import annotations
 
+import json
+import signal
+import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
+
+from .artifacts import latest_export
+from .config import DEFAULT_SEED, get_profile
+from .errors import ExportError
 
 DEFAULT_OUT = "artifacts/exports"
 
@@ -23,14 +32,7 @@ DEFAULT_OUT = "artifacts/exports"
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def export_cmd(profile, out, seed, version, data_dir, checkpoint, no_progress):
     """Train, export to ONNX (FP32/INT8/student, TensorRT FP16 on GPU), check gates, write a new version."""
-    from rich.console import Console
-
-    from .config import DEFAULT_SEED, get_profile
-    from .errors import ExportError
-    from .pipeline import run_export
-
-    import signal
-    import sys
+    from .pipeline import run_export  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
 
     # SIGTERM -> SystemExit, so the temporary export directory is removed on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -52,14 +54,7 @@ def export_cmd(profile, out, seed, version, data_dir, checkpoint, no_progress):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 def export_bench_cmd(export_dir, root, repeats, candidates, threads, as_json):
     """onnxruntime latency/throughput: FP32 vs INT8 vs distilled student, batch 1 and 64."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from .artifacts import latest_export
-    from .bench import run_bench
-    from .errors import ExportError
+    from .bench import run_bench  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
 
     try:
         d = Path(export_dir) if export_dir else latest_export(root)

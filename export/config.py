@@ -1,7 +1,7 @@
 """Typed profiles of the export pipeline: every size, epoch count and threshold lives here."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,8 +352,6 @@ def ensure_dataset(profile: Profile, seed: int, data_root: Path) -> tuple[Datase
     """Generate the data for (profile, seed) under data_root unless present; verify it either way."""
     d = Path(data_root) / f"{profile.name}-seed{seed}"
     if not d.exists():
-        import shutil
-        import tempfile
 
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{d.name}-", dir=d.parent))

@@ -7,7 +7,6 @@ import math
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .config import EncoderConfig
 

@@ -120,7 +120,7 @@ def ort_intent(path: Path, ids: np.ndarray, mask: np.ndarray, bs: int = 256) -> 
 
 def ort_ranker_scores(path: Path, emb: np.ndarray, probs: np.ndarray, queries: list[dict],
                       features: np.ndarray, bs: int = 128) -> list[np.ndarray]:
-    from .train import pad_candidates
+    from .train import pad_candidates  # noqa: PLC0415 - deferred: pulls in torch
     sess = session(path)
     out: list[np.ndarray] = []
     for i in range(0, len(queries), bs):

@@ -7,6 +7,7 @@ Everything is written into a temporary directory inside the export root and rena
 `<root>/<N>/` only when every gate passed; on any error the temporary directory is removed."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -22,17 +23,33 @@ from rich.table import Table
 from . import artifacts, metrics
 from .bench import intent_feeds, ranker_feeds, speedup
 from .config import Profile
-from .data import Dataset, ensure_dataset, write_npz
+from .data import ensure_dataset, write_npz
 from .errors import CheckpointError, GateError
 from .features import build_item_features
 from .models import QueryIntentModel, Ranker
-from .onnx_export import (export_query_intent, export_ranker, io_spec, ort_intent, ort_ranker_scores,
-                          parity_query_intent, parity_ranker)
+from .onnx_export import (
+    export_query_intent,
+    export_ranker,
+    io_spec,
+    ort_intent,
+    ort_ranker_scores,
+    parity_query_intent,
+    parity_ranker,
+)
 from .quantize import int8_guard, quantize_int8, student_guard
 from .tensorrt import build_and_check
 from .tokenizer import Tokenizer
-from .train import (aux_sizes_for, encode_queries, make_progress, predict, ranker_scores, softmax_np,
-                    train_ranker, train_student, train_teacher)
+from .train import (
+    aux_sizes_for,
+    encode_queries,
+    make_progress,
+    predict,
+    ranker_scores,
+    softmax_np,
+    train_ranker,
+    train_student,
+    train_teacher,
+)
 
 CKPT_FORMAT = "triton-hybrid-export-checkpoint/1"
 
@@ -121,7 +138,6 @@ def load_checkpoint(path: Path, profile: Profile, num_intents: int, aux_sizes: d
         teacher.load_state_dict(ck["teacher"])
         student = QueryIntentModel(tok.vocab_size, tok.max_len, profile.student, num_intents, {})
         student.load_state_dict(ck["student"])
-        import copy
         ranker = Ranker(profile.teacher.emb_dim, num_intents, feat_dim, layout, profile.train.ranker_hidden,
                         copy.deepcopy(teacher.aux))
         ranker.load_state_dict(ck["ranker"])
@@ -339,7 +355,7 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
                                  g.tensorrt_fp16_max_abs_diff)
             E, F = profile.teacher.emb_dim, features.shape[1]
             rfeeds = ranker_feeds(E, num_intents, features, 64, 50)
-            from .onnx_export import session
+            from .onnx_export import session  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
             r_ref = session(tmp / "ranker.onnx").run(["scores"], rfeeds)[0]
             # The plan must take what the repository admits: up to PLAN_MAX_CANDIDATES candidates
             # (the ensemble's default max_candidates) in batches up to PLAN_MAX_RANKER_BATCH.

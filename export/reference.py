@@ -17,7 +17,14 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifacts import load_metadata
-from .ranking import FeatureTable, RankingError, dedupe, softmax, top_k_order, unknown_message
+from .ranking import (
+    FeatureTable,
+    RankingError,
+    dedupe,
+    softmax,
+    top_k_order,
+    unknown_message,
+)
 from .tokenizer import Tokenizer
 
 __all__ = ["ReferencePipeline", "Ranking", "softmax"]

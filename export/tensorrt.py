@@ -14,7 +14,7 @@ def unavailable_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "the tensorrt Python package is not installed"
     try:
-        import torch
+        import torch  # noqa: PLC0415 - deferred: pulls in torch
         if not torch.cuda.is_available():
             return "no CUDA GPU visible to torch"
     except Exception as e:  # noqa: BLE001
@@ -25,7 +25,7 @@ def unavailable_reason() -> str | None:
 def build_fp16_plan(onnx_path: Path, plan_path: Path, shapes: dict[str, tuple[tuple, tuple, tuple]],
                     workspace_mb: int = 1024) -> None:
     """shapes: input name -> (min, opt, max) shapes of the optimization profile."""
-    import tensorrt as trt
+    import tensorrt as trt  # noqa: PLC0415 - optional: may be absent here
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -52,8 +52,8 @@ def build_fp16_plan(onnx_path: Path, plan_path: Path, shapes: dict[str, tuple[tu
 
 def run_plan(plan_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run a plan once on the GPU (buffers are torch CUDA tensors); returns outputs as float32 numpy."""
-    import tensorrt as trt
-    import torch
+    import tensorrt as trt  # noqa: PLC0415 - optional: may be absent here
+    import torch  # noqa: PLC0415 - deferred: pulls in torch
 
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(plan_path).read_bytes())

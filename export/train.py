@@ -3,12 +3,19 @@ distilled student, and the listwise ranker. Each shows a rich progress bar when 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from .config import Profile
 from .data import Dataset
@@ -152,7 +159,6 @@ def train_ranker(profile: Profile, teacher: QueryIntentModel, enc: Encoded, quer
     """Listwise (ListNet) training on teacher embeddings/intent probabilities of the training queries."""
     torch.manual_seed(seed + 2)
     cfg = profile.train
-    import copy
     ranker = Ranker(profile.teacher.emb_dim, num_intents, features.shape[1], layout, cfg.ranker_hidden,
                     copy.deepcopy(teacher.aux))
     params = [p for p in ranker.parameters() if p.requires_grad]

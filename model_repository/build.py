@@ -9,12 +9,21 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from export.artifacts import load_metadata
+from export.errors import ExportError
 from model_repository import configgen
 from model_repository.spec import (
-    ENSEMBLE, PLACEHOLDER, TARGETS, VARIANTS, RepositorySpec, Signature, request_limits, search_ranking_spec,
+    ENSEMBLE,
+    PLACEHOLDER,
+    TARGETS,
+    VARIANTS,
+    RepositorySpec,
+    Signature,
+    request_limits,
+    search_ranking_spec,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -76,9 +85,6 @@ def latest_export_dir(root: Path = DEFAULT_EXPORTS) -> Path:
 
 def verify_export(export_dir: Path) -> None:
     """The export's files match the sha256/size its metadata.json records (export/artifacts.py)."""
-    from export.artifacts import load_metadata  # noqa: PLC0415
-    from export.errors import ExportError  # noqa: PLC0415
-
     try:
         load_metadata(export_dir, verify=True)
     except ExportError as e:
@@ -173,7 +179,6 @@ def build_repository(export_dir: str | Path, out_dir: str | Path, target: str = 
             raise BuildError(str(e)) from None
     if target == "gpu":
         # Plans in the export replace the ONNX runtime by a TensorRT engine for that model.
-        from dataclasses import replace  # noqa: PLC0415
         models = []
         for m in spec.models:
             if target in m.runtimes and _use_plan(m, target, export_dir, spec):

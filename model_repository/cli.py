@@ -42,8 +42,12 @@ def build_cmd(target: str, export_dir: Path | None, out_dir: Path | None, versio
               top_k: int, strict_unknown_ids: bool) -> None:
     """Assemble the repository from an export: configs, Python-backend code, weights and data."""
     from model_repository.build import (  # noqa: PLC0415
-        BuildError, build_repository, default_out_dir, latest_export_dir, spec_for_export,
-    )
+        BuildError,
+        build_repository,
+        default_out_dir,
+        latest_export_dir,
+        spec_for_export,
+    )  # noqa: PLC0415 - deferred: pulls in tritonclient, grpc
 
     try:
         export_dir = export_dir or latest_export_dir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,11 @@ import time
 from pathlib import Path
 
 import click
+
+from control.config import load_config
+from control.local.haproxy import start_haproxy
+from control.local.procs import free_port
+from control.local.triton_server import start_triton
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = PROJECT_ROOT / ".tools" / "perf_analyzer"
@@ -106,9 +112,6 @@ def bench(export_dir: Path, work_dir: Path, concurrencies=(1, 8), protocol: str 
           interval_ms: int = 4000, say=print) -> list[dict]:
     """Build the cpu repository with dynamic batching on and off; for each, one Triton behind
     HAProxy (the local stack's generated config), perf_analyzer through HAProxy."""
-    from control.config import load_config  # noqa: PLC0415 - the control plane owns these
-    from control.local.procs import free_port  # noqa: PLC0415
-    from control.local.triton_server import start_triton  # noqa: PLC0415
     from model_repository.build import build_repository  # noqa: PLC0415
 
     held = json.loads((Path(export_dir) / "heldout_queries.json").read_text())[0]
@@ -146,8 +149,6 @@ def bench(export_dir: Path, work_dir: Path, concurrencies=(1, 8), protocol: str 
 
 def _start_haproxy(settings):
     """The local stack's HAProxy, once its health checks have marked the Triton up (rise 2)."""
-    from control.local.haproxy import start_haproxy  # noqa: PLC0415
-
     proc = start_haproxy(settings)
     time.sleep(max(2.0, 3 * settings.haproxy.health_interval_ms / 1000))
     return proc
@@ -166,7 +167,6 @@ def bench_cmd(export_dir: Path | None, work_dir: Path, protocol: str, concurrenc
     from model_repository.build import latest_export_dir  # noqa: PLC0415
 
     install()
-    import shutil  # noqa: PLC0415
     shutil.rmtree(work_dir, ignore_errors=True)
     rows = bench(export_dir or latest_export_dir(), work_dir, concurrency, protocol, say=click.echo)
     if json_out:

@@ -10,6 +10,7 @@ import pytest
 
 from control.local.isolated import isolated_settings as make_settings
 from control.local.procs import free_port
+from export.config import TINY
 
 
 def gpu_available() -> bool:
@@ -28,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def moto_endpoint():
     """moto's server on a free loopback port: the AWS endpoint (Route53, Auto Scaling) of a test."""
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415 - deferred: pulls in boto3, botocore, moto
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -48,8 +49,7 @@ TINY_SEED = 1234
 @pytest.fixture(scope="session")
 def export_run(tmp_path_factory):
     """The tiny-profile export pipeline, run once per test session: (ExportResult, its base dir)."""
-    from export.config import TINY
-    from export.pipeline import run_export
+    from export.pipeline import run_export  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
 
     base = tmp_path_factory.mktemp("export")
     return run_export(TINY, TINY_SEED, base / "exports", data_root=base / "data", progress=False), base
@@ -67,14 +67,13 @@ def tiny_export(request):
 @pytest.fixture(scope="session")
 def cpu_repository(tiny_export, tmp_path_factory):
     """The CPU-target Triton repository built from the tiny export, once per session."""
-    from model_repository.build import build_repository
+    from model_repository.build import build_repository  # noqa: PLC0415 - deferred: pulls in tritonclient, grpc
 
     return build_repository(tiny_export, tmp_path_factory.mktemp("repository") / "cpu", "cpu").out_dir
 
 
 class CallCounter:
     """Counts S3 API calls a client makes (PutObject, UploadPart, CopyObject ...)."""
-
     def __init__(self, client):
         self.calls: dict[str, int] = {}
         client.meta.events.register("before-call.s3.*", self._count)

@@ -16,12 +16,19 @@ import pytest
 import requests
 import yaml
 
-from control.local.admin_keys import admin_key
 from control.adapters import s3 as s3x
-from control.config import PROJECT_ROOT
+from control.agent.errors import AgentError
+from control.agent.repository import HostRepository
+from control.config import PROJECT_ROOT, AgentConfig
 from control.drills.load import OpenLoopLoad, auto_spec
 from control.drills.models import write_add_model
-from control.local.procs import ManagedProcess, free_port, start_process, wait_for_process
+from control.local.admin_keys import admin_key
+from control.local.procs import (
+    ManagedProcess,
+    free_port,
+    start_process,
+    wait_for_process,
+)
 from control.local.s3_endpoint import start_s3_server
 from control.local.triton_server import start_instance
 from control.mirror.desired import DesiredState, DesiredStore, ModelState, Rejection
@@ -35,7 +42,6 @@ MB = 1024 * 1024
 
 class Host:
     """One Triton host: its repository directory, its Triton, its agent; the S3 mirror beside it."""
-
     def __init__(self, settings, tmp_path: Path):
         self.settings, self.tmp = settings, tmp_path
         self.inst = settings.instance("onprem-1")
@@ -335,7 +341,6 @@ def test_once_prepares_a_host_before_triton_starts_and_fails_when_it_cannot(host
 def test_desired_state_is_read_again_only_when_it_changed(host):
     """ETag-conditional GET: an unchanged desired.json costs a 304, no body, no parse."""
     from control.agent.main import Agent  # noqa: PLC0415 - the in-process agent, only here
-    from control.config import AgentConfig  # noqa: PLC0415
 
     cfg = AgentConfig(instance="onprem-1", repository_dir=str(host.repo), triton_url=host.inst.http_url)
     agent = Agent(host.settings.s3, cfg)  # its own client: only its own calls are counted
@@ -359,9 +364,7 @@ def test_agent_refuses_its_secrets_in_a_config_file_others_can_read(host):
 
 def test_pull_resumes_a_part_file_refetches_a_wrong_one_and_refuses_an_oversized_object(host):
     """control/agent/pull.py in-process against the real S3 endpoint (no Triton needed)."""
-    from control.agent.errors import AgentError  # noqa: PLC0415 - agent internals, only here
     from control.agent.pull import pull_version  # noqa: PLC0415
-    from control.agent.repository import HostRepository  # noqa: PLC0415
     from control.mirror.publish import read_manifest  # noqa: PLC0415
 
     s3cfg = host.settings.s3

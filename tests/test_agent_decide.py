@@ -3,12 +3,20 @@ desired targets, what is on disk, what Triton has READY, the versions that faile
 the live version was smoke-checked since the agent started. No server."""
 from __future__ import annotations
 
-
 import pytest
 
-from control.local.admin_keys import admin_key
-from control.agent.converge import Action, ModelPhase, ModelReport, ModelView, PassResult, Reason, decide, plan
+from control.agent.converge import (
+    Action,
+    ModelPhase,
+    ModelReport,
+    ModelView,
+    PassResult,
+    Reason,
+    decide,
+    plan,
+)
 from control.agent.pull import Throttle
+from control.local.admin_keys import admin_key
 from control.mirror.desired import Canary, DesiredState, ModelState, Rejection
 
 
@@ -120,7 +128,7 @@ def test_report_is_json_ready():
 
 
 def test_agent_config_for_an_instance_of_the_registry(settings_factory):
-    from control.agent.main import agent_config_for
+    from control.agent.main import agent_config_for  # noqa: PLC0415 - deferred: pulls in boto3, botocore, tritonclient
 
     settings = settings_factory()
     inst = settings.instance("cloud-1")

@@ -9,11 +9,11 @@ import boto3
 import pytest
 import yaml
 
-from control.daemon.controller import Controller
-from control.local.procs import free_port
 from control.capacity.actuators import AsgScaler, K8sScaler, ScaleError
 from control.capacity.scaler import ScaleDecision, ScalerState
+from control.daemon.controller import Controller
 from control.local.isolated import isolated_settings as make_settings
+from control.local.procs import free_port
 
 DECISION = ScaleDecision("out", "scale_out_load", "test", 1, 2, None, ScalerState(), {})
 

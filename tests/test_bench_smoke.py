@@ -3,7 +3,8 @@ servers (no export needed), a section whose prerequisite is missing, and the --o
 from __future__ import annotations
 
 from bench import run as bench_run
-from bench.common import Ctx, Section
+from bench.common import Ctx, Section, stats_breakdown
+from bench.formats import guard
 
 
 def test_control_section_writes_markdown_with_the_machine(tmp_path):
@@ -34,7 +35,6 @@ def test_only_replaces_its_own_block(tmp_path):
 
 
 def test_stats_breakdown_is_per_request_and_per_step():
-    from bench.common import stats_breakdown
 
     def snap(requests, execs, ns):
         return {"requests": requests, "executions": execs, "inferences": requests,
@@ -52,7 +52,6 @@ def test_stats_breakdown_is_per_request_and_per_step():
 
 
 def test_the_serving_guard_keeps_only_fast_and_good_variants():
-    from bench.formats import guard
     assert guard(1.6, 0.004)[0] is True
     assert guard(1.4, 0.0)[0] is False and "< 1.5x" in guard(1.4, 0.0)[1]
     assert guard(2.0, 0.017)[0] is False and "1.70 points (> 1)" in guard(2.0, 0.017)[1]

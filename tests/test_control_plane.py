@@ -9,19 +9,33 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import yaml
+from click.testing import CliRunner
 
-from control.daemon.controller import Controller, Daemon
+from bench.common import load_queries, triton_http_caller
+from bench.rollout import SteadyLoad, next_version_dir
 from control.adapters.haproxy_runtime import HAProxyRuntime
+from control.cli import cli
+from control.daemon.controller import Controller, Daemon
 from control.drills.load import run_load
-from control.traffic.triton_metrics import parse
+from control.local import stack as local_stack
+from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
+from control.local.triton_server import start_triton
+from control.traffic.actuators import DryRunActuator
+from control.traffic.audit import Audit
+from control.traffic.policy import PolicyState
+from control.traffic.triton_metrics import parse
+from control.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +97,6 @@ def wait_for(pred, timeout, step=0.2):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from control.local.haproxy import start_haproxy
-    from control.local.triton_server import start_triton
 
     root = tmp_path_factory.mktemp("cp")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
@@ -264,9 +276,7 @@ def test_06_drain_and_undrain_an_instance(stack):
 
 
 def test_07_cli_reads_daemon_and_sets_weights(stack, tmp_path):
-    from click.testing import CliRunner
 
-    from control.cli import cli
     settings = stack["settings"]
     data = settings.model_dump(mode="json", exclude={"source"})
     data["control"]["admin_token"] = settings.control.admin_token.get_secret_value()
@@ -309,7 +319,6 @@ def test_08_restart_resumes_from_database_and_haproxy(stack):
 
 def test_085_haproxy_restart_is_reconciled(stack):
     """HAProxy restarts with its config weights (100/0); the daemon puts the override back."""
-    from control.local.haproxy import start_haproxy
     c: Controller = stack["daemon"].controller
     api(stack, "POST", "/v1/weights", {"weights": {"onprem": 35, "cloud": 65}, "ttl_s": 60})
     assert haproxy_weights(stack) == {"onprem-1": 35, "cloud-1": 65}
@@ -325,7 +334,7 @@ def test_085_haproxy_restart_is_reconciled(stack):
 
 
 def test_09_sensitive_requests_stay_onprem_and_get_503_when_it_is_down(stack):
-    import tritonclient.http as th
+    import tritonclient.http as th  # noqa: PLC0415 - deferred: pulls in tritonclient, gevent
     settings = stack["settings"]
     c: Controller = stack["daemon"].controller
     hdr = {settings.haproxy.sensitive_header: "1"}
@@ -367,7 +376,6 @@ def test_09_sensitive_requests_stay_onprem_and_get_503_when_it_is_down(stack):
         th.InferenceServerClient(url).infer(MODEL, [_inp(th)], headers=hdr)
 
     # Back up: failback only after failback_healthy_s of health.
-    from control.local.triton_server import start_triton
     inst = settings.instance("onprem-1")
     stack["procs"]["onprem-1"] = start_triton(inst.name, stack["repo"], inst.http_port, inst.grpc_port,
                                               inst.metrics_port, settings.run_path, load_models=(MODEL,))
@@ -384,10 +392,6 @@ def test_10_restart_with_a_stale_failover_in_the_database_goes_home_at_once(stac
     (what a daemon writes when the Tritons go down before it does, `down` + `up`), HAProxy still
     has 0/100, both Tritons are healthy. The restarted daemon must observe health before trusting
     that state: home weights on HAProxy from its first tick, no failback wait."""
-    from control.traffic.audit import Audit
-    from control.traffic.policy import PolicyState
-    from control.waiting import wait_until
-
     settings = stack["settings"]
     d: Daemon = stack["daemon"]
     wait_until(lambda: d.controller.weights == {"onprem": 100, "cloud": 0}, 30, "home weights before the restart")
@@ -418,7 +422,6 @@ def test_10_restart_with_a_stale_failover_in_the_database_goes_home_at_once(stac
 
 
 def _inp(th):
-    import numpy as np
     i = th.InferInput("INPUT0", [1, 2], "FP32")
     i.set_data_from_numpy(np.ones((1, 2), np.float32))
     return i
@@ -428,9 +431,7 @@ def _inp(th):
 # control), the dry-run actuator, time as it comes ----------------------------------------------
 class FakeTriton:
     """`/v2/health/ready` (answering after `delay` seconds) and a recorded Triton `/metrics` page."""
-
     def __init__(self):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.delay = 0.0
         metrics = (Path(__file__).parent / "fixtures" / "triton_metrics_cpu.txt").read_bytes()
@@ -460,7 +461,6 @@ class FakeTriton:
 
 @pytest.fixture
 def fake_pair(tmp_path):
-    from control.traffic.actuators import DryRunActuator
 
     fakes = {"onprem-1": FakeTriton(), "cloud-1": FakeTriton()}
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 99, True), ("cloud-1", "cloud", 1, False)),
@@ -501,9 +501,6 @@ def test_restart_does_not_resume_a_stale_failover_when_both_sites_answer(fake_pa
     """Issue 15 finding 4: the database's last row says 'failed over from on-prem' (written before
     a down+up); both sites are healthy now. The restarted controller's first tick must not hold
     all traffic on the cloud for failback_healthy_s."""
-    from control.traffic.audit import Audit
-    from control.traffic.policy import PolicyState
-
     settings, _, make = fake_pair
     audit = Audit(settings.database_path)
     audit.record(ts=time.time() - 30, reason="failover_onprem_down", message="onprem has no ready instance",
@@ -535,20 +532,14 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
     load through HAProxy, publish a changed `ranker` version and sync it (pull, verify, candidate
     load + smoke, go live: Triton loads a new model while serving) ROLLOUTS times. The audit must
     hold no failover decision and the weights must never leave home."""
-    import shutil
-
-    from bench.common import load_queries, triton_http_caller
-    from bench.rollout import SteadyLoad, next_version_dir
-    from control.local import stack
-    from control.mirror.publish import publish_version
-    from control.waiting import wait_until
+    from control.mirror.publish import publish_version  # noqa: PLC0415 - deferred: pulls in boto3, botocore
 
     repo = tmp_path_factory.mktemp("rollout_repo") / "cpu"
     shutil.copytree(cpu_repository, repo)
     settings = make_settings(tmp_path_factory.mktemp("rollout_stack") / "run", models={"repository_dir": str(repo)},
                              control={"start_daemon": False, "sync_interval_s": 3600})
     queries = load_queries(tiny_export, 8)
-    st = stack.up(settings)
+    st = local_stack.up(settings)
     daemon = None
     try:
         daemon = Daemon(settings, serve_metrics=False).start()
@@ -588,7 +579,7 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
         if daemon is not None:
             daemon.stop()
         st.stop()
-        stack.down(settings)
+        local_stack.down(settings)
         if FIGURES:
             REPORT.parent.mkdir(exist_ok=True)
             REPORT.write_text(json.dumps(FIGURES, indent=2))

@@ -11,7 +11,14 @@ import pytest
 from control.adapters import s3 as s3x
 from control.local.s3_endpoint import start_s3_server
 from control.mirror.desired import (
-    Canary, DesiredState, DesiredStateError, DesiredStore, InstanceStatus, ModelState, control_key, reject,
+    Canary,
+    DesiredState,
+    DesiredStateError,
+    DesiredStore,
+    InstanceStatus,
+    ModelState,
+    control_key,
+    reject,
 )
 
 

@@ -13,14 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from control.adapters.haproxy_config import render
 from control.config import load_config
 from control.drills import netns, scenarios
+from control.drills.load import OpenLoopLoad, Req
 from control.drills.report import markdown
 from control.drills.runner import (
-    add_one_spec, drill_settings, model_success_count, run_drill, write_add_one_repository,
+    add_one_spec,
+    drill_settings,
+    model_success_count,
+    run_drill,
+    write_add_one_repository,
 )
-from control.drills.load import OpenLoopLoad, Req
-from control.adapters.haproxy_config import render
+from control.local.triton_server import triton_argv
 
 RATE = 30.0
 
@@ -72,7 +77,6 @@ def test_haproxy_config_for_drills(tmp_path):
     assert grpc_lines and all("check-proto h1" in ln for ln in grpc_lines)
     # The check must not flip while sync loads a candidate model (bad-model measures the effect):
     # liveness, or readiness of a Triton running with non-strict readiness.
-    from control.local.triton_server import triton_argv
     argv = triton_argv(tmp_path / "repo", 1, 2, 3, tmp_path / "run")
     assert "option httpchk GET /v2/health/live" in cfg or (
         "option httpchk GET /v2/health/ready" in cfg and "--strict-readiness=false" in argv)

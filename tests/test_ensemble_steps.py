@@ -10,10 +10,12 @@ import importlib.util
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from google.protobuf import json_format, text_format
 
 from model_repository.build import build_repository
 
@@ -90,8 +92,7 @@ SHARED = ("common", "stages", "ranking", "tokenizer")
 
 def load_model(model_dir, config_path, pb_utils):
     """model.py of a built version dir, initialized with its generated config."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
+    from tritonclient.grpc import model_config_pb2  # noqa: PLC0415 - deferred: pulls in tritonclient, grpc
     cfg = text_format.Parse(config_path.read_text(), model_config_pb2.ModelConfig())
     saved_path = list(sys.path)
     for m in SHARED:
@@ -198,7 +199,7 @@ def cases(tiny_export):
 # ids without the bare word "gpu": conftest skips tests with a "gpu" keyword on CPU hosts.
 @pytest.mark.parametrize("layout", ["cpu", "gpu"], ids=["cpu-layout", "gpu-layout"])
 def test_both_layouts_answer_like_the_reference(layout, cpu_steps, gpu_steps, cases, tiny_export):
-    from export.reference import ReferencePipeline
+    from export.reference import ReferencePipeline  # noqa: PLC0415 - deferred: pulls in onnxruntime
     ref = ReferencePipeline(tiny_export)
     results = run_cpu(cpu_steps, cases) if layout == "cpu" else run_gpu(gpu_steps, cases)
     for (query, cands, k), (error, out) in zip(cases, results):
@@ -231,7 +232,6 @@ def test_a_bad_request_in_a_batched_execute_fails_alone(cpu_steps, cases):
 
 def test_the_shared_module_is_the_only_copy_of_the_error_wrapper():
     """Issue 13: bad_request / parameters / the per-request error wrapper live in ensembles/common.py."""
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent / "ensembles"
     models = sorted(root.glob("*/model.py"))
     assert {p.parent.name for p in models} == {"query_intent", "ranker", "preprocess", "feature_lookup", "postprocess"}

@@ -17,7 +17,13 @@ from tritonclient.utils import InferenceServerException
 from control.local.procs import free_port
 from control.local.triton_server import start_triton
 from model_repository.build import build_repository
-from model_repository.smoke import OUTPUTS, check_response, run_smoke, smoke_request, to_infer_inputs
+from model_repository.smoke import (
+    OUTPUTS,
+    check_response,
+    run_smoke,
+    smoke_request,
+    to_infer_inputs,
+)
 from model_repository.spec import ENSEMBLE, VARIANTS
 
 pytestmark = pytest.mark.slow
@@ -64,7 +70,7 @@ def variant_server(request, export_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(export_dir):
-    from export.reference import ReferencePipeline
+    from export.reference import ReferencePipeline  # noqa: PLC0415 - deferred: pulls in onnxruntime
     return ReferencePipeline(export_dir)
 
 
@@ -145,7 +151,7 @@ def test_answers_equal_the_reference_pipeline(server, export_dir, reference, lim
 
 def test_each_variant_answers_like_its_reference(variant_server, export_dir, limits):
     """int8 and student served through the same ensemble equal the reference run on their files."""
-    from export.reference import ReferencePipeline
+    from export.reference import ReferencePipeline  # noqa: PLC0415 - deferred: pulls in onnxruntime
     files = VARIANTS[variant_server["variant"]]
     ref = ReferencePipeline(export_dir, query_model=files.query_intent, ranker_model=files.ranker)
     check_parity(variant_server, parity_cases(export_dir, N_PARITY_VARIANT), ref, limits["top_k_default"])

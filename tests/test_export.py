@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,13 +19,24 @@ import pytest
 from click.testing import CliRunner
 
 from export import artifacts
-from export.config import TINY
-from export.data import generate, load_dataset, write_dataset
-from export.errors import CheckpointError, DataError, GateError, IntegrityError, VersionExistsError
+from export.cli import export_bench_cmd, export_cmd
+from export.config import FULL, TINY
+from export.data import generate, leaf_names, load_dataset, write_dataset
+from export.errors import (
+    CheckpointError,
+    DataError,
+    GateError,
+    IntegrityError,
+    VersionExistsError,
+)
+from export.features import build_item_features
+from export.metrics import mean_ndcg
 from export.quantize import int8_guard, student_guard
+from export.ranking import FeatureTable
+from export.tensorrt import unavailable_reason
 from export.tokenizer import Tokenizer, normalize
-
 from tests.conftest import TINY_SEED as SEED
+
 TINY_INTENT_ACC = 0.80
 TINY_NDCG = 0.75
 NDCG_MARGIN = 0.15
@@ -47,8 +59,6 @@ def test_same_seed_same_files(tmp_path):
 
 
 def test_generated_data_shape():
-    from export.config import FULL
-    from export.data import leaf_names
 
     assert len(leaf_names()) >= 30
     assert FULL.data.n_items >= 20_000
@@ -71,7 +81,6 @@ def test_corrupt_data_is_a_clear_error(export_run, tmp_path):
     with pytest.raises(DataError, match="catalog.npz.*corrupt"):
         load_dataset(bad)
     # through the CLI: non-zero exit, clear message, nothing left in the export root
-    from export.cli import export_cmd
 
     out = tmp_path / "exports"
     r = CliRunner().invoke(export_cmd, ["--profile", "tiny", "--out", str(out), "--data-dir", str(bad_root),
@@ -116,7 +125,7 @@ def test_tiny_gates(export_run):
 
 
 def test_gate_failure_leaves_nothing(export_run, tmp_path):
-    from export.pipeline import run_export
+    from export.pipeline import run_export  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
 
     res, base = export_run
     out = tmp_path / "exports"
@@ -128,7 +137,6 @@ def test_gate_failure_leaves_nothing(export_run, tmp_path):
 
 
 def test_bad_checkpoint(export_run, tmp_path):
-    from export.cli import export_cmd
 
     _, base = export_run
     ck = tmp_path / "broken.pt"
@@ -139,17 +147,16 @@ def test_bad_checkpoint(export_run, tmp_path):
     assert r.exit_code != 0 and "CheckpointError" in r.output
     assert _entries(out) == []
     with pytest.raises(CheckpointError):
-        from export.pipeline import run_export
+        from export.pipeline import run_export  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
         run_export(TINY, SEED, out, data_root=base / "data", checkpoint=tmp_path / "absent.pt", progress=False)
 
 
 # ------------------------------------------------------------------------------------- ONNX
 
 def test_onnx_files_and_parity(export_run):
-    from export.onnx_export import parity_query_intent, parity_ranker
-    from export.pipeline import load_checkpoint
-    from export.features import build_item_features
-    from export.train import aux_sizes_for, encode_queries, predict, softmax_np
+    from export.onnx_export import parity_query_intent, parity_ranker  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
+    from export.pipeline import load_checkpoint  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
+    from export.train import aux_sizes_for, encode_queries, predict, softmax_np  # noqa: PLC0415 - deferred: pulls in torch
 
     res, base = export_run
     d = res.path
@@ -243,8 +250,7 @@ def test_export_dir_contract(export_run):
 
 
 def test_refuses_to_overwrite(export_run):
-    from export.cli import export_cmd
-    from export.pipeline import run_export
+    from export.pipeline import run_export  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
 
     res, base = export_run
     root = res.path.parent
@@ -262,7 +268,6 @@ def test_refuses_to_overwrite(export_run):
 
 
 def test_stale_temp_dirs_are_removed(tmp_path):
-    import os
 
     old = tmp_path / ".tmp-export-old"
     old.mkdir()
@@ -276,8 +281,7 @@ def test_stale_temp_dirs_are_removed(tmp_path):
 # -------------------------------------------------------------------------------- reference
 
 def test_reference_pipeline(export_run):
-    from export.metrics import mean_ndcg
-    from export.reference import ReferencePipeline
+    from export.reference import ReferencePipeline  # noqa: PLC0415 - deferred: pulls in onnxruntime
 
     res, _ = export_run
     ref = ReferencePipeline(res.path)
@@ -290,7 +294,6 @@ def test_reference_pipeline(export_run):
     got = ref.ranking(q["query"], [q["candidate_ids"][0], -5, -7], 3)
     assert sorted(got.ids.tolist()) == sorted([q["candidate_ids"][0], -5, -7]) and got.unknown == 2
     assert got.ids.tolist().index(-5) < got.ids.tolist().index(-7)     # equal (cold-start) scores: candidate order
-    from export.ranking import FeatureTable
     feats, unknown = FeatureTable.load(res.path / "item_features.npz").lookup([-5, q["candidate_ids"][0]])
     assert unknown.tolist() == [True, False] and not feats[0].any() and feats[1].any()
     strict = ReferencePipeline(res.path, strict=True)
@@ -316,8 +319,7 @@ def test_reference_pipeline(export_run):
 
 
 def test_bench_command(export_run):
-    from export.bench import run_bench
-    from export.cli import export_bench_cmd
+    from export.bench import run_bench  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
 
     res, _ = export_run
     rows = run_bench(res.path, repeats=2)
@@ -332,7 +334,6 @@ def test_bench_command(export_run):
 
 @pytest.mark.gpu
 def test_tensorrt_fp16_plan(export_run):
-    from export.tensorrt import unavailable_reason
 
     reason = unavailable_reason()
     if reason:
@@ -344,7 +345,6 @@ def test_tensorrt_fp16_plan(export_run):
 
 
 def test_tensorrt_skip_reason_recorded(export_run):
-    from export.tensorrt import unavailable_reason
 
     res, _ = export_run
     trt = res.metadata["variants"]["tensorrt_fp16"]

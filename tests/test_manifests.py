@@ -4,7 +4,9 @@ generator as the local stack, Grafana provisioning and dashboards, systemd units
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,7 +17,14 @@ from click.testing import CliRunner
 
 from control.cli import cli
 from control.config import PROJECT_ROOT, load_config
-from control.deploy.kustomize import KustomizeError, check_tree, object_problems, render, schema_problems, source_problems
+from control.deploy.kustomize import (
+    KustomizeError,
+    check_tree,
+    object_problems,
+    render,
+    schema_problems,
+    source_problems,
+)
 from control.deploy.render import K8S_REGISTRY, render_haproxy
 
 DEPLOY = PROJECT_ROOT / "deploy"
@@ -256,7 +265,6 @@ def test_render_haproxy_command(tmp_path):
 # ---- Grafana -----------------------------------------------------------------------------------
 
 def test_dashboards_are_the_builders_output_and_well_formed():
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("build_dashboards", DEPLOY / "grafana" / "build_dashboards.py")
     mod = importlib.util.module_from_spec(spec)
@@ -310,7 +318,6 @@ def test_systemd_unit(unit):
     assert cp["Service"].get("User") and cp["Service"].get("User") != "root"
     assert cp["Install"].get("WantedBy") == "multi-user.target"
     # Secrets only through systemd credentials: every *KEY/*TOKEN/*SECRET* assignment reads one.
-    import re
     inline = re.findall(r"\w*(?:KEY|TOKEN|SECRET)\w*=(?!\"\$\$\(cat \$\$\{CREDENTIALS_DIRECTORY\})\S+", text)
     assert not inline, inline
 

@@ -1,11 +1,19 @@
 """Triton metrics text -> Totals -> Rates, on a recorded CPU page and a GPU page in Triton's format."""
 from __future__ import annotations
 
+import threading
+import time
+import time as _t
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from control.config import InstanceConfig
+from control.local.procs import free_port
+from control.traffic.poller import Poller
+from control.traffic.snapshot import InstanceState, Probe
 from control.traffic.triton_metrics import MetricsError, parse, parse_dcgm, rates
 
 FIX = Path(__file__).parent / "fixtures"
@@ -100,8 +108,6 @@ def test_dcgm_exporter_fields():
 # ---- the poller against a tiny real HTTP server (ready + /metrics under test control) -----------
 class _Fake:
     def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         self.ready, self.metrics, self.delay = 200, (FIX / "triton_metrics_cpu.txt").read_text(), 0.0
         fake = self
 
@@ -110,7 +116,6 @@ class _Fake:
                 pass
 
             def do_GET(self):  # noqa: N802
-                import time as _t
                 _t.sleep(fake.delay)
                 code, body = (fake.ready, b"") if self.path == "/v2/health/ready" else (200, fake.metrics.encode())
                 self.send_response(code)
@@ -125,7 +130,6 @@ class _Fake:
 
 @pytest.fixture
 def fake_instance():
-    from control.config import InstanceConfig
     f = _Fake()
     inst = InstanceConfig(name="onprem-1", site="onprem", http_port=f.port, grpc_port=1, metrics_port=f.port)
     yield f, inst
@@ -134,8 +138,6 @@ def fake_instance():
 
 
 def test_poller_states(fake_instance):
-    from control.traffic.poller import Poller
-    from control.traffic.snapshot import InstanceState
     f, inst = fake_instance
     t = [1000.0]
     p = Poller([inst], timeout_s=0.3, clock=lambda: t[0])
@@ -171,12 +173,7 @@ def test_poller_states(fake_instance):
 
 
 def test_poller_timeout_and_connection_refused(fake_instance):
-    import time
 
-    from control.config import InstanceConfig
-    from control.traffic.poller import Poller
-    from control.local.procs import free_port
-    from control.traffic.snapshot import InstanceState, Probe
     f, inst = fake_instance
     dead_port = free_port()
     dead = InstanceConfig(name="cloud-1", site="cloud", http_port=dead_port, grpc_port=1, metrics_port=dead_port)

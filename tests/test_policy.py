@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from control.config import InstanceConfig, PolicyConfig
-from control.traffic.policy import Controls, Decision, Override, PolicyState, decide, normalize, split
+from control.traffic.policy import (
+    Controls,
+    Decision,
+    Override,
+    PolicyState,
+    decide,
+    normalize,
+    split,
+)
 from control.traffic.snapshot import InstanceSnapshot, InstanceState
 
 H, U, K = InstanceState.HEALTHY, InstanceState.UNHEALTHY, InstanceState.UNKNOWN

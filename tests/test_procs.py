@@ -7,10 +7,18 @@ import signal
 import stat
 import subprocess
 import sys
+
 import pytest
 
 from control.local.procs import (
-    ManagedProcess, load_managed, pid_alive, pid_file_for, processes_in_group as group_of, start_process,
+    ManagedProcess,
+    load_managed,
+    pid_alive,
+    pid_file_for,
+    start_process,
+)
+from control.local.procs import (
+    processes_in_group as group_of,
 )
 from control.waiting import wait_until
 

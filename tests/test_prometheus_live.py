@@ -26,6 +26,7 @@ Honest exceptions, each listed with its reason in the test report:
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,10 +36,22 @@ import time
 import pytest
 import requests
 import yaml
+from click.testing import CliRunner
+from pydantic import SecretStr
 
 from control.adapters.prometheus_config import (
-    GPU_ONLY_METRICS, dashboard_queries, metric_names, rule_expressions, split_operands,
+    GPU_ONLY_METRICS,
+    dashboard_queries,
+    metric_names,
+    rule_expressions,
+    split_operands,
 )
+from control.cli import cli
+from control.config import load_config
+from control.drills.runner import MODEL_ADD_ONE, write_add_one_repository
+from control.local import stack
+from control.local.isolated import isolated_settings as make_settings
+from control.local.procs import free_port, load_managed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -68,8 +81,6 @@ METRICS = sorted({m for _, e in CASES for m in metric_names(e)})
 def _write_settings_file(settings, path):
     """The test's settings as a config file, so the daemon `up` starts (a subprocess reading
     --config) sees the same free ports and run dir."""
-    from pydantic import SecretStr
-
     def plain(v):
         if isinstance(v, SecretStr):
             return v.get_secret_value()
@@ -111,11 +122,6 @@ def live(tmp_path_factory):
             pytest.skip(f"{binary} not installed (apt-get install prometheus)")
     if not (shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy")):
         pytest.skip("haproxy not installed (apt-get install haproxy)")
-    from control.local import stack
-    from control.config import load_config
-    from control.drills.runner import MODEL_ADD_ONE, write_add_one_repository
-    from control.local.procs import free_port, load_managed
-    from control.local.isolated import isolated_settings as make_settings
 
     base = tmp_path_factory.mktemp("prom_live")
     repo = write_add_one_repository(base / "repo")
@@ -154,7 +160,6 @@ def live(tmp_path_factory):
 
 def prom_port(proc) -> int:
     argv = (proc.pid_file.read_text())
-    import json
 
     listen = next(a for a in json.loads(argv)["argv"] if a.startswith("--web.listen-address="))
     return int(listen.rsplit(":", 1)[1])
@@ -223,10 +228,6 @@ def test_metric_is_exported(live, metric):
 
 def test_report_from_the_live_run(live, tmp_path):
     """`triton-hybrid report` from the live run's audit database and from its Prometheus."""
-    from click.testing import CliRunner
-
-    from control.cli import cli
-
     settings, url = live
     png_audit, png_prom = tmp_path / "audit.png", tmp_path / "prom.png"
     runner = CliRunner()

@@ -9,15 +9,23 @@
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from control.adapters import prometheus_config as pc
+from control.adapters.prometheus_config import dashboard_queries
 from control.config import PROJECT_ROOT, load_config
+from control.local.procs import free_port, load_managed
+from control.local.prometheus import start_prometheus, stop_prometheus, write_config
 
 PROM_DIR = PROJECT_ROOT / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -63,7 +71,6 @@ def test_config_scrapes_every_instance_haproxy_and_control_plane():
 
 
 def test_generated_config_for_a_test_stack_is_valid(settings_factory, tmp_path):
-    from control.local.prometheus import write_config  # noqa: PLC0415
 
     path = write_config(settings_factory())  # runs promtool check config itself
     cfg = yaml.safe_load(path.read_text())
@@ -110,8 +117,6 @@ def test_dashboard_queries_parse(tmp_path):
     """promtool has no `check query`; every dashboard expression goes into a rule file as a
     recording rule and `promtool check rules` parses it. This covers the GPU-only panels, whose
     data cannot be checked on a CPU machine (see tests/test_prometheus_live.py)."""
-    from control.adapters.prometheus_config import dashboard_queries  # noqa: PLC0415
-
     queries = dashboard_queries()
     assert queries
     rules = {"groups": [{"name": "dashboards", "rules": [
@@ -126,14 +131,6 @@ def test_start_and_stop_a_real_prometheus(settings_factory):
     """control/local/prometheus.py: the process `up --with-prometheus` starts, on its own: ready,
     pid file, its own process group, the generated config loaded with every rule, scraping the
     configured targets (nothing listens there: up == 0), and stopped by its pid file."""
-    import os
-    import time
-
-    import requests
-
-    from control.local.procs import free_port, load_managed
-    from control.local.prometheus import start_prometheus, stop_prometheus
-
     settings = settings_factory()
     port = free_port()
     proc = start_prometheus(settings, port=port)
@@ -165,15 +162,6 @@ def test_gpu_only_expressions_return_data_from_gpu_shaped_triton_metrics(setting
     names and labels, not recorded; see its header) as each instance's /metrics, scrapes it with a
     real Prometheus, and runs every GPU-only dashboard query and alert operand: they must return
     data, so the label schema (gpu_uuid, summed/averaged per instance) matches what they expect."""
-    import threading
-    import time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import requests
-
-    from control.local.procs import free_port
-    from control.local.prometheus import start_prometheus, stop_prometheus
-
     body = (PROJECT_ROOT / "tests" / "fixtures" / "triton_metrics_gpu.txt").read_bytes()
 
     class Handler(BaseHTTPRequestHandler):

@@ -26,16 +26,23 @@ from pydantic import ValidationError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from control.local.admin_keys import admin_key
-from control.adapters.haproxy_config import GUARD_FILE, GUARD_SCRIPT, install_guard, render
+from bench.common import perf_measure
+from control.adapters.haproxy_config import (
+    GUARD_FILE,
+    GUARD_SCRIPT,
+    install_guard,
+    render,
+)
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.config import PROJECT_ROOT, HAProxyConfig
-from control.local.isolated import isolated_settings
+from control.local.admin_keys import admin_key
 from control.local.demo import MODEL, ensemble_inputs
 from control.local.haproxy import haproxy_binary, start_haproxy
+from control.local.isolated import isolated_settings
 from control.local.procs import free_port, http_ok
 from control.local.triton_server import start_instance
 from control.waiting import wait_until
+from model_repository import perf
 
 QOD_BODY = {"inputs": [
     {"name": "QUERY", "datatype": "BYTES", "shape": [1, 1], "data": ["x"]},
@@ -297,8 +304,6 @@ def test_grpc_allowlist(guarded, tritons, tiny_export):
 
 
 def test_perf_analyzer_works_through_the_proxy(guarded, tiny_export):
-    from bench.common import perf_measure  # noqa: PLC0415 - the benchmarks' perf_analyzer runner
-    from model_repository import perf  # noqa: PLC0415 - the repository's perf_analyzer installer
 
     try:
         perf.install()

@@ -10,26 +10,38 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time as _t
 from pathlib import Path
 
 import pytest
 
 from control.adapters import s3 as s3x
 from control.drills.models import write_add_model, write_ensemble
+from control.local.s3_endpoint import start_s3_server
 from control.mirror.manifest import (
-    MANIFEST_NAME, ManifestError, UnsafePathError, build_manifest, parse_manifest, safe_join, validate_relpath,
+    MANIFEST_NAME,
+    ManifestError,
+    UnsafePathError,
+    build_manifest,
+    parse_manifest,
+    safe_join,
+    validate_relpath,
 )
 from control.mirror.publish import (
-    PublishConflict, PublishError, publish_repository, publish_version, published_versions, read_manifest,
+    PublishConflict,
+    PublishError,
+    publish_repository,
+    publish_version,
+    published_versions,
+    read_manifest,
 )
+from control.mirror.state import MirrorState
 
 ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def s3env(settings_factory, tmp_path):
     """Settings on free ports + a real moto server (the lead's launcher) + a client."""
-    from control.local.s3_endpoint import start_s3_server
-
     settings = settings_factory(s3={"multipart_threshold_mb": 5, "keep_versions": 3})
     proc = start_s3_server(settings)
     try:
@@ -103,7 +115,6 @@ def test_publish_encrypts_every_object_and_writes_manifest_last(s3env):
 
 
 def test_sse_kms_is_configurable(settings_factory, tmp_path):
-    from control.local.s3_endpoint import start_s3_server
 
     settings = settings_factory(s3={"sse": "aws:kms", "kms_key_id": "alias/models"})
     proc = start_s3_server(settings)
@@ -184,7 +195,7 @@ def test_two_publishers_other_content_one_wins(s3env, tmp_path):
 def test_manifest_conditional_write_decides_a_race(s3env, tmp_path, monkeypatch):
     """Both publishers get past the lock (the second breaks it) and upload; the conditional
     manifest write lets exactly one of them publish."""
-    import control.mirror.publish as pub
+    import control.mirror.publish as pub  # noqa: PLC0415 - deferred: pulls in boto3, botocore
 
     settings, client, _ = s3env
     repos = [tmp_path / "a", tmp_path / "b"]
@@ -241,7 +252,6 @@ def test_interrupted_publish_is_invisible_and_completed_next_time(s3env):
 def test_other_publisher_lock_refuses_with_holder_named(s3env, tmp_path):
     settings, client, repo = s3env
     write_add_model(repo, 1, 1.0)
-    import time as _t
     client.put_object(Bucket=settings.s3.bucket, Key=s3x.object_key(settings.s3, "add_one", 1, "_publish.lock"),
                       Body=json.dumps({"publisher": "builder-7:123", "started": _t.time(),
                                        "content_sha256": "0" * 64}).encode())
@@ -264,7 +274,6 @@ def test_publish_repository_publishes_newest_and_is_idempotent(s3env):
 
 
 def test_s3_retention_keeps_newest_and_live(s3env):
-    from control.mirror.state import MirrorState
 
     settings, client, repo = s3env
     state = MirrorState.for_settings(settings)

@@ -20,7 +20,9 @@ from tritonclient.utils import InferenceServerException
 
 from control.local.procs import free_port
 from control.local.triton_server import start_triton
+from export.tokenizer import Tokenizer
 from model_repository.build import build_repository
+from model_repository.spec import request_limits
 
 pytestmark = pytest.mark.slow
 ENSEMBLE = "search_ranking"
@@ -51,8 +53,7 @@ STRICT_LIMITS = {"max_candidates": 30, "max_top_k": 5, "max_query_bytes": 40}
 @pytest.fixture(scope="module")
 def strict(tiny_export, tmp_path_factory):
     """Strict mode and small limits, both from the spec."""
-    from model_repository.build import spec_for_export
-    from model_repository.spec import request_limits
+    from model_repository.build import spec_for_export  # noqa: PLC0415 - deferred: pulls in tritonclient, grpc
     with pytest.raises(ValueError, match="top_k_default 10 must be between 1 and max_top_k 5"):
         spec_for_export(tiny_export, strict_unknown_ids=True, **STRICT_LIMITS)
     spec = spec_for_export(tiny_export, strict_unknown_ids=True, top_k_default=3, **STRICT_LIMITS)
@@ -97,8 +98,7 @@ def infer(urls, protocol, query, candidates, top_k=None):
 def cold_start_score(tiny_export, query):
     """The ranker graph's score of an all-zero feature row for this query, computed here directly
     (tokenizer + the two graphs), not through export.ranking."""
-    import onnxruntime as ort
-    from export.tokenizer import Tokenizer
+    import onnxruntime as ort  # noqa: PLC0415 - deferred: pulls in onnxruntime
     ids, mask = Tokenizer.load(tiny_export / "tokenizer.json").encode_batch([query])
     qi = ort.InferenceSession(str(tiny_export / "query_intent.onnx"), providers=["CPUExecutionProvider"])
     rk = ort.InferenceSession(str(tiny_export / "ranker.onnx"), providers=["CPUExecutionProvider"])

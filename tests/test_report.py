@@ -20,10 +20,10 @@ import pytest
 from click.testing import CliRunner
 
 from control import db
+from control.cli import cli
 from control.durations import parse_duration
 from control.traffic import audit
 from control.traffic import chart as report
-from control.cli import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

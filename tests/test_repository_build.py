@@ -3,15 +3,29 @@ cpu and gpu configs against the export's ONNX signatures, versions, files, the C
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
+from export.artifacts import write_metadata
 from model_repository import configgen
-from model_repository.build import BuildError, build_repository, export_signature, generate_configs, spec_for_export
+from model_repository.build import (
+    BuildError,
+    build_repository,
+    export_signature,
+    generate_configs,
+    spec_for_export,
+)
 from model_repository.cli import repo_group
-from model_repository.spec import ENSEMBLE, PLACEHOLDER, VARIANTS, Tensor, request_limits
+from model_repository.spec import (
+    ENSEMBLE,
+    PLACEHOLDER,
+    VARIANTS,
+    Tensor,
+    request_limits,
+)
 
 CPU_MODELS = ["query_intent", "ranker", ENSEMBLE]
 GPU_MODELS = ["preprocess", "query_intent", "feature_lookup", "ranker", "postprocess", ENSEMBLE]
@@ -97,11 +111,9 @@ def test_each_variant_serves_its_files(export_dir, tmp_path, variant):
 
 
 def test_a_variant_missing_from_the_export_is_refused(export_dir, tmp_path):
-    import shutil
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy)
     (copy / "query_intent_student.onnx").unlink(missing_ok=True)
-    from export.artifacts import write_metadata
     meta = json.loads((copy / "metadata.json").read_text())
     write_metadata(copy, meta)
     with pytest.raises(BuildError, match="query_intent_student.onnx"):
@@ -217,7 +229,6 @@ def test_cli_build(export_dir, tmp_path):
 
 
 def test_a_tampered_export_is_refused(export_dir, tmp_path):
-    import shutil
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy)
     with open(copy / "intents.json", "a") as f:
@@ -228,7 +239,6 @@ def test_a_tampered_export_is_refused(export_dir, tmp_path):
 
 
 def test_gpu_build_uses_tensorrt_plans_when_the_export_has_them(export_dir, tmp_path):
-    import shutil
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy)
     (copy / "ranker_fp16.plan").write_bytes(b"not a real engine")   # only laid out, never run here

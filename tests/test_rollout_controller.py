@@ -15,7 +15,13 @@ from control.adapters import s3 as s3x
 from control.cli import cli
 from control.drills.models import ADD_ONE, write_add_model
 from control.local.s3_endpoint import start_s3_server
-from control.mirror.desired import DesiredState, DesiredStateError, DesiredStore, InstanceStatus, ModelState
+from control.mirror.desired import (
+    DesiredState,
+    DesiredStateError,
+    DesiredStore,
+    InstanceStatus,
+    ModelState,
+)
 from control.mirror.publish import publish_version
 from control.rollout.analysis import MetricWindow
 from control.rollout.controller import from_settings

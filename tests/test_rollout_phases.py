@@ -9,9 +9,19 @@ from control.config import RolloutConfig
 from control.mirror.desired import Canary, DesiredState, InstanceStatus, ModelState
 from control.rollout.analysis import MetricWindow, judge
 from control.rollout.phases import (
-    Command, CommandError, CommandKind, Inputs, Phase, Promote, Reason, SetCanary, apply, state_of, step,
+    Command,
+    CommandError,
+    CommandKind,
+    Inputs,
+    Phase,
+    Promote,
+    Reason,
+    SetCanary,
+    apply,
+    state_of,
+    step,
 )
-from tests.rollout_sim import M, Fleet, Profile, desired_with, run
+from tests.rollout_sim import Fleet, M, Profile, desired_with, run
 
 SIX = {"onprem-1": "onprem", "onprem-2": "onprem", "onprem-3": "onprem",
        "cloud-1": "cloud", "cloud-2": "cloud", "cloud-3": "cloud"}

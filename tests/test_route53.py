@@ -4,12 +4,11 @@ from __future__ import annotations
 import boto3
 import pytest
 
-from control.traffic.actuators import ActuatorError, Plan
-from control.config import Route53Config
-from control.local.procs import free_port
 from control.adapters.route53 import Route53Actuator, Route53Weights
-
-
+from control.config import Route53Config
+from control.local.isolated import isolated_settings as make_settings
+from control.local.procs import free_port
+from control.traffic.actuators import ActuatorError, Plan
 
 
 @pytest.fixture
@@ -80,8 +79,7 @@ def test_missing_target_or_zone_is_a_clear_error(moto_endpoint, zone):
 def test_daemon_with_route53_actuator_changes_records(moto_endpoint, zone, tmp_path):
     """The control loop end to end on DNS: an operator override goes through decide + apply into
     the weighted records of the local endpoint server, and is audited."""
-    from control.daemon.controller import Controller
-    from control.local.isolated import isolated_settings as make_settings
+    from control.daemon.controller import Controller  # noqa: PLC0415 - deferred: pulls in boto3, botocore, tritonclient
     settings = make_settings(tmp_path / "run", control={"actuator": "route53", "route53": {
         "endpoint_url": moto_endpoint, "hosted_zone_id": zone, "record_name": "triton.search.example.com.",
         "targets": {"onprem": "lb.onprem.example.com.", "cloud": "lb.cloud.example.com."}}})

@@ -1,9 +1,10 @@
 """The scaler as a pure function (control/capacity/scaler.py) and the cost ledger (control/capacity/cost.py)."""
 from __future__ import annotations
 
-from control.config import ScalerConfig
 from control.capacity.cost import CostLedger, accrue, cost_summary, site_totals
 from control.capacity.scaler import CloudInstance, ScalerState, decide_scale
+from control.config import ScalerConfig
+from control.local.isolated import isolated_settings as make_settings
 from control.traffic.snapshot import InstanceSnapshot, InstanceState
 
 CFG = ScalerConfig(enabled=True, min_instances=1, max_instances=3, util_signal="gpu", util_high=0.8, util_low=0.2,
@@ -163,7 +164,6 @@ def test_site_totals_and_burn_rate():
 
 
 def test_ledger_persists_and_summary_reads_it(tmp_path):
-    from control.local.isolated import isolated_settings as make_settings
     settings = make_settings(tmp_path / "run", control={"scaler": {"budget_per_hour": 10.0}})
     led = CostLedger(settings.database_path)
     led.observe("cloud-1", "cloud", 4.0, True, now=0.0)

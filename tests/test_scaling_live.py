@@ -20,13 +20,17 @@ from pathlib import Path
 
 import pytest
 import requests
+from click.testing import CliRunner
 
 from control.adapters.haproxy_runtime import HAProxyRuntime
-from control.drills.load import run_load
-from control.traffic.triton_metrics import parse
 from control.capacity.actuators import LocalProcessScaler
+from control.cli import cli
+from control.drills.load import run_load
 from control.local.admin_keys import ensure_admin_key
+from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
+from control.local.triton_server import start_triton
+from control.traffic.triton_metrics import parse
 from tests.test_control_plane import MODEL, POLICY, wait_for, write_repo
 
 pytestmark = pytest.mark.slow
@@ -43,9 +47,7 @@ FIGURES: dict = {}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from control.daemon.controller import Daemon
-    from control.local.haproxy import start_haproxy
-    from control.local.triton_server import start_triton
+    from control.daemon.controller import Daemon  # noqa: PLC0415 - deferred: pulls in boto3, botocore, tritonclient
 
     root = tmp_path_factory.mktemp("scale")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
@@ -206,9 +208,7 @@ def test_02_budget_cap_stops_scale_out_and_says_so(stack):
                      headers={"Authorization": f"Bearer {api.admin_token.get_secret_value()}"})
     assert r.status_code == 200 and r.json()["sites"]["cloud"]["burn_per_hour"] == 4.0
     assert r.json()["cloud_budget_left_per_hour"] == 2.0
-    from click.testing import CliRunner
 
-    from control.cli import cli
     out = CliRunner().invoke(cli, ["--config", settings.source, "scale", "history", "--since", "10m"])
     assert out.exit_code == 0 and "budget_cap" in out.output and "scale_out_load" in out.output, out.output
     out = CliRunner().invoke(cli, ["--config", settings.source, "cost"])

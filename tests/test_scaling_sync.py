@@ -11,16 +11,20 @@ import pytest
 import requests
 
 from control.adapters import s3 as s3x
-from control.daemon.controller import Controller
 from control.adapters.haproxy_runtime import HAProxyRuntime
-from control.drills.load import run_load
-from control.traffic.triton_metrics import parse
-from control.mirror.publish import publish_repository
 from control.capacity.actuators import LocalProcessScaler, ScaleError, ready_versions
 from control.capacity.scaler import ScaleDecision, ScalerState
-from control.mirror.sync import prepare_instance_repository
-from control.local.triton_server import start_instance
+from control.config import load_config
+from control.daemon.controller import Controller
+from control.drills.load import run_load
 from control.drills.models import write_add_model
+from control.local.haproxy import start_haproxy
+from control.local.isolated import isolated_settings as make_settings
+from control.local.s3_endpoint import start_s3_server
+from control.local.triton_server import start_instance
+from control.mirror.publish import publish_repository
+from control.mirror.sync import prepare_instance_repository
+from control.traffic.triton_metrics import parse
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +35,6 @@ def decision(action, instance=None):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from control.local.haproxy import start_haproxy
-    from control.local.s3_endpoint import start_s3_server
-    from control.local.isolated import isolated_settings as make_settings
 
     root = tmp_path_factory.mktemp("scalesync")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 0, True), ("cloud-1", "cloud", 100, False)),
@@ -121,7 +122,6 @@ def test_scale_in_refuses_a_configured_instance(env):
 
 
 def test_a_restarted_daemon_adopts_running_scaled_instances(env):
-    from control.config import load_config
     settings, c = env
     s = LocalProcessScaler(settings, c)
     assert s.scale_out(decision("out"))["instance"] == "cloud-2"

@@ -17,18 +17,19 @@ import tritonclient.http as httpclient
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
-from control.local import stack
 from control.cli import cli
-from control.local.demo import MODEL, ensemble_inputs
+from control.local import stack
 from control.local.admin_keys import admin_key, key_dir
-from control.local.procs import load_managed, managed_names, pid_alive, processes_in_group as group_of
+from control.local.demo import MODEL, ensemble_inputs
+from control.local.isolated import isolated_settings as make_settings
+from control.local.procs import load_managed, managed_names, pid_alive
+from control.local.procs import processes_in_group as group_of
 from control.waiting import wait_until
 from export.reference import ReferencePipeline
 
 
 @pytest.fixture(scope="module")
 def live_stack(tmp_path_factory, cpu_repository, tiny_export):
-    from control.local.isolated import isolated_settings as make_settings
 
     settings = make_settings(tmp_path_factory.mktemp("stack") / "run",
                              models={"repository_dir": str(cpu_repository), "exports_dir": str(tiny_export.parent)},

@@ -19,7 +19,8 @@ from control.config import SuperviseConfig
 from control.local import stack
 from control.local.demo import MODEL, ensemble_inputs, served_per_instance
 from control.local.isolated import isolated_settings as make_settings
-from control.local.procs import http_ok, load_managed, pid_alive, processes_in_group as group_of, rss_bytes
+from control.local.procs import http_ok, load_managed, pid_alive, rss_bytes
+from control.local.procs import processes_in_group as group_of
 from control.local.supervisor import Action, backoff, decide, read_state
 from control.waiting import wait_until
 

@@ -6,29 +6,39 @@ must see zero failed requests."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 
 import pytest
 import requests
 from botocore.response import StreamingBody
+from click.testing import CliRunner
 from pydantic import SecretStr
 
 from control.adapters import s3 as s3x
+from control.cli import cli
 from control.drills.models import write_add_model, write_ensemble
+from control.local import stack
+from control.local.admin_keys import admin_key
+from control.local.isolated import isolated_settings as make_settings
+from control.local.s3_endpoint import start_s3_server
+from control.local.triton_server import start_instance
 from control.mirror.manifest import MANIFEST_NAME, build_manifest
 from control.mirror.publish import publish_repository, publish_version
 from control.mirror.state import MirrorState
 from control.mirror.sync import (
-    lag_report, live_config_version, prepare_instance_repository, repository_path, rollback, sync_all,
+    lag_report,
+    live_config_version,
+    prepare_instance_repository,
+    repository_path,
+    rollback,
+    sync_all,
 )
-from control.local.admin_keys import admin_key
-from control.local.triton_server import start_instance
 
 
 class Load:
     """Steady client load on one model (no version pinned, like the search front end)."""
-
     def __init__(self, url: str, model: str = "add_one", threads: int = 2, inp: str = "INPUT0", out: str = "OUTPUT0"):
         self.url, self.model, self.inp, self.out = url, model, inp, out
         self.failures: list[str] = []
@@ -80,8 +90,6 @@ def infer(inst, model="add_one", inp="INPUT0") -> float:
 @pytest.fixture
 def env(settings_factory, tmp_path):
     """moto + one Triton started on a repository prepared from S3 (like `triton-hybrid up`)."""
-    from control.local.s3_endpoint import start_s3_server
-
     settings = settings_factory(instances=(("onprem-1", "onprem", 100, True),),
                                 s3={"retry_attempts": 2, "retry_base_delay_s": 5.0, "keep_versions": 3})
     inst = settings.instance("onprem-1")
@@ -260,15 +268,14 @@ def test_ensemble_with_placeholder_goes_live(env):
 
 class EnsembleLoad(Load):
     """search_ranking requests through HAProxy (HTTP), like the search front end."""
-
     def __init__(self, url: str, query: str, candidates: list[int], threads: int = 2):
         super().__init__(url, "search_ranking", threads)
         self.query, self.candidates = query, candidates
 
     def _run(self):
-        import tritonclient.http as th
+        import tritonclient.http as th  # noqa: PLC0415 - deferred: pulls in tritonclient, gevent
 
-        from control.local.demo import ensemble_inputs
+        from control.local.demo import ensemble_inputs  # noqa: PLC0415 - deferred: pulls in tritonclient, gevent, grpc
 
         c = th.InferenceServerClient(self.url.split("://", 1)[-1], network_timeout=30)
         while not self._stop.is_set():
@@ -285,11 +292,8 @@ class EnsembleLoad(Load):
 
 @pytest.mark.slow
 def test_full_stack_publish_sync_rollback_through_haproxy_zero_failures(tmp_path_factory, cpu_repository, tiny_export):
-    import shutil
 
-    from control.local import stack
-    from model_repository.build import build_repository
-    from control.local.isolated import isolated_settings as make_settings
+    from model_repository.build import build_repository  # noqa: PLC0415 - deferred: pulls in tritonclient, grpc
 
     repo = tmp_path_factory.mktemp("mirror_repo") / "cpu"
     shutil.copytree(cpu_repository, repo)
@@ -342,9 +346,6 @@ def test_full_stack_publish_sync_rollback_through_haproxy_zero_failures(tmp_path
 
 
 def test_cli_sync_versions_rollback(env):
-    from click.testing import CliRunner
-
-    from control.cli import cli
 
     settings, inst, client, repo, _ = env
     run = lambda *a: CliRunner().invoke(cli, ["--config", settings.source, *a], catch_exceptions=False)  # noqa: E731
@@ -394,7 +395,7 @@ def test_host_retention_keeps_newest_and_live_and_wrong_admin_key_is_reported(en
 
 
 def test_overlapping_scheduled_sync_is_skipped_not_queued(settings_factory):
-    from control.mirror.sync import instance_lock, sync_instance
+    from control.mirror.sync import instance_lock, sync_instance  # noqa: PLC0415 - deferred: pulls in boto3, botocore, tritonclient
 
     settings = settings_factory(instances=(("onprem-1", "onprem", 100, True),))
     inst = settings.instance("onprem-1")

@@ -9,6 +9,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from control.adapters.haproxy_config import socket_path
+
 # srv_admin_state bits (haproxy/include/haproxy/server-t.h)
 SRV_ADMF_FMAINT = 0x01   # forced maintenance (CLI)
 SRV_ADMF_IMAINT = 0x02   # inherited maintenance
@@ -91,8 +93,6 @@ class HAProxyRuntime:
     @classmethod
     def for_settings(cls, settings, timeout_s: float = 2.0) -> "HAProxyRuntime":
         """The stats socket the generated haproxy.cfg declares."""
-        from control.adapters.haproxy_config import socket_path  # noqa: PLC0415
-
         return cls(socket_path(settings), timeout_s)
 
     def command(self, cmd: str) -> str:

@@ -11,6 +11,8 @@ Three scrape jobs:
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import yaml
@@ -110,8 +112,6 @@ GPU_ONLY_METRICS = frozenset({"nv_gpu_utilization", "nv_gpu_memory_used_bytes", 
 
 def dashboard_queries(directory: Path = DASHBOARDS_DIR) -> list[tuple[str, str]]:
     """(where, expr) of every target of every panel of every dashboard."""
-    import json  # noqa: PLC0415
-
     out = []
     for path in sorted(Path(directory).glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
@@ -214,7 +214,6 @@ def _strip_modifiers(p: str) -> str:
 
 
 def _is_literal(p: str) -> bool:
-    import re  # noqa: PLC0415
 
     return re.fullmatch(r"[\s\d.eE+\-*/()]*", p) is not None
 
@@ -222,8 +221,6 @@ def _is_literal(p: str) -> bool:
 def metric_names(expr: str) -> set[str]:
     """Metric names an expression selects (identifiers followed by `{` or `[` or standing alone
     that are not functions, keywords or label names)."""
-    import re  # noqa: PLC0415
-
     stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     stripped = re.sub(r"\{[^}]*\}", "{}", stripped)
     stripped = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", stripped)

@@ -11,7 +11,11 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from control.mirror.manifest import validate_model_name, validate_relpath, validate_version
+from control.mirror.manifest import (
+    validate_model_name,
+    validate_relpath,
+    validate_version,
+)
 
 MB = 1024 * 1024
 

@@ -13,9 +13,8 @@ import numpy as np
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from control.waiting import WaitTimeout, wait_until
-
 from control.local.admin_keys import admin_key
+from control.waiting import WaitTimeout, wait_until
 
 
 class TritonAdminError(RuntimeError):

@@ -26,8 +26,15 @@ from control.agent.loader import Loader
 from control.agent.metrics import AgentMetrics
 from control.agent.repository import FailureBook, HostRepository
 from control.agent.smoke import SmokeFn
-from control.mirror.desired import DesiredState, DesiredStateError, DesiredStore, InstanceStatus, Read
+from control.config import AgentConfig
 from control.local.admin_keys import ensure_admin_key
+from control.mirror.desired import (
+    DesiredState,
+    DesiredStateError,
+    DesiredStore,
+    InstanceStatus,
+    Read,
+)
 from control.mirror.manifest import ManifestError, validate_model_name
 
 log = logging.getLogger("triton_hybrid.agent")
@@ -59,8 +66,6 @@ def agent_config_for(settings, instance, **overrides):
     `run_dir/instances/<name>/repository` (where the local stack's Triton serves it), the state
     beside it, the instance's own Triton admin key (generated if it has none yet).
     `overrides`: any AgentConfig field (api_port, token ...)."""
-    from control.config import AgentConfig  # noqa: PLC0415 - config imports nothing of the agent; keep it so
-
     root = settings.run_path / "instances" / instance.name
     base = dict(instance=instance.name, site=instance.site, triton_url=instance.http_url,
                 repository_dir=str(root / "repository"), state_dir=str(root / "agent"),

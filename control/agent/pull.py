@@ -22,7 +22,14 @@ from control.adapters import s3 as s3x
 from control.agent.errors import AgentError, FailureKind
 from control.agent.repository import HostRepository
 from control.mirror.manifest import (
-    MANIFEST_NAME, FileEntry, Manifest, ManifestError, UnsafePathError, parse_manifest, safe_join, sha256_file,
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    ManifestError,
+    UnsafePathError,
+    parse_manifest,
+    safe_join,
+    sha256_file,
 )
 
 log = logging.getLogger("triton_hybrid.agent.pull")

@@ -20,7 +20,14 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from control.mirror.manifest import MANIFEST_NAME, ManifestError, local_versions, validate_model_name
+from google.protobuf import text_format
+
+from control.mirror.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    local_versions,
+    validate_model_name,
+)
 
 CANDIDATE_SUFFIX = "__candidate_v"
 
@@ -31,7 +38,6 @@ class RepositoryError(RuntimeError):
 
 def _proto(text: str):
     # protobuf + tritonclient.grpc deferred: heavy, and only needed when a config is touched.
-    from google.protobuf import text_format  # noqa: PLC0415
     from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
 
     cfg = model_config_pb2.ModelConfig()
@@ -45,8 +51,6 @@ def parse_config(path: Path):
 
 def render_config(config_text: str, name: str, versions: list[int]) -> str:
     """`config_text` renamed to `name`, serving exactly `versions`."""
-    from google.protobuf import text_format  # noqa: PLC0415 - see _proto
-
     cfg = _proto(config_text)
     cfg.name = name
     cfg.version_policy.Clear()
@@ -274,7 +278,6 @@ class HostRepository:
 class FailureBook:
     """Versions that failed on this host (a file in the state dir, so a restart does not retry a
     broken version forever). Versions are immutable: the fix for a failed one is a new version."""
-
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / "failed.json"
         try:

@@ -35,12 +35,14 @@ from typing import Callable, Protocol
 import requests
 import yaml
 
-from control.config import InstanceConfig
 from control.adapters import haproxy_config
 from control.adapters.haproxy_runtime import HAProxyError, HAProxyRuntime
-from control.local.procs import ComponentError, free_port, load_managed, managed_names
-from control.capacity.scaler import CloudInstance, ScaleDecision
 from control.adapters.triton import TritonAdminError
+from control.capacity.scaler import CloudInstance, ScaleDecision
+from control.config import InstanceConfig
+from control.local.procs import ComponentError, free_port, load_managed, managed_names
+from control.local.triton_server import start_instance
+from control.traffic.triton_metrics import parse
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,6 @@ class ScaleError(RuntimeError):
 
 class ScaleActuator(Protocol):
     """What the capacity job (control/daemon/capacity_job.py) needs of a way to add cloud capacity."""
-
     name: str
 
     def instances(self) -> list[CloudInstance]: ...
@@ -65,7 +66,6 @@ class ScaleActuator(Protocol):
 
 class InstanceRegistry(Protocol):
     """The daemon's instance registry as the local scaler uses it (control/daemon/registry.py)."""
-
     def add_instance(self, inst: InstanceConfig) -> None: ...
 
     def remove_instance(self, name: str) -> None: ...
@@ -177,7 +177,6 @@ class LocalProcessScaler:
                 f"enable server {be}/{inst.name}"]
 
     def scale_out(self, decision: ScaleDecision) -> dict:
-        from control.local.triton_server import start_instance  # noqa: PLC0415
         t0 = self.clock()
         tpl = template_instance(self.settings)
         name = self._next_name()
@@ -233,7 +232,6 @@ class LocalProcessScaler:
             log.warning("removing %s/%s from HAProxy: %s", be, name, e)
 
     def _inflight(self, inst: InstanceConfig) -> float:
-        from control.traffic.triton_metrics import parse  # noqa: PLC0415
         n = float(sum(self.rt.sessions(be, inst.name) for be in self.backends))
         try:
             n += parse(requests.get(inst.metrics_url, timeout=2).text).pending or 0.0
@@ -286,7 +284,6 @@ class AsgScaler:
     """Desired capacity of an AWS Auto Scaling group. In-flight safety there belongs to the cloud
     side (a lifecycle hook / the load balancer's deregistration delay); this adapter only moves
     the desired count by one, and never below the group's MinSize or above its MaxSize."""
-
     name = "asg"
 
     def __init__(self, group: str, client=None, endpoint_url: str = "", region: str = "us-east-1",
@@ -346,7 +343,6 @@ class K8sScaler:
     """`replicas` of the cloud Triton Deployment: in a manifest file (then applied by the GitOps
     tool or `kubectl apply`), or live through `kubectl scale`. Pod drain is the Deployment's own
     (preStop + terminationGracePeriodSeconds, readiness gate)."""
-
     name = "k8s"
 
     def __init__(self, mode: str, deployment: str, namespace: str = "", manifest: str | Path = "",

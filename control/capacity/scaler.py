@@ -30,7 +30,6 @@ from typing import Mapping
 from control.traffic.snapshot import InstanceSnapshot, InstanceState
 
 
-
 class ScaleAction(StrEnum):
     OUT = "out"
     IN = "in"

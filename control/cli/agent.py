@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from control.agent.repository import RepositoryError
 from control.cli import settings_from
 
 SECRET_ENV = ("TRITON_HYBRID__AGENT__TOKEN", "TRITON_HYBRID__AGENT__ADMIN_KEY")
@@ -40,7 +41,6 @@ def agent_cmd(ctx, once):
     """Run the host agent: pull, verify, load and report the models the desired state names for
     this host (agent.instance), through Triton's repository API on the loopback."""
     from control.agent.main import AgentSetupError, run_agent  # noqa: PLC0415 - boto3/tritonclient are heavy
-    from control.agent.repository import RepositoryError  # noqa: PLC0415
 
     settings = settings_from(ctx)
     check_secret_file(settings)

@@ -12,8 +12,8 @@ import click
 from control.capacity.cost import cost_summary
 from control.cli import settings_from
 from control.cli.output import print_result as _print
-from control.daemon.client import daemon_or_database
 from control.daemon.api import BadRequest, since_to_ts
+from control.daemon.client import daemon_or_database
 
 
 @click.group("scale")

@@ -15,7 +15,13 @@ from control.adapters.haproxy_config import install_guard
 from control.config import PROJECT_ROOT, ConfigError
 from control.deploy.kustomize import KustomizeError, check_tree
 from control.deploy.render import (
-    HAPROXY_OUT, K8S_HAPROXY_OUT, K8S_REGISTRY, SITES_REGISTRY, load_registry, render_haproxy, render_prometheus,
+    HAPROXY_OUT,
+    K8S_HAPROXY_OUT,
+    K8S_REGISTRY,
+    SITES_REGISTRY,
+    load_registry,
+    render_haproxy,
+    render_prometheus,
 )
 
 

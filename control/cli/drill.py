@@ -16,23 +16,28 @@ from rich.console import Console
 from rich.table import Table
 
 from control.cli import settings_from
+from control.drills import scenarios
+from control.drills.load import RequestSpec, auto_spec
+from control.drills.runner import (
+    MODEL_ADD_ONE,
+    add_one_spec,
+    default_reports_dir,
+    run_drill,
+    write_add_one_repository,
+)
+from model_repository.smoke import smoke_request, to_infer_inputs
+from model_repository.spec import ENSEMBLE
 
 console = Console()
 
 
 def search_ranking_spec(repository: Path):
     """The stored smoke request of the ensemble (model_repository/smoke.py), for the drill load."""
-    from control.drills.load import RequestSpec  # noqa: PLC0415
-    from model_repository.smoke import smoke_request, to_infer_inputs  # noqa: PLC0415
-    from model_repository.spec import ENSEMBLE  # noqa: PLC0415
-
     inputs, _ = smoke_request(repository)
     return RequestSpec(ENSEMBLE, lambda m: to_infer_inputs(inputs, m))
 
 
 def _spec_factory(model: str, repository: Path):
-    from control.drills.runner import MODEL_ADD_ONE, add_one_spec  # noqa: PLC0415
-    from control.drills.load import auto_spec  # noqa: PLC0415
 
     def factory(env):
         if model == MODEL_ADD_ONE:
@@ -77,9 +82,6 @@ def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_co
 
     onprem-crash, onprem-hang, onprem-partition, cloud-latency, s3-outage, bad-model,
     corrupt-artifact, control-crash, haproxy-restart, query-of-death."""
-    from control.drills import scenarios  # noqa: PLC0415
-    from control.drills.runner import MODEL_ADD_ONE, run_drill, write_add_one_repository  # noqa: PLC0415
-
     settings = settings_from(ctx)
     names = list(scenarios.SCENARIOS) if scenario == "all" else [scenario]
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
@@ -141,7 +143,6 @@ def _print_one(rep: dict) -> None:
 
 
 def _aggregate(results: list[dict], reports_dir: Path | None) -> None:
-    from control.drills.runner import default_reports_dir  # noqa: PLC0415
 
     table = Table(title="drills")
     for col in ("scenario", "status", "detect s", "recovery s", "after lift s", "restored s", "failed", "report"):

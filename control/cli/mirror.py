@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from control.cli import settings_from
+from control.mirror.manifest import ManifestError
+from control.mirror.state import MirrorState
 
 console = Console()
 
@@ -18,9 +20,8 @@ def _fail(msg: str) -> None:
 
 
 def _errors():
-    from control.mirror.manifest import ManifestError  # noqa: PLC0415
-    from control.mirror.publish import PublishError  # noqa: PLC0415
     from control.adapters.s3 import S3Error  # noqa: PLC0415
+    from control.mirror.publish import PublishError  # noqa: PLC0415
     from control.mirror.sync import RollbackError, SyncError  # noqa: PLC0415
     return (PublishError, S3Error, ManifestError, RollbackError, SyncError)
 
@@ -87,7 +88,6 @@ def _print_outcomes(results: dict) -> bool:
 @click.pass_context
 def sync_cmd(ctx, instance, models, retry_failed, as_json):
     """Pull, verify, smoke-test and roll the newest published versions onto the Triton instances."""
-    from control.mirror.state import MirrorState  # noqa: PLC0415
     from control.mirror.sync import sync_all  # noqa: PLC0415
 
     settings = settings_from(ctx)
@@ -149,7 +149,6 @@ def rollback_cmd(ctx, model, to, as_json):
 def versions_cmd(ctx, instance, model, as_json):
     """Per instance and version: published, pulled, loaded, live, failed (with the reason); and
     each instance's lag behind the newest published version."""
-    from control.mirror.state import MirrorState  # noqa: PLC0415
     from control.mirror.sync import lag_report  # noqa: PLC0415
 
     settings = settings_from(ctx)

@@ -9,6 +9,7 @@ import click
 
 from control.cli import settings_from
 from control.durations import parse_duration
+from control.traffic import chart as report
 
 
 @click.command("report")
@@ -23,8 +24,6 @@ from control.durations import parse_duration
 @click.pass_context
 def report_cmd(ctx, since: str, out: str, prometheus_url: str | None, db_path: str | None, as_json: bool) -> None:
     """Chart site weights, per-site traffic and queue time over time into a PNG."""
-    from control.traffic import chart as report  # noqa: PLC0415 - matplotlib only when needed
-
     try:
         since_s = parse_duration(since)
     except ValueError as e:

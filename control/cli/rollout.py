@@ -7,6 +7,7 @@ import getpass
 import json
 
 import click
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
@@ -23,7 +24,6 @@ def _operator() -> str:
 
 
 def _controller(ctx):
-    from prometheus_client import CollectorRegistry  # noqa: PLC0415 - keep `--help` light
 
     from control.rollout.controller import from_settings  # noqa: PLC0415 - boto3 is heavy
     # A registry of its own: the CLI's counters are not the daemon's (its audit rows are shared).

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from control.cli import settings_from
+from control.local import stack
 from control.local.procs import ComponentError
+from control.local.supervisor import Supervisor
 
 console = Console()
 
@@ -22,8 +24,6 @@ console = Console()
 def up_cmd(ctx, with_prometheus: bool, no_control: bool) -> None:
     """Start the local stack: S3 endpoint, Tritons, HAProxy, control plane, supervisor.
     Components already running are kept; only the missing ones are started."""
-    from control.local import stack  # noqa: PLC0415
-
     settings = settings_from(ctx)
     try:
         st = stack.up(settings, with_prometheus=with_prometheus, with_control=False if no_control else None,
@@ -51,8 +51,6 @@ def up_cmd(ctx, with_prometheus: bool, no_control: bool) -> None:
 @click.pass_context
 def down_cmd(ctx) -> None:
     """Stop every process the stack started (data in the run dir is kept)."""
-    from control.local import stack  # noqa: PLC0415
-
     settings = settings_from(ctx)
     try:
         stopped = stack.down(settings, say=lambda m: console.print(f"[dim]-[/dim] {m}"))
@@ -66,8 +64,6 @@ def down_cmd(ctx) -> None:
 @click.pass_context
 def status_cmd(ctx, as_json: bool) -> None:
     """Each component: pid, health, ports, models and versions loaded, weights."""
-    from control.local import stack  # noqa: PLC0415
-
     settings = settings_from(ctx)
     st = stack.status(settings)
     if as_json:
@@ -115,7 +111,5 @@ def status_cmd(ctx, as_json: bool) -> None:
 @click.pass_context
 def supervise_cmd(ctx) -> None:
     """Restart crashed Tritons of the local stack (started by `up`, stopped by `down`)."""
-    from control.local.supervisor import Supervisor  # noqa: PLC0415
-
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     Supervisor(settings_from(ctx)).run()

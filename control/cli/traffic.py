@@ -15,8 +15,8 @@ import click
 
 from control.cli import settings_from
 from control.cli.output import print_result as _print
-from control.daemon.client import AdminClient, daemon_or_database, weights_summary
 from control.daemon.api import BadRequest, policy_view, since_to_ts
+from control.daemon.client import AdminClient, daemon_or_database, weights_summary
 
 
 # ---- control run --------------------------------------------------------------------------------

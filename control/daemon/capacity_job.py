@@ -12,7 +12,12 @@ import time
 
 from control.capacity.actuators import ScaleActuator, ScaleError, new_instance_cost
 from control.capacity.cost import CostLedger, cost_summary
-from control.capacity.scaler import ScaleAction, ScaleDecision, ScalerState, decide_scale
+from control.capacity.scaler import (
+    ScaleAction,
+    ScaleDecision,
+    ScalerState,
+    decide_scale,
+)
 from control.daemon.jobs import Scheduled
 from control.daemon.metrics import ControlMetrics
 from control.daemon.registry import Registry

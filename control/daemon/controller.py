@@ -19,7 +19,11 @@ from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from control.capacity.actuators import InstanceRegistry, ScaleActuator, make_scale_actuator
+from control.capacity.actuators import (
+    InstanceRegistry,
+    ScaleActuator,
+    make_scale_actuator,
+)
 from control.config import InstanceConfig
 from control.daemon.api import AdminServer, serve_api
 from control.daemon.capacity_job import CapacityJob

@@ -1,7 +1,13 @@
 """The daemon's own Prometheus metrics (names documented in control/README_SECTION_CONTROL.md)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from control.traffic.policy import SITES
 from control.traffic.snapshot import STATES

@@ -27,7 +27,16 @@ from control.daemon.registry import Registry
 from control.traffic.actuators import ActuatorError, Observed, Plan, WeightActuator
 from control.traffic.audit import Audit
 from control.traffic.health import assess
-from control.traffic.policy import SITES, Controls, Decision, PolicyState, Reason, decide, normalize, split
+from control.traffic.policy import (
+    SITES,
+    Controls,
+    Decision,
+    PolicyState,
+    Reason,
+    decide,
+    normalize,
+    split,
+)
 from control.traffic.poller import Poller
 from control.traffic.snapshot import InstanceSnapshot, InstanceState
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +27,25 @@ from typing import Callable
 import numpy as np
 import requests
 import yaml
+from pydantic import SecretStr
 
-from control.config import Settings
+from control.adapters.haproxy_runtime import HAProxyRuntime
+from control.config import PROJECT_ROOT, Settings
 from control.drills.faults import DelayProxy
 from control.drills.load import OpenLoopLoad, RequestSpec
+from control.drills.report import analyze, write_report
 from control.local.admin_keys import ensure_admin_key
-from control.local.procs import ComponentError, ManagedProcess, http_ok, start_process, wait_for_process
+from control.local.haproxy import start_haproxy
+from control.local.procs import (
+    ComponentError,
+    ManagedProcess,
+    http_ok,
+    start_process,
+    wait_for_process,
+)
+from control.local.s3_endpoint import start_s3_server
+from control.local.stack import start_control_daemon
+from control.local.triton_server import start_instance, triton_argv, triton_env
 
 MODEL_ADD_ONE = "add_one"
 
@@ -81,7 +96,6 @@ class Samples:
 class Observer:
     """Samples HAProxy (every `haproxy_every` s), the Tritons' counters and the control plane's
     decided weights (every `counts_every` s) until stopped."""
-
     def __init__(self, env: "DrillEnv", t0: float, haproxy_every: float = 0.05, counts_every: float = 0.25):
         self.env, self.t0 = env, t0
         self.haproxy_every, self.counts_every = haproxy_every, counts_every
@@ -91,7 +105,6 @@ class Observer:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="drill-observe")
 
     def _haproxy_loop(self):
-        from control.adapters.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
         rt = HAProxyRuntime.for_settings(self.env.settings, timeout_s=0.5)
         while not self._stop.is_set():
             t = time.monotonic() - self.t0
@@ -158,7 +171,6 @@ class Observer:
 
 def _reveal(obj):
     """model_dump() output with SecretStr values in clear (for the drill's own config file)."""
-    from pydantic import SecretStr  # noqa: PLC0415
     if isinstance(obj, SecretStr):
         return obj.get_secret_value()
     if isinstance(obj, dict):
@@ -171,9 +183,7 @@ def _reveal(obj):
 class PortPool:
     """Distinct free loopback ports: each socket stays bound until `close()`, so two calls never
     return the same port (free_port() alone can, when the kernel hands a released port out again)."""
-
     def __init__(self, host: str = "127.0.0.1"):
-        import socket  # noqa: PLC0415
         self._socket, self.host, self._held = socket, host, []
 
     def __call__(self) -> int:
@@ -259,7 +269,6 @@ def write_settings_file(settings: Settings) -> Settings:
 @dataclass
 class DrillEnv:
     """A running drill stack and what the scenario needs to break it."""
-
     settings: Settings
     repository: Path
     spec: RequestSpec | None = None
@@ -293,7 +302,6 @@ class DrillEnv:
 
     # Starting ------------------------------------------------------------------------------------
     def start_triton(self, inst) -> ManagedProcess:
-        from control.local.triton_server import start_instance, triton_argv, triton_env  # noqa: PLC0415
         http_port, grpc_port = self.listen_ports.get(inst.name, (inst.http_port, inst.grpc_port))
         ns = self.netns.get(inst.name)
         repository = self.repositories.get(inst.name, self.repository)
@@ -316,7 +324,6 @@ class DrillEnv:
         return proc
 
     def start_haproxy(self) -> ManagedProcess:
-        from control.local.haproxy import start_haproxy  # noqa: PLC0415
         self.procs["haproxy"] = start_haproxy(self.settings)
         return self.procs["haproxy"]
 
@@ -324,7 +331,6 @@ class DrillEnv:
         """moto on a port of its own behind a TCP proxy on `s3.port` (stopping the proxy is the
         outage: connections refused, the bucket's data kept), then publish + verified pull."""
         from control.mirror.publish import publish_repository  # noqa: PLC0415
-        from control.local.s3_endpoint import start_s3_server  # noqa: PLC0415
         from control.mirror.sync import prepare_instance_repository  # noqa: PLC0415
         self.s3_real_port = ports_besides(self.settings, 1)[0]
         real = self.settings.model_copy(update={"s3": self.settings.s3.model_copy(update={"port": self.s3_real_port})})
@@ -343,7 +349,6 @@ class DrillEnv:
             p.stop()
 
     def start_control(self) -> ManagedProcess:
-        from control.local.stack import start_control_daemon  # noqa: PLC0415
         self.procs["control"] = start_control_daemon(self.settings)
         return self.procs["control"]
 
@@ -390,7 +395,6 @@ class DrillEnv:
         return r.json()
 
     def runtime(self):
-        from control.adapters.haproxy_runtime import HAProxyRuntime  # noqa: PLC0415
         return HAProxyRuntime.for_settings(self.settings)
 
 
@@ -413,7 +417,6 @@ def warm_up(env: DrillEnv, n: int = 6, timeout: float = 30.0) -> None:
 
 
 def default_reports_dir(settings: Settings | None = None) -> Path:
-    from control.config import PROJECT_ROOT  # noqa: PLC0415
     return PROJECT_ROOT / "reports" / "drills"
 
 
@@ -423,13 +426,10 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
               say: Callable[[str], None] = lambda m: None, write: bool = True, **options) -> dict:
     """Run `scenario` (a scenarios.Scenario) once; return the report dict (also written to disk).
     A scenario that cannot run here returns a report with status "skipped" and the reason."""
-    from control.drills.report import analyze, write_report  # noqa: PLC0415
-
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     run_root = Path(run_root or base.run_path / "drills")
     run_dir = run_root / f"{scenario.name}-{stamp[9:]}-{os.getpid()}"
     if len(str(run_dir / "haproxy.sock")) > 90:  # HAProxy refuses unix socket paths over 97 chars
-        import tempfile  # noqa: PLC0415
         run_dir = Path(tempfile.mkdtemp(prefix=f"thd-{scenario.name}-"))
     reports_dir = Path(reports_dir or default_reports_dir(base))
     out_dir = reports_dir / f"{stamp}-{scenario.name}"

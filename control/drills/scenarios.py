@@ -6,13 +6,23 @@ Times are seconds since the load started; `env.mark()` records them for the repo
 """
 from __future__ import annotations
 
+import shutil
+import signal
 import time
 from pathlib import Path
 
+from control.adapters import s3 as s3x
+from control.adapters.haproxy_config import ALL_BACKENDS
 from control.drills import faults
 from control.drills.netns import SiteNetns, available, netem_available
-from control.drills.runner import DrillEnv, DrillSkip, drill_settings, ports_besides
-from control.adapters.haproxy_config import ALL_BACKENDS
+from control.drills.runner import (
+    DrillEnv,
+    DrillSkip,
+    add_one_spec,
+    drill_settings,
+    ports_besides,
+    write_add_one_repository,
+)
 
 
 def target(name: str, ok: bool, value, goal: str) -> dict:
@@ -68,7 +78,6 @@ class Scenario:
 
     def figures(self, a: dict, env: DrillEnv) -> None:
         """Scenario-specific figures, added to the analysis before the targets are checked."""
-
     # helpers
     def victim(self, env: DrillEnv):
         return env.instance(self.target_site)
@@ -76,7 +85,6 @@ class Scenario:
 
 class _OnpremDown(Scenario):
     """Shared targets of the scenarios that take the on-prem Triton away."""
-
     recovery_goal_s = 2.0
 
     def targets(self, a, env):
@@ -287,7 +295,6 @@ class HAProxyRestart(Scenario):
         if mode == "kill":
             faults.kill9(proc)
         else:
-            import signal  # noqa: PLC0415
             proc.signal(signal.SIGUSR1)  # soft stop: listeners close, running requests finish
             deadline = time.monotonic() + 5
             while proc.alive and time.monotonic() < deadline:
@@ -366,7 +373,6 @@ class QueryOfDeath(Scenario):
     through HAProxy in the middle of steady load. Triton 2.51 aborts on the HTTP/JSON form
     (std::bad_alloc); the proxy's guard must refuse all three before they reach any Triton, and a
     request that crashed a server must never be re-sent to the next one."""
-
     name = "query-of-death"
     title = "requests declaring 10^12 elements with 4 values of data, mixed into steady load"
     target_site = "proxy"
@@ -446,7 +452,6 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     """Loads fine, fails every inference: the version the smoke check must stop (drill bad-model)."""
-
     def execute(self, requests):
         return [pb_utils.InferenceResponse(error=pb_utils.TritonError("broken on purpose (drill bad-model)"))
                 for _ in requests]
@@ -457,15 +462,12 @@ class _MirrorScenario(Scenario):
     """S3 publish/sync drills: the stack is fed from S3 (publish -> verified pull -> candidate
     load + smoke -> go live, control/mirror/publish.py + control/mirror/sync.py) and the load calls the drill's
     `add_one` model, whose answers carry the version that served them."""
-
     target_site = "mirror"
     model = "add_one"
     fault_at, lift_at = 0.2, 0.55
     good_after_lift = 3
 
     def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, **_):
-        import shutil  # noqa: PLC0415
-        from control.drills.runner import add_one_spec, write_add_one_repository  # noqa: PLC0415
         src = Path(run_dir) / "source-repo"
         src.mkdir(parents=True, exist_ok=True)
         if Path(repository).is_dir():
@@ -487,7 +489,6 @@ class _MirrorScenario(Scenario):
 
     # helpers
     def write_version(self, env, version: int, bad: bool = False) -> None:
-        import shutil  # noqa: PLC0415
         src = env.repository / self.model
         vdir = src / str(version)
         vdir.mkdir(parents=True, exist_ok=True)
@@ -556,7 +557,6 @@ class CorruptArtifact(_MirrorScenario):
     title = "a published object altered after publish"
 
     def inject(self, env):
-        from control.adapters import s3 as s3x  # noqa: PLC0415
         self.write_version(env, 2)
         self.publish(env, 2)
         client = s3x.make_client(env.settings.s3)

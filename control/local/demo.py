@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control.config import load_config
+from export.artifacts import latest_export
 from model_repository.smoke import to_infer_inputs
 
 MODEL = "search_ranking"
@@ -42,7 +43,6 @@ def served_per_instance(settings) -> dict[str, float]:
 
 
 def heldout_queries(settings, n: int) -> list[dict]:
-    from export.artifacts import latest_export  # noqa: PLC0415
 
     path = latest_export(settings.path(settings.models.exports_dir)) / "heldout_queries.json"
     return json.loads(path.read_text())[:n]

@@ -4,8 +4,20 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from control.adapters.haproxy_config import config_path, install_guard, render, socket_path
-from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
+from control.adapters.haproxy_config import (
+    config_path,
+    install_guard,
+    render,
+    socket_path,
+)
+from control.local.procs import (
+    ComponentError,
+    ManagedProcess,
+    http_ok,
+    port_in_use,
+    start_process,
+    wait_for_process,
+)
 
 NAME = "haproxy"
 

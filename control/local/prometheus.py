@@ -13,9 +13,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from control.local.procs import ComponentError, ManagedProcess, http_ok, load_managed, port_in_use, start_process, wait_for_process
 from control.adapters.prometheus_config import (
-    LOCAL_EVALUATION_INTERVAL, LOCAL_SCRAPE_INTERVAL, RULES_DIR, render,
+    LOCAL_EVALUATION_INTERVAL,
+    LOCAL_SCRAPE_INTERVAL,
+    RULES_DIR,
+    render,
+)
+from control.local.procs import (
+    ComponentError,
+    ManagedProcess,
+    http_ok,
+    load_managed,
+    port_in_use,
+    start_process,
+    wait_for_process,
 )
 
 NAME = "prometheus"

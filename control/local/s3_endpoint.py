@@ -7,7 +7,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
+from control.local.procs import (
+    ComponentError,
+    ManagedProcess,
+    http_ok,
+    port_in_use,
+    start_process,
+    wait_for_process,
+)
 
 NAME = "s3"
 

@@ -17,12 +17,28 @@ from typing import Callable
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from control.capacity.cost import cost_summary
+from control.daemon.client import weights_summary
 from control.local.admin_keys import admin_key
+from control.local.haproxy import start_haproxy
 from control.local.procs import (
-    AlreadyRunning, ComponentError, ManagedProcess, http_ok, load_managed, managed_names, port_in_use, private_dir,
-    rss_bytes, start_process, wait_for_process,
+    AlreadyRunning,
+    ComponentError,
+    ManagedProcess,
+    http_ok,
+    load_managed,
+    managed_names,
+    port_in_use,
+    private_dir,
+    rss_bytes,
+    start_process,
+    wait_for_process,
 )
-from control.local.supervisor import NAME as SUPERVISOR_NAME, read_state as supervisor_state, start_supervisor
+from control.local.s3_endpoint import start_s3_server
+from control.local.supervisor import NAME as SUPERVISOR_NAME
+from control.local.supervisor import read_state as supervisor_state
+from control.local.supervisor import start_supervisor
+from control.local.triton_server import start_instance
 
 CONTROL_NAME = "control"
 Say = Callable[[str], None]
@@ -137,10 +153,6 @@ def preflight(settings, with_control: bool, with_prometheus: bool = False,
 
 def up(settings, with_prometheus: bool = False, with_control: bool | None = None, say: Say = _quiet) -> Stack:
     """Start every component of the stack that is not running yet; keep those that are."""
-    from control.local.haproxy import start_haproxy  # noqa: PLC0415
-    from control.local.s3_endpoint import start_s3_server  # noqa: PLC0415
-    from control.local.triton_server import start_instance  # noqa: PLC0415
-
     private_dir(settings.run_path)
     running = set(running_components(settings))
     for name in sorted(running):
@@ -304,11 +316,9 @@ def status(settings) -> dict:
         info["healthy"] = http_ok(info["metrics"]) if info["running"] else False
     except requests.RequestException:
         info["healthy"] = False
-    from control.daemon.client import weights_summary  # noqa: PLC0415
 
     # The decided site weights, override and drains: from the daemon, or its database when down.
     info["decision"] = weights_summary(settings)
-    from control.capacity.cost import cost_summary  # noqa: PLC0415
 
     info["cost"] = cost_summary(settings)
     comps.append(info)

@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Callable
 
 from control.local.procs import (
-    AlreadyRunning, ComponentError, ManagedProcess, load_managed, private_dir, rss_bytes, start_process, wait_for_process,
+    AlreadyRunning,
+    ComponentError,
+    ManagedProcess,
+    load_managed,
+    private_dir,
+    rss_bytes,
+    start_process,
+    wait_for_process,
     write_private,
 )
 from control.local.triton_server import server_binary, start_instance

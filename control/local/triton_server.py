@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 
 from control.local.admin_keys import ensure_admin_key
-from control.local.procs import ComponentError, ManagedProcess, http_ok, port_in_use, start_process, wait_for_process
+from control.local.procs import (
+    ComponentError,
+    ManagedProcess,
+    http_ok,
+    port_in_use,
+    start_process,
+    wait_for_process,
+)
 
 PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
 

@@ -30,11 +30,31 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from rich.progress import (  # noqa: PLC0415
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
 from control.adapters import s3 as s3x
 from control.mirror.manifest import (
-    CONTROL_DIR, LOCK_NAME, MANIFEST_NAME, PLACEHOLDER_NAME, Manifest, ManifestError, build_manifest, local_versions,
-    parse_manifest, validate_model_name, validate_version, version_of,
+    CONTROL_DIR,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    PLACEHOLDER_NAME,
+    Manifest,
+    ManifestError,
+    build_manifest,
+    local_versions,
+    parse_manifest,
+    validate_model_name,
+    validate_version,
+    version_of,
 )
+from control.mirror.state import MirrorState
 
 log = logging.getLogger("triton_hybrid.mirror")
 
@@ -202,9 +222,6 @@ class _Progress:
     def __init__(self, enabled: bool, total: int, label: str):
         self.bar = None
         if enabled and total > 0:
-            from rich.progress import (  # noqa: PLC0415
-                BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-            )
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=False)
             self.task = self.bar.add_task(label, total=total)
@@ -371,7 +388,6 @@ def _record(settings, state, manifest: Manifest) -> None:
 
 
 def _open_state(settings):
-    from control.mirror.state import MirrorState  # noqa: PLC0415
     try:
         return MirrorState.for_settings(settings)
     except Exception:  # noqa: BLE001 - publishing does not need the database

@@ -32,7 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control.adapters import s3 as s3x
-from control.adapters.triton import TritonAdmin, TritonAdminError, TritonUnreachable, ready_versions_of
+from control.adapters.triton import (
+    TritonAdmin,
+    TritonAdminError,
+    TritonUnreachable,
+    ready_versions_of,
+)
 from control.agent import pull as _agent_pull
 from control.agent.errors import AgentError
 from control.agent.loader import Loader

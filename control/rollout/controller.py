@@ -21,12 +21,25 @@ import requests
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from control.adapters import s3 as s3x
-from control.mirror.desired import DesiredState, DesiredStore, InstanceStatus, ModelState
+from control.mirror.desired import (
+    DesiredState,
+    DesiredStore,
+    InstanceStatus,
+    ModelState,
+)
 from control.mirror.publish import list_models, published_versions
 from control.rollout.analysis import MetricWindow
 from control.rollout.audit import RolloutAudit
 from control.rollout.phases import (
-    Command, Inputs, Phase, RolloutState, SetCanaryWeight, Transition, apply, state_of, step,
+    Command,
+    Inputs,
+    Phase,
+    RolloutState,
+    SetCanaryWeight,
+    Transition,
+    apply,
+    state_of,
+    step,
 )
 from control.rollout.signals import ModelSample, parse_models, window
 from control.traffic.triton_metrics import MetricsError

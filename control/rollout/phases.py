@@ -25,7 +25,13 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field, ValidationError
 
-from control.mirror.desired import Canary, DesiredState, InstanceStatus, ModelState, reject
+from control.mirror.desired import (
+    Canary,
+    DesiredState,
+    InstanceStatus,
+    ModelState,
+    reject,
+)
 from control.rollout.analysis import Check, MetricWindow, judge
 from control.rollout.reasons import ACTIVE, TERMINAL, Phase, Reason
 

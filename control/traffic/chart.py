@@ -21,10 +21,10 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
-
 
 SITE_COLORS = {"onprem": "#1f77b4", "cloud": "#ff7f0e"}
 QUIET_REASONS = {"steady", "hold_sustain", "hold_cooldown", "unknown_metrics", "failback_wait", "override",
@@ -173,7 +173,6 @@ def render(data: ReportData, out: str | Path, title: str = "triton-hybrid: traff
     matplotlib.use("Agg")
     import matplotlib.dates as mdates  # noqa: PLC0415
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    from datetime import datetime, timezone  # noqa: PLC0415
 
     def dt(ts):
         return datetime.fromtimestamp(ts, tz=timezone.utc)

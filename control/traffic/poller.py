@@ -16,8 +16,14 @@ from typing import Callable
 
 import requests
 
-from control.traffic.triton_metrics import MetricsError, Totals, parse, parse_dcgm, rates
 from control.traffic.snapshot import InstanceSnapshot, InstanceState, Probe
+from control.traffic.triton_metrics import (
+    MetricsError,
+    Totals,
+    parse,
+    parse_dcgm,
+    rates,
+)
 
 log = logging.getLogger(__name__)
 
