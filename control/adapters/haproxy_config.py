@@ -41,7 +41,8 @@ SENSITIVE_503_BODY = ('{"error":"no on-prem instance is available for sensitive 
 
 
 GUARD_FILE = "request_guard.lua"
-GUARD_SCRIPT = Path(__file__).resolve().parent.parent.parent / "deploy" / "haproxy" / GUARD_FILE
+# One copy, where the Kubernetes ConfigMap can load it; deploy/haproxy/request_guard.lua links to it.
+GUARD_SCRIPT = Path(__file__).resolve().parent.parent.parent / "deploy" / "k8s" / "control-plane" / GUARD_FILE
 GUARD_ENV_PREFIX = "TRITON_HYBRID_GUARD_"
 
 

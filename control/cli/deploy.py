@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 
-from control.adapters.haproxy_config import install_guard
 from control.config import PROJECT_ROOT, ConfigError
 from control.deploy.kustomize import KustomizeError, check_tree
 from control.deploy.render import (
@@ -52,8 +51,6 @@ def render_haproxy_cmd(registry: str, out: str, k8s: bool) -> None:
         _load(K8S_REGISTRY)
         K8S_HAPROXY_OUT.write_text(render_haproxy(K8S_REGISTRY))
         click.echo(f"wrote {K8S_HAPROXY_OUT}")
-        # The ConfigMap can only take files below its kustomization: the Lua guard is copied there.
-        click.echo(f"wrote {install_guard(K8S_HAPROXY_OUT.parent)}")
 
 
 @deploy_group.command("render-prometheus")
