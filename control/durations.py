@@ -6,6 +6,7 @@ Plain function, no dependency on any layer above it, so every layer can import i
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -30,3 +31,20 @@ def parse_duration(text: str | int | float) -> float:
     if not parts or "".join(n + u for n, u in parts) != s:
         raise DurationError(f"{text!r} is not a duration ({EXAMPLES})")
     return sum(float(n) * UNITS[u] for n, u in parts)
+
+
+def since_to_ts(since: str | None, now: float) -> float | None:
+    """`since` as a unix time: a duration back from `now` (10m, 2h) or an ISO time; None for empty."""
+    if not since:
+        return None
+    try:
+        return now - parse_duration(since)
+    except DurationError:
+        pass
+    try:
+        dt = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        raise DurationError(f"{since!r} is neither a duration (10m, 2h) nor an ISO time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()

@@ -82,6 +82,22 @@ def ensemble_using(root: Path, model: str):
     return None, None
 
 
+@contextmanager
+def file_lock(path: Path, blocking: bool = True):
+    """An exclusive flock on `path` (made if absent); yields False at once when held and not blocking."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class HostRepository:
     def __init__(self, repository_dir: str | Path, state_dir: str | Path):
         self.root = Path(repository_dir)
@@ -145,20 +161,9 @@ class HostRepository:
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    @contextmanager
     def lock(self, blocking: bool = True):
         """One writer of this repository at a time (a second agent, or `agent --once` next to a running one)."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        with open(self.state / "agent.lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.state / "agent.lock", blocking)
 
     # What is on disk ---------------------------------------------------------------------------
     def models(self) -> list[str]:

@@ -5,14 +5,12 @@ Read-only: from the daemon's admin API, or (daemon down) the SQLite database, an
 """
 from __future__ import annotations
 
-import time
-
 import click
 
 from control.capacity.cost import cost_summary
 from control.cli import settings_from
+from control.cli.output import history_options, since_param
 from control.cli.output import print_result as _print
-from control.daemon.api import BadRequest, since_to_ts
 from control.daemon.client import daemon_or_database
 
 
@@ -52,18 +50,12 @@ def scale_show(ctx, as_json):
 
 
 @scale_group.command("history")
-@click.option("--since", default="1h", show_default=True, help="10m, 2h, 1d.")
-@click.option("--limit", default=50, show_default=True)
-@click.option("--all", "all_rows", is_flag=True, help="Every tick, not only actions and reason changes.")
-@click.option("--json", "as_json", is_flag=True)
+@history_options("1h", "Every tick, not only actions and reason changes.")
 @click.pass_context
 def scale_history(ctx, since, limit, all_rows, as_json):
     """Scaling decisions with their reasons (audit)."""
     settings = settings_from(ctx)
-    try:
-        since_ts = since_to_ts(since, time.time())
-    except BadRequest as e:
-        raise click.BadParameter(str(e), param_hint="--since") from None
+    since_ts = since_param(since)
     d = daemon_or_database(settings, "/v1/scale/history", lambda audit: {"decisions": audit.scale_history(
         since_ts, limit, changes_only=not all_rows)}, params={"since": since, "limit": limit, "all": int(all_rows)})
 

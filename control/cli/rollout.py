@@ -118,36 +118,24 @@ def start_cmd(ctx, model, by, as_json, version):
     _run(ctx, model, "start", by, as_json, version=version)
 
 
-@rollout_group.command("promote")
-@_common
-@click.pass_context
-def promote_cmd(ctx, model, by, as_json):
-    """Skip the rest of the analysis: promote MODEL's canary version in waves now."""
-    _run(ctx, model, "promote", by, as_json)
+_COMMANDS = {
+    "promote": "Skip the rest of the analysis: promote MODEL's canary version in waves now.",
+    "abort": "Reject MODEL's rollout version; every instance returns to stable.",
+    "pause": "Hold MODEL's rollout where it is (no checks, no waves, no deadline) until resume.",
+    "resume": "Resume a paused rollout (deadline restarts), or restart a stopped one.",
+}
 
 
-@rollout_group.command("abort")
-@_common
-@click.pass_context
-def abort_cmd(ctx, model, by, as_json):
-    """Reject MODEL's rollout version; every instance returns to stable."""
-    _run(ctx, model, "abort", by, as_json)
+def _command(kind: str, help_text: str) -> None:
+    @rollout_group.command(kind, help=help_text)
+    @_common
+    @click.pass_context
+    def cmd(ctx, model, by, as_json):
+        _run(ctx, model, kind, by, as_json)
 
 
-@rollout_group.command("pause")
-@_common
-@click.pass_context
-def pause_cmd(ctx, model, by, as_json):
-    """Hold MODEL's rollout where it is (no checks, no waves, no deadline) until resume."""
-    _run(ctx, model, "pause", by, as_json)
-
-
-@rollout_group.command("resume")
-@_common
-@click.pass_context
-def resume_cmd(ctx, model, by, as_json):
-    """Resume a paused rollout (deadline restarts), or restart a stopped one."""
-    _run(ctx, model, "resume", by, as_json)
+for _kind, _help in _COMMANDS.items():
+    _command(_kind, _help)
 
 
 @rollout_group.command("rollback")

@@ -9,13 +9,13 @@ daemon is down, read the SQLite database directly (and say so).
 from __future__ import annotations
 
 import re
-import time
 
 import click
 
 from control.cli import settings_from
+from control.cli.output import history_options, since_param
 from control.cli.output import print_result as _print
-from control.daemon.api import BadRequest, policy_view, since_to_ts
+from control.daemon.api import policy_view
 from control.daemon.client import AdminClient, daemon_or_database, weights_summary
 
 
@@ -109,25 +109,21 @@ def weights_clear(ctx, as_json):
 
 
 # ---- drain / undrain ----------------------------------------------------------------------------
-@click.command("drain")
-@click.argument("target")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def drain_cmd(ctx, target, as_json):
-    """Drain a site (onprem|cloud) or an instance: no new traffic until `undrain`."""
-    d = AdminClient(settings_from(ctx)).call("POST", "/v1/drain", {"target": target})
-    _print(d, as_json, lambda d: click.echo(f"drained {d['kind']} {d['target']}; weights now {d['decision']['weights']}"))
+def _drain_command(name: str, help_text: str, say):
+    @click.command(name, help=help_text)
+    @click.argument("target")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def cmd(ctx, target, as_json):
+        d = AdminClient(settings_from(ctx)).call("POST", f"/v1/{name}", {"target": target})
+        _print(d, as_json, lambda d: click.echo(f"{say(d)}; weights now {d['decision']['weights']}"))
+    return cmd
 
 
-@click.command("undrain")
-@click.argument("target")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def undrain_cmd(ctx, target, as_json):
-    """Put a drained site or instance back in service (HAProxy state ready)."""
-    d = AdminClient(settings_from(ctx)).call("POST", "/v1/undrain", {"target": target})
-    _print(d, as_json, lambda d: click.echo(
-        f"{d['target']} ready (was drained: {d['changed']}); weights now {d['decision']['weights']}"))
+drain_cmd = _drain_command("drain", "Drain a site (onprem|cloud) or an instance: no new traffic until `undrain`.",
+                           lambda d: f"drained {d['kind']} {d['target']}")
+undrain_cmd = _drain_command("undrain", "Put a drained site or instance back in service (HAProxy state ready).",
+                             lambda d: f"{d['target']} ready (was drained: {d['changed']})")
 
 
 # ---- policy -------------------------------------------------------------------------------------
@@ -162,18 +158,12 @@ def policy_show(ctx, as_json):
 
 # ---- history ------------------------------------------------------------------------------------
 @click.command("history")
-@click.option("--since", default="1h", show_default=True, help="10m, 2h, 1d or an ISO time.")
-@click.option("--limit", default=50, show_default=True)
-@click.option("--all", "all_rows", is_flag=True, help="Every tick, not only changes and notable decisions.")
-@click.option("--json", "as_json", is_flag=True)
+@history_options("1h", "Every tick, not only changes and notable decisions.")
 @click.pass_context
 def history_cmd(ctx, since, limit, all_rows, as_json):
     """Audited policy decisions (from the daemon; from the database when it is down)."""
     settings = settings_from(ctx)
-    try:
-        ts = since_to_ts(since, time.time())
-    except BadRequest as e:
-        raise click.BadParameter(str(e), param_hint="--since") from None
+    ts = since_param(since)
     params = {"since": since, "limit": limit, "all": int(all_rows)}
     d = daemon_or_database(settings, "/v1/history", lambda audit: {"decisions": [
         r.to_dict() for r in audit.history(ts, limit, changes_only=not all_rows)]}, params=params, timeout=5)

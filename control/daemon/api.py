@@ -30,14 +30,13 @@ import json
 import logging
 import threading
 import time
-from datetime import datetime, timezone
 
 from flask import Flask, Response, request
 from waitress.server import create_server
 from werkzeug.exceptions import HTTPException
 
 from control.capacity.cost import cost_summary
-from control.durations import DurationError, parse_duration
+from control.durations import DurationError, parse_duration, since_to_ts
 from control.traffic.policy import SITES
 
 log = logging.getLogger(__name__)
@@ -90,21 +89,11 @@ def validate_target(settings, target) -> tuple[str, str]:
     raise BadRequest("target", f"unknown site or instance {target!r} (known: {known})")
 
 
-def since_to_ts(since: str | None, now: float) -> float | None:
-    """`since` as a unix time: a duration back from `now` (10m, 2h) or an ISO time."""
-    if not since:
-        return None
+def _since(since: str | None) -> float | None:
     try:
-        return now - parse_duration(since)
-    except DurationError:
-        pass
-    try:
-        dt = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest("since", f"{since!r} is neither a duration (10m, 2h) nor an ISO time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        return since_to_ts(since, time.time())
+    except DurationError as e:
+        raise BadRequest("since", str(e)) from None
 
 
 def policy_view(settings, state: dict | None) -> dict:
@@ -175,7 +164,7 @@ class AdminService:
         return policy_view(self.settings, self.c.state.to_dict())
 
     def history(self, query) -> dict:
-        since = since_to_ts(query.get("since"), time.time())
+        since = _since(query.get("since"))
         rows = self.c.audit.history(since, _limit(query), changes_only=not _all_rows(query))
         return {"decisions": [r.to_dict() for r in rows]}
 
@@ -183,7 +172,7 @@ class AdminService:
         return self.c.scale_status()
 
     def scale_history(self, query) -> dict:
-        since = since_to_ts(query.get("since"), time.time())
+        since = _since(query.get("since"))
         return {"decisions": self.c.audit.scale_history(since, _limit(query), changes_only=not _all_rows(query))}
 
     def cost(self) -> dict:

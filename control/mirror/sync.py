@@ -25,9 +25,7 @@ idempotent: a model already live at its target costs one index call.
 """
 from __future__ import annotations
 
-import fcntl
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from control.adapters.triton import (
 from control.agent import pull as _agent_pull
 from control.agent.errors import AgentError
 from control.agent.loader import Loader
-from control.agent.repository import CANDIDATE_SUFFIX, HostRepository  # noqa: F401 - re-exported
+from control.agent.repository import CANDIDATE_SUFFIX, HostRepository, file_lock  # noqa: F401 - CANDIDATE_SUFFIX re-exported
 from control.agent.smoke import SmokeFn, default_smoke, register_smoke, smoke_for  # noqa: F401 - re-exported
 from control.mirror.manifest import Manifest, ManifestError, validate_model_name
 from control.mirror.publish import list_models, published_versions, read_manifest
@@ -76,21 +74,9 @@ def repository_path(settings, instance) -> Path:
     return instance_root(settings, instance) / "repository"
 
 
-@contextmanager
 def instance_lock(settings, instance, blocking: bool = True):
     """One sync per instance at a time (the daemon's job and a CLI call may overlap)."""
-    root = instance_root(settings, instance)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "sync.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(instance_root(settings, instance) / "sync.lock", blocking)
 
 
 # Moved to control/agent/ -- thin wrappers over the agent's modules ------------------------------
