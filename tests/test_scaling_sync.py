@@ -18,6 +18,7 @@ from control.config import load_config
 from control.daemon.controller import Controller
 from control.drills.load import run_load
 from control.drills.models import write_add_model
+from control.local import stack as local_stack
 from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
 from control.local.s3_endpoint import start_s3_server
@@ -59,6 +60,7 @@ def env(tmp_path_factory):
             c.close()
         for p in procs[::-1]:
             p.stop()
+        local_stack.down(settings)  # what the scaler started (pid files in the run dir), also when a test failed
 
 
 def infer_via_haproxy(settings) -> float:
