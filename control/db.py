@@ -44,3 +44,18 @@ def migrate(conn: sqlite3.Connection, component: str, migrations: list[str]) -> 
         conn.execute("INSERT INTO schema_versions (component, version) VALUES (?, ?) "
                      "ON CONFLICT(component) DO UPDATE SET version = excluded.version", (component, version + 1))
     return want
+
+
+class Store:
+    """A module's tables in the control database: one connection, migrated on open. Subclasses set
+    `component` (its name in schema_versions) and `migrations`."""
+
+    component: str
+    migrations: list[str]
+
+    def __init__(self, path: str | Path):
+        self.conn = connect(path)
+        migrate(self.conn, self.component, self.migrations)
+
+    def close(self) -> None:
+        self.conn.close()

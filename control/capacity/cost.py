@@ -74,13 +74,8 @@ def site_totals(usages: list[Usage], now: float, fresh_s: float = 60.0) -> dict[
     return out
 
 
-class CostLedger:
-    def __init__(self, path):
-        self.conn = db.connect(path)
-        db.migrate(self.conn, "cost", MIGRATIONS)
-
-    def close(self) -> None:
-        self.conn.close()
+class CostLedger(db.Store):
+    component, migrations = "cost", MIGRATIONS
 
     def get(self, instance: str) -> Usage | None:
         r = self.conn.execute("SELECT * FROM cost_ledger WHERE instance = ?", (instance,)).fetchone()

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from control.db import connect, migrate
+from control.db import Store
 
 STATUSES = ("published", "pulled", "loaded", "live", "failed", "retired")
 PERMANENT_FAILURES = ("verify", "load", "smoke")
@@ -49,19 +49,17 @@ CREATE INDEX IF NOT EXISTS mirror_events_at ON mirror_events(at);
 MIGRATIONS = [DDL]
 
 
-class MirrorState:
+class MirrorState(Store):
+    component, migrations = "mirror_state", MIGRATIONS
+
     def __init__(self, db_path: str | Path):
         self.path = Path(db_path)
-        self.conn: sqlite3.Connection = connect(self.path)
-        migrate(self.conn, "mirror_state", MIGRATIONS)
+        super().__init__(self.path)
         self._lock = threading.Lock()
 
     @classmethod
     def for_settings(cls, settings) -> "MirrorState":
         return cls(settings.database_path)
-
-    def close(self) -> None:
-        self.conn.close()
 
     def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
         with self._lock:

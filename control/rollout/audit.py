@@ -31,13 +31,8 @@ CREATE INDEX IF NOT EXISTS rollouts_model_ts ON rollouts(model, ts);
 MIGRATIONS = [DDL]
 
 
-class RolloutAudit:
-    def __init__(self, path):
-        self.conn = db.connect(path)
-        db.migrate(self.conn, "rollout", MIGRATIONS)
-
-    def close(self) -> None:
-        self.conn.close()
+class RolloutAudit(db.Store):
+    component, migrations = "rollout", MIGRATIONS
 
     def record(self, t: Transition, revision: int | None, error: str | None = None) -> int:
         cur = self.conn.execute(

@@ -12,10 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from control.rollout.analysis import MetricWindow
-from control.traffic.triton_metrics import MetricsError
+from control.traffic.triton_metrics import triton_samples
 
 P99_QUANTILE = "0.99"
 
@@ -39,40 +37,17 @@ _FIELDS = {"nv_inference_request_success": "success", "nv_inference_request_fail
 
 def parse_models(text: str | bytes | None) -> dict[str, ModelSample]:
     """{model: ModelSample} of one Triton metrics page; MetricsError for missing/garbage text."""
-    if text is None:
-        raise MetricsError("no metrics text")
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
     acc: dict[str, dict[str, dict]] = {}
-    seen = 0
-    try:
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                name = s.name
-                # prometheus_client names counter samples `<family>_total`; Triton's text has no suffix
-                if family.type == "counter" and name == family.name + "_total":
-                    name = family.name
-                if not name.startswith("nv_"):
-                    continue
-                seen += 1
-                model = s.labels.get("model")
-                if model is None:
-                    continue
-                value = float(s.value)
-                if value != value or value in (float("inf"), float("-inf")):
-                    raise MetricsError(f"{name} of {model} is {value}")
-                d = acc.setdefault(model, {}).setdefault(
-                    s.labels.get("version", ""), {"success": 0.0, "failure": 0.0, "duration_us": 0.0, "p99_us": None})
-                if name in _FIELDS:  # failure has a `reason` label in 2.51: summed over reasons
-                    d[_FIELDS[name]] += value
-                elif name == "nv_inference_request_summary_us" and s.labels.get("quantile") == P99_QUANTILE:
-                    d["p99_us"] = value
-    except MetricsError:
-        raise
-    except Exception as e:  # the parser raises ValueError/IndexError/... on garbage
-        raise MetricsError(f"unparseable metrics text: {type(e).__name__}: {e}") from None
-    if not seen:
-        raise MetricsError("no Triton (nv_*) metric in the text")
+    for name, labels, value in triton_samples(text):
+        model = labels.get("model")
+        if model is None:
+            continue
+        d = acc.setdefault(model, {}).setdefault(
+            labels.get("version", ""), {"success": 0.0, "failure": 0.0, "duration_us": 0.0, "p99_us": None})
+        if name in _FIELDS:  # failure has a `reason` label in 2.51: summed over reasons
+            d[_FIELDS[name]] += value
+        elif name == "nv_inference_request_summary_us" and labels.get("quantile") == P99_QUANTILE:
+            d["p99_us"] = value
     return {m: ModelSample(v) for m, v in acc.items()}
 
 

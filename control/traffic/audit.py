@@ -117,15 +117,16 @@ def _locked(fn):
     return wrapper
 
 
-class Audit:
+class Audit(db.Store):
+    component, migrations = "audit", MIGRATIONS
+
     def __init__(self, path):
         self._lock = threading.RLock()
-        self.conn = db.connect(path)
-        db.migrate(self.conn, "audit", MIGRATIONS)
+        super().__init__(path)
 
     @_locked
     def close(self) -> None:
-        self.conn.close()
+        super().close()
 
     # ---- decisions -----------------------------------------------------------------------------
     @_locked

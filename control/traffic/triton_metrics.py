@@ -80,50 +80,55 @@ def _check(value: float, name: str) -> float:
     return value
 
 
-def parse(text: str | bytes | None) -> Totals:
-    """Parse a Triton metrics page; raise MetricsError for missing/garbage input."""
+def triton_samples(text: str | bytes | None):
+    """(name, labels, value) of every `nv_*` sample of a Triton metrics page, with Triton's own names
+    (prometheus_client's parser names counter samples `<family>_total`; Triton's text has no suffix).
+    MetricsError for missing, empty or unparseable text, a NaN/inf value, or no nv_* metric at all."""
     if text is None:
         raise MetricsError("no metrics text")
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     if not text.strip():
         raise MetricsError("empty metrics text")
-    counters = dict.fromkeys(_COUNTERS.values(), 0.0)
-    pending = 0.0
-    gauges: dict[str, float] = {}
-    gpu: dict[str, dict[str, float]] = {}
-    models: set[str] = set()
     seen = 0
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                name, labels, value = s.name, s.labels, s.value
-                # prometheus_client's parser names counter samples `<family>_total` even though
-                # Triton's text has no suffix; map them back to Triton's names.
+                name = s.name
                 if name.endswith("_total") and family.type == "counter" and name[:-6] == family.name:
                     name = family.name
                 if not name.startswith("nv_"):
                     continue
-                value = _check(float(value), name)
                 seen += 1
-                if name in _COUNTERS:
-                    if value < 0:
-                        raise MetricsError(f"counter {name} is negative")
-                    counters[_COUNTERS[name]] += value
-                    if "model" in labels:
-                        models.add(labels["model"])
-                elif name == "nv_inference_pending_request_count":
-                    pending += value
-                elif name in ("nv_cpu_utilization", "nv_cpu_memory_used_bytes", "nv_cpu_memory_total_bytes"):
-                    gauges[name] = value
-                elif name.startswith("nv_gpu_") and "gpu_uuid" in labels:
-                    gpu.setdefault(name, {})[labels["gpu_uuid"]] = value
+                yield name, s.labels, _check(float(s.value), name)
     except MetricsError:
         raise
     except Exception as e:  # the parser raises ValueError/IndexError/... on garbage
         raise MetricsError(f"unparseable metrics text: {type(e).__name__}: {e}") from None
     if not seen:
         raise MetricsError("no Triton (nv_*) metric in the text")
+
+
+def parse(text: str | bytes | None) -> Totals:
+    """Parse a Triton metrics page; raise MetricsError for missing/garbage input."""
+    counters = dict.fromkeys(_COUNTERS.values(), 0.0)
+    pending = 0.0
+    gauges: dict[str, float] = {}
+    gpu: dict[str, dict[str, float]] = {}
+    models: set[str] = set()
+    for name, labels, value in triton_samples(text):
+        if name in _COUNTERS:
+            if value < 0:
+                raise MetricsError(f"counter {name} is negative")
+            counters[_COUNTERS[name]] += value
+            if "model" in labels:
+                models.add(labels["model"])
+        elif name == "nv_inference_pending_request_count":
+            pending += value
+        elif name in ("nv_cpu_utilization", "nv_cpu_memory_used_bytes", "nv_cpu_memory_total_bytes"):
+            gauges[name] = value
+        elif name.startswith("nv_gpu_") and "gpu_uuid" in labels:
+            gpu.setdefault(name, {})[labels["gpu_uuid"]] = value
     util = gpu.get("nv_gpu_utilization", {})
     cpu_util = gauges.get("nv_cpu_utilization")
     if cpu_util is not None and not 0.0 <= cpu_util <= 1.0 + 1e-9:
