@@ -73,6 +73,14 @@ class Host:
             return s
         return self.store.update(change, by="test")
 
+    def serving_v1(self) -> None:
+        """add_one v1 published, desired, and live on this host (Triton + agent started)."""
+        self.publish(1, 1.0)
+        self.desire("add_one", 1)
+        self.start_triton()
+        self.start_agent()
+        self.wait_model("add_one", live(1), "add_one v1 live")
+
     # The host's processes ------------------------------------------------------------------------
     def start_triton(self) -> None:
         self.procs["triton"] = start_instance(self.settings, self.inst, self.repo, ready_timeout=120)
@@ -193,11 +201,7 @@ def test_empty_host_converges_to_the_desired_versions_and_only_then_is_ready(hos
 
 
 def test_new_stable_version_goes_live_under_load_without_a_failed_request(host):
-    host.publish(1, 1.0)
-    host.desire("add_one", 1)
-    host.start_triton()
-    host.start_agent()
-    host.wait_model("add_one", live(1), "add_one v1 live")
+    host.serving_v1()
     url = host.inst.http_url.removeprefix("http://")
     load = OpenLoopLoad(url, host.inst.grpc_url, auto_spec(host.inst.http_url, "add_one"), rate=40, duration_s=2,
                         open_ended=True).start()
@@ -223,11 +227,7 @@ def time_since(load: OpenLoopLoad) -> float:
 
 
 def test_a_version_that_fails_its_smoke_check_never_goes_live(host):
-    host.publish(1, 1.0)
-    host.desire("add_one", 1)
-    host.start_triton()
-    host.start_agent()
-    host.wait_model("add_one", live(1), "add_one v1 live")
+    host.serving_v1()
     host.publish(2, 2.0, fail=True)
     host.desire("add_one", 2)
     m = host.wait_model("add_one", lambda m: m["state"] == "failed", "add_one v2 failed")

@@ -105,6 +105,14 @@ class Clock:
         return self.t
 
 
+def started(env):
+    """(clock, agents, controller) on the env's S3, with a test clock and agents played by the test."""
+    settings, client, store = env
+    clock = Clock()
+    agents = Agents(store, clock)
+    return clock, agents, make(settings, client, clock, Traffic(agents))
+
+
 def make(settings, client, clock, traffic, weights=None, registry=None, **kw):
     hook = (lambda m, i, w: weights.append((m, i, w))) if weights is not None else None
     return from_settings(settings, client=client, windows=traffic, clock=clock, weight_hook=hook,
@@ -276,9 +284,7 @@ def test_a_concurrent_operator_pause_wins_and_the_tick_re_decides(env):
 
 def test_another_model_written_concurrently_is_kept(env):
     settings, client, store = env
-    clock = Clock()
-    agents = Agents(store, clock)
-    ctl = make(settings, client, clock, Traffic(agents))
+    clock, agents, ctl = started(env)
     other = DesiredStore(client, settings.s3)
 
     def writer():
@@ -295,9 +301,7 @@ def test_another_model_written_concurrently_is_kept(env):
 
 def test_operator_commands_errors_and_rollback_to(env):
     settings, client, store = env
-    clock = Clock()
-    agents = Agents(store, clock)
-    ctl = make(settings, client, clock, Traffic(agents))
+    clock, agents, ctl = started(env)
     with pytest.raises(CommandError, match="no rollout in progress"):
         ctl.command(M, Command(CommandKind.PROMOTE))
     rev = store.read().state.revision
