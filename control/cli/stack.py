@@ -70,29 +70,37 @@ def status_cmd(ctx, as_json: bool) -> None:
         click.echo(json.dumps(st, indent=2, default=str))
         return
     weights = next((c.get("weights", {}) for c in st["components"] if c["kind"] == "haproxy"), {})
-    table = Table(title=f"triton-hybrid stack ({st['run_dir']})")
-    for col in ("component", "kind", "pid", "health", "endpoints", "models", "weight http/grpc", "sync lag"):
-        table.add_column(col)
+    # Narrow columns only, details below the table: readable in an 80-column terminal and when piped.
+    table = Table(title=f"triton-hybrid stack ({st['run_dir']})", title_justify="left")
+    for col in ("component", "kind", "state", "pid", "weight h/g", "lag"):
+        table.add_column(col, no_wrap=True)
+    details = []
     for c in st["components"]:
         health = "[green]healthy[/green]" if c.get("healthy") else (
             "[red]unhealthy[/red]" if c["running"] or c["kind"] == "triton" else "[dim]stopped[/dim]")
+        notes = []
         if c["state"] == "dead":
             health = "[red]dead[/red]"
             if c.get("leftovers"):
-                health += (f" [red]{len(c['leftovers'])} leftover process(es), "
-                           f"{c['leftover_rss_bytes'] / 2**20:.0f} MiB[/red] (`down` or the supervisor reaps them)")
+                notes.append(f"[red]{len(c['leftovers'])} leftover process(es), "
+                             f"{c['leftover_rss_bytes'] / 2**20:.0f} MiB[/red] (`down` or the supervisor reaps them)")
         if c.get("restarts"):
-            health += f" ({c['restarts']} restart(s))"
+            notes.append(f"{c['restarts']} restart(s) by the supervisor")
         if c.get("restart_given_up"):
-            health += f" [red]supervisor gave up: {c['restart_given_up']}[/red]"
-        endpoints = " ".join(str(c[k]) for k in ("url", "http", "grpc", "api") if c.get(k))
-        models = ", ".join(f"{m}:{'/'.join(map(str, v))}" for m, v in sorted(c.get("models", {}).items()))
+            notes.append(f"[red]supervisor gave up: {c['restart_given_up']}[/red]")
         w = ""
         if c["kind"] == "triton":
             w = f"{weights.get('be_triton_http', {}).get(c['name'], '-')}/{weights.get('be_triton_grpc', {}).get(c['name'], '-')}"
         lag = str(c["sync_lag_versions"]) if c["kind"] == "triton" and c.get("sync") else ""
-        table.add_row(c["name"], c["kind"], str(c["pid"] or "-"), health, endpoints, models, w, lag)
+        table.add_row(c["name"], c["kind"], health, str(c["pid"] or "-"), w, lag)
+        endpoints = " ".join(str(c[k]) for k in ("url", "http", "grpc", "api") if c.get(k))
+        models = ", ".join(f"{m} v{'/'.join(map(str, v))}" for m, v in sorted(c.get("models", {}).items()))
+        lines = [x for x in (endpoints, models and f"models: {models}", *notes) if x]
+        if lines:
+            details.append(f"[bold]{c['name']}[/bold]: " + "\n  ".join(lines))
     console.print(table)
+    for d in details:
+        console.print(d, overflow="fold")
     control = next((c for c in st["components"] if c["kind"] == "control"), {})
     decision = control.get("decision") or {}
     if decision.get("weights"):
