@@ -1,14 +1,16 @@
 """Section 4: failover. The drill runner of control/drills (`run_drill`) for onprem-crash
-(kill -9 of the on-prem Triton) and onprem-hang (SIGSTOP, then SIGCONT), N repetitions each,
-alternating, each on a fresh drill stack of its own; recovery time and failed requests per run,
-min / median / max over the runs."""
+(kill -9 of the on-prem Triton), onprem-hang (SIGSTOP, then SIGCONT) and query-of-death (bad
+requests declaring huge shapes, in the middle of the load), N repetitions each, alternating, each
+on a fresh drill stack of its own; recovery time and failed requests per run, min / median / max
+over the runs; for query-of-death the Tritons crashed and the bad requests refused."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from bench.common import Ctx, Missing, Section, md_table, mmm
 
-SCENARIOS = ("onprem-crash", "onprem-hang")
+SCENARIOS = ("onprem-crash", "onprem-hang", "query-of-death")
+RECOVERY = ("onprem-crash", "onprem-hang")  # the scenarios with a fault to recover from
 
 
 def run(ctx: Ctx) -> Section:
@@ -39,7 +41,7 @@ def run(ctx: Ctx) -> Section:
                 rep = {"status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
             runs[name].append(rep)
     rows, per_run = [], []
-    for name in SCENARIOS:
+    for name in RECOVERY:
         reports = runs[name]
         figs = [r.get("figures") or {} for r in reports]
         rec = [f.get("recovery_s") for f in figs]
@@ -66,9 +68,25 @@ def run(ctx: Ctx) -> Section:
     headline = "; ".join(f"{r[0]}: recovery median {r[3]:.2f} s (min {r[2]:.2f}, max {r[4]:.2f}), {r[11]} failed of "
                          f"{r[12]} requests over {r[1]} runs" if r[3] is not None else f"{r[0]}: no recovery measured"
                          for r in rows) + "."
+    qod = []
+    for i, r in enumerate(runs["query-of-death"]):
+        f = r.get("figures") or {}
+        q = f.get("query_of_death") or {}
+        qod.append([i + 1, r.get("status"), len(f.get("crashed_instances") or []), (f.get("failures") or {}).get("total"),
+                    (f.get("requests") or {}).get("sent"), f"{q.get('refused', '-')}/{q.get('sent', '-')}",
+                    r.get("error") or q.get("first_refusal") or ""])
+    crashed = sum(row[2] for row in qod)
+    failed_good = sum(row[3] or 0 for row in qod)
+    headline += (f" query-of-death: {crashed} Triton(s) crashed, {failed_good} good request(s) failed over "
+                 f"{len(qod)} runs.")
     body = [md_table(["scenario", "runs analysed", "recovery s min", "median", "max", "detect s min", "median",
                       "max", "failed requests min", "median", "max", "failed total", "requests total",
                       "back serving after lift s (median)", "p99 ms during fault (median)"], rows),
+            "**query-of-death** (six bad requests per run: HTTP JSON, HTTP binary and gRPC, each declaring one "
+            "input with 10^12 elements, sent in the middle of the load; targets: 0 crashed, 0 failed good requests, "
+            "every bad request refused at the proxy):\n\n" +
+            md_table(["run", "status", "Tritons crashed", "failed good requests", "requests sent",
+                      "bad requests refused", "first refusal / error"], qod),
             "<details><summary>Every run</summary>\n\n" +
             md_table(["scenario", "run", "status", "detect s", "recovery s", "failed", "sent",
                       "back after lift s", "errors / note"], per_run) + "\n\n</details>"]
@@ -76,12 +94,12 @@ def run(ctx: Ctx) -> Section:
         "failover", "", headline=headline,
         what=f"Recovery time and client-visible failed requests over {reps} repetitions each of onprem-crash "
              "(kill -9 of the on-prem Triton, restarted at the lift) and onprem-hang (SIGSTOP, SIGCONT at the "
-             "lift): min, median, max.",
+             "lift): min, median, max; and query-of-death (Tritons crashed, good requests failed).",
         how=f"`control.drills.runner.run_drill` (the drill engineer's runner, reports not written), each run on a "
             f"fresh drill stack: two Tritons (onprem-1 weight {weights.get('onprem-1')}, cloud-1 weight "
             f"{weights.get('cloud-1')}) serving the `search_ranking` repository, HAProxy with the drill tuning "
-            "(health checks every 200 ms, fall 2, connect timeout 300 ms, server timeout 800 ms with "
-            f"`retry-on` + redispatch), no control daemon. Open-loop load {rate:g} req/s for {duration:g} s through "
+            "(health checks every 200 ms, fall 2, connect timeout 300 ms, server timeout 800 ms, one retry with "
+            "redispatch on connection failure or timeout, the request guard on), no control daemon. Open-loop load {rate:g} req/s for {duration:g} s through "
             "HAProxy (HTTP and gRPC alternating, the ensemble's stored smoke request); fault at 30 %, lift at 60 % "
             "of the run. Recovery = time from the fault until HAProxy has moved the victim out of every backend "
             "and the last failed or slow (> max(300 ms, 4x pre-fault p99)) request has ended (the runner's "
