@@ -58,15 +58,20 @@ class SteadyLoad:
         with self._lock:
             return self.ok, self.failed
 
-    def __enter__(self):
+    def start(self) -> SteadyLoad:
         for t in self._threads:
             t.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
             t.join(30)
+
+    __enter__ = start
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 def next_version_dir(repo: Path, model: str, change: bool) -> int:

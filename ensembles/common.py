@@ -4,10 +4,13 @@ version directory is self-contained; model.py's first line puts its own director
 
     params = model_parameters(args)                    # the config's string parameters
     responses = respond(requests, handle, "ranker")    # handle(request) -> list of pb_utils.Tensor
+    class TritonPythonModel(Step): ...                 # initialize -> setup(params, args); execute -> handle
     raise BadRequest("...")                            # from handle: HTTP 400 / gRPC INVALID_ARGUMENT
 """
 import json
+import os
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
@@ -50,6 +53,47 @@ def respond(requests, handle, step):
         except Exception as e:  # noqa: BLE001
             out.append(error_response(step, e))
     return out
+
+
+class Step:
+    """Base of a step's TritonPythonModel: initialize hands the config's string parameters to
+    setup(params, args); execute answers request by request with handle(request) (a step that
+    batches a whole execute call overrides execute)."""
+
+    name = None   # the step, as error messages name it: `class TritonPythonModel(Step, name="ranker")`
+
+    def __init_subclass__(cls, name=None, **kw):
+        super().__init_subclass__(**kw)
+        cls.name = name
+
+    def initialize(self, args):
+        _, params = model_parameters(args)
+        self.setup(params, args)
+
+    def setup(self, params, args):
+        raise NotImplementedError
+
+    def handle(self, request):
+        raise NotImplementedError
+
+    def execute(self, requests):
+        return respond(requests, self.handle, self.name)
+
+
+def load_intents(here):
+    """intents.json of the version dir `here`: the category names, as a BYTES array by intent index."""
+    with open(os.path.join(here, "intents.json")) as f:
+        return np.array([str(n).encode() for n in json.load(f)], dtype=object)
+
+
+def candidate_counters(args, model):
+    """(unknown ids, duplicate ids) counters of a step that looks candidates up, labelled with the
+    model name (`model` where Triton does not say) and version."""
+    labels = {"model": args.get("model_name", model), "version": str(args.get("model_version", ""))}
+    return (counter("search_ranking_unknown_candidates_total",
+                    "Candidate ids not in the feature snapshot, ranked with cold-start features", labels),
+            counter("search_ranking_duplicate_candidates_total",
+                    "Duplicate candidate ids dropped (each id is ranked once)", labels))
 
 
 def input_array(request, name):
@@ -136,3 +180,10 @@ def onnx_session(path, params):
     # step and the clients.
     options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_graph(here, params):
+    """(session of the config's `onnx_file` in the version dir `here`, batch_rows): batch_rows is
+    false for a graph whose rows are not independent of the batch (dynamic INT8 quantization)."""
+    return (onnx_session(os.path.join(here, params.get("onnx_file", "model.onnx")), params),
+            flag(params, "batch_rows", True))

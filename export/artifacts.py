@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import sha256_file
+from .data import read_manifest, sha256_file
 from .errors import ExportError, IntegrityError, VersionExistsError
 
 DEFAULT_ROOT = Path("artifacts/exports")
@@ -108,13 +108,7 @@ def load_metadata(d: Path | str, verify: bool = True) -> dict:
     """metadata.json of an export; with verify, every listed file must exist and match its sha256/size."""
     d = Path(d)
     mp = d / METADATA
-    if not mp.is_file():
-        raise IntegrityError(f"{mp} is missing: {d} is not an export directory")
-    try:
-        meta = json.loads(mp.read_text(encoding="utf-8"))
-        files = meta["files"]
-    except (ValueError, KeyError) as e:
-        raise IntegrityError(f"{mp} is corrupt: {e}") from None
+    meta, files = read_manifest(mp, IntegrityError, f"{mp} is missing: {d} is not an export directory")
     if verify:
         for name, rec in files.items():
             p = d / name

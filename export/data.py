@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig, Profile
-from .errors import DataError
+from .errors import DataError, ExportError
 
 # group -> sub -> leaf -> nouns (first is canonical, the rest are synonyms)
 CATEGORY_TREE: dict[str, dict[str, dict[str, list[str]]]] = {
@@ -298,6 +298,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_manifest(path: Path, error: type[ExportError], missing: str) -> tuple[dict, dict]:
+    """(the JSON manifest at path, its "files" record); error(missing) when there is no such file,
+    error naming the file when it is not JSON or has no "files"."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return manifest, manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise error(f"{path} is corrupt: {e}") from None
+
+
 def _dump_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, separators=(",", ":"), sort_keys=True) + "\n", encoding="utf-8")
 
@@ -321,14 +333,8 @@ def write_dataset(ds: Dataset, out_dir: Path) -> Path:
 def load_dataset(data_dir: Path) -> Dataset:
     """Load and verify a data directory; any problem is a DataError naming the file."""
     data_dir = Path(data_dir)
-    mpath = data_dir / MANIFEST
-    if not mpath.is_file():
-        raise DataError(f"data directory {data_dir} has no {MANIFEST} (missing or not generated)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (ValueError, KeyError) as e:
-        raise DataError(f"{mpath} is corrupt: {e}") from None
+    manifest, files = read_manifest(data_dir / MANIFEST, DataError,
+                                    f"data directory {data_dir} has no {MANIFEST} (missing or not generated)")
     for name in DATA_FILES:
         p = data_dir / name
         if not p.is_file():

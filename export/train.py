@@ -65,33 +65,43 @@ def _schedule(opt, total: int):
                                              max(0.05, 1 - s / max(1, total)))
 
 
-def train_teacher(profile: Profile, tok: Tokenizer, enc: Encoded, num_intents: int, aux_sizes: dict[str, int],
-                  seed: int, progress=None) -> QueryIntentModel:
-    torch.manual_seed(seed)
-    cfg = profile.train
-    model = QueryIntentModel(tok.vocab_size, tok.max_len, profile.teacher, num_intents, aux_sizes)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    n = len(enc.intent)
-    steps = cfg.teacher_epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+def _optimize(opt, epochs: int, n: int, batch_size: int, seed: int, progress, name: str, loss_of) -> None:
+    """The loop the three trainers share: `epochs` passes over n examples in shuffled batches,
+    one optimizer and schedule step per batch on loss_of(batch indices), progress as task `name`."""
+    steps = epochs * ((n + batch_size - 1) // batch_size)
     sched = _schedule(opt, steps)
     rng = np.random.default_rng(seed)
-    task = progress.add_task("teacher", total=steps, loss=0.0) if progress else None
-    ids, mask, y = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), torch.from_numpy(enc.intent)
-    aux = {k: torch.from_numpy(v) for k, v in enc.aux.items()}
-    model.train()
-    for _ in range(cfg.teacher_epochs):
-        for b in _batches(n, cfg.batch_size, rng):
-            b = torch.from_numpy(b)
-            logits, emb = model(ids[b], mask[b])
-            loss = F.cross_entropy(logits, y[b])
-            for k, lg in model.aux_logits(emb).items():
-                loss = loss + 0.5 * F.cross_entropy(lg, aux[k][b])
+    task = progress.add_task(name, total=steps, loss=0.0) if progress else None
+    for _ in range(epochs):
+        for b in _batches(n, batch_size, rng):
+            loss = loss_of(b)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             if progress:
                 progress.update(task, advance=1, loss=loss.item())
+
+
+def train_teacher(profile: Profile, tok: Tokenizer, enc: Encoded, num_intents: int, aux_sizes: dict[str, int],
+                  seed: int, progress=None) -> QueryIntentModel:
+    torch.manual_seed(seed)
+    cfg = profile.train
+    model = QueryIntentModel(tok.vocab_size, tok.max_len, profile.teacher, num_intents, aux_sizes)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    ids, mask, y = torch.from_numpy(enc.ids), torch.from_numpy(enc.mask), torch.from_numpy(enc.intent)
+    aux = {k: torch.from_numpy(v) for k, v in enc.aux.items()}
+
+    def loss_of(b):
+        b = torch.from_numpy(b)
+        logits, emb = model(ids[b], mask[b])
+        loss = F.cross_entropy(logits, y[b])
+        for k, lg in model.aux_logits(emb).items():
+            loss = loss + 0.5 * F.cross_entropy(lg, aux[k][b])
+        return loss
+
+    model.train()
+    _optimize(opt, cfg.teacher_epochs, len(enc.intent), cfg.batch_size, seed, progress, "teacher", loss_of)
     return model.eval()
 
 
@@ -107,24 +117,16 @@ def train_student(profile: Profile, tok: Tokenizer, enc: Encoded, teacher: Query
     with torch.no_grad():
         t_logits, t_emb = predict(teacher, enc.ids, enc.mask)
         t_logits, t_emb = torch.from_numpy(t_logits), torch.from_numpy(t_emb)
-    n, T = len(y), cfg.distill_temperature
-    steps = cfg.student_epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
-    sched = _schedule(opt, steps)
-    rng = np.random.default_rng(seed + 1)
-    task = progress.add_task("student (distill)", total=steps, loss=0.0) if progress else None
+    T = cfg.distill_temperature
+
+    def loss_of(b):
+        b = torch.from_numpy(b)
+        logits, emb = student(ids[b], mask[b])
+        kd = F.kl_div(F.log_softmax(logits / T, -1), F.softmax(t_logits[b] / T, -1), reduction="batchmean") * T * T
+        return kd + 0.5 * F.cross_entropy(logits, y[b]) + 5.0 * F.mse_loss(emb, t_emb[b])
+
     student.train()
-    for _ in range(cfg.student_epochs):
-        for b in _batches(n, cfg.batch_size, rng):
-            b = torch.from_numpy(b)
-            logits, emb = student(ids[b], mask[b])
-            kd = F.kl_div(F.log_softmax(logits / T, -1), F.softmax(t_logits[b] / T, -1), reduction="batchmean") * T * T
-            loss = kd + 0.5 * F.cross_entropy(logits, y[b]) + 5.0 * F.mse_loss(emb, t_emb[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if progress:
-                progress.update(task, advance=1, loss=loss.item())
+    _optimize(opt, cfg.student_epochs, len(y), cfg.batch_size, seed + 1, progress, "student (distill)", loss_of)
     return student.eval()
 
 
@@ -166,32 +168,23 @@ def train_ranker(profile: Profile, teacher: QueryIntentModel, enc: Encoded, quer
     logits, emb = predict(teacher, enc.ids, enc.mask)
     probs = torch.from_numpy(softmax_np(logits))
     emb = torch.from_numpy(emb)
-    n = len(queries)
-    steps = cfg.ranker_epochs * ((n + cfg.ranker_batch_size - 1) // cfg.ranker_batch_size)
-    sched = _schedule(opt, steps)
-    rng = np.random.default_rng(seed + 2)
-    task = progress.add_task("ranker", total=steps, loss=0.0) if progress else None
+
+    def loss_of(b):
+        qs = [queries[i] for i in b]
+        x, m = pad_candidates(qs, features)
+        g = np.zeros(m.shape, np.float32)
+        for i, q in enumerate(qs):
+            g[i, : len(q["relevance"])] = q["relevance"]
+        bt = torch.from_numpy(b)
+        scores = ranker(emb[bt], probs[bt], torch.from_numpy(x))
+        mt = torch.from_numpy(m)
+        gain = torch.pow(2.0, torch.from_numpy(g)) - 1.0
+        target = gain / gain.sum(-1, keepdim=True).clamp(min=1e-9)
+        logp = F.log_softmax(scores.masked_fill(~mt, -1e4), dim=-1)
+        return -(target * logp).sum(-1).mean()
+
     ranker.train()
-    for _ in range(cfg.ranker_epochs):
-        for b in _batches(n, cfg.ranker_batch_size, rng):
-            qs = [queries[i] for i in b]
-            x, m = pad_candidates(qs, features)
-            g = np.zeros(m.shape, np.float32)
-            for i, q in enumerate(qs):
-                g[i, : len(q["relevance"])] = q["relevance"]
-            bt = torch.from_numpy(b)
-            scores = ranker(emb[bt], probs[bt], torch.from_numpy(x))
-            mt = torch.from_numpy(m)
-            gain = torch.pow(2.0, torch.from_numpy(g)) - 1.0
-            target = gain / gain.sum(-1, keepdim=True).clamp(min=1e-9)
-            logp = F.log_softmax(scores.masked_fill(~mt, -1e4), dim=-1)
-            loss = -(target * logp).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if progress:
-                progress.update(task, advance=1, loss=loss.item())
+    _optimize(opt, cfg.ranker_epochs, len(queries), cfg.ranker_batch_size, seed + 2, progress, "ranker", loss_of)
     return ranker.eval()
 
 

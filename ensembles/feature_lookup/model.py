@@ -12,34 +12,25 @@ import sys
 # The wheel's stub embeds the system libpython, which ignores PYTHONPATH; this dir holds common.py & co.
 sys.path[:0] = [p for p in [os.path.dirname(os.path.abspath(__file__)), *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p and p not in sys.path]
 
-import json  # noqa: E402
-
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import ranking  # noqa: E402
 import stages  # noqa: E402
-from common import counter, flag, input_array, model_parameters, respond  # noqa: E402
+from common import Step, candidate_counters, flag, input_array, load_intents  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        _, params = model_parameters(args)
+class TritonPythonModel(Step, name="feature_lookup"):
+    def setup(self, params, args):
         self.max_candidates = int(params.get("max_candidates", "1000"))
         self.strict = flag(params, "strict_unknown_ids")
         self.table = ranking.FeatureTable.load(os.path.join(HERE, "item_features.npz"))
-        with open(os.path.join(HERE, "intents.json")) as f:
-            self.intents = np.array([str(n).encode() for n in json.load(f)], dtype=object)
-        labels = {"model": args.get("model_name", "feature_lookup"), "version": str(args.get("model_version", ""))}
-        self.unknown_metric = counter("search_ranking_unknown_candidates_total",
-                                      "Candidate ids not in the feature snapshot, ranked with cold-start features",
-                                      labels)
-        self.duplicate_metric = counter("search_ranking_duplicate_candidates_total",
-                                        "Duplicate candidate ids dropped (each id is ranked once)", labels)
+        self.intents = load_intents(HERE)
+        self.unknown_metric, self.duplicate_metric = candidate_counters(args, self.name)
 
-    def _handle(self, request):
+    def handle(self, request):
         rows = stages.Rows(self.table, [input_array(request, "CANDIDATE_IDS")], self.strict, self.max_candidates,
                            self.duplicate_metric, self.unknown_metric)
         if rows.errors:
@@ -56,6 +47,3 @@ class TritonPythonModel:
                 pb_utils.Tensor("intent_probs", probs),
                 pb_utils.Tensor("INTENT", names),
                 pb_utils.Tensor("INTENT_SCORE", scores)]
-
-    def execute(self, requests):
-        return respond(requests, self._handle, "feature_lookup")

@@ -16,16 +16,15 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import ranking  # noqa: E402
 import stages  # noqa: E402
-from common import input_array, model_parameters, request_top_k, respond  # noqa: E402
+from common import Step, input_array, request_top_k  # noqa: E402
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        _, params = model_parameters(args)
+class TritonPythonModel(Step, name="postprocess"):
+    def setup(self, params, args):
         self.top_k_default = int(params.get("top_k_default", "10"))
         self.max_top_k = int(params.get("max_top_k", "1000"))
 
-    def _handle(self, request):
+    def handle(self, request):
         k = ranking.check_top_k(request_top_k(request, self.top_k_default), self.max_top_k)
         scores = input_array(request, "scores")
         ids = input_array(request, "candidate_ids")
@@ -33,6 +32,3 @@ class TritonPythonModel:
         rows = [(ids[j, : int(n)], None, 0) for j, n in enumerate(counts)]
         top_ids, top_scores = stages.top_k(scores, rows, k)
         return [pb_utils.Tensor("TOP_IDS", top_ids), pb_utils.Tensor("TOP_SCORES", top_scores)]
-
-    def execute(self, requests):
-        return respond(requests, self._handle, "postprocess")

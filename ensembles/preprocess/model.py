@@ -13,21 +13,17 @@ sys.path[:0] = [p for p in [os.path.dirname(os.path.abspath(__file__)), *os.envi
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from common import decode_queries, input_array, model_parameters, respond  # noqa: E402
+from common import Step, decode_queries, input_array  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        _, params = model_parameters(args)
+class TritonPythonModel(Step, name="preprocess"):
+    def setup(self, params, args):
         self.max_query_bytes = int(params.get("max_query_bytes", "1024"))
         self.tokenizer = Tokenizer.load(os.path.join(HERE, "tokenizer.json"))
 
-    def _handle(self, request):
+    def handle(self, request):
         ids, mask = self.tokenizer.encode_batch(decode_queries(input_array(request, "QUERY"), self.max_query_bytes))
         return [pb_utils.Tensor("input_ids", ids), pb_utils.Tensor("attention_mask", mask)]
-
-    def execute(self, requests):
-        return respond(requests, self._handle, "preprocess")

@@ -12,29 +12,22 @@ import sys
 # The wheel's stub embeds the system libpython, which ignores PYTHONPATH; this dir holds common.py & co.
 sys.path[:0] = [p for p in [os.path.dirname(os.path.abspath(__file__)), *os.environ.get("PYTHONPATH", "").split(os.pathsep)] if p and p not in sys.path]
 
-import json  # noqa: E402
-
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import stages  # noqa: E402
-from common import decode_queries, error_response, flag, input_array, model_parameters, onnx_session  # noqa: E402
+from common import Step, decode_queries, error_response, input_array, load_intents, onnx_graph  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STEP = "query_intent"
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        _, params = model_parameters(args)
+class TritonPythonModel(Step, name="query_intent"):
+    def setup(self, params, args):
         self.max_query_bytes = int(params.get("max_query_bytes", "1024"))
         self.tokenizer = Tokenizer.load(os.path.join(HERE, "tokenizer.json"))
-        self.session = onnx_session(os.path.join(HERE, params.get("onnx_file", "model.onnx")), params)
-        # false for a graph whose rows are not independent of the batch (dynamic INT8 quantization)
-        self.batch_rows = flag(params, "batch_rows", True)
-        with open(os.path.join(HERE, "intents.json")) as f:
-            self.intents = np.array([str(n).encode() for n in json.load(f)], dtype=object)
+        self.session, self.batch_rows = onnx_graph(HERE, params)
+        self.intents = load_intents(HERE)
 
     def _run(self, ids, mask):
         names = ["intent_logits", "query_embedding"]
@@ -51,7 +44,7 @@ class TritonPythonModel:
             try:
                 queries = decode_queries(input_array(request, "QUERY"), self.max_query_bytes)
             except Exception as e:  # noqa: BLE001 - this request only
-                responses[i] = error_response(STEP, e)
+                responses[i] = error_response(self.name, e)
                 continue
             spans.append((i, len(texts), len(queries)))
             texts.extend(queries)
@@ -69,5 +62,5 @@ class TritonPythonModel:
                     ])
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 for i, _, _ in spans:
-                    responses[i] = error_response(STEP, e)
+                    responses[i] = error_response(self.name, e)
         return responses

@@ -19,29 +19,20 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import ranking  # noqa: E402
 import stages  # noqa: E402
-from common import counter, error_response, flag, input_array, model_parameters, onnx_session, request_top_k  # noqa: E402
+from common import Step, candidate_counters, error_response, flag, input_array, onnx_graph, request_top_k  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STEP = "ranker"
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        _, params = model_parameters(args)
+class TritonPythonModel(Step, name="ranker"):
+    def setup(self, params, args):
         self.max_candidates = int(params.get("max_candidates", "1000"))
         self.max_top_k = int(params.get("max_top_k", "1000"))
         self.top_k_default = int(params.get("top_k_default", "10"))
         self.strict = flag(params, "strict_unknown_ids")
         self.table = ranking.FeatureTable.load(os.path.join(HERE, "item_features.npz"))
-        self.session = onnx_session(os.path.join(HERE, params.get("onnx_file", "model.onnx")), params)
-        # false for a graph whose rows are not independent of the batch (dynamic INT8 quantization)
-        self.batch_rows = flag(params, "batch_rows", True)
-        labels = {"model": args.get("model_name", STEP), "version": str(args.get("model_version", ""))}
-        self.unknown_metric = counter("search_ranking_unknown_candidates_total",
-                                      "Candidate ids not in the feature snapshot, ranked with cold-start features",
-                                      labels)
-        self.duplicate_metric = counter("search_ranking_duplicate_candidates_total",
-                                        "Duplicate candidate ids dropped (each id is ranked once)", labels)
+        self.session, self.batch_rows = onnx_graph(HERE, params)
+        self.unknown_metric, self.duplicate_metric = candidate_counters(args, self.name)
 
     def _score(self, emb, prob, pos, flat):
         """[R, Nmax] scores of every live row: one onnxruntime run, or one per row (exact length)
@@ -67,13 +58,13 @@ class TritonPythonModel:
                 embs[i] = input_array(request, "query_embedding")
                 probs[i] = input_array(request, "intent_probs")
             except Exception as e:  # noqa: BLE001 - this request only
-                responses[i] = error_response(STEP, e)
+                responses[i] = error_response(self.name, e)
                 id_arrays[-1] = np.zeros((1, 0), np.int64)   # skipped below
         rows = stages.Rows(self.table, id_arrays, self.strict, self.max_candidates,
                            self.duplicate_metric, self.unknown_metric)
         for i, e in rows.errors.items():
             if responses[i] is None:
-                responses[i] = error_response(STEP, e)
+                responses[i] = error_response(self.name, e)
         pos, spans, flat = rows.positions()   # only the requests that are still fine
         if not spans:
             return responses
@@ -91,5 +82,5 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
             for i, _, _ in spans:
                 if responses[i] is None:
-                    responses[i] = error_response(STEP, e)
+                    responses[i] = error_response(self.name, e)
         return responses
