@@ -52,7 +52,11 @@ def export_run(tmp_path_factory):
     from export.pipeline import run_export  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
 
     base = tmp_path_factory.mktemp("export")
-    return run_export(TINY, TINY_SEED, base / "exports", data_root=base / "data", progress=False), base
+    # The student's speed gate is a timing (x2 over the teacher, measured now): on a busy host it can
+    # reject the student, and the serving tests need every variant's files. The gate's logic has its own
+    # test (test_export.py); the session's export keeps the student whatever the machine's load.
+    profile = TINY.with_gates(student_min_speedup=0.0)
+    return run_export(profile, TINY_SEED, base / "exports", data_root=base / "data", progress=False), base
 
 
 @pytest.fixture(scope="session")
