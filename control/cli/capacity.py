@@ -9,7 +9,7 @@ import click
 
 from control.capacity.cost import cost_summary
 from control.cli import settings_from
-from control.cli.output import history_options, since_param
+from control.cli.output import history_options, json_option, since_param
 from control.cli.output import print_result as _print
 from control.daemon.client import daemon_or_database
 
@@ -20,7 +20,7 @@ def scale_group():
 
 
 @scale_group.command("show")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def scale_show(ctx, as_json):
     """Scaler limits, cloud instances, state, last decision and cost."""
@@ -83,7 +83,7 @@ def _human_cost(c: dict) -> None:
 
 
 @click.command("cost")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def cost_cmd(ctx, as_json):
     """Cost so far and burn rate per site (instance-hours x cost_per_hour), the cloud budget."""

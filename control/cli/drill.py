@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control.cli import settings_from
+from control.cli.output import json_option
 from control.drills import scenarios
 from control.drills.load import RequestSpec, auto_spec
 from control.drills.runner import (
@@ -74,7 +75,7 @@ def _spec_factory(model: str, repository: Path):
               help="query-of-death: the proxy's request guard on, or off to see what it prevents.")
 @click.option("--reports", "reports_dir", type=click.Path(file_okay=False), default=None,
               help="Reports folder (default reports/drills).")
-@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+@json_option
 @click.pass_context
 def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_control, restart_mode, guard,
               reports_dir, as_json):

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control.cli import settings_from
+from control.cli.output import json_option
 from control.mirror.manifest import ManifestError
 from control.mirror.state import MirrorState
 
@@ -31,7 +32,7 @@ def _errors():
 @click.option("--version", "version", type=int, help="Version to publish (default: the newest local one).")
 @click.option("--repo", "repo_dir", type=click.Path(file_okay=False), help="Repository dir (default models.repository_dir).")
 @click.option("--break-lock", is_flag=True, help="Take over the publish lock of a publisher that died.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def publish_cmd(ctx, model, version, repo_dir, break_lock, as_json):
     """Upload MODEL's version to S3 (manifest last, SSE, unchanged files skipped). Without MODEL:
@@ -84,7 +85,7 @@ def _print_outcomes(results: dict) -> bool:
 @click.option("--instance", help="Only this instance (default: every managed one).")
 @click.option("--model", "models", multiple=True, help="Only these models (repeatable).")
 @click.option("--retry-failed", is_flag=True, help="Forget earlier verify/load/smoke failures and try them again.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def sync_cmd(ctx, instance, models, retry_failed, as_json):
     """Pull, verify, smoke-test and roll the newest published versions onto the Triton instances."""
@@ -119,7 +120,7 @@ def sync_cmd(ctx, instance, models, retry_failed, as_json):
 @click.command("rollback")
 @click.argument("model")
 @click.option("--to", "to", type=int, help="Version to bring back (default: the one before the live one).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def rollback_cmd(ctx, model, to, as_json):
     """Bring the previous (or named) version of MODEL back live on every instance."""
@@ -144,7 +145,7 @@ def rollback_cmd(ctx, model, to, as_json):
 @click.command("versions")
 @click.option("--instance", help="Only this instance.")
 @click.option("--model", help="Only this model.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def versions_cmd(ctx, instance, model, as_json):
     """Per instance and version: published, pulled, loaded, live, failed (with the reason); and

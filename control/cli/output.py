@@ -17,6 +17,9 @@ def print_result(obj, as_json: bool, human) -> None:
         human(obj)
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
 def history_options(default_since: str, all_help: str):
     """--since, --limit, --all and --json, as every audit-history command takes them."""
     def wrap(f):
@@ -24,7 +27,7 @@ def history_options(default_since: str, all_help: str):
             click.option("--since", default=default_since, show_default=True, help="10m, 2h, 1d or an ISO time."),
             click.option("--limit", default=50, show_default=True),
             click.option("--all", "all_rows", is_flag=True, help=all_help),
-            click.option("--json", "as_json", is_flag=True)]):
+            json_option]):
             f = opt(f)
         return f
     return wrap

@@ -8,6 +8,7 @@ import time
 import click
 
 from control.cli import settings_from
+from control.cli.output import json_option
 from control.durations import parse_duration
 from control.traffic import chart as report
 
@@ -20,7 +21,7 @@ from control.traffic import chart as report
               help="Read Prometheus range queries instead of the audit database (e.g. http://127.0.0.1:9090).")
 @click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
               help="Control database (default: the config's run_dir/control.database).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option
 @click.pass_context
 def report_cmd(ctx, since: str, out: str, prometheus_url: str | None, db_path: str | None, as_json: bool) -> None:
     """Chart site weights, per-site traffic and queue time over time into a PNG."""

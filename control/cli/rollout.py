@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control.cli import settings_from
+from control.cli.output import json_option
 
 console = Console()
 
@@ -68,7 +69,7 @@ def _common(f):
 @rollout_group.command("status")
 @click.argument("model", required=False)
 @click.option("--history", default=10, show_default=True, help="Audit rows to show per model.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def status_cmd(ctx, model, history, as_json):
     """Phase, reason, canary and rejected versions of MODEL (all models without one)."""
@@ -109,40 +110,27 @@ def status_cmd(ctx, model, history, as_json):
         console.print(f"[yellow]warning:[/yellow] {p}")
 
 
-@rollout_group.command("start")
-@_common
-@click.option("--version", "version", type=int, default=None, help="Version to roll out (default: newest published).")
-@click.pass_context
-def start_cmd(ctx, model, by, as_json, version):
-    """Start a rollout of MODEL (when start_on_publish is off, or to pick a version)."""
-    _run(ctx, model, "start", by, as_json, version=version)
-
-
+# kind -> (help, the option it takes besides MODEL/--by/--json: (flag, keyword, help) or None)
 _COMMANDS = {
-    "promote": "Skip the rest of the analysis: promote MODEL's canary version in waves now.",
-    "abort": "Reject MODEL's rollout version; every instance returns to stable.",
-    "pause": "Hold MODEL's rollout where it is (no checks, no waves, no deadline) until resume.",
-    "resume": "Resume a paused rollout (deadline restarts), or restart a stopped one.",
+    "start": ("Start a rollout of MODEL (when start_on_publish is off, or to pick a version).",
+              ("--version", "version", "Version to roll out (default: newest published).")),
+    "promote": ("Skip the rest of the analysis: promote MODEL's canary version in waves now.", None),
+    "abort": ("Reject MODEL's rollout version; every instance returns to stable.", None),
+    "pause": ("Hold MODEL's rollout where it is (no checks, no waves, no deadline) until resume.", None),
+    "resume": ("Resume a paused rollout (deadline restarts), or restart a stopped one.", None),
+    "rollback": ("Reject MODEL's current version (the rollout's, else stable) and serve the previous one (or --to).",
+                 ("--to", "to", "Version to go back to (default: the previous one).")),
 }
 
 
-def _command(kind: str, help_text: str) -> None:
-    @rollout_group.command(kind, help=help_text)
-    @_common
-    @click.pass_context
-    def cmd(ctx, model, by, as_json):
-        _run(ctx, model, kind, by, as_json)
+def _command(kind: str, help_text: str, option) -> None:
+    def cmd(ctx, model, by, as_json, **extra):
+        _run(ctx, model, kind, by, as_json, **extra)
+    if option is not None:
+        flag, keyword, option_help = option
+        cmd = click.option(flag, keyword, type=int, default=None, help=option_help)(cmd)
+    rollout_group.command(kind, help=help_text)(_common(click.pass_context(cmd)))
 
 
-for _kind, _help in _COMMANDS.items():
-    _command(_kind, _help)
-
-
-@rollout_group.command("rollback")
-@_common
-@click.option("--to", "to", type=int, default=None, help="Version to go back to (default: the previous one).")
-@click.pass_context
-def rollback_cmd(ctx, model, by, as_json, to):
-    """Reject MODEL's current version (the rollout's, else stable) and serve the previous one (or --to)."""
-    _run(ctx, model, "rollback", by, as_json, to=to)
-
+for _kind, (_help, _option) in _COMMANDS.items():
+    _command(_kind, _help, _option)

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control.cli import settings_from
+from control.cli.output import json_option
 from control.local import stack
 from control.local.procs import ComponentError
 from control.local.supervisor import Supervisor
@@ -60,7 +61,7 @@ def down_cmd(ctx) -> None:
 
 
 @click.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def status_cmd(ctx, as_json: bool) -> None:
     """Each component: pid, health, ports, models and versions loaded, weights."""

@@ -13,7 +13,7 @@ import re
 import click
 
 from control.cli import settings_from
-from control.cli.output import history_options, since_param
+from control.cli.output import history_options, json_option, since_param
 from control.cli.output import print_result as _print
 from control.daemon.api import policy_view
 from control.daemon.client import AdminClient, daemon_or_database, weights_summary
@@ -62,7 +62,7 @@ def _human_weights(d):
 
 
 @weights_group.command("show")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def weights_show(ctx, as_json):
     """Current weights (from the daemon; from the database when it is down)."""
@@ -87,7 +87,7 @@ def parse_assignments(pairs: tuple[str, ...]) -> dict[str, int]:
 @click.argument("pairs", nargs=-1, required=True, metavar="onprem=N cloud=M")
 @click.option("--ttl", default="10m", show_default=True, help="How long the override holds (600, 90s, 10m, 2h).")
 @click.option("--note", default="", help="Why (kept in the audit).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def weights_set(ctx, pairs, ttl, note, as_json):
     """Manual override of the site weights for --ttl (through the daemon's admin API)."""
@@ -100,7 +100,7 @@ def weights_set(ctx, pairs, ttl, note, as_json):
 
 
 @weights_group.command("clear")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def weights_clear(ctx, as_json):
     """End the manual override now."""
@@ -112,7 +112,7 @@ def weights_clear(ctx, as_json):
 def _drain_command(name: str, help_text: str, say):
     @click.command(name, help=help_text)
     @click.argument("target")
-    @click.option("--json", "as_json", is_flag=True)
+    @json_option
     @click.pass_context
     def cmd(ctx, target, as_json):
         d = AdminClient(settings_from(ctx)).call("POST", f"/v1/{name}", {"target": target})
@@ -133,7 +133,7 @@ def policy_group():
 
 
 @policy_group.command("show")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def policy_show(ctx, as_json):
     """Policy thresholds, the instance registry and the policy's carried state."""
