@@ -24,7 +24,7 @@ SECTIONS = [
     ("routing", "bench.routing", "1. Routing overhead: HAProxy vs direct Triton"),
     ("serving", "bench.serving", "2. Serving vs its limits: Triton vs in-process vs a Flask service"),
     ("formats", "bench.formats", "3. Model formats: FP32 vs INT8 vs distilled student"),
-    ("failover", "bench.failover", "4. Failover: onprem-crash and onprem-hang drills"),
+    ("failover", "bench.failover", "4. Failover: onprem-crash, onprem-hang and query-of-death drills"),
     ("rollout", "bench.rollout", "5. Rollout: publish -> live on every instance, under load"),
     ("control", "bench.control_plane", "6. Control-plane cost: CPU time per poll + decide tick"),
 ]
