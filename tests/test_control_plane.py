@@ -27,6 +27,7 @@ from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.cli import cli
 from control.daemon.controller import Controller, Daemon
 from control.drills.load import run_load
+from control.drills.models import write_add_model
 from control.local import stack as local_stack
 from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
@@ -40,30 +41,6 @@ from control.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 MODEL = "slow_add"
-MODEL_PY = '''
-import os, sys
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-import time
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()
-            time.sleep(0.010)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))]))
-        return out
-'''
-CONFIG = f'''name: "{MODEL}"
-backend: "python"
-max_batch_size: 0
-input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1, -1 ] }} ]
-output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1, -1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-'''
 POLICY = {"util_signal": "none", "queue_time_high_ms": 15.0, "queue_time_low_ms": 3.0, "sustain_ticks": 2,
           "max_step": 25, "cooldown_s": 1.0, "failback_healthy_s": 3.0, "stale_after_s": 3.0,
           "home_onprem_weight": 100, "max_cloud_weight": 100}
@@ -74,10 +51,7 @@ FIGURES: dict = {}
 
 
 def write_repo(root: Path) -> Path:
-    d = root / "repo" / MODEL
-    (d / "1").mkdir(parents=True, exist_ok=True)
-    (d / "config.pbtxt").write_text(CONFIG)
-    (d / "1" / "model.py").write_text(MODEL_PY)
+    write_add_model(root / "repo", 1, 1.0, name=MODEL, delay_ms=10, batched=False)
     return root / "repo"
 
 

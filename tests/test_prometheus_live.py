@@ -35,9 +35,7 @@ import time
 
 import pytest
 import requests
-import yaml
 from click.testing import CliRunner
-from pydantic import SecretStr
 
 from control.adapters.prometheus_config import (
     GPU_ONLY_METRICS,
@@ -47,7 +45,6 @@ from control.adapters.prometheus_config import (
     split_operands,
 )
 from control.cli import cli
-from control.config import load_config
 from control.drills.runner import MODEL_ADD_ONE, write_add_one_repository
 from control.local import stack
 from control.local.isolated import isolated_settings as make_settings
@@ -76,24 +73,6 @@ def _cases() -> list[tuple[str, str]]:
 
 CASES = _cases()
 METRICS = sorted({m for _, e in CASES for m in metric_names(e)})
-
-
-def _write_settings_file(settings, path):
-    """The test's settings as a config file, so the daemon `up` starts (a subprocess reading
-    --config) sees the same free ports and run dir."""
-    def plain(v):
-        if isinstance(v, SecretStr):
-            return v.get_secret_value()
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        return v
-
-    data = plain(settings.model_dump())
-    data.pop("source", None)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def _traffic(settings, stop: threading.Event, model: str) -> None:
@@ -129,7 +108,6 @@ def live(tmp_path_factory):
                              models={"repository_dir": str(repo)},
                              control={"poll_interval_s": 1.0, "sync_interval_s": 5.0, "prometheus_port": free_port()},
                              haproxy={"served_models": [MODEL_ADD_ONE]})  # through the proxy's allowlist
-    settings = load_config(_write_settings_file(settings, base / "settings.yaml"), environ={})
     # `triton-hybrid up --with-prometheus`, as an operator runs it.
     st = stack.up(settings, with_control=True, with_prometheus=True)
     stop = threading.Event()

@@ -18,7 +18,7 @@ from control.capacity.scaler import (
     ScalerState,
     decide_scale,
 )
-from control.daemon.jobs import Scheduled
+from control.daemon.jobs import DecisionJob, Scheduled
 from control.daemon.metrics import ControlMetrics
 from control.daemon.registry import Registry
 from control.daemon.traffic_job import TrafficJob
@@ -31,18 +31,14 @@ log = logging.getLogger("triton_hybrid.control")
 EXTERNAL_CAPACITY = ("asg", "k8s")
 
 
-class CapacityJob:
+class CapacityJob(DecisionJob):
     name = "capacity"
 
     def __init__(self, settings, registry: Registry, traffic: TrafficJob, audit: Audit, metrics: ControlMetrics,
                  clock=time.time):
-        self.settings = settings
+        super().__init__(settings, registry, audit, metrics, clock)
         self.sc = settings.control.scaler
-        self.registry = registry
         self.traffic = traffic
-        self.audit = audit
-        self.metrics = metrics
-        self.clock = clock
         self.scaler: ScaleActuator | None = None  # set by the daemon when the scaler is enabled
         self.state = ScalerState.from_dict(audit.last_scale_state())
         self.last: ScaleDecision | None = None

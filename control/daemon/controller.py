@@ -40,6 +40,17 @@ log = logging.getLogger("triton_hybrid.control")
 ScaleActuatorFactory = Callable[[InstanceRegistry], ScaleActuator]
 
 
+def _job_attr(job: str, attr: str, writable: bool = False) -> property:
+    """A Controller attribute that is one of its jobs' (the API views and tests read them here)."""
+    def get(self):
+        return getattr(getattr(self, job), attr)
+
+    def set_(self, value) -> None:
+        setattr(getattr(self, job), attr, value)
+
+    return property(get, set_ if writable else None, doc=f"self.{job}.{attr}")
+
+
 class Controller:
     """The jobs and what they share. The attributes below are the ones tests, the bench and the
     admin API read; the work is in the jobs."""
@@ -90,50 +101,17 @@ class Controller:
     def account_cost(self, now: float | None = None) -> dict:
         return self.capacity.account_cost(now)
 
-    # ---- state the views read ------------------------------------------------------------------
-    @property
-    def poller(self):
-        return self.traffic.poller
-
-    @property
-    def lock(self):
-        return self.traffic.lock
-
-    @property
-    def weights(self) -> dict[str, int]:
-        return self.traffic.weights
-
-    @property
-    def state(self):
-        return self.traffic.state
-
-    @property
-    def last_decision(self) -> Decision | None:
-        return self.traffic.last_decision
-
-    @property
-    def last_error(self) -> str | None:
-        return self.traffic.last_error
-
-    @property
-    def resumed_from(self) -> str:
-        return self.traffic.resumed_from
-
-    @property
-    def ticks(self) -> int:
-        return self.traffic.ticks
-
-    @property
-    def last_sync(self) -> dict | None:
-        return self.mirror.last_sync
-
-    @property
-    def scaler(self) -> ScaleActuator | None:
-        return self.capacity.scaler
-
-    @scaler.setter
-    def scaler(self, value: ScaleActuator | None) -> None:
-        self.capacity.scaler = value
+    # ---- state the views read (the jobs' own attributes) ---------------------------------------
+    poller = _job_attr("traffic", "poller")
+    lock = _job_attr("traffic", "lock")
+    weights = _job_attr("traffic", "weights")
+    state = _job_attr("traffic", "state")
+    last_decision = _job_attr("traffic", "last_decision")
+    last_error = _job_attr("traffic", "last_error")
+    resumed_from = _job_attr("traffic", "resumed_from")
+    ticks = _job_attr("traffic", "ticks")
+    last_sync = _job_attr("mirror", "last_sync")
+    scaler = _job_attr("capacity", "scaler", writable=True)  # the daemon sets it when the scaler is enabled
 
     def status(self) -> dict:
         return {**self.traffic.status(), "last_sync": self.mirror.last_sync, "scaling": self.capacity.summary()}

@@ -18,3 +18,15 @@ class Job(Protocol):
     def schedule(self) -> list[Scheduled]: ...
 
     def close(self) -> None: ...
+
+
+class DecisionJob:
+    """What a deciding job (traffic, capacity) holds: the settings, the instance registry, the
+    audit its decisions go to, the metrics it exports and the clock it decides with (injected)."""
+
+    def __init__(self, settings, registry, audit, metrics, clock: Callable[[], float]):
+        self.settings = settings
+        self.registry = registry
+        self.audit = audit
+        self.metrics = metrics
+        self.clock = clock

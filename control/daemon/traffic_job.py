@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 
-from control.daemon.jobs import Scheduled
+from control.daemon.jobs import DecisionJob, Scheduled
 from control.daemon.metrics import ControlMetrics
 from control.daemon.registry import Registry
 from control.traffic.actuators import ActuatorError, Observed, Plan, WeightActuator
@@ -48,18 +48,14 @@ def home_weights(settings) -> dict[str, int]:
     return {"onprem": h, "cloud": 100 - h}
 
 
-class TrafficJob:
+class TrafficJob(DecisionJob):
     name = "traffic"
 
     def __init__(self, settings, registry: Registry, actuator: WeightActuator, audit: Audit,
                  metrics: ControlMetrics, clock=time.time):
-        self.settings = settings
+        super().__init__(settings, registry, audit, metrics, clock)
         self.cfg = settings.control.policy
-        self.registry = registry
         self.actuator = actuator
-        self.audit = audit
-        self.metrics = metrics
-        self.clock = clock
         c = settings.control
         self.poller = Poller(registry.instances, c.poll_timeout_s, c.dcgm_exporter_urls, clock=clock,
                              on_result=metrics.observe_poll, history=self.cfg.health_window)

@@ -92,26 +92,16 @@ class SiteNetns:
     subnet: int | None = None  # third octet of 10.213.N.0/30
     created: bool = False
     delay_ms: float = 0.0
+    ns: str = field(init=False)
+    veth_root: str = field(init=False)
+    veth_ns: str = field(init=False)
+    root_ip: str = field(init=False)
+    ns_ip: str = field(init=False)
 
-    @property
-    def ns(self) -> str:
-        return f"{PREFIX}{self.tag}"
-
-    @property
-    def veth_root(self) -> str:
-        return f"{PREFIX}{self.tag}r"
-
-    @property
-    def veth_ns(self) -> str:
-        return f"{PREFIX}{self.tag}n"
-
-    @property
-    def root_ip(self) -> str:
-        return f"10.213.{self.subnet}.1"
-
-    @property
-    def ns_ip(self) -> str:
-        return f"10.213.{self.subnet}.2"
+    def __post_init__(self) -> None:
+        """Names and addresses follow from the tag and the subnet (create() picks one if none is given)."""
+        self.ns, self.veth_root, self.veth_ns = (f"{PREFIX}{self.tag}{end}" for end in ("", "r", "n"))
+        self.root_ip, self.ns_ip = (f"10.213.{self.subnet}.{host}" for host in (1, 2))
 
     def exec_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.ns]
@@ -123,6 +113,7 @@ class SiteNetns:
             if not free:
                 raise NetnsError("no free 10.213.N.0/30 subnet left")
             self.subnet = random.choice(free)
+            self.__post_init__()
         try:
             _ip("netns", "add", self.ns)
             self.created = True

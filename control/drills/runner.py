@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
@@ -30,24 +29,25 @@ import yaml
 from pydantic import SecretStr
 
 from control.adapters.haproxy_runtime import HAProxyRuntime
-from control.config import PROJECT_ROOT, Settings
+from control.config import PROJECT_ROOT, Settings, deep_merge
 from control.drills.faults import DelayProxy
 from control.drills.load import OpenLoopLoad, RequestSpec
+from control.drills.models import ADD_ONE, write_add_model
 from control.drills.report import analyze, write_report
 from control.local.admin_keys import ensure_admin_key
 from control.local.haproxy import start_haproxy
+from control.local.isolated import PortPool, isolated_settings
 from control.local.procs import (
     ComponentError,
     ManagedProcess,
     http_ok,
-    start_process,
-    wait_for_process,
+    start_ready,
 )
 from control.local.s3_endpoint import start_s3_server
 from control.local.stack import start_control_daemon
 from control.local.triton_server import start_instance, triton_argv, triton_env
 
-MODEL_ADD_ONE = "add_one"
+MODEL_ADD_ONE = ADD_ONE
 
 # HAProxy settings a drill stack runs with (control/adapters/haproxy_config.py renders them): fast health
 # checks, a short connect timeout, and a server timeout that turns a hung server's request into a
@@ -180,40 +180,19 @@ def _reveal(obj):
     return obj
 
 
-class PortPool:
-    """Distinct free loopback ports: each socket stays bound until `close()`, so two calls never
-    return the same port (free_port() alone can, when the kernel hands a released port out again)."""
-    def __init__(self, host: str = "127.0.0.1"):
-        self._socket, self.host, self._held = socket, host, []
-
-    def __call__(self) -> int:
-        s = self._socket.socket()
-        s.bind((self.host, 0))
-        self._held.append(s)
-        return s.getsockname()[1]
-
-    def close(self) -> None:
-        for s in self._held:
-            s.close()
-        self._held.clear()
-
-
 def ports_besides(settings: Settings, n: int) -> list[int]:
     """n free ports distinct from each other and from every port the settings name."""
     taken = {settings.s3.port, settings.haproxy.http_port, settings.haproxy.grpc_port, settings.haproxy.stats_port,
-             settings.control.api_port, settings.control.metrics_port}
+             settings.control.api_port, settings.control.metrics_port, settings.control.prometheus_port}
     for i in settings.instances:
         taken |= {i.http_port, i.grpc_port, i.metrics_port}
-    pool = PortPool()
-    try:
-        out: list[int] = []
+    out: list[int] = []
+    with PortPool() as pool:
         while len(out) < n:
             p = pool()
             if p not in taken:
                 out.append(p)
-        return out
-    finally:
-        pool.close()
+    return out
 
 
 def drill_settings(base: Settings, run_dir: Path, *, weights: dict[str, int] | None = None,
@@ -221,36 +200,20 @@ def drill_settings(base: Settings, run_dir: Path, *, weights: dict[str, int] | N
                    control: dict | None = None) -> Settings:
     """A copy of `base` for a drill: every port free, run dir of its own, HAProxy drill tuning,
     optional per-instance weights and hosts (a site in a namespace listens on its veth address)."""
-    free_port = PortPool()
-    try:
-        return _drill_settings(base, run_dir, free_port, weights, hosts, haproxy, control)
-    finally:
-        free_port.close()
-
-
-def _drill_settings(base, run_dir, free_port, weights, hosts, haproxy, control) -> Settings:
     data = _reveal(base.model_dump())
-    data["run_dir"] = str(run_dir)
-    data["source"] = ""
-    data["s3"]["port"] = free_port()
-    data["haproxy"].update({"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()})
-    data["haproxy"].update(DRILL_HAPROXY | (haproxy or {}))
-    # The drills' own test model passes the proxy's allowlist like a served ensemble.
-    data["haproxy"]["served_models"] = sorted({*data["haproxy"]["served_models"], MODEL_ADD_ONE})
-    data["control"].update({"api_port": free_port(), "metrics_port": free_port()})
-    data["control"]["policy"].update({"util_signal": "none"})  # both sites share this host's CPU
-    for k, v in (control or {}).items():
-        if isinstance(v, dict):
-            data["control"].setdefault(k, {}).update(v)
-        else:
-            data["control"][k] = v
     for inst in data["instances"]:
-        inst.update({"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port(), "managed": True})
+        inst["managed"] = True
         if weights and inst["name"] in weights:
             inst["weight"] = weights[inst["name"]]
         if hosts and inst["name"] in hosts:
             inst["host"] = hosts[inst["name"]]
-    return Settings.model_validate(data)
+    haproxy = DRILL_HAPROXY | (haproxy or {})
+    # The drills' own test model passes the proxy's allowlist like a served ensemble.
+    haproxy["served_models"] = sorted({*haproxy.get("served_models", data["haproxy"]["served_models"]), MODEL_ADD_ONE})
+    # util_signal none: both sites share this host's CPU.
+    control = deep_merge({"policy": {"util_signal": "none"}}, control or {})
+    return isolated_settings(run_dir, instances=None, base=data, write_file=False, source="",
+                             haproxy=haproxy, control=control)
 
 
 def write_settings_file(settings: Settings) -> Settings:
@@ -312,14 +275,10 @@ class DrillEnv:
                                admin_key=ensure_admin_key(self.settings, inst), host=inst.host,
                                extra_args=self.settings.triton.extra_args)
             prefix = ns.exec_prefix() if ns is not None else []
-            proc = start_process(inst.name, prefix + argv, self.settings.run_path, env=triton_env(),
-                                 secret_values=[ensure_admin_key(self.settings, inst)])
-            try:
-                wait_for_process(lambda: http_ok(f"http://{inst.host}:{http_port}/v2/health/ready"), proc, 90,
-                           "ready (/v2/health/ready)")
-            except ComponentError:
-                proc.stop()
-                raise
+            proc = start_ready(inst.name, prefix + argv, self.settings.run_path,
+                               lambda: http_ok(f"http://{inst.host}:{http_port}/v2/health/ready"), 90,
+                               "ready (/v2/health/ready)", env=triton_env(),
+                               secret_values=[ensure_admin_key(self.settings, inst)])
         self.procs[inst.name] = proc
         return proc
 
@@ -516,37 +475,7 @@ def dump_json(obj) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
-# A self-contained test model ------------------------------------------------------------------------
-
-ADD_ONE_CONFIG = """name: "add_one"
-backend: "python"
-max_batch_size: 8
-input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] } ]
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
-
-ADD_ONE_MODEL = '''import os, sys
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        out = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))]))
-        return out
-'''
-
-
 def write_add_one_repository(root: str | Path) -> Path:
     """A one-model repository (`add_one`, Python backend) for drills without the ensemble."""
-    root = Path(root)
-    (root / MODEL_ADD_ONE / "1").mkdir(parents=True, exist_ok=True)
-    (root / MODEL_ADD_ONE / "config.pbtxt").write_text(ADD_ONE_CONFIG)
-    (root / MODEL_ADD_ONE / "1" / "model.py").write_text(ADD_ONE_MODEL)
-    return root
+    write_add_model(root, 1, 1.0, MODEL_ADD_ONE)
+    return Path(root)

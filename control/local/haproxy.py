@@ -14,9 +14,8 @@ from control.local.procs import (
     ComponentError,
     ManagedProcess,
     http_ok,
-    port_in_use,
-    start_process,
-    wait_for_process,
+    require_free_ports,
+    start_ready,
 )
 
 NAME = "haproxy"
@@ -45,19 +44,10 @@ def write_config(settings) -> str:
 
 def start_haproxy(settings, timeout: float = 15.0) -> ManagedProcess:
     h = settings.haproxy
-    for field in ("http_port", "grpc_port", "stats_port"):
-        port = getattr(h, field)
-        if port_in_use(h.host, port):
-            raise ComponentError(NAME, f"port {h.host}:{port} (haproxy.{field}) is already in use; "
-                                       "free it or change it in the config")
+    require_free_ports(NAME, [(f"haproxy.{f}", h.host, getattr(h, f)) for f in ("http_port", "grpc_port", "stats_port")])
     binary = write_config(settings)
     socket_path(settings).unlink(missing_ok=True)
     # -db: stay in the foreground so the process group we supervise is HAProxy itself.
-    proc = start_process(NAME, [binary, "-db", "-f", str(config_path(settings))], settings.run_path)
-    try:
-        wait_for_process(lambda: socket_path(settings).exists() and http_ok(f"http://{h.host}:{h.stats_port}/metrics"),
-                   proc, timeout, "serving its stats port")
-    except ComponentError:
-        proc.stop()
-        raise
-    return proc
+    return start_ready(NAME, [binary, "-db", "-f", str(config_path(settings))], settings.run_path,
+                       lambda: socket_path(settings).exists() and http_ok(f"http://{h.host}:{h.stats_port}/metrics"),
+                       timeout, "serving its stats port")

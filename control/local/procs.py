@@ -368,16 +368,41 @@ def managed_names(run_dir: Path) -> list[str]:
     return sorted(p.stem for p in (Path(run_dir) / "pids").glob("*.json"))
 
 
+class NotReady(ComponentError):
+    """wait_for_process gave up: the component did not pass its check in time, or exited."""
+
+
 def wait_for_process(check: Callable[[], bool], proc: ManagedProcess, timeout: float, what: str,
-                     interval: float = 0.1) -> None:
+                     interval: float = 0.1, log_lines: int = 25) -> None:
     """Wait for `check()` on a component; fail fast if its process dies, with its log tail."""
     try:
         waiting.wait_until(check, timeout, what, interval=interval,
                            abort=lambda: None if proc.alive else "process exited")
     except waiting.WaitTimeout:
-        raise ComponentError(proc.name, f"not {what} after {timeout:.0f}s", proc.log_tail()) from None
+        raise NotReady(proc.name, f"not {what} after {timeout:.0f}s", proc.log_tail(log_lines)) from None
     except RuntimeError:
-        raise ComponentError(proc.name, f"exited while waiting for {what}", proc.log_tail()) from None
+        raise NotReady(proc.name, f"exited while waiting for {what}", proc.log_tail(log_lines)) from None
+
+
+def require_free_ports(component: str, ports: Iterable[tuple[str, str, int]],
+                       remedy: str = "free it or change it in the config") -> None:
+    """Fail before starting `component` when one of its (setting, host, port) is already bound."""
+    for setting, host, port in ports:
+        if port_in_use(host, port):
+            raise ComponentError(component, f"port {host}:{port} ({setting}) is already in use; {remedy}")
+
+
+def start_ready(name: str, argv: list[str], run_dir: Path, check: Callable[[], bool], timeout: float, what: str,
+                log_lines: int = 25, **start_kwargs) -> ManagedProcess:
+    """start_process, then wait_for_process; a component that does not get ready is stopped again
+    (the NotReady raised carries its log tail from before the stop)."""
+    proc = start_process(name, argv, run_dir, **start_kwargs)
+    try:
+        wait_for_process(check, proc, timeout, what, log_lines=log_lines)
+    except ComponentError:
+        proc.stop()
+        raise
+    return proc
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

@@ -24,9 +24,8 @@ from control.local.procs import (
     ManagedProcess,
     http_ok,
     load_managed,
-    port_in_use,
-    start_process,
-    wait_for_process,
+    require_free_ports,
+    start_ready,
 )
 
 NAME = "prometheus"
@@ -74,9 +73,7 @@ def start_prometheus(settings, timeout: float = 30.0, port: int | None = None) -
     """Start Prometheus for the local stack and wait until it is ready; returns the managed process.
     `port` overrides control.prometheus_port (tests use a free port)."""
     host, port = prometheus_host(settings), port or prometheus_port(settings)
-    if port_in_use(host, port):
-        raise ComponentError(NAME, f"port {host}:{port} (control.prometheus_port) is already in use; "
-                                   "free it or change it in the config")
+    require_free_ports(NAME, [("control.prometheus_port", host, port)])
     binary = _binary("prometheus")
     config = write_config(settings)
     data = prometheus_dir(settings) / "data"
@@ -90,13 +87,7 @@ def start_prometheus(settings, timeout: float = 30.0, port: int | None = None) -
         "--web.enable-lifecycle",  # POST /-/reload after a config change
         "--log.level=warn",
     ]
-    proc = start_process(NAME, argv, settings.run_path)
-    try:
-        wait_for_process(lambda: http_ok(f"http://{host}:{port}/-/ready"), proc, timeout, "ready")
-    except ComponentError:
-        proc.stop()
-        raise
-    return proc
+    return start_ready(NAME, argv, settings.run_path, lambda: http_ok(f"http://{host}:{port}/-/ready"), timeout, "ready")
 
 
 def stop_prometheus(settings) -> bool:

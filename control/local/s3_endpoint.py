@@ -7,14 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from control.local.procs import (
-    ComponentError,
-    ManagedProcess,
-    http_ok,
-    port_in_use,
-    start_process,
-    wait_for_process,
-)
+from control.local.procs import ManagedProcess, http_ok, require_free_ports, start_ready
 
 NAME = "s3"
 
@@ -25,12 +18,6 @@ def moto_server_binary() -> Path:
 
 def start_s3_server(settings, name: str = NAME, timeout: float = 30.0) -> ManagedProcess:
     host, port = settings.s3.host, settings.s3.port
-    if port_in_use(host, port):
-        raise ComponentError(name, f"port {host}:{port} is already in use; free it or set s3.port in the config")
-    proc = start_process(name, [str(moto_server_binary()), "-H", host, "-p", str(port)], settings.run_path)
-    try:
-        wait_for_process(lambda: http_ok(f"http://{host}:{port}/moto-api/"), proc, timeout, "answering HTTP")
-    except ComponentError:
-        proc.stop()
-        raise
-    return proc
+    require_free_ports(name, [("s3.port", host, port)])
+    return start_ready(name, [str(moto_server_binary()), "-H", host, "-p", str(port)], settings.run_path,
+                       lambda: http_ok(f"http://{host}:{port}/moto-api/"), timeout, "answering HTTP")

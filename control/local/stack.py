@@ -30,9 +30,9 @@ from control.local.procs import (
     managed_names,
     port_in_use,
     private_dir,
+    require_free_ports,
     rss_bytes,
-    start_process,
-    wait_for_process,
+    start_ready,
 )
 from control.local.s3_endpoint import start_s3_server
 from control.local.supervisor import NAME as SUPERVISOR_NAME
@@ -103,20 +103,12 @@ def go_live(settings, inst) -> None:
 
 def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
     c = settings.control
-    for fld in ("api_port", "metrics_port"):
-        if port_in_use(c.api_host, getattr(c, fld)):
-            raise ComponentError(CONTROL_NAME, f"port {c.api_host}:{getattr(c, fld)} (control.{fld}) is already in use")
+    require_free_ports(CONTROL_NAME, [(f"control.{f}", c.api_host, getattr(c, f)) for f in ("api_port", "metrics_port")])
     argv = [sys.executable, "-m", "control.cli"]
     if settings.source:
         argv += ["--config", settings.source]
-    proc = start_process(CONTROL_NAME, argv + ["control", "run"], settings.run_path)
-    try:
-        wait_for_process(lambda: http_ok(f"http://{c.api_host}:{c.metrics_port}/metrics"), proc, timeout,
-                   "exporting its metrics")
-    except ComponentError:
-        proc.stop()
-        raise
-    return proc
+    return start_ready(CONTROL_NAME, argv + ["control", "run"], settings.run_path,
+                       lambda: http_ok(f"http://{c.api_host}:{c.metrics_port}/metrics"), timeout, "exporting its metrics")
 
 
 def planned_ports(settings, with_control: bool, with_prometheus: bool = False,

@@ -25,10 +25,10 @@ from control.local.admin_keys import ensure_admin_key
 from control.local.procs import (
     ComponentError,
     ManagedProcess,
+    NotReady,
     http_ok,
-    port_in_use,
-    start_process,
-    wait_for_process,
+    require_free_ports,
+    start_ready,
 )
 
 PY_TAG = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -120,21 +120,16 @@ def start_triton(name: str, repository: str | Path, http_port: int, grpc_port: i
                  log_verbose: int = 0, meta: dict | None = None) -> ManagedProcess:
     """Start one Triton and wait until /v2/health/ready; on failure stop it and raise with its log.
     The admin key stays on Triton's command line only (the pid file records it redacted)."""
-    for what, port in (("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)):
-        if port_in_use(host, port):
-            raise ComponentError(name, f"{what} port {host}:{port} is already in use; free it or change it in the config")
+    require_free_ports(name, [(f"{what} port", host, port)
+                              for what, port in (("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port))])
     argv = triton_argv(repository, http_port, grpc_port, metrics_port, run_dir, admin_key, load_models, host,
                        extra_args, log_verbose)
-    proc = start_process(name, argv, Path(run_dir), env=triton_env(env_extra), secret_values=[admin_key or ""],
-                         meta=meta)
     try:
-        wait_for_process(lambda: http_ok(f"http://{host}:{http_port}/v2/health/ready"), proc, ready_timeout,
-                   "ready (/v2/health/ready); a model probably failed to load")
-    except ComponentError:
-        tail = proc.log_tail(40)
-        proc.stop()
-        raise ComponentError(name, "did not become ready", _interesting(tail)) from None
-    return proc
+        return start_ready(name, argv, Path(run_dir), lambda: http_ok(f"http://{host}:{http_port}/v2/health/ready"),
+                           ready_timeout, "ready (/v2/health/ready); a model probably failed to load", log_lines=40,
+                           env=triton_env(env_extra), secret_values=[admin_key or ""], meta=meta)
+    except NotReady as e:
+        raise ComponentError(name, "did not become ready", _interesting(e.log_tail)) from None
 
 
 def start_instance(settings, instance, repository: str | Path, ready_timeout: float | None = None) -> ManagedProcess:

@@ -150,14 +150,19 @@ class Audit(db.Store):
     def history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[DecisionRow]:
         """Decisions since `since`, oldest first. `changes_only`: rows that changed weights, fixed
         drift, failed, or whose reason differs from the previous row (no run of identical ticks)."""
+        return [_row(r) for r in self._recent("control_decisions", "changed = 1", since, limit, changes_only)]
+
+    def _recent(self, table: str, acted: str, since: float | None, limit: int, changes_only: bool) -> list:
+        """The last `limit` rows of `table` since `since`, oldest first; `changes_only`: rows where
+        the SQL condition `acted` holds, errors, and rows whose reason differs from the previous row."""
         if changes_only:
-            q = ("SELECT * FROM (SELECT *, LAG(reason) OVER (ORDER BY id) AS prev_reason FROM control_decisions"
-                 " WHERE ts >= ?) WHERE changed = 1 OR error IS NOT NULL OR prev_reason IS NULL"
+            q = (f"SELECT * FROM (SELECT *, LAG(reason) OVER (ORDER BY id) AS prev_reason FROM {table}"
+                 f" WHERE ts >= ?) WHERE {acted} OR error IS NOT NULL OR prev_reason IS NULL"
                  " OR prev_reason != reason")
         else:
-            q = "SELECT * FROM control_decisions WHERE ts >= ?"
+            q = f"SELECT * FROM {table} WHERE ts >= ?"
         rows = self.conn.execute(q + " ORDER BY id DESC LIMIT ?", (since or 0.0, limit)).fetchall()
-        return [_row(r) for r in reversed(rows)]
+        return list(reversed(rows))
 
     @_locked
     def prune(self, older_than: float) -> int:
@@ -180,15 +185,8 @@ class Audit(db.Store):
     def scale_history(self, since: float | None = None, limit: int = 100, changes_only: bool = False) -> list[dict]:
         """Scaling decisions since `since`, oldest first; `changes_only`: actions, errors and
         rows whose reason differs from the previous row."""
-        if changes_only:
-            q = ("SELECT * FROM (SELECT *, LAG(reason) OVER (ORDER BY id) AS prev_reason FROM scale_decisions"
-                 " WHERE ts >= ?) WHERE action != 'hold' OR error IS NOT NULL OR prev_reason IS NULL"
-                 " OR prev_reason != reason")
-        else:
-            q = "SELECT * FROM scale_decisions WHERE ts >= ?"
-        rows = self.conn.execute(q + " ORDER BY id DESC LIMIT ?", (since or 0.0, limit)).fetchall()
         out = []
-        for r in reversed(rows):
+        for r in self._recent("scale_decisions", "action != 'hold'", since, limit, changes_only):
             d = {k: r[k] for k in ("id", "ts", "action", "reason", "message", "count_before", "count_after",
                                    "instance", "actuator", "error")}
             d["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["ts"]))
