@@ -71,11 +71,12 @@ class Load:
         module = httpclient if i % 2 == 0 else grpcclient
         client = module.InferenceServerClient(self.urls[i % 2])
         while not self._stop.is_set():
+            sent = time.monotonic()
             try:
                 client.infer(MODEL, ensemble_inputs(module, *self.args))
                 self.ok += 1
             except Exception as e:  # noqa: BLE001 - every failure is recorded and asserted on
-                self.failures.append(f"{module.__name__}: {e}")
+                self.failures.append((sent, f"{module.__name__}: {e}"))
 
     def __enter__(self):
         for t in self._threads:
@@ -116,7 +117,13 @@ def test_killed_triton_is_reaped_restarted_and_gets_traffic_again(supervised, ti
         wait_until(lambda: served_per_instance(settings)[victim.name] >= 5, 60,
                    "the restarted instance serving requests through HAProxy")
         t_traffic = time.monotonic()
-    assert load.failures == [], load.failures[:5]
+    # The proxy never re-sends a request that dropped its server (it may be a query of death), so a
+    # request inside the killed Triton at the kill fails, and so can one HAProxy sent in that instant on a
+    # connection to it that was already open: at most one per client thread, all within a second of the
+    # kill. Every later request succeeds.
+    late = [(round(sent - t_kill, 3), f) for sent, f in load.failures if sent > t_kill + 1.0]
+    assert late == [], late[:5]
+    assert len(load.failures) <= len(load._threads), load.failures
     events = read_state(settings)["instances"][victim.name]["events"]
     kinds = [e["event"] for e in events]
     assert kinds[-3:] == ["crashed", "reaped", "restarted"], events
@@ -130,7 +137,7 @@ def test_killed_triton_is_reaped_restarted_and_gets_traffic_again(supervised, ti
     assert comps["supervisor"]["running"]
     print(f"\nkill -> ready again: {t_ready - t_kill:.2f}s; kill -> serving through HAProxy: {t_traffic - t_kill:.2f}s; "
           f"reaped {len(reaped['pids'])} stub(s), {reaped['rss_bytes'] / 2**20:.0f} MiB; "
-          f"{load.ok} requests through HAProxy, {len(load.failures)} failed")
+          f"{load.ok} requests through HAProxy, {len(load.failures)} failed (in flight at the kill)")
 
 
 def test_status_shows_leftovers_of_a_dead_triton_and_down_reaps_them(supervised):
