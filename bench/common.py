@@ -3,14 +3,12 @@ one closed-loop load generator used for every serving path, and a stack of the b
 (free loopback ports, run dir under the work dir) started with `control.local.stack.up`."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -22,9 +20,9 @@ from typing import Callable, Iterable
 import numpy as np
 import requests
 
+from bench import perf
 from control.local.procs import free_port
 from control.local.triton_server import start_triton
-from model_repository.perf import binary, input_data, perf_env
 from model_repository.smoke import to_infer_inputs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -202,11 +200,6 @@ def load_queries(export_dir: Path, n: int = 16, max_candidates: int = 1000) -> l
     return out[:n]
 
 
-def perf_input_data(queries: list[dict], top_k: int = 10) -> dict:
-    """perf_analyzer --input-data JSON with every query (it cycles through them)."""
-    return {"data": [input_data(q["query"], q["candidate_ids"], top_k)["data"][0] for q in queries]}
-
-
 def triton_inputs(module, q: dict, top_k: int = 10) -> list:
     """tritonclient.http/grpc InferInputs for one search_ranking request (batch dim 1)."""
     return to_infer_inputs({
@@ -362,46 +355,11 @@ def single_triton(ctx: Ctx, name: str, repository: Path):
 
 
 def perf_available() -> Path:
-    """perf_analyzer from model_repository/perf.py (installed on first use into .tools/)."""
-    try:
-        from model_repository import perf  # noqa: PLC0415
-    except ImportError as e:
-        raise Missing(f"model_repository/perf.py (the perf_analyzer installer) is not importable ({e})") from None
+    """perf_analyzer (bench/perf.py installs it into .tools/ on first use), or Missing with the reason."""
     try:
         return perf.install()
-    except Exception as e:  # noqa: BLE001
-        raise Missing(f"perf_analyzer could not be installed: {e}") from None
-
-
-def perf_measure(url: str, concurrency: int, data: dict, protocol: str, interval_ms: int,
-                 model: str = "search_ranking") -> dict:
-    """One perf_analyzer run (the binary and environment of model_repository/perf.py). Stabilizes on
-    throughput and average latency within 100% (this machine is shared and noisy; p99 as the
-    stability criterion rarely converges), at most 6 windows; p50/p99 from its CSV. One retry with
-    a doubled window if it does not stabilize."""
-    last = ""
-    for window in (interval_ms, interval_ms * 2):
-        with tempfile.TemporaryDirectory() as tmp:
-            data_path, csv_path = Path(tmp) / "data.json", Path(tmp) / "out.csv"
-            data_path.write_text(json.dumps(data))
-            argv = [str(binary()), "-m", model, "-u", url, "-i", protocol, "--input-data", str(data_path),
-                    f"--concurrency-range={concurrency}", f"--measurement-interval={window}",
-                    "--stability-percentage=100", "--max-trials=6", "-f", str(csv_path)]
-            done = subprocess.run(argv, capture_output=True, text=True, env=perf_env(), timeout=300)
-            if done.returncode == 0 and csv_path.exists():
-                row = next(csv.DictReader(csv_path.open()))
-                return {"concurrency": concurrency, "throughput": float(row["Inferences/Second"]),
-                        "p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
-                        "window_ms": window}
-            last = (done.stdout[-1500:] + done.stderr[-1500:]).strip()
-    raise RuntimeError(f"perf_analyzer failed against {url} ({protocol}, concurrency {concurrency}): {last}")
-
-
-def perf_warmup(url: str, data: dict, protocol: str) -> None:
-    try:
-        perf_measure(url, 1, data, protocol, 500)
-    except RuntimeError:
-        pass
+    except perf.PerfError as e:
+        raise Missing(str(e)) from None
 
 
 # Where a request's time goes inside Triton ---------------------------------------------------------

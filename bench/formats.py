@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import perf
 from bench.common import (
     Ctx,
     Missing,
@@ -21,9 +22,6 @@ from bench.common import (
     load_queries,
     md_table,
     perf_available,
-    perf_input_data,
-    perf_measure,
-    perf_warmup,
     single_triton,
     triton_inputs,
 )
@@ -126,7 +124,7 @@ def run(ctx: Ctx) -> Section:
     try:
         perf_available()
         queries = load_queries(export, 16)
-        data = perf_input_data(queries)
+        data = perf.input_data(queries)
         variants = {}
         for v in VARIANT_NAMES:
             missing = [f for f in variant_files(v) if not (export / f).exists()]
@@ -148,13 +146,13 @@ def run(ctx: Ctx) -> Section:
             for v in names:
                 ctx.say(f"formats: held-out NDCG@10 served by {v}")
                 ndcg[v] = served_ndcg(https[v], export)
-                perf_warmup(urls[v], data, "grpc")
+                perf.warmup(urls[v], data, "grpc")
             for r in range(rounds):
                 for c in conc:
                     k = (r + c) % len(names)
                     for v in names[k:] + names[:k]:
                         ctx.say(f"formats: round {r + 1}/{rounds} {v} c={c}")
-                        res.setdefault((v, c), []).append(perf_measure(urls[v], c, data, "grpc", interval))
+                        res.setdefault((v, c), []).append(perf.measure(urls[v], c, data, "grpc", interval))
 
         def med(v, c, key):
             return float(np.median([m[key] for m in res[(v, c)]])) if (v, c) in res else None

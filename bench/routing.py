@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench import perf
 from bench.common import (
     Ctx,
     Section,
@@ -12,9 +13,6 @@ from bench.common import (
     load_queries,
     md_table,
     perf_available,
-    perf_input_data,
-    perf_measure,
-    perf_warmup,
 )
 
 CONCURRENCY = (1, 8, 32)
@@ -25,7 +23,7 @@ def run(ctx: Ctx) -> Section:
     export = ctx.need_export()
     perf_available()
     queries = load_queries(export, 16)
-    data = perf_input_data(queries)
+    data = perf.input_data(queries)
     repo = ctx.repository("fp32")
     interval = int(ctx.dur(2000, 1000))
     rounds = int(ctx.dur(3, 1))
@@ -39,14 +37,14 @@ def run(ctx: Ctx) -> Section:
         # warm up both paths (first requests load the Python stubs' caches)
         for proto in PROTOCOLS:
             for via in ("direct", "haproxy"):
-                perf_warmup(urls[(via, proto)], data, proto)
+                perf.warmup(urls[(via, proto)], data, proto)
         for r in range(rounds):
             for c in conc:
                 for proto in PROTOCOLS:
                     order = ("direct", "haproxy") if (r + c) % 2 == 0 else ("haproxy", "direct")
                     for via in order:
                         ctx.say(f"routing: round {r + 1}/{rounds} {proto} c={c} {via}")
-                        m = perf_measure(urls[(via, proto)], c, data, proto, interval)
+                        m = perf.measure(urls[(via, proto)], c, data, proto, interval)
                         results.setdefault((via, proto, c), []).append(m)
 
     def med(via, proto, c, k):
@@ -85,7 +83,7 @@ def run(ctx: Ctx) -> Section:
         how=f"A stack of the benchmark's own (`control.local.stack.up`, free loopback ports) with a single Triton "
             "instance (weight 100), so HAProxy's backend has exactly the server that is measured directly; the "
             "generated HAProxy config as the stack runs it (health checks, retries). perf_analyzer "
-            "(`model_repository/perf.py`, from the tritonclient 2.40.0 wheel) with `--input-data` holding "
+            "(`bench/perf.py`, from the tritonclient 2.40.0 wheel) with `--input-data` holding "
             f"{len(queries)} held-out queries of the export ({min(n_cand)}-{max(n_cand)} candidates, TOP_K 10), "
             f"measurement interval {interval} ms, p50/p99 from its CSV. Interleaved: for every (concurrency, "
             f"protocol) the direct and the HAProxy run follow each other, order alternating; {rounds} round(s), "

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import requests
 
+from bench import perf
 from bench.common import (
     BREAKDOWN_HEADERS,
     PROJECT_ROOT,
@@ -27,9 +28,6 @@ from bench.common import (
     load_queries,
     md_table,
     perf_available,
-    perf_input_data,
-    perf_measure,
-    perf_warmup,
     single_triton,
     stats_breakdown,
     triton_http_caller,
@@ -51,7 +49,7 @@ def server_breakdown(ctx: Ctx, http: str, grpc: str, data: dict, concurrency=BRE
     for c in concurrency:
         ctx.say(f"serving: per-step breakdown at c={c}")
         before = triton_model_stats(http)
-        m = perf_measure(grpc, c, data, "grpc", interval_ms)
+        m = perf.measure(grpc, c, data, "grpc", interval_ms)
         rows = stats_breakdown(before, triton_model_stats(http), steps)
         out += [f"Per step at concurrency {c} (perf_analyzer gRPC: {m['throughput']:.0f} infer/s, client p50 "
                 f"{m['p50_ms']:.2f} ms; Triton's statistics, averages per request over the whole run):",
@@ -156,16 +154,16 @@ def run(ctx: Ctx) -> Section:
             res = {key: median_run(v) for key, v in runs.items()}
             try:
                 perf_available()
-                data = perf_input_data(queries, TOP_K)
+                data = perf.input_data(queries, TOP_K)
                 perf_runs: dict[tuple[str, int], list[dict]] = {}
                 for proto, url in (("grpc", grpc), ("http", http)):
-                    perf_warmup(url, data, proto)
+                    perf.warmup(url, data, proto)
                 for r in range(rounds):
                     for proto, url in (("grpc", grpc), ("http", http))[::(1 if r % 2 == 0 else -1)]:
                         for c in conc:
                             ctx.say(f"serving: round {r + 1}/{rounds} perf_analyzer {proto} c={c}")
                             perf_runs.setdefault((proto, c), []).append(
-                                perf_measure(url, c, data, proto, int(ctx.dur(1500, 1000))))
+                                perf.measure(url, c, data, proto, int(ctx.dur(1500, 1000))))
                 for proto in ("grpc", "http"):
                     for c in conc:
                         m = median_run(perf_runs[(proto, c)])

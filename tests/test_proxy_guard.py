@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from bench.common import perf_measure
+from bench import perf
 from control.adapters.haproxy_config import (
     GUARD_FILE,
     GUARD_SCRIPT,
@@ -42,7 +42,6 @@ from control.local.isolated import isolated_settings
 from control.local.procs import free_port, http_ok
 from control.local.triton_server import start_instance
 from control.waiting import wait_until
-from model_repository import perf
 
 QOD_BODY = {"inputs": [
     {"name": "QUERY", "datatype": "BYTES", "shape": [1, 1], "data": ["x"]},
@@ -310,11 +309,11 @@ def test_perf_analyzer_works_through_the_proxy(guarded, tiny_export):
     except Exception as e:  # noqa: BLE001 - a missing download, not a missing feature
         pytest.skip(f"perf_analyzer could not be installed here: {e}")
     query, cands = held_query(tiny_export)
-    data = perf.input_data(query, cands)
+    data = perf.input_data([{"query": query, "candidate_ids": cands}])
     for proto, port in (("grpc", guarded.haproxy.grpc_port), ("http", guarded.haproxy.http_port)):
         try:
-            r = perf_measure(f"{guarded.haproxy.host}:{port}", 1, data, proto, 1000)
-        except RuntimeError as e:
+            r = perf.measure(f"{guarded.haproxy.host}:{port}", 1, data, proto, 1000)
+        except perf.PerfError as e:
             assert "not served through this proxy" not in str(e), str(e)[-800:]
             raise
         assert r["throughput"] > 0, (proto, r)
