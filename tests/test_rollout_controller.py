@@ -105,6 +105,17 @@ class Clock:
         return self.t
 
 
+def in_analysis(env):
+    """(clock, agents, traffic, controller) with a rollout driven to its analysis phase."""
+    settings, client, store = env
+    clock = Clock()
+    agents = Agents(store, clock)
+    traffic = Traffic(agents)
+    ctl = make(settings, client, clock, traffic)
+    drive(ctl, agents, clock, until_phase=Phase.ANALYSIS)
+    return clock, agents, traffic, ctl
+
+
 def started(env):
     """(clock, agents, controller) on the env's S3, with a test clock and agents played by the test."""
     settings, client, store = env
@@ -212,11 +223,7 @@ def test_regression_rolls_back_and_a_new_controller_without_the_sqlite_keeps_the
 
 def test_sqlite_deleted_mid_analysis_the_next_controller_carries_on_from_s3(env):
     settings, client, store = env
-    clock = Clock()
-    agents = Agents(store, clock)
-    traffic = Traffic(agents)
-    ctl = make(settings, client, clock, traffic)
-    drive(ctl, agents, clock, until_phase=Phase.ANALYSIS)
+    clock, agents, traffic, ctl = in_analysis(env)
     ctl.tick()
     before = state_of(store.read().state.models[M], clock())
     assert before.phase == Phase.ANALYSIS and before.last_check_at is not None
@@ -251,11 +258,7 @@ class RacingStore(DesiredStore):
 
 def test_a_concurrent_operator_pause_wins_and_the_tick_re_decides(env):
     settings, client, store = env
-    clock = Clock()
-    agents = Agents(store, clock)
-    traffic = Traffic(agents)
-    ctl = make(settings, client, clock, traffic)
-    drive(ctl, agents, clock, until_phase=Phase.ANALYSIS)
+    clock, agents, traffic, ctl = in_analysis(env)
     operator = make(settings, client, clock, traffic, audit=True, by="cli")
     clock.t += 10  # a check is due
     agents.report()

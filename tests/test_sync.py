@@ -163,16 +163,25 @@ def test_publish_sync_rollback_under_load_zero_failures(env):
           f"{load.ok} requests, 0 failed")
 
 
-def test_tampered_object_is_refused_and_previous_keeps_serving(env):
-    settings, inst, client, repo, _ = env
+def tamper_v2(env, change) -> tuple[str, int]:
+    """v1 live; v2 published, then its model.py replaced in S3 by change(body), metadata kept (an
+    attacker who keeps the recorded sha256). Returns (key, size the manifest records)."""
+    settings, _, client, repo, _ = env
     sync_all(settings)
     write_add_model(repo, 2, 2.0)
     publish_version(settings, repo, "add_one", client=client)
     key = s3x.object_key(settings.s3, "add_one", 2, "model.py")
     h = client.head_object(Bucket=settings.s3.bucket, Key=key)
-    body = client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read().replace(b"ADD = 2.0", b"ADD = 6.0")  # same size: only the sha256 can tell
+    body = change(client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read())
     client.put_object(Bucket=settings.s3.bucket, Key=key, Body=body, Metadata=h["Metadata"],
-                      ServerSideEncryption="AES256")  # an attacker keeping the metadata
+                      ServerSideEncryption="AES256")
+    return key, h["ContentLength"]
+
+
+def test_tampered_object_is_refused_and_previous_keeps_serving(env):
+    settings, inst, client, repo, _ = env
+    # same size: only the sha256 can tell
+    key, _ = tamper_v2(env, lambda body: body.replace(b"ADD = 2.0", b"ADD = 6.0"))
     with Load(inst.http_url) as load:
         out = sync_all(settings)["onprem-1"]
     assert vs(out) == [(2, "failed")]
@@ -427,15 +436,7 @@ def test_oversized_object_is_refused_without_reading_it_whole(env, monkeypatch):
     """Issue 15 finding 6: a file the manifest says is small was downloaded whole (~275 MB) before the
     size check. Now no more than manifest size + 1 byte is read."""
     settings, inst, client, repo, _ = env
-    sync_all(settings)
-    write_add_model(repo, 2, 2.0)
-    publish_version(settings, repo, "add_one", client=client)
-    key = s3x.object_key(settings.s3, "add_one", 2, "model.py")
-    h = client.head_object(Bucket=settings.s3.bucket, Key=key)
-    small = h["ContentLength"]
-    big = client.get_object(Bucket=settings.s3.bucket, Key=key)["Body"].read() + b"#" * (8 * 1024 * 1024)
-    client.put_object(Bucket=settings.s3.bucket, Key=key, Body=big, Metadata=h["Metadata"],
-                      ServerSideEncryption="AES256")
+    key, small = tamper_v2(env, lambda body: body + b"#" * (8 * 1024 * 1024))
     read: dict[int, int] = {}  # bytes read per object body
     orig = StreamingBody.iter_chunks
 
