@@ -50,6 +50,19 @@ class Scenario:
         settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base, weights))
         return DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
 
+    def env_in_netns(self, base, run_dir, repository, inst, weights, with_control):
+        """A drill env whose instance `inst` listens in a network namespace of its own: (env, namespace)."""
+        ns = SiteNetns().create()
+        try:
+            settings = drill_settings(base, run_dir, weights=weights, hosts={inst.name: ns.ns_ip},
+                                      control=self.control_overrides(base, weights))
+        except BaseException:
+            ns.destroy()
+            raise
+        env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
+        env.netns[inst.name] = ns
+        return env, ns
+
     def control_overrides(self, base, weights: dict[str, int] | None = None) -> dict:
         # Steady home weights = the drill stack's instance weights, so the policy does not move
         # them on its own during a drill that is not about the policy.
@@ -169,15 +182,7 @@ class OnpremPartition(_OnpremDown):
         if not ok:
             raise DrillSkip(f"cannot make network namespaces here: {why}")
         onprem = next(i for i in base.instances if i.site == "onprem")
-        ns = SiteNetns().create()
-        try:
-            settings = drill_settings(base, run_dir, weights=weights, hosts={onprem.name: ns.ns_ip},
-                                      control=self.control_overrides(base, weights))
-        except BaseException:
-            ns.destroy()
-            raise
-        env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
-        env.netns[onprem.name] = ns
+        env, ns = self.env_in_netns(base, run_dir, repository, onprem, weights, with_control)
         env.notes.append(f"on-prem Triton in network namespace {ns.ns} at {ns.ns_ip} "
                          f"(veth {ns.veth_root} {ns.root_ip}/30 <-> {ns.veth_ns} {ns.ns_ip}/30)")
         return env
@@ -206,15 +211,7 @@ class CloudLatency(Scenario):
         cloud = next(i for i in base.instances if i.site == "cloud")
         ok, why = netem_available()
         if ok:
-            ns = SiteNetns().create()
-            try:
-                settings = drill_settings(base, run_dir, weights=weights, hosts={cloud.name: ns.ns_ip},
-                                          control=self.control_overrides(base, weights))
-            except BaseException:
-                ns.destroy()
-                raise
-            env = DrillEnv(settings, repository, with_control=self.needs_control if with_control is None else with_control)
-            env.netns[cloud.name] = ns
+            env, ns = self.env_in_netns(base, run_dir, repository, cloud, weights, with_control)
             env.extra["delay_via"] = f"tc netem on {ns.veth_root} and {ns.veth_ns}"
         else:
             settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base, weights))
