@@ -5,10 +5,11 @@ import threading
 import time
 import time as _t
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from http_fakes import QuietHandler
 
 from control.config import InstanceConfig
 from control.local.procs import free_port
@@ -111,17 +112,11 @@ class _Fake:
         self.ready, self.metrics, self.delay = 200, (FIX / "triton_metrics_cpu.txt").read_text(), 0.0
         fake = self
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class H(QuietHandler):
             def do_GET(self):  # noqa: N802
                 _t.sleep(fake.delay)
                 code, body = (fake.ready, b"") if self.path == "/v2/health/ready" else (200, fake.metrics.encode())
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(body, code=code)
 
         self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.port = self.srv.server_address[1]

@@ -14,12 +14,13 @@ import shutil
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+from http_fakes import QuietHandler
 
 from control.adapters import prometheus_config as pc
 from control.adapters.prometheus_config import dashboard_queries
@@ -164,15 +165,9 @@ def test_gpu_only_expressions_return_data_from_gpu_shaped_triton_metrics(setting
     data, so the label schema (gpu_uuid, summed/averaged per instance) matches what they expect."""
     body = (PROJECT_ROOT / "tests" / "fixtures" / "triton_metrics_gpu.txt").read_bytes()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
+            self.reply(body)
 
     settings = settings_factory()
     servers = [ThreadingHTTPServer((i.host, i.metrics_port), Handler) for i in settings.instances]

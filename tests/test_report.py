@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import HTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 from click.testing import CliRunner
+from http_fakes import QuietHandler
 
 from control import db
 from control.cli import cli
@@ -74,7 +75,7 @@ def test_report_from_audit_writes_png(tmp_path):
     out = tmp_path / "report.png"
     r = CliRunner().invoke(cli, ["report", "--since", "1h", "--out", str(out), "--db", str(db_path), "--json"])
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output)
+    summary = json.loads(r.stdout)  # stdout alone: a warning on stderr is not part of the JSON
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 20_000
     assert summary["decisions"] == 600
     assert summary["weight_changes"] == 5  # three scale-outs, the failover, the failback
@@ -114,7 +115,7 @@ def test_parse_duration():
         parse_duration("1 hour")
 
 
-class _FakePrometheus(BaseHTTPRequestHandler):
+class _FakePrometheus(QuietHandler):
     """Answers /api/v1/query_range like Prometheus does, for the report's five queries."""
 
     def do_GET(self):  # noqa: N802
@@ -137,14 +138,8 @@ class _FakePrometheus(BaseHTTPRequestHandler):
             result = [series({"site": "onprem"}, lambda t: 0), series({"site": "cloud"}, lambda t: 0)]
         else:
             result = [series({}, lambda t: 0)]
-        body = json.dumps({"status": "success", "data": {"resultType": "matrix", "result": result}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
+        self.reply(json.dumps({"status": "success", "data": {"resultType": "matrix", "result": result}}).encode(),
+                   "application/json")
 
 
 def test_report_from_prometheus_api(tmp_path):
@@ -155,7 +150,7 @@ def test_report_from_prometheus_api(tmp_path):
         url = f"http://127.0.0.1:{server.server_port}"
         r = CliRunner().invoke(cli, ["report", "--since", "10m", "--out", str(out), "--prometheus", url, "--json"])
         assert r.exit_code == 0, r.output
-        summary = json.loads(r.output)
+        summary = json.loads(r.stdout)  # stdout alone: a warning on stderr is not part of the JSON
         assert out.read_bytes()[:8] == PNG_MAGIC
         assert summary["final_weights"] == {"onprem": 70.0, "cloud": 30.0}
         assert summary["weight_changes"] == 1

@@ -49,6 +49,12 @@ CREATE INDEX IF NOT EXISTS mirror_events_at ON mirror_events(at);
 MIGRATIONS = [DDL]
 
 
+def _filters(**columns) -> tuple[str, list]:
+    """` AND col=?` for each given (non-empty) column value, and the arguments (names are ours, not input)."""
+    given = {k: v for k, v in columns.items() if v}
+    return "".join(f" AND {k}=?" for k in given), list(given.values())
+
+
 class MirrorState(Store):
     component, migrations = "mirror_state", MIGRATIONS
 
@@ -112,15 +118,9 @@ class MirrorState(Store):
         return dict(r) if r else None
 
     def rows(self, instance: str | None = None, model: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM mirror_versions WHERE 1=1"
-        args: list = []
-        if instance:
-            sql += " AND instance=?"
-            args.append(instance)
-        if model:
-            sql += " AND model=?"
-            args.append(model)
-        return [dict(r) for r in self._exec(sql + " ORDER BY instance, model, version", args).fetchall()]
+        where, args = _filters(instance=instance, model=model)
+        return [dict(r) for r in self._exec(f"SELECT * FROM mirror_versions WHERE 1=1{where} "
+                                            "ORDER BY instance, model, version", args).fetchall()]
 
     def live_version(self, instance: str, model: str) -> int | None:
         r = self._exec("SELECT version FROM mirror_versions WHERE instance=? AND model=? AND status='live' "
@@ -138,15 +138,9 @@ class MirrorState(Store):
             f"AND failure_kind IN ({q})", (instance, model, *PERMANENT_FAILURES)).fetchall()}
 
     def clear_failures(self, model: str | None = None, instance: str | None = None) -> int:
-        sql = "UPDATE mirror_versions SET status='published', reason=NULL, failure_kind=NULL WHERE status='failed'"
-        args: list = []
-        if model:
-            sql += " AND model=?"
-            args.append(model)
-        if instance:
-            sql += " AND instance=?"
-            args.append(instance)
-        return self._exec(sql, args).rowcount
+        where, args = _filters(model=model, instance=instance)
+        return self._exec("UPDATE mirror_versions SET status='published', reason=NULL, failure_kind=NULL "
+                          f"WHERE status='failed'{where}", args).rowcount
 
     # Rejected (rolled back from) --------------------------------------------------------------
     def reject(self, model: str, version: int, reason: str) -> None:
