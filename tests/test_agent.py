@@ -22,7 +22,7 @@ from control.agent.repository import HostRepository
 from control.config import PROJECT_ROOT, AgentConfig
 from control.drills.load import OpenLoopLoad, auto_spec
 from control.drills.models import write_add_model
-from control.local.admin_keys import admin_key
+from control.local.admin_keys import admin_key, ensure_admin_key
 from control.local.procs import (
     ManagedProcess,
     free_port,
@@ -90,7 +90,7 @@ class Host:
         data["agent"] = {
             "instance": self.inst.name, "site": self.inst.site, "triton_url": self.inst.http_url,
             "repository_dir": str(self.repo), "interval_s": 0.5, "api_port": self.api_port,
-            "token": TOKEN, "admin_key": admin_key(self.settings, self.inst),
+            "token": TOKEN, "admin_key": ensure_admin_key(self.settings, self.inst),
             "load_timeout_s": 60, "advertise_http_url": self.inst.http_url,
             "advertise_agent_url": f"http://127.0.0.1:{self.api_port}", **agent}
         path = self.tmp / "agent.yaml"
