@@ -163,7 +163,8 @@ def test_haproxy_restart_restores_weights(drill_dirs):
     assert f["restore"]["restored_s"] is not None and f["restore"]["restored_s"] <= 1.5
     assert f["restore"]["decided"] == {"onprem-1": 70, "cloud-1": 30}
     assert f["failures"]["outside_restart_window"] == 0, f["failures"]
-    assert isinstance(f["failures"]["total"], int)  # HAProxy's own loss on restart: measured, reported
+    # HAProxy's own loss inside the restart window is measured and reported, never more than was sent
+    assert 0 <= f["failures"]["total"] <= f["requests"]["sent"], f["failures"]
 
 
 def test_control_crash_reconciles(drill_dirs):
