@@ -93,6 +93,22 @@ def test_status_json_shows_components_models_and_weights(live_stack):
         assert admin_key(settings, inst) not in result.output
 
 
+def test_status_table_fits_80_columns_when_piped(live_stack):
+    """CliRunner's output is not a terminal: what `status | less` or a log shows, at rich's 80 columns."""
+    settings, _ = live_stack
+    result = CliRunner().invoke(cli, ["--config", settings.source, "status"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80, result.output
+    for inst in settings.instances:  # nothing cut to "…": names, states, models stay whole
+        row = next(line for line in lines if line.startswith("│ " + inst.name))
+        assert " healthy " in row and "…" not in result.output
+        assert any(line.startswith(f"{inst.name}: ") and inst.http_url in line for line in lines)
+    # the models line may fold over several lines at 80 columns; its content stays whole
+    flat = " ".join(result.output.split())
+    assert "models: " in flat and "search_ranking v" in flat, result.output
+
+
 def test_each_instance_has_its_own_admin_key_that_opens_only_its_own_repository_api(live_stack):
     settings, _ = live_stack
     keys = {inst.name: admin_key(settings, inst) for inst in settings.instances}
@@ -185,20 +201,3 @@ def test_down_leaves_no_process_behind_also_of_a_triton_killed_from_outside(live
     assert stack.running_components(settings) == []
     assert managed_names(settings.run_path) == []
     assert (settings.run_path / "logs").is_dir()  # data kept
-
-
-
-def test_status_table_fits_80_columns_when_piped(live_stack):
-    """CliRunner's output is not a terminal: what `status | less` or a log shows, at rich's 80 columns."""
-    settings, _ = live_stack
-    result = CliRunner().invoke(cli, ["--config", settings.source, "status"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
-    assert max(len(line.rstrip()) for line in lines) <= 80, result.output
-    for inst in settings.instances:  # nothing cut to "…": names, states, models stay whole
-        row = next(line for line in lines if line.startswith("│ " + inst.name))
-        assert "healthy" in row and "…" not in result.output
-        assert any(line.startswith(f"{inst.name}: ") and inst.http_url in line for line in lines)
-    # the models line may fold over several lines at 80 columns; its content stays whole
-    flat = " ".join(result.output.split())
-    assert "models: " in flat and "search_ranking v" in flat, result.output
