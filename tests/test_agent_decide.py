@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from control.local.agents import agent_config_for
 from control.agent.converge import (
     Action,
     ModelPhase,
@@ -128,7 +129,6 @@ def test_report_is_json_ready():
 
 
 def test_agent_config_for_an_instance_of_the_registry(settings_factory):
-    from control.agent.main import agent_config_for  # noqa: PLC0415 - deferred: pulls in boto3, botocore, tritonclient
 
     settings = settings_factory()
     inst = settings.instance("cloud-1")

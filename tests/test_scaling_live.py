@@ -136,7 +136,6 @@ def test_01_burst_scales_out_then_in_with_zero_failures(stack):
     res = out["r"]
     res_after = run_load(f"127.0.0.1:{settings.haproxy.http_port}", MODEL, concurrency=2, duration_s=10,
                          max_requests=200)
-    first_seen = next((t for t, w, _ in timeline if w), None)
     first_weight = next((t for t, w, _ in timeline if w and any(x[0] > 0 for x in w.values())), None)
     weights_when_added = next((w for t, w, _ in timeline if w), None)
     result = (out_row or {}).get("result") or {}

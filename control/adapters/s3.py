@@ -101,11 +101,15 @@ def describe(err: Exception, bucket: str, key: str = "") -> S3Error:
     return S3Error(f"{where}: {type(err).__name__}: {err}")
 
 
-def is_not_found(err: Exception) -> bool:
+def error_code(err: Exception) -> str:
+    """S3's error code of a botocore ClientError ("NoSuchKey", "304", ...); "" for anything else."""
     if isinstance(err, botocore.exceptions.ClientError):
-        code = err.response.get("Error", {}).get("Code", "")
-        return code in ("404", "NoSuchKey", "NotFound")
-    return False
+        return err.response.get("Error", {}).get("Code", "")
+    return ""
+
+
+def is_not_found(err: Exception) -> bool:
+    return error_code(err) in ("404", "NoSuchKey", "NotFound")
 
 
 def ensure_bucket(client, s3cfg) -> None:

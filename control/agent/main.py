@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from control.adapters import s3 as s3x
 from control.adapters.triton import TritonAdmin
 from control.agent.converge import Converger, PassResult
@@ -26,8 +24,6 @@ from control.agent.loader import Loader
 from control.agent.metrics import AgentMetrics
 from control.agent.repository import FailureBook, HostRepository
 from control.agent.smoke import SmokeFn
-from control.config import AgentConfig
-from control.local.admin_keys import ensure_admin_key
 from control.mirror.desired import (
     DesiredState,
     DesiredStateError,
@@ -58,22 +54,6 @@ def read_secret(value, path: str, field: str) -> str:
         raise AgentSetupError(f"{field}_file {p} is readable by others (mode {stat.S_IMODE(mode):o}): "
                               f"run `chmod 600 {p}`")
     return p.read_text().strip()
-
-
-def agent_config_for(settings, instance, **overrides):
-    """The AgentConfig of one instance of the registry (the local stack, the scaler's new instances):
-    its site, capacity and addresses, Triton on its own address, the repository under
-    `run_dir/instances/<name>/repository` (where the local stack's Triton serves it), the state
-    beside it, the instance's own Triton admin key (generated if it has none yet).
-    `overrides`: any AgentConfig field (api_port, token ...)."""
-    root = settings.run_path / "instances" / instance.name
-    base = dict(instance=instance.name, site=instance.site, triton_url=instance.http_url,
-                repository_dir=str(root / "repository"), state_dir=str(root / "agent"),
-                admin_key=SecretStr(ensure_admin_key(settings, instance)), keep_versions=settings.s3.keep_versions,
-                load_timeout_s=settings.triton.startup_timeout_s, capacity=instance.capacity,
-                advertise_http_url=instance.http_url, advertise_grpc_url=instance.grpc_url,
-                advertise_metrics_url=instance.metrics_url)
-    return AgentConfig(**{**base, **overrides})
 
 
 class Agent:
@@ -108,23 +88,8 @@ class Agent:
     # Desired state ---------------------------------------------------------------------------
     def read_desired(self) -> DesiredState:
         """desired.json, fetched only when its ETag changed (304 otherwise)."""
-        store, cached = self.store, self._desired
-        cond = {"IfNoneMatch": cached.etag} if cached is not None and cached.etag else {}
-        try:
-            obj = self.client.get_object(Bucket=store.bucket, Key=store.key, **cond)
-            body = obj["Body"].read()
-        except Exception as e:  # noqa: BLE001 - classified below
-            code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
-            if cached is not None and code in ("304", "NotModified"):
-                return cached.state
-            if s3x.is_not_found(e):
-                self._desired = Read(DesiredState(), None)
-                return self._desired.state
-            raise s3x.describe(e, store.bucket, store.key) from None
-        # DesiredStore's own check (sha256 metadata, schema): the reader and the writer agree on one parser.
-        state = store._parse(body, obj.get("Metadata", {}), store.key, DesiredState)
-        self._desired = Read(state, obj["ETag"])
-        return state
+        self._desired = self.store.read(self._desired)
+        return self._desired.state
 
     # One pass ----------------------------------------------------------------------------------
     def _new_status(self, ready: bool, revision: int = -1, models: dict | None = None) -> InstanceStatus:

@@ -123,11 +123,16 @@ class DesiredStore:
         self.key = control_key(s3cfg, DESIRED_NAME)
 
     # ---- desired state -----------------------------------------------------------------------
-    def read(self) -> Read:
+    def read(self, previous: Read | None = None) -> Read:
+        """The desired state and its ETag. Given the previous read, the object is fetched only when it
+        changed (If-None-Match: S3 answers 304 and `previous` is returned as it is)."""
+        cond = {"IfNoneMatch": previous.etag} if previous is not None and previous.etag else {}
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.key, **cond)
             body = obj["Body"].read()
         except Exception as e:  # noqa: BLE001 - classified below
+            if cond and s3x.error_code(e) in ("304", "NotModified"):
+                return previous
             if s3x.is_not_found(e):
                 return Read(DesiredState(), None)
             raise s3x.describe(e, self.bucket, self.key) from None

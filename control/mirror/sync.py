@@ -39,8 +39,8 @@ from control.adapters.triton import (
 from control.agent import pull as _agent_pull
 from control.agent.errors import AgentError
 from control.agent.loader import Loader
-from control.agent.repository import CANDIDATE_SUFFIX, HostRepository, file_lock  # noqa: F401 - CANDIDATE_SUFFIX re-exported
-from control.agent.smoke import SmokeFn, default_smoke, register_smoke, smoke_for  # noqa: F401 - re-exported
+from control.agent.repository import HostRepository, file_lock
+from control.agent.smoke import SmokeFn, smoke_for
 from control.mirror.manifest import Manifest, ManifestError, validate_model_name
 from control.mirror.publish import list_models, published_versions, read_manifest
 from control.mirror.state import MirrorState
