@@ -19,6 +19,7 @@ from rich.progress import (
 
 from .config import Profile
 from .data import Dataset
+from .ranking import softmax
 from .features import ATTRS
 from .models import QueryIntentModel, Ranker
 from .tokenizer import Tokenizer
@@ -137,11 +138,8 @@ def predict(model: QueryIntentModel, ids: np.ndarray, mask: np.ndarray, bs: int 
     return (torch.cat([o[0] for o in outs]).numpy(), torch.cat([o[1] for o in outs]).numpy())
 
 
-def softmax_np(logits: np.ndarray) -> np.ndarray:
-    """float32 softmax, max-subtracted; the reference pipeline and the ensemble use this exact math."""
-    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True).astype(np.float32)
-    e = np.exp(z, dtype=np.float32)
-    return (e / e.sum(axis=-1, keepdims=True, dtype=np.float32)).astype(np.float32)
+# float32 softmax, max-subtracted: the one the reference pipeline and the ensemble use.
+softmax_np = softmax
 
 
 def pad_candidates(queries: list[dict], features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -235,7 +235,7 @@ def smoke_payload(export_dir: Path, spec: RepositorySpec, target: str = "cpu") -
     if not fits:   # only when no held-out query fits the limit
         item["query"] = item["query"].encode()[:limit].decode("utf-8", "ignore")
     top_k = min(5, spec.top_k_default, spec.limits.max_top_k)
-    candidates = [int(c) for c in item["candidate_ids"]][: min(20, spec.max_candidates)]
+    candidates = [int(c) for c in item["candidate_ids"]][: min(20, spec.limits.max_candidates)]
     payload = {"query": item["query"], "candidate_ids": candidates, "top_k": top_k,
                "variant": spec.variants.get(target, "fp32")}
     try:

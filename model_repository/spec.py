@@ -138,10 +138,6 @@ class ModelSpec:
     parameters: dict[str, str] = field(default_factory=dict)
     steps: tuple[Step, ...] = ()
 
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return tuple(self.runtimes)
-
     def runtime(self, target: str) -> Runtime:
         return self.runtimes[target]
 
@@ -165,15 +161,6 @@ class RepositorySpec:
     dynamic_batching: bool = True
     variants: dict[str, str] = field(default_factory=lambda: {t: "fp32" for t in TARGETS})
 
-    # the limits under their historical names
-    @property
-    def max_candidates(self) -> int:
-        return self.limits.max_candidates
-
-    @property
-    def max_query_bytes(self) -> int:
-        return self.limits.max_query_bytes
-
     def models_for(self, target: str) -> tuple[ModelSpec, ...]:
         return tuple(m for m in self.models if target in m.runtimes)
 
@@ -185,10 +172,6 @@ class RepositorySpec:
 
     def ensemble_for(self, target: str) -> ModelSpec:
         return self.model(ENSEMBLE, target)
-
-    @property
-    def ensemble(self) -> ModelSpec:
-        return self.ensemble_for("cpu")
 
     def variant(self, target: str) -> Variant:
         return VARIANTS[self.variants.get(target, "fp32")]

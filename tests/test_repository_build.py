@@ -191,7 +191,7 @@ def test_cpu_build_batching_and_limits(export_dir, tmp_path):
     assert on.backend == "python" and on.parameters["onnx_file"].string_value == "model.onnx"
     assert on.instance_group[0].kind == on.instance_group[0].KIND_CPU
     rk = read_config(tmp_path / "on" / "ranker")
-    assert int(rk.parameters["max_candidates"].string_value) == spec_for_export(export_dir).max_candidates
+    assert int(rk.parameters["max_candidates"].string_value) == spec_for_export(export_dir).limits.max_candidates
 
 
 def test_gpu_build_lays_out_onnx_for_the_onnxruntime_backend(export_dir, tmp_path):

@@ -14,6 +14,7 @@ import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
 from control.local.admin_keys import admin_key
+from control.mirror.manifest import version_of
 from control.waiting import WaitTimeout, wait_until
 
 
@@ -35,9 +36,9 @@ def ready_versions_of(index: list[dict], model: str | None = None) -> dict[str, 
     """{model: versions READY} from a repository index (one parser for every caller)."""
     out: dict[str, set[int]] = {}
     for m in index:
-        version = str(m.get("version", ""))
-        if m.get("state") == "READY" and version.isascii() and version.isdigit() and (model in (None, m.get("name"))):
-            out.setdefault(m["name"], set()).add(int(version))
+        version = version_of(str(m.get("version", "")))
+        if m.get("state") == "READY" and version is not None and model in (None, m.get("name")):
+            out.setdefault(m["name"], set()).add(version)
     return out
 
 

@@ -103,7 +103,6 @@ class Controller:
 
     # ---- state the views read (the jobs' own attributes) ---------------------------------------
     poller = _job_attr("traffic", "poller")
-    lock = _job_attr("traffic", "lock")
     weights = _job_attr("traffic", "weights")
     state = _job_attr("traffic", "state")
     last_decision = _job_attr("traffic", "last_decision")

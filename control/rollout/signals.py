@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from control.rollout.analysis import MetricWindow
-from control.traffic.triton_metrics import triton_samples
+from control.traffic.triton_metrics import counter_increase, triton_samples
 
 P99_QUANTILE = "0.99"
 
@@ -53,9 +53,7 @@ def parse_models(text: str | bytes | None) -> dict[str, ModelSample]:
 
 def _increase(cur: float, base: float | None) -> float:
     # A series absent at the base started after it (from 0); one that went down was reset.
-    if base is None or cur < base:
-        return cur
-    return cur - base
+    return counter_increase(cur, 0.0 if base is None else base)[0]
 
 
 def window(samples: Sequence[tuple[float, ModelSample]], since: float, instance: str, site: str,

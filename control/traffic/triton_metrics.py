@@ -186,7 +186,7 @@ def parse_dcgm(text: str | bytes) -> dict[str, float]:
     return out
 
 
-def _delta(cur: float, prev: float) -> tuple[float, bool]:
+def counter_increase(cur: float, prev: float) -> tuple[float, bool]:
     # Prometheus semantics: a counter that went down was reset; its new value is the increase.
     return (cur, True) if cur < prev else (cur - prev, False)
 
@@ -195,10 +195,10 @@ def rates(prev: Totals, cur: Totals, interval_s: float) -> Rates:
     """Rates between two scrapes `interval_s` apart (must be > 0)."""
     if interval_s <= 0:
         raise ValueError(f"interval must be positive, got {interval_s}")
-    d_ok, r1 = _delta(cur.success, prev.success)
-    d_fail, r2 = _delta(cur.failure, prev.failure)
-    d_req_us, r3 = _delta(cur.request_duration_us, prev.request_duration_us)
-    d_q_us, r4 = _delta(cur.queue_duration_us, prev.queue_duration_us)
+    d_ok, r1 = counter_increase(cur.success, prev.success)
+    d_fail, r2 = counter_increase(cur.failure, prev.failure)
+    d_req_us, r3 = counter_increase(cur.request_duration_us, prev.request_duration_us)
+    d_q_us, r4 = counter_increase(cur.queue_duration_us, prev.queue_duration_us)
     n = d_ok + d_fail
     return Rates(
         interval_s=interval_s,
