@@ -169,11 +169,13 @@ class DesiredStore:
         return self._put(self.key, body, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
 
     def update(self, change: Callable[[DesiredState], DesiredState | None], by: str, generation: int = 0,
-               attempts: int = 8, clock: Callable[[], float] = time.time) -> DesiredState:
+               attempts: int = 8, clock: Callable[[], float] = time.time, current: Read | None = None) -> DesiredState:
         """Read, apply `change` (pure: returns the new state, or None for "nothing to do"), write
-        conditionally; on a lost race re-read and re-decide. Returns the state now in S3."""
-        for _ in range(attempts):
-            cur = self.read()
+        conditionally; on a lost race re-read and re-decide. Returns the state now in S3 (the very
+        `current.state` object when nothing was written). `current`: a read the caller already made,
+        used for the first attempt instead of reading again."""
+        for attempt in range(attempts):
+            cur = current if attempt == 0 and current is not None else self.read()
             if generation < cur.state.generation:
                 raise DesiredStateError(f"s3://{self.bucket}/{self.key} was written by generation "
                                         f"{cur.state.generation}; this writer has {generation}: a newer leader "

@@ -25,6 +25,7 @@ from control.mirror.desired import (
     DesiredState,
     DesiredStore,
     InstanceStatus,
+    Read,
     ModelState,
 )
 from control.mirror.publish import list_models, published_versions
@@ -147,6 +148,7 @@ class RolloutController:
         self.metrics = RolloutMetrics(registry)
         self.lock = threading.Lock()
         self.last_problems: list[str] = []
+        self._written: DesiredState | None = None  # what the last _run left in S3
 
     @property
     def generation(self) -> int:
@@ -164,7 +166,8 @@ class RolloutController:
             statuses, self.last_problems = self.store.statuses()
             for p in self.last_problems:
                 log.warning("agent status skipped: %s", p)
-            desired = self.store.read().state
+            read = self.store.read()
+            desired = read.state
             models = sorted(set(desired.models) | set(self.list_models()))
             states = {m: state_of(desired.models.get(m), now) for m in models}
             if self.collector is not None and any(s is not None and s.phase in (Phase.CANARY, Phase.ANALYSIS)
@@ -173,8 +176,11 @@ class RolloutController:
             out = []
             for m in models:
                 try:
-                    t = self._run(m, now, statuses, states[m], ())
+                    t = self._run(m, now, statuses, states[m], (), current=read)
+                    if read is not None and self._written is not read.state:
+                        read = None  # S3 changed: the next model reads it again
                 except Exception as e:  # noqa: BLE001 - one model's failure must not stop the others
+                    read = None  # what S3 holds now is unknown: the next model reads it
                     self.metrics.errors.labels(m, type(e).__name__).inc()
                     log.error("rollout of %s: %s: %s", m, type(e).__name__, e)
                     continue
@@ -190,7 +196,7 @@ class RolloutController:
             return self._run(model, now, {}, None, (cmd,))
 
     def _run(self, model: str, now: float, statuses: Mapping[str, InstanceStatus], hint: RolloutState | None,
-             commands: tuple) -> Transition | None:
+             commands: tuple, current: Read | None = None) -> Transition | None:
         published = tuple(self.published(model))
         windows: Mapping[str, MetricWindow] = {}
         if not commands and hint is not None and hint.phase == Phase.ANALYSIS and self.windows is not None:
@@ -212,7 +218,8 @@ class RolloutController:
             return apply(d, model, new, actions, by, now)
 
         written = self.store.update(change, by=commands[0].by if commands else self.by,
-                                    generation=self.generation, clock=lambda: now)
+                                    generation=self.generation, clock=lambda: now, current=current)
+        self._written = written
         tr: Transition | None = decided.get("transition")
         hook_error = None
         for a in decided.get("actions", []):
