@@ -8,18 +8,10 @@
 """
 from __future__ import annotations
 
-import hmac
-import json
-import threading
-
 from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from waitress.server import create_server
 
-
-def _json(code: int, obj, headers: dict | None = None) -> Response:
-    return Response(json.dumps(obj, default=str, indent=1), status=code, mimetype="application/json",
-                    headers=headers)
+from control.http_api import WaitressServer, bearer_refusal, json_response
 
 
 def create_app(agent, token: str) -> Flask:
@@ -28,7 +20,7 @@ def create_app(agent, token: str) -> Flask:
 
     @app.get("/healthz")
     def healthz():
-        return _json(200, {"ok": True, "instance": agent.cfg.instance})
+        return json_response(200, {"ok": True, "instance": agent.cfg.instance})
 
     @app.get("/ready")
     def ready():
@@ -36,7 +28,7 @@ def create_app(agent, token: str) -> Flask:
         waiting = {m: r for m, r in snap["models"].items() if r.get("state") != "live" or r.get("live") != r.get("target")}
         body = {"ready": agent.ready, "desired_revision": snap["desired_revision"], "not_live": waiting,
                 "last_error": snap["last_error"]}
-        return _json(200 if agent.ready else 503, body)
+        return json_response(200 if agent.ready else 503, body)
 
     @app.get("/metrics")
     def metrics():
@@ -44,40 +36,16 @@ def create_app(agent, token: str) -> Flask:
 
     @app.get("/v1/status")
     def status():
-        h = request.headers.get("Authorization", "")
-        given = h[7:].strip().encode() if h[:7].lower() == "bearer " else b""
-        if not hmac.compare_digest(given, token_b):
-            return _json(401, {"error": "missing or wrong bearer token"},
-                         {"WWW-Authenticate": 'Bearer realm="triton-hybrid-agent"'})
-        return _json(200, agent.snapshot())
+        refused = bearer_refusal(token_b, "triton-hybrid-agent")
+        return refused or json_response(200, agent.snapshot())
 
     @app.errorhandler(404)
     def not_found(_e):
-        return _json(404, {"error": f"no endpoint {request.path}"})
+        return json_response(404, {"error": f"no endpoint {request.path}"})
 
     return app
 
 
-class AgentServer:
-    """The API's waitress server on its own thread."""
-
-    def __init__(self, app: Flask, cfg):
-        self.server = create_server(app, host=cfg.api_host, port=cfg.api_port, threads=cfg.api_threads,
-                                    ident="triton-hybrid-agent", channel_timeout=cfg.api_timeout_s,
-                                    cleanup_interval=1, expose_tracebacks=False, clear_untrusted_proxy_headers=True)
-        self.thread = threading.Thread(target=self.server.run, name="agent-api", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self.server.effective_port)
-
-    def start(self) -> "AgentServer":
-        self.thread.start()
-        return self
-
-    def shutdown(self) -> None:
-        self.server.close()
-
-
-def serve_api(agent, token: str, cfg) -> AgentServer:
-    return AgentServer(create_app(agent, token), cfg).start()
+def serve_api(agent, token: str, cfg) -> WaitressServer:
+    return WaitressServer(create_app(agent, token), cfg.api_host, cfg.api_port, "triton-hybrid-agent",
+                          threads=cfg.api_threads, channel_timeout=cfg.api_timeout_s).start()

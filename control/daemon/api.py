@@ -25,18 +25,16 @@ A malformed Content-Length is answered 400 by waitress before any of this code r
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import threading
 import time
 
-from flask import Flask, Response, request
-from waitress.server import create_server
+from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
 from control.capacity.cost import cost_summary
 from control.durations import DurationError, parse_duration, since_to_ts
+from control.http_api import WaitressServer, bearer_refusal, json_response
 from control.traffic.policy import SITES
 
 log = logging.getLogger(__name__)
@@ -179,11 +177,6 @@ class AdminService:
         return cost_summary(self.settings)
 
 
-def _json(code: int, obj, headers: dict | None = None) -> Response:
-    return Response(json.dumps(obj, default=str, indent=1), status=code, mimetype="application/json",
-                    headers=headers)
-
-
 def create_app(settings, service: AdminService) -> Flask:
     token_b = settings.control.admin_token.get_secret_value().encode()
     max_body = settings.control.api_max_body_bytes
@@ -211,26 +204,21 @@ def create_app(settings, service: AdminService) -> Flask:
     def authenticate():
         if request.path == "/healthz":
             return None
-        h = request.headers.get("Authorization", "")
-        given = h[7:].strip().encode() if h[:7].lower() == "bearer " else b""
-        if not hmac.compare_digest(given, token_b):
-            return _json(401, {"error": "missing or wrong bearer token"},
-                         {"WWW-Authenticate": 'Bearer realm="triton-hybrid"'})
-        return None
+        return bearer_refusal(token_b, "triton-hybrid")
 
     @app.errorhandler(BadRequest)
     def bad_request(e: BadRequest):
-        return _json(400, {"error": str(e), "field": e.field})
+        return json_response(400, {"error": str(e), "field": e.field})
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         msg = {404: f"no endpoint {request.path}", 405: f"{request.method} not allowed on {request.path}"}
-        return _json(e.code or 500, {"error": msg.get(e.code, e.description)})
+        return json_response(e.code or 500, {"error": msg.get(e.code, e.description)})
 
     @app.errorhandler(Exception)
     def internal(e: Exception):
         log.exception("api %s %s failed", request.method, request.path)
-        return _json(500, {"error": f"{type(e).__name__}: {e}"})
+        return json_response(500, {"error": f"{type(e).__name__}: {e}"})
 
     routes = [
         ("/healthz", "GET", lambda: {"ok": True}),
@@ -248,47 +236,15 @@ def create_app(settings, service: AdminService) -> Flask:
         ("/v1/cost", "GET", service.cost),
     ]
     for k, (path, method, fn) in enumerate(routes):
-        app.add_url_rule(path, f"r{k}", (lambda fn=fn: _json(200, fn())), methods=[method], strict_slashes=False)
+        app.add_url_rule(path, f"r{k}", (lambda fn=fn: json_response(200, fn())), methods=[method], strict_slashes=False)
     return app
 
 
-class AdminServer:
-    """The admin API's waitress server, its I/O loop on a thread of its own. `shutdown()` stops the
-    loop and closes the listener and every client connection on that thread, before returning."""
-
-    def __init__(self, settings, app: Flask, host: str, port: int):
-        c = settings.control
-        self.server = create_server(
-            app, host=host, port=port, threads=c.api_threads, ident="triton-hybrid-control",
-            channel_timeout=c.api_timeout_s, cleanup_interval=1,
-            # +1 KiB: a body at the limit still reaches the app, which names the field if over.
-            max_request_body_size=c.api_max_body_bytes + 1024, max_request_header_size=c.api_max_header_bytes,
-            expose_tracebacks=False, clear_untrusted_proxy_headers=True)
-        self._stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="admin-api", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self.server.effective_port)
-
-    def _run(self) -> None:
-        srv = self.server
-        # waitress's own run() loops until its socket map is empty; this loop also ends on shutdown().
-        while not self._stopping.is_set():
-            srv.asyncore.loop(timeout=0.2, map=srv._map, use_poll=srv.adj.asyncore_use_poll, count=1)
-        srv.task_dispatcher.shutdown()
-        srv.asyncore.close_all(srv._map)  # the listener, the trigger, every client connection
-
-    def start(self) -> "AdminServer":
-        self.thread.start()
-        return self
-
-    def shutdown(self) -> None:
-        self._stopping.set()
-        self.thread.join(10)
-
-
-def serve_api(settings, controller, host: str | None = None, port: int | None = None) -> AdminServer:
+def serve_api(settings, controller, host: str | None = None, port: int | None = None) -> WaitressServer:
     c = settings.control
     app = create_app(settings, AdminService(settings, controller))
-    return AdminServer(settings, app, host or c.api_host, port if port is not None else c.api_port).start()
+    # +1 KiB: a body at the limit still reaches the app, which names the field if over.
+    return WaitressServer(app, host or c.api_host, port if port is not None else c.api_port, "triton-hybrid-control",
+                          threads=c.api_threads, channel_timeout=c.api_timeout_s,
+                          max_request_body_size=c.api_max_body_bytes + 1024,
+                          max_request_header_size=c.api_max_header_bytes).start()

@@ -25,13 +25,14 @@ from control.capacity.actuators import (
     make_scale_actuator,
 )
 from control.config import InstanceConfig
-from control.daemon.api import AdminServer, serve_api
+from control.daemon.api import serve_api
 from control.daemon.capacity_job import CapacityJob
 from control.daemon.jobs import Job
 from control.daemon.metrics import ControlMetrics
 from control.daemon.mirror_job import MirrorJob
 from control.daemon.registry import Registry
 from control.daemon.traffic_job import TrafficJob
+from control.http_api import WaitressServer
 from control.traffic.actuators import WeightActuator, make_actuator
 from control.traffic.audit import Audit
 from control.traffic.policy import Decision
@@ -147,7 +148,7 @@ class Daemon:
         for job in self.controller.jobs:
             for s in job.schedule():
                 self.scheduler.add_job(self._safe(s.fn, s.id), "interval", seconds=s.interval_s, id=s.id)
-        self.api: AdminServer | None = None
+        self.api: WaitressServer | None = None
         self.metrics_server = None
         self.serve_metrics, self.serve_api = serve_metrics, serve_api
         self.stopped = threading.Event()
