@@ -76,8 +76,12 @@ class InstanceConfig(_Section):
     capacity: float = 1.0  # relative throughput, used by the policy and the scaler
     cost_per_hour: float = 0.0
     sensitive_ok: bool = False  # may serve requests marked sensitive (data residency)
-    # Started and stopped by `triton-hybrid up/down`; False for an instance run elsewhere.
+    # The local stack (`triton-hybrid up/down`, the local scaler) starts and stops this instance's
+    # Triton and host agent; False for an instance run elsewhere (its host runs its own agent).
     managed: bool = True
+    # Port of the instance's host agent API (/healthz, /ready, /metrics, /v1/status) on `host`:
+    # needed for a managed instance, whose agent the local stack starts.
+    agent_port: int | None = Field(None, ge=1, le=65535)
 
     @property
     def http_url(self) -> str:
@@ -90,6 +94,10 @@ class InstanceConfig(_Section):
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{self.host}:{self.agent_port}" if self.agent_port else ""
 
 
 class SuperviseConfig(_Section):
@@ -490,9 +498,15 @@ class Settings(_Section):
             ("control api", self.control.api_host, self.control.api_port),
             ("control metrics", self.control.api_host, self.control.metrics_port),
         ]
-        for i in self.instances:
+        for idx, i in enumerate(self.instances):
             own += [(f"{i.name} http", i.host, i.http_port), (f"{i.name} grpc", i.host, i.grpc_port),
                     (f"{i.name} metrics", i.host, i.metrics_port)]
+            if i.agent_port:
+                own.append((f"{i.name} agent", i.host, i.agent_port))
+            elif i.managed:
+                raise ValueError(f"instances[{idx}] ({i.name}) is managed (the local stack starts its Triton and "
+                                 "its host agent) but has no agent_port: set a free port for its agent, or "
+                                 "managed: false for an instance run elsewhere")
         for what, host, port in own:
             if (host, port) in ports:
                 raise ValueError(f"port {port} is used twice: by {ports[(host, port)]} and by {what}")
@@ -578,6 +592,20 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
             loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from None
+
+
+def plain_dump(obj: Any) -> Any:
+    """`model_dump()` output (or a model) with SecretStr values in clear: for a config file that a
+    child process (a daemon, an agent) reads, which its writer keeps mode 600."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
+    if isinstance(obj, SecretStr):
+        return obj.get_secret_value()
+    if isinstance(obj, dict):
+        return {k: plain_dump(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain_dump(v) for v in obj]
+    return obj
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from control.local.agents import agent_config_for
 from control.agent.converge import (
     Action,
     ModelPhase,
@@ -16,8 +15,10 @@ from control.agent.converge import (
     decide,
     plan,
 )
+from control.agent.main import read_secret
 from control.agent.pull import Throttle
-from control.local.admin_keys import admin_key
+from control.local.admin_keys import admin_key, ensure_agent_token
+from control.local.agents import agent_config_for
 from control.mirror.desired import Canary, DesiredState, ModelState, Rejection
 
 
@@ -136,5 +137,8 @@ def test_agent_config_for_an_instance_of_the_registry(settings_factory):
     assert (cfg.instance, cfg.site, cfg.triton_url, cfg.api_port) == ("cloud-1", "cloud", inst.http_url, 9999)
     assert cfg.repository_dir == str(settings.run_path / "instances" / "cloud-1" / "repository")
     assert cfg.state_path == settings.run_path / "instances" / "cloud-1" / "agent"
-    assert cfg.admin_key.get_secret_value() == admin_key(settings, inst)
-    assert "admin_key" not in repr(cfg) or "**********" in repr(cfg)
+    # Secrets by file (0600), not inline: the agent's config file then holds none.
+    assert read_secret(cfg.admin_key, cfg.admin_key_file, "agent.admin_key") == admin_key(settings, inst)
+    assert read_secret(cfg.token, cfg.token_file, "agent.token") == ensure_agent_token(settings, inst)
+    assert not cfg.admin_key.get_secret_value() and not cfg.token.get_secret_value()
+    assert (cfg.api_port, cfg.advertise_agent_url) == (9999, inst.agent_url)

@@ -36,8 +36,10 @@ def base_settings(run_dir: Path, onprem: int = 90, cloud: int = 10):
         "run_dir": str(run_dir),
         "instances": [
             {"name": "onprem-1", "site": "onprem", "http_port": 18101, "grpc_port": 18102, "metrics_port": 18103,
+             "agent_port": 18104,
              "weight": onprem, "sensitive_ok": True},
             {"name": "cloud-1", "site": "cloud", "http_port": 18201, "grpc_port": 18202, "metrics_port": 18203,
+             "agent_port": 18204,
              "weight": cloud},
         ]})
 

@@ -26,10 +26,9 @@ from typing import Callable
 import numpy as np
 import requests
 import yaml
-from pydantic import SecretStr
 
 from control.adapters.haproxy_runtime import HAProxyRuntime
-from control.config import PROJECT_ROOT, Settings, deep_merge
+from control.config import PROJECT_ROOT, Settings, deep_merge, plain_dump
 from control.drills.faults import DelayProxy
 from control.drills.load import OpenLoopLoad, RequestSpec
 from control.drills.models import ADD_ONE, write_add_model
@@ -169,23 +168,12 @@ class Observer:
 
 # The drill stack ----------------------------------------------------------------------------------
 
-def _reveal(obj):
-    """model_dump() output with SecretStr values in clear (for the drill's own config file)."""
-    if isinstance(obj, SecretStr):
-        return obj.get_secret_value()
-    if isinstance(obj, dict):
-        return {k: _reveal(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_reveal(v) for v in obj]
-    return obj
-
-
 def ports_besides(settings: Settings, n: int) -> list[int]:
     """n free ports distinct from each other and from every port the settings name."""
     taken = {settings.s3.port, settings.haproxy.http_port, settings.haproxy.grpc_port, settings.haproxy.stats_port,
              settings.control.api_port, settings.control.metrics_port, settings.control.prometheus_port}
     for i in settings.instances:
-        taken |= {i.http_port, i.grpc_port, i.metrics_port}
+        taken |= {i.http_port, i.grpc_port, i.metrics_port, i.agent_port}
     out: list[int] = []
     with PortPool() as pool:
         while len(out) < n:
@@ -200,7 +188,7 @@ def drill_settings(base: Settings, run_dir: Path, *, weights: dict[str, int] | N
                    control: dict | None = None) -> Settings:
     """A copy of `base` for a drill: every port free, run dir of its own, HAProxy drill tuning,
     optional per-instance weights and hosts (a site in a namespace listens on its veth address)."""
-    data = _reveal(base.model_dump())
+    data = plain_dump(base)
     for inst in data["instances"]:
         inst["managed"] = True
         if weights and inst["name"] in weights:
@@ -221,7 +209,7 @@ def write_settings_file(settings: Settings) -> Settings:
     started as a child process reads the same config; returns the settings with `source` set."""
     path = settings.run_path / "drill-config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = _reveal(settings.model_dump())
+    data = plain_dump(settings)
     data.pop("source", None)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

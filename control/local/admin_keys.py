@@ -1,4 +1,4 @@
-"""Triton's repository-API key ("admin key"), one per instance.
+"""Triton's repository-API key ("admin key") and the host agent's API token, one of each per instance.
 
 Triton takes the key only on its command line (`--http-restricted-api=model-repository:admin-key=K`),
 so that is the one place it lives besides its file: never in a pid file, a log or the config of
@@ -12,6 +12,8 @@ Where a key comes from, first match wins:
    the scaler, drills, tests) generates a random key there when the instance has none yet.
 
 Every caller of the repository API gets the key through `admin_key(settings, instance)`.
+The local stack's agent tokens (`/v1/status` of each instance's agent) live beside the keys as
+`<key dir>/<instance>.agent-token`, made the same way by `ensure_agent_token`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from control.config import ConfigError
 from control.local.procs import private_dir
 
 SUFFIX = ".admin-key"
+TOKEN_SUFFIX = ".agent-token"
 
 
 class AdminKeyMissing(ConfigError):
@@ -60,18 +63,34 @@ def admin_key(settings, instance) -> str:
     return key
 
 
+def _create_secret(path: Path) -> None:
+    """A random secret in a new 0600 file; when another starter won the race, its file stays."""
+    private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+
+
 def ensure_admin_key(settings, instance) -> str:
     """The instance's key, generated (random, 0600) when it has none yet: for whoever starts a Triton."""
     try:
         return admin_key(settings, instance)
     except AdminKeyMissing:
         pass
-    path = key_path(settings, instance)
-    private_dir(path.parent)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another starter won the race: use its key
-        return admin_key(settings, instance)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32))
+    _create_secret(key_path(settings, instance))
     return admin_key(settings, instance)
+
+
+def agent_token_path(settings, instance) -> Path:
+    return key_dir(settings) / f"{_name(instance)}{TOKEN_SUFFIX}"
+
+
+def ensure_agent_token(settings, instance) -> str:
+    """The bearer token of the instance's local agent API, generated (random, 0600) on first use."""
+    path = agent_token_path(settings, instance)
+    if not path.exists():
+        _create_secret(path)
+    return path.read_text().strip()

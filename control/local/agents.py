@@ -1,24 +1,152 @@
-"""The host agent of a local-stack instance: its AgentConfig from the instance registry (the same
-agent a production host runs, pointed at this machine's run dir and the instance's own admin key)."""
+"""The host agent of a local-stack instance: the same `triton-hybrid agent` a production host runs,
+pointed at this machine's run dir, as a managed process of its own (`agent-<instance>`).
+
+    prepare_host(settings, inst)   # `agent --once` in this process: the stable versions on disk
+    start_agent(settings, inst)    # the agent loop beside the instance's Triton, its API on agent_port
+    wait_agent_ready(...)          # until its /ready says every model is live at its desired version
+
+The agent is the only writer of `run_dir/instances/<name>/repository` (DESIGN.md, "Hosts, agents and
+desired state"): `up`, the supervisor and the local scaler start Triton on that directory and leave
+its contents to the agent. Its config file (`run_dir/instances/<name>/agent.yaml`, mode 600) names
+the instance's admin key and API token by file, never inline.
+"""
 from __future__ import annotations
 
-from pydantic import SecretStr
+import sys
+from pathlib import Path
 
-from control.config import AgentConfig
-from control.local.admin_keys import ensure_admin_key
+import requests
+import yaml
+
+from control.config import AgentConfig, plain_dump
+from control.local.admin_keys import (
+    agent_token_path,
+    ensure_admin_key,
+    ensure_agent_token,
+    key_path,
+)
+from control.local.procs import (
+    ComponentError,
+    ManagedProcess,
+    NotReady,
+    http_ok,
+    private_dir,
+    require_free_ports,
+    start_ready,
+    wait_for_process,
+    write_private,
+)
+
+PREFIX = "agent-"
 
 
-def agent_config_for(settings, instance, **overrides):
+def agent_name(instance) -> str:
+    """The agent's component name (pid file, log file): `agent-<instance>`."""
+    return f"{PREFIX}{instance.name}"
+
+
+def instance_dir(settings, instance) -> Path:
+    return settings.run_path / "instances" / instance.name
+
+
+def repository_path(settings, instance) -> Path:
+    """The directory the instance's Triton serves and its agent alone writes."""
+    return instance_dir(settings, instance) / "repository"
+
+
+def agent_config_for(settings, instance, **overrides) -> AgentConfig:
     """The AgentConfig of one instance of the registry (the local stack, the scaler's new instances):
-    its site, capacity and addresses, Triton on its own address, the repository under
-    `run_dir/instances/<name>/repository` (where the local stack's Triton serves it), the state
-    beside it, the instance's own Triton admin key (generated if it has none yet).
-    `overrides`: any AgentConfig field (api_port, token ...)."""
-    root = settings.run_path / "instances" / instance.name
+    the config's `agent` section (intervals, timeouts) with this instance's name, site, capacity and
+    addresses, Triton on its own address, the repository under `run_dir/instances/<name>/`, and the
+    instance's own admin key and agent token read from their 0600 files (generated if missing).
+    `overrides`: any AgentConfig field."""
+    root = instance_dir(settings, instance)
+    ensure_admin_key(settings, instance)
+    ensure_agent_token(settings, instance)
+    key_file = key_path(settings, instance)
     base = dict(instance=instance.name, site=instance.site, triton_url=instance.http_url,
                 repository_dir=str(root / "repository"), state_dir=str(root / "agent"),
-                admin_key=SecretStr(ensure_admin_key(settings, instance)), keep_versions=settings.s3.keep_versions,
-                load_timeout_s=settings.triton.startup_timeout_s, capacity=instance.capacity,
+                token_file=str(agent_token_path(settings, instance)),
+                keep_versions=settings.s3.keep_versions, load_timeout_s=settings.triton.startup_timeout_s,
+                capacity=instance.capacity, api_host=instance.host, api_port=instance.agent_port or 0,
                 advertise_http_url=instance.http_url, advertise_grpc_url=instance.grpc_url,
-                advertise_metrics_url=instance.metrics_url)
-    return AgentConfig(**{**base, **overrides})
+                advertise_metrics_url=instance.metrics_url, advertise_agent_url=instance.agent_url)
+    # The key from its file; a key set in the config (triton.admin_keys) has no file: passed inline.
+    base |= {"admin_key_file": str(key_file)} if key_file.exists() else {"admin_key": ensure_admin_key(settings, instance)}
+    return AgentConfig.model_validate(plain_dump(settings.agent) | base | overrides)
+
+
+def write_agent_config(settings, instance, cfg: AgentConfig) -> Path:
+    """The agent's own config file: S3 + its agent section only (mode 600: S3 credentials)."""
+    path = instance_dir(settings, instance) / "agent.yaml"
+    private_dir(path.parent)
+    write_private(path, yaml.safe_dump({"run_dir": str(settings.run_path), "s3": plain_dump(settings.s3),
+                                        "agent": plain_dump(cfg)}, sort_keys=False))
+    return path
+
+
+def prepare_host(settings, instance) -> None:
+    """`agent --once` before the instance's Triton starts (the Kubernetes init container's job): the
+    desired versions pulled, verified and named by each model's live config.pbtxt. Raises
+    ComponentError naming each model that could not be prepared."""
+    from control.agent.main import Agent  # noqa: PLC0415 - boto3 and tritonclient only when a host starts
+
+    agent = Agent(settings.s3, agent_config_for(settings, instance))
+    result = agent.converge_once()
+    if result is None:
+        raise ComponentError(agent_name(instance), f"could not read the desired state: {agent.last_error}")
+    if not result.prepared:
+        bad = [f"{r.model} v{r.target}: {r.state} {r.error or r.reason}" for r in result.reports.values()
+               if r.state not in ("live", "prepared")]
+        raise ComponentError(agent_name(instance), "models not prepared: " + "; ".join(bad))
+
+
+def start_agent(settings, instance, argv_prefix: list[str] | None = None, timeout: float = 60.0) -> ManagedProcess:
+    """Start `triton-hybrid agent` for one instance (optionally wrapped, e.g. `ip netns exec NS`) and
+    wait until its API answers /healthz."""
+    if not instance.agent_port:
+        raise ComponentError(agent_name(instance), f"instance {instance.name} has no agent_port in the config")
+    name = agent_name(instance)
+    require_free_ports(name, [("agent API port", instance.host, instance.agent_port)])
+    cfg = agent_config_for(settings, instance)
+    path = write_agent_config(settings, instance, cfg)
+    argv = list(argv_prefix or []) + [sys.executable, "-m", "control.cli", "--config", str(path), "agent"]
+    return start_ready(name, argv, settings.run_path, lambda: http_ok(f"{instance.agent_url}/healthz"), timeout,
+                       "answering /healthz", meta={"kind": "agent", "instance": instance.name})
+
+
+def agent_ready(instance, timeout: float = 2.0) -> bool:
+    try:
+        return requests.get(f"{instance.agent_url}/ready", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_agent_ready(proc: ManagedProcess, instance, timeout: float) -> None:
+    """Until the agent's /ready is 200 (every model live at its desired version); the error carries
+    what /ready says is not live yet."""
+    try:
+        wait_for_process(lambda: agent_ready(instance), proc, timeout, "ready (/ready: every model live)",
+                         interval=0.2)
+    except NotReady as e:
+        raise ComponentError(proc.name, f"{e}; not live: {agent_status_summary(instance)}", e.log_tail) from None
+
+
+def agent_status_summary(instance) -> str:
+    try:
+        body = requests.get(f"{instance.agent_url}/ready", timeout=2.0).json()
+    except (requests.RequestException, ValueError) as e:
+        return f"/ready unreadable ({type(e).__name__})"
+    waiting = body.get("not_live") or {}
+    return "; ".join(f"{m}: {r.get('state')} {r.get('error') or r.get('reason') or ''}".strip()
+                     for m, r in waiting.items()) or body.get("last_error") or "nothing reported"
+
+
+def agent_status(settings, instance, timeout: float = 2.0) -> dict:
+    """The agent's /v1/status (with the instance's token), or {"error": ...}."""
+    try:
+        r = requests.get(f"{instance.agent_url}/v1/status", timeout=timeout,
+                         headers={"Authorization": f"Bearer {ensure_agent_token(settings, instance)}"})
+        return r.json() if r.ok else {"error": f"/v1/status answered {r.status_code}"}
+    except (requests.RequestException, ValueError) as e:
+        return {"error": type(e).__name__}

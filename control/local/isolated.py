@@ -44,7 +44,7 @@ def with_free_ports(data: dict, port: PortPool) -> dict:
     data["haproxy"].update({"http_port": port(), "grpc_port": port(), "stats_port": port()})
     data["control"].update({"api_port": port(), "metrics_port": port(), "prometheus_port": port()})
     for inst in data["instances"]:
-        inst.update({"http_port": port(), "grpc_port": port(), "metrics_port": port()})
+        inst.update({"http_port": port(), "grpc_port": port(), "metrics_port": port(), "agent_port": port()})
     return data
 
 
