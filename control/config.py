@@ -401,7 +401,6 @@ class ControlConfig(_Section):
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 0.8
     decide_interval_s: float = 1.0
-    sync_interval_s: float = 10.0
     actuator: Literal["haproxy", "route53", "dry-run"] = "haproxy"
     # Optional DCGM exporter per instance name, e.g. {"onprem-1": "http://10.0.0.5:9400/metrics"}.
     dcgm_exporter_urls: dict[str, str] = Field(default_factory=dict)

@@ -1,5 +1,7 @@
-"""The control plane's SQLite database: one file under the run dir, shared by the version state
-(control/mirror/state.py) and the decision audit. Each module owns its tables and creates them with
+"""The control plane's SQLite database: one file under the run dir, shared by the traffic and
+scaling audit (control/traffic/audit.py), the rollout audit (control/rollout/audit.py) and the cost
+ledger. Only audit and cache: the decisions that must survive (desired versions, rejections) live
+in the S3 mirror. Each module owns its tables and creates them with
 `migrate`; WAL mode so the CLI can read while the daemon writes.
 
 Schema versions: each module (component) hands `migrate` its list of migration scripts; script i

@@ -8,9 +8,14 @@ import time
 import pytest
 import requests
 
+from control.adapters import s3 as s3x
 from control.daemon.api import serve_api
 from control.daemon.controller import Controller
+from control.drills.models import write_add_model
 from control.local.isolated import isolated_settings as make_settings
+from control.local.s3_endpoint import start_s3_server
+from control.mirror.desired import DesiredStore, InstanceStatus, seed_stable
+from control.mirror.publish import publish_version
 from control.traffic.actuators import DryRunActuator
 
 TOKEN = "test-admin-token-123"
@@ -152,23 +157,49 @@ def test_status_and_policy_views(svc):
     assert p["instances"][0]["sensitive_ok"] is True
 
 
-def test_sync_job_calls_sync_all_and_exports_lag(svc, monkeypatch):
-    import control.mirror.sync  # noqa: PLC0415 - deferred: pulls in boto3, botocore, tritonclient
-    _, c = svc
-    seen = []
+def test_rollouts_through_the_api_and_the_agents_versions_as_metrics(svc, tmp_path):
+    """The rollout job ticks the S3 rollout machine; operators drive it through /v1/rollouts; the
+    versions each agent reports become triton_hybrid_live_version / version_lag."""
+    base, c = svc
+    settings = c.settings
+    s3 = start_s3_server(settings)
+    try:
+        client = s3x.make_client(settings.s3)
+        s3x.ensure_bucket(client, settings.s3)
+        store = DesiredStore(client, settings.s3)
+        for v in (1, 2):
+            write_add_model(tmp_path / "build", v, float(v))
+            publish_version(settings, tmp_path / "build", "add_one", v, client=client, retention=False)
+        store.update(seed_stable({"add_one": 1}), by="test")
+        store.write_status(InstanceStatus(instance="onprem-1", site="onprem", at=time.time(), ready=True,
+                                          models={"add_one": {"target": 1, "live": 1, "state": "live"}}))
+        store.write_status(InstanceStatus(instance="cloud-1", site="cloud", at=time.time(),
+                                          models={"add_one": {"target": 1, "live": None, "state": "waiting"}}))
+        [t] = c.rollout.tick()  # v2 published above stable v1: a rollout starts by itself
+        assert (t.model, t.version, str(t.to_phase)) == ("add_one", 2, "published")
+        reg = c.metrics.registry
+        assert reg.get_sample_value("triton_hybrid_live_version", {"instance": "onprem-1", "model": "add_one"}) == 1
+        assert reg.get_sample_value("triton_hybrid_version_lag", {"instance": "onprem-1", "model": "add_one"}) == 0
+        assert reg.get_sample_value("triton_hybrid_version_lag", {"instance": "cloud-1", "model": "add_one"}) == 1
+        assert reg.get_sample_value("triton_hybrid_last_rollout_tick_timestamp_seconds") > 0
 
-    def fake_sync_all(settings):
-        seen.append(settings)
-        return {"onprem-1": {"ranker": {"live": 3, "published": 5, "status": "live"}},
-                "cloud-1": {"*": {"live": None, "published": None, "status": "skipped"}}}
+        m = call(base, "GET", "/v1/rollouts/add_one").json()["models"]["add_one"]
+        assert (m["phase"], m["stable"], m["canary"]["version"]) == ("published", 1, 2)
+        r = call(base, "POST", "/v1/rollouts/add_one/abort")
+        assert r.status_code == 200 and r.json()["transition"]["to"] == "rolled_back", r.text
+        m = call(base, "GET", "/v1/rollouts").json()["models"]["add_one"]
+        assert m["stable"] == 1 and "2" in {str(v) for v in m["rejected"]} and m["canary"] is None
+        assert call(base, "GET", "/v1/status").json()["rollout"]["transitions"][0]["to"] == "published"
 
-    monkeypatch.setattr(control.mirror.sync, "sync_all", fake_sync_all)
-    c.sync()
-    assert seen and c.last_sync["result"]["onprem-1"]["ranker"]["live"] == 3
-    reg = c.metrics.registry
-    assert reg.get_sample_value("triton_hybrid_sync_lag_versions", {"instance": "onprem-1", "model": "ranker"}) == 2
-    assert reg.get_sample_value("triton_hybrid_live_version", {"instance": "onprem-1", "model": "ranker"}) == 3
-    assert reg.get_sample_value("triton_hybrid_last_sync_timestamp_seconds") > 0
+        bad = call(base, "POST", "/v1/rollouts/add_one/explode")
+        assert bad.status_code == 400 and bad.json()["field"] == "command" and "rollback" in bad.json()["error"]
+        bad = call(base, "POST", "/v1/rollouts/add_one/rollback", {"to": "one"})
+        assert bad.status_code == 400 and bad.json()["field"] == "to"
+        bad = call(base, "POST", "/v1/rollouts/add_one/pause")  # nothing runs: the machine says why
+        assert bad.status_code == 400 and bad.json()["field"] == "command"
+        assert call(base, "POST", "/v1/rollouts/add_one/pause", token=None).status_code == 401
+    finally:
+        s3.stop()
 
 
 def test_decision_metrics_are_exported(svc):
@@ -194,7 +225,7 @@ def daemon(tmp_path):
     """The whole daemon (scheduler + admin API), dry-run actuator, decide every 0.2 s."""
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
                              control={"admin_token": TOKEN, "actuator": "dry-run", "decide_interval_s": 0.2,
-                                      "poll_interval_s": 0.2, "poll_timeout_s": 0.1, "sync_interval_s": 3600})
+                                      "poll_interval_s": 0.2, "poll_timeout_s": 0.1, "rollout": {"enabled": False}})
     d = Daemon(settings, actuator=DryRunActuator(settings.instances), serve_metrics=False).start()
     yield settings, d
     d.stop()

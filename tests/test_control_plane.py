@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException
 import requests
 import yaml
 from click.testing import CliRunner
+from tritonclient.utils import InferenceServerException
 
 from bench.common import load_queries, triton_http_caller
 from bench.rollout import SteadyLoad, next_version_dir
@@ -76,7 +76,7 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
                              control={"policy": POLICY, "poll_interval_s": 0.5, "decide_interval_s": 0.5,
-                                      "sync_interval_s": 3600},
+                                      "rollout": {"enabled": False}},
                              haproxy={"served_models": [MODEL]})  # through the proxy's allowlist
     repo = write_repo(root)
     procs, stack_info = [], {}
@@ -519,7 +519,7 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
     repo = tmp_path_factory.mktemp("rollout_repo") / "cpu"
     shutil.copytree(cpu_repository, repo)
     settings = make_settings(tmp_path_factory.mktemp("rollout_stack") / "run", models={"repository_dir": str(repo)},
-                             control={"start_daemon": False, "sync_interval_s": 3600})
+                             control={"start_daemon": False, "rollout": {"enabled": False}})
     queries = load_queries(tiny_export, 8)
     st = local_stack.up(settings)
     daemon = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from control import db
-from control.mirror.state import MirrorState
+from control.rollout.audit import RolloutAudit
 from control.traffic import audit as audit_mod
 from control.traffic.audit import Audit
 
@@ -46,19 +46,10 @@ def test_a_database_made_before_versioning_is_adopted(tmp_path):
 
 def test_components_version_independently(tmp_path):
     path = tmp_path / "control.db"
-    a, m = Audit(path), MirrorState(path)
+    a, r = Audit(path), RolloutAudit(path)
     try:
         versions = dict(a.conn.execute("SELECT component, version FROM schema_versions").fetchall())
-        assert set(versions) >= {"audit", "mirror_state"}
+        assert versions == {"audit": len(audit_mod.MIGRATIONS), "rollout": len(RolloutAudit.migrations)}
     finally:
         a.close()
-        m.close()
-
-
-def test_unknown_version_status_is_a_clear_error(tmp_path):
-    m = MirrorState(tmp_path / "control.db")
-    try:
-        with pytest.raises(ValueError, match="unknown version status 'bogus'"):
-            m.set_status("onprem-1", "ranker", 1, "bogus")
-    finally:
-        m.close()
+        r.close()

@@ -53,8 +53,7 @@ from control.local.procs import free_port, load_managed
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # metric -> why it has no data on the local stack yet (owner). Empty: every metric the dashboards
-# and rules use is exported (the sync report feeding triton_hybrid_live_version and
-# triton_hybrid_sync_lag_versions landed in control/mirror/sync.py).
+# and rules use is exported.
 NOT_YET_EXPORTED: dict[str, str] = {}
 
 HAVE_GPU = shutil.which("nvidia-smi") is not None
@@ -106,7 +105,7 @@ def live(tmp_path_factory):
     repo = write_add_one_repository(base / "repo")
     settings = make_settings(base / "run", instances=(("onprem-1", "onprem", 50, True), ("cloud-1", "cloud", 50, False)),
                              models={"repository_dir": str(repo)},
-                             control={"poll_interval_s": 1.0, "sync_interval_s": 5.0, "prometheus_port": free_port()},
+                             control={"poll_interval_s": 1.0, "prometheus_port": free_port()},
                              haproxy={"served_models": [MODEL_ADD_ONE]})  # through the proxy's allowlist
     # `triton-hybrid up --with-prometheus`, as an operator runs it.
     st = stack.up(settings, with_control=True, with_prometheus=True)

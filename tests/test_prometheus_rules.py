@@ -99,7 +99,7 @@ def test_issue_alerts_exist():
               for g in yaml.safe_load(p.read_text())["groups"] for r in g["rules"] if "alert" in r}
     for required in ("TritonInstanceDown", "TritonGPUSaturated", "TritonLatencySLOBurnFast", "TritonLatencySLOBurnSlow",
                      "TritonHybridFailoverActive", "TritonHybridCloudWeightStuckAtMax", "TritonHybridCloudWeightStuckAtMin",
-                     "TritonHybridSyncLag", "TritonHybridVersionMismatch", "TritonHybridPollErrors"):
+                     "TritonHybridVersionLag", "TritonHybridVersionMismatch", "TritonHybridPollErrors"):
         assert required in alerts
 
 

@@ -18,6 +18,7 @@ import pytest
 from control.adapters import s3 as s3x
 from control.drills.models import write_add_model, write_ensemble
 from control.local.s3_endpoint import start_s3_server
+from control.mirror.desired import DesiredStore, InstanceStatus, seed_stable
 from control.mirror.manifest import (
     MANIFEST_NAME,
     ManifestError,
@@ -35,7 +36,6 @@ from control.mirror.publish import (
     published_versions,
     read_manifest,
 )
-from control.mirror.state import MirrorState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -273,26 +273,29 @@ def test_publish_repository_publishes_newest_and_is_idempotent(s3env):
     assert [r.status for r in again] == ["already-published", "already-published"]
 
 
-def test_s3_retention_keeps_newest_and_live(s3env):
-
+def test_s3_retention_keeps_newest_and_what_is_in_use(s3env):
+    """In use = stable, canary, or live/targeted on an agent, all read from S3 (no control database)."""
     settings, client, repo = s3env
-    state = MirrorState.for_settings(settings)
-    try:
-        for v in (1, 2, 3):
-            write_add_model(repo, v, float(v))
-            publish_version(settings, repo, "add_one", v, client=client, state=state)
-        state.set_status("onprem-1", "add_one", 1, "live")
-        write_add_model(repo, 4, 4.0)
-        r = publish_version(settings, repo, "add_one", 4, client=client, state=state)
-        assert r.retired == []  # v1 is live somewhere
-        state.set_status("onprem-1", "add_one", 1, "pulled")
-        write_add_model(repo, 5, 5.0)
-        r = publish_version(settings, repo, "add_one", 5, client=client, state=state)
-        assert sorted(r.retired) == [1, 2]
-        assert published_versions(client, settings.s3, "add_one") == [3, 4, 5]
-        assert not any("/add_one/1/" in k for k in all_keys(settings, client))
-    finally:
-        state.close()
+    store = DesiredStore(client, settings.s3)
+    for v in (1, 2, 3):
+        write_add_model(repo, v, float(v))
+        publish_version(settings, repo, "add_one", v, client=client)
+    store.update(seed_stable({"add_one": 1}), by="test")
+    store.write_status(InstanceStatus(instance="cloud-9", site="cloud", models={"add_one": {"live": 2, "target": 3}}))
+    write_add_model(repo, 4, 4.0)
+    r = publish_version(settings, repo, "add_one", 4, client=client)
+    assert r.retired == []  # v1 is stable, v2 still live on cloud-9
+
+    def stable_v3(s):
+        s.models["add_one"].stable = 3
+        return s
+    store.update(stable_v3, by="test")
+    store.write_status(InstanceStatus(instance="cloud-9", site="cloud", models={"add_one": {"live": 3, "target": 3}}))
+    write_add_model(repo, 5, 5.0)
+    r = publish_version(settings, repo, "add_one", 5, client=client)
+    assert sorted(r.retired) == [1, 2]
+    assert published_versions(client, settings.s3, "add_one") == [3, 4, 5]
+    assert not any("/add_one/1/" in k for k in all_keys(settings, client))
 
 
 def test_missing_repository_and_model_say_what_to_do(s3env, tmp_path):

@@ -3,8 +3,9 @@
 Two Tritons (onprem-1, cloud-1) serving the ~10 ms `slow_add` Python model of
 tests/test_control_plane.py, the daemon with the policy and the scaler, the local-process scale
 actuator. An open-loop burst on HAProxy -> on-prem queues -> the policy moves weight to the cloud
--> the cloud's load per instance stays high -> the scaler starts `cloud-2` (same repository path,
-ready, live versions verified, in HAProxy with weight 0 until its health check is UP) -> the
+-> the cloud's load per instance stays high -> the scaler starts `cloud-2` (a host like any other:
+its agent pulls the desired versions from the S3 mirror and smoke-checks them; only then in HAProxy
+with weight 0 until its health check is UP) -> the
 controller gives it weight -> the burst ends -> weight goes home -> the cloud idles for the
 cooldown -> `cloud-2` is drained, deleted from HAProxy and stopped. Zero failed requests.
 Then a lower budget: the same burst is refused a scale-out, and the audit says why.
@@ -13,7 +14,6 @@ Figures are printed (`-s`) and written to reports/scaling.json.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -22,6 +22,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
+from control.adapters import s3 as s3x
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.capacity.actuators import LocalProcessScaler
 from control.cli import cli
@@ -29,7 +30,10 @@ from control.drills.load import run_load
 from control.local.admin_keys import ensure_admin_key
 from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
+from control.local.s3_endpoint import start_s3_server
 from control.local.triton_server import start_triton
+from control.mirror.desired import DesiredStore, seed_stable
+from control.mirror.publish import publish_repository
 from control.traffic.triton_metrics import parse
 from tests.test_control_plane import MODEL, POLICY, wait_for, write_repo
 
@@ -52,26 +56,25 @@ def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
                              control={"policy": POLICY, "poll_interval_s": 0.5, "decide_interval_s": 0.5,
-                                      "sync_interval_s": 3600, "scaler": SCALER},
+                                      "rollout": {"enabled": False}, "scaler": SCALER},
                              haproxy={"served_models": [MODEL]})  # through the proxy's allowlist
     settings.instance("onprem-1").cost_per_hour = 1.0
     settings.instance("cloud-1").cost_per_hour = 4.0
     repo = write_repo(root)
-
-    def repository(settings_, inst):
-        # The test's repository, copied per instance (production: control.mirror.sync.prepare_instance_repository).
-        dst = settings_.run_path / "instances" / inst.name / "repository"
-        shutil.copytree(repo, dst, dirs_exist_ok=True)
-        return dst
-
     procs, daemon = [], None
     try:
+        # The mirror the scaled instance's agent pulls from: the repository published, stable in desired state.
+        procs.append(start_s3_server(settings))
+        client = s3x.make_client(settings.s3)
+        published = publish_repository(settings, repo, progress=False, client=client)
+        DesiredStore(client, settings.s3).update(seed_stable({r.model: r.version for r in published}),
+                                                 by="test")
         for inst in settings.instances:
             procs.append(start_triton(inst.name, repo, inst.http_port, inst.grpc_port, inst.metrics_port,
                                       settings.run_path, load_models=(MODEL,), ready_timeout=60,
                                       admin_key=ensure_admin_key(settings, inst)))
         procs.append(start_haproxy(settings))
-        daemon = Daemon(settings, scale_actuator=lambda c: LocalProcessScaler(settings, c, repository_factory=repository))
+        daemon = Daemon(settings, scale_actuator=lambda c: LocalProcessScaler(settings, c))
         daemon.start()
         yield {"settings": settings, "daemon": daemon, "rt": HAProxyRuntime.for_settings(settings)}
     finally:
@@ -147,7 +150,7 @@ def test_01_burst_scales_out_then_in_with_zero_failures(stack):
         "s_decision_to_ready": result.get("seconds_to_ready"),
         "s_decision_to_registered_in_haproxy_and_controller": result.get("seconds_to_registered"),
         "s_load_to_cloud2_weight_gt_0": None if first_weight is None else round(first_weight - t0, 1),
-        "cloud2_versions": result.get("versions"), "live_versions": result.get("live_versions"),
+        "cloud2_versions": result.get("versions"),
         "cloud2_haproxy_when_first_seen": weights_when_added,
         "s_load_to_cloud2_served_100": round(t_served - t0, 1),
         "s_load_end_to_scale_in_decision": None if in_row is None else round(in_row["ts"] - t_end, 1),
@@ -160,7 +163,7 @@ def test_01_burst_scales_out_then_in_with_zero_failures(stack):
     assert moved, c.weights
     assert scaled and out_row["reason"] == "scale_out_load", hist
     assert out_row["error"] is None, out_row
-    assert registered and result["versions"] == result["live_versions"] == {MODEL: [1]}
+    assert registered and result["versions"] == {MODEL: [1]}  # the desired (stable) version, from S3
     # New instance: no weight until the controller registered it (after ready + HAProxy UP).
     assert all(x[0] == 0 for x in weights_when_added.values()), weights_when_added
     assert first_weight is not None and first_weight >= result["registered_at"] - 0.01
@@ -169,6 +172,7 @@ def test_01_burst_scales_out_then_in_with_zero_failures(stack):
     assert in_row["error"] is None, in_row
     assert gone and in_row["count_after"] == 1
     assert not Path(settings.run_path / "pids" / "cloud-2.json").exists()
+    assert not Path(settings.run_path / "pids" / "agent-cloud-2.json").exists()
     assert res.failure == 0, (res.errors, res.error_samples)
     assert res_after.failure == 0 and res_after.success == 200
     m = c.metrics.registry

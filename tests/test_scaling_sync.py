@@ -1,8 +1,8 @@
-"""The local scale actuator on the real version path: S3 (moto's server) -> publish ->
-`prepare_instance_repository` for the new `cloud-2` (the path every instance uses) -> Triton ->
-versions verified against the live ones -> HAProxy `add server` (both backends) -> served through
-HAProxy -> scale-in: drain, `del server`, stop. A new instance whose versions differ from the
-live ones is never registered."""
+"""The local scale actuator on the real version path: S3 (moto's server) -> publish -> desired state
+-> the new `cloud-2` starts like every host (its agent prepares the desired versions, Triton starts,
+the agent registers it in S3 and smoke-checks every model) -> only when its agent is ready: HAProxy
+`add server` (both backends) -> served through HAProxy -> scale-in: drain, `del server`, stop the
+agent and Triton. A new instance whose agent cannot bring a desired version live is never registered."""
 from __future__ import annotations
 
 import time
@@ -19,12 +19,12 @@ from control.daemon.controller import Controller
 from control.drills.load import run_load
 from control.drills.models import write_add_model
 from control.local import stack as local_stack
+from control.local.agents import start_host
 from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
 from control.local.s3_endpoint import start_s3_server
-from control.local.triton_server import start_instance
-from control.mirror.publish import publish_repository
-from control.mirror.sync import prepare_instance_repository
+from control.mirror.desired import DesiredStore, seed_stable
+from control.mirror.publish import publish_repository, publish_version
 from control.traffic.triton_metrics import parse
 
 pytestmark = pytest.mark.slow
@@ -49,9 +49,10 @@ def env(tmp_path_factory):
     c = None
     try:
         procs.append(start_s3_server(settings))
-        publish_repository(settings, repo, progress=False, client=s3x.make_client(settings.s3))
-        cloud1 = settings.instance("cloud-1")
-        procs.append(start_instance(settings, cloud1, prepare_instance_repository(settings, cloud1), ready_timeout=60))
+        client = s3x.make_client(settings.s3)
+        publish_repository(settings, repo, progress=False, client=client)
+        DesiredStore(client, settings.s3).update(seed_stable({"add_one": 2}), by="test")
+        procs += start_host(settings, settings.instance("cloud-1"), ready_timeout=60)
         procs.append(start_haproxy(settings))
         c = Controller(settings)
         yield settings, c
@@ -70,14 +71,20 @@ def infer_via_haproxy(settings) -> float:
     return r.json()["outputs"][0]["data"][0]
 
 
-def test_scale_out_uses_the_sync_path_and_the_live_versions(env):
+def test_scale_out_starts_a_host_whose_agent_registers_and_gets_weight_only_when_ready(env):
     settings, c = env
     rt = HAProxyRuntime.for_settings(settings)
-    s = LocalProcessScaler(settings, c)          # default repository path: prepare_instance_repository
+    s = LocalProcessScaler(settings, c)
     assert ready_versions(settings, settings.instance("cloud-1")) == {"add_one": [2]}
     r = s.scale_out(decision("out"))
-    assert r["instance"] == "cloud-2" and r["versions"] == r["live_versions"] == {"add_one": [2]}
+    assert r["instance"] == "cloud-2" and r["versions"] == {"add_one": [2]}
     assert (settings.run_path / "pids" / "cloud-2.json").exists()
+    assert (settings.run_path / "pids" / "agent-cloud-2.json").exists()
+    # The agent registered the instance in S3 (the rollout's registry) before HAProxy got it.
+    statuses, problems = DesiredStore(s3x.make_client(settings.s3), settings.s3).statuses()
+    reg = statuses["cloud-2"]
+    assert not problems and reg.ready and reg.site == "cloud" and reg.http_url == settings.instance("cloud-2").http_url
+    assert reg.at <= r["registered_at"] and reg.models["add_one"]["live"] == 2
     servers = {(x.backend, x.server): x for x in rt.servers()}
     assert servers[("be_triton_http", "cloud-2")].up and servers[("be_triton_grpc", "cloud-2")].up
     assert "cloud-2" in {i.name for i in settings.instances} and "cloud-2" in c.actuator.names
@@ -102,18 +109,34 @@ def test_scale_out_uses_the_sync_path_and_the_live_versions(env):
     assert "cloud-2" not in {x.server for x in rt.servers()}
     assert "cloud-2" not in {i.name for i in settings.instances}
     assert not (settings.run_path / "pids" / "cloud-2.json").exists()
+    assert not (settings.run_path / "pids" / "agent-cloud-2.json").exists()
     assert infer_via_haproxy(settings) == 2.0
 
 
-def test_an_instance_with_other_versions_is_never_registered(env):
+def test_an_instance_whose_agent_cannot_bring_a_version_live_is_never_registered(env, tmp_path):
     settings, c = env
     rt = HAProxyRuntime.for_settings(settings)
-    s = LocalProcessScaler(settings, c, live_versions=lambda: {"add_one": [1]})  # pretend v1 is live
-    with pytest.raises(ScaleError, match=r"serves versions \{'add_one': \[2\]\}, the live ones are"):
-        s.scale_out(decision("out"))
+    client = s3x.make_client(settings.s3)
+    store = DesiredStore(client, settings.s3)
+    write_add_model(tmp_path, 1, 0.0, "broken", fail=True)  # loads, fails its smoke check
+    publish_version(settings, tmp_path, "broken", 1, client=client)
+    store.update(seed_stable({"broken": 1}), by="test")
+    s = LocalProcessScaler(settings, c)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ScaleError, match=r"broken v1: failed"):
+            s.scale_out(decision("out"))
+        # A version failed for good ends the wait at once, not at ready_timeout_s (60 s here).
+        assert time.monotonic() - t0 < settings.control.scaler.ready_timeout_s
+    finally:
+        def forget(d):
+            d.models.pop("broken")
+            return d
+        store.update(forget, by="test")
     assert not any(x.server.startswith("cloud-2") for x in rt.servers())
     assert "cloud-2" not in {i.name for i in settings.instances}
     assert not (settings.run_path / "pids" / "cloud-2.json").exists()
+    assert not (settings.run_path / "pids" / "agent-cloud-2.json").exists()
     assert s.owned() == set()
 
 

@@ -1,5 +1,5 @@
-"""The local stack with every real component: S3 endpoint, publish + verified pull, two Tritons,
-HAProxy. Inference through the proxy over HTTP and gRPC, the admin surface refused at the proxy,
+"""The local stack with every real component: S3 endpoint, publish + desired state, two hosts (a
+Triton and its agent each; the agent alone writes the instance's repository), HAProxy. Inference through the proxy over HTTP and gRPC, the admin surface refused at the proxy,
 one admin key per instance kept out of pid files and world-readable files, one Triton killed, a
 second `up` starting only what is missing, `down` leaving nothing behind (also of a Triton killed
 from outside). The supervisor is off here; tests/test_supervision.py covers it."""
@@ -17,13 +17,15 @@ import tritonclient.http as httpclient
 from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
+from control.adapters import s3 as s3x
 from control.cli import cli
 from control.local import stack
-from control.local.admin_keys import admin_key, key_dir
+from control.local.admin_keys import admin_key, ensure_agent_token, key_dir
 from control.local.demo import MODEL, ensemble_inputs
 from control.local.isolated import isolated_settings as make_settings
 from control.local.procs import load_managed, managed_names, pid_alive
 from control.local.procs import processes_in_group as group_of
+from control.mirror.desired import DesiredStore
 from control.waiting import wait_until
 from export.reference import ReferencePipeline
 
@@ -86,11 +88,30 @@ def test_status_json_shows_components_models_and_weights(live_stack):
     for inst in settings.instances:
         assert comps[inst.name]["healthy"] and comps[inst.name]["pid"]
         assert MODEL in comps[inst.name]["models"]
-        assert comps[inst.name]["sync_lag_versions"] == 0
-        assert {r["model"] for r in comps[inst.name]["sync"]} >= {MODEL, "ranker"}
+        agent = comps[f"agent-{inst.name}"]
+        assert agent["healthy"] and agent["pid"] and agent["not_live"] == []
+        assert agent["versions"][MODEL]["state"] == "live" and agent["versions"]["ranker"]["live"] == 1
     assert comps["haproxy"]["weights"]["be_triton_http"] == {i.name: i.weight for i in settings.instances}
     for inst in settings.instances:
         assert admin_key(settings, inst) not in result.output
+        assert ensure_agent_token(settings, inst) not in result.output
+
+
+def test_the_stack_wrote_no_file_of_an_instance_repository_its_agent_did(live_stack):
+    """Desired state in S3 names every model's stable version; each agent reports it live, and the
+    agent's config file names the secrets by file (mode 600), never inline."""
+    settings, _ = live_stack
+    store = DesiredStore(s3x.make_client(settings.s3), settings.s3)
+    desired = store.read().state
+    statuses, problems = store.statuses()
+    assert not problems and desired.models[MODEL].stable == 1 and desired.updated_by == "triton-hybrid up"
+    for inst in settings.instances:
+        st = statuses[inst.name]
+        assert st.ready and st.agent_url == inst.agent_url and st.site == inst.site
+        assert {m: r["live"] for m, r in st.models.items()} == {m: s.stable for m, s in desired.models.items()}
+        cfg = settings.run_path / "instances" / inst.name / "agent.yaml"
+        assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+        assert admin_key(settings, inst) not in cfg.read_text() and ensure_agent_token(settings, inst) not in cfg.read_text()
 
 
 def test_status_table_fits_80_columns_when_piped(live_stack):
@@ -100,9 +121,10 @@ def test_status_table_fits_80_columns_when_piped(live_stack):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert max(len(line.rstrip()) for line in lines) <= 80, result.output
-    for inst in settings.instances:  # nothing cut to "…": names, states, models stay whole
-        row = next(line for line in lines if line.startswith("│ " + inst.name))
-        assert " healthy " in row and "…" not in result.output
+    for name in [n for i in settings.instances for n in (i.name, f"agent-{i.name}")]:
+        row = next(line for line in lines if line.startswith("│ " + name))  # nothing cut to "…"
+        assert " healthy " in row and "…" not in result.output, result.output
+    for inst in settings.instances:
         assert any(line.startswith(f"{inst.name}: ") and inst.http_url in line for line in lines)
     # the models line may fold over several lines at 80 columns; its content stays whole
     flat = " ".join(result.output.split())
@@ -135,14 +157,15 @@ def test_no_key_in_pid_files_and_run_dir_private(live_stack):
     run = settings.run_path
     keys = [admin_key(settings, inst) for inst in settings.instances]
     pid_files = list((run / "pids").glob("*.json"))
-    assert {p.stem for p in pid_files} >= {i.name for i in settings.instances}
+    assert {p.stem for p in pid_files} >= {n for i in settings.instances for n in (i.name, f"agent-{i.name}")}
     for p in pid_files:
         assert not [k for k in keys if k in p.read_text()], p
     for p in pid_files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
     assert (key_dir(settings) / f"{settings.instances[0].name}.admin-key").read_text() == keys[0]
     private = [run, run / "pids", run / "logs", key_dir(settings)]
-    files = [settings.database_path, *key_dir(settings).iterdir(), *(run / "logs").glob("*.log")]
+    # (control.db appears with the daemon: checked in the `up` test below)
+    files = [*key_dir(settings).iterdir(), *(run / "logs").glob("*.log"), *(run / "instances").glob("*/agent.yaml")]
     for path in private:
         assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
     for path in files:
@@ -172,15 +195,18 @@ def test_killed_triton_is_unhealthy_and_requests_still_succeed(live_stack, tiny_
 def test_up_with_some_components_running_starts_only_the_missing_ones(live_stack):
     settings, _ = live_stack
     before = {n: load_managed(settings.run_path, n).pid for n in stack.running_components(settings)}
-    assert set(before) == {"s3", "haproxy", settings.instances[0].name}  # cloud-1 was killed above
+    on, cloud = settings.instances
+    # cloud-1 was killed above; its agent kept running (it reports the Triton unreachable).
+    assert set(before) == {"s3", "haproxy", on.name, f"agent-{on.name}", f"agent-{cloud.name}"}
     st = stack.up(settings, with_control=True)  # e.g. after a crash, or to add the daemon
     assert sorted(st.kept) == sorted(before)
-    assert sorted(p.name for p in st.procs) == sorted([settings.instances[1].name, "control"])
+    assert sorted(p.name for p in st.procs) == sorted([cloud.name, "control"])
     after = {n: load_managed(settings.run_path, n).pid for n in stack.running_components(settings)}
     assert {n: after[n] for n in before} == before
     comps = {c["name"]: c for c in stack.status(settings)["components"]}
     assert all(comps[i.name]["healthy"] for i in settings.instances)
     assert comps["control"]["running"] and comps["control"]["healthy"]
+    assert stat.S_IMODE(settings.database_path.stat().st_mode) == 0o600
 
 
 def test_down_leaves_no_process_behind_also_of_a_triton_killed_from_outside(live_stack):

@@ -5,12 +5,13 @@
     scale_in(decision) -> dict              remove decision.instance (drained first where we route)
     adopt() -> list[str]                    after a daemon restart: take back what still runs
 
-LocalProcessScaler  extra Triton processes on this host, named `cloud-N`, on free ports, each with
-                    a pid file (control/local/procs.py) so `triton-hybrid down` stops them too. A new
-                    instance: repository from the same sync path as every instance
-                    (`control.mirror.sync.prepare_instance_repository`), start, wait ready, verify its
-                    loaded versions equal the live ones (the template instance's ready versions),
-                    then `add server` in both HAProxy backends with weight 0 (HAProxy 2.6 runtime
+LocalProcessScaler  extra hosts on this machine, named `cloud-N`, on free ports: a Triton and its host
+                    agent, each with a pid file (control/local/procs.py) so `triton-hybrid down` stops
+                    them too. A new instance starts like every host (control/local/agents.start_host):
+                    its agent prepares the desired versions from S3, Triton starts on them, the agent
+                    registers it in S3 and smoke-checks every model; only when the agent's /ready says
+                    every model is live at its desired version does it get
+                    `add server` in both HAProxy backends with weight 0 (HAProxy 2.6 runtime
                     API, dynamic servers; every check setting explicit), `enable health`/`enable
                     server`, wait for HAProxy's health check to report it UP, and only then hand it
                     to the controller, whose next tick gives it weight. Scale-in: drain in both
@@ -30,7 +31,7 @@ import logging
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import requests
 import yaml
@@ -40,8 +41,8 @@ from control.adapters.haproxy_runtime import HAProxyError, HAProxyRuntime
 from control.adapters.triton import TritonAdminError
 from control.capacity.scaler import CloudInstance, ScaleDecision
 from control.config import InstanceConfig
+from control.local.agents import agent_name, start_host
 from control.local.procs import ComponentError, free_port, load_managed, managed_names
-from control.local.triton_server import start_instance
 from control.traffic.triton_metrics import parse
 
 log = logging.getLogger(__name__)
@@ -99,26 +100,17 @@ def ready_versions(settings, inst, timeout: float = 5.0) -> dict[str, list[int]]
     return {k: sorted(v) for k, v in sorted(ready_versions_of(admin.index()).items())}
 
 
-def _default_repository(settings, inst) -> Path:
-    from control.mirror.sync import prepare_instance_repository  # noqa: PLC0415
-    return prepare_instance_repository(settings, inst)
-
-
 class LocalProcessScaler:
     name = "local"
 
     def __init__(self, settings, controller: InstanceRegistry, runtime: HAProxyRuntime | None = None,
-                 repository_factory: Callable[[object, InstanceConfig], Path] | None = None,
-                 live_versions: Callable[[], dict] | None = None, clock=time.time):
+                 clock=time.time):
         self.settings = settings
         self.sc = settings.control.scaler
         self.controller = controller
         self.rt = runtime or HAProxyRuntime.for_settings(settings)
-        self.repository_factory = repository_factory or _default_repository
-        self.live_versions = live_versions or (lambda: ready_versions(settings, template_instance(settings)))
         self.backends = list(haproxy_config.ALL_BACKENDS)
         self.clock = clock
-        self.procs: dict[str, object] = {}
         self.state_dir = settings.run_path / "scaled"
 
     # ---- view -----------------------------------------------------------------------------------
@@ -137,18 +129,17 @@ class LocalProcessScaler:
         known = {i.name for i in self.settings.instances}
         for name in sorted(self.owned()):
             rec = self.state_dir / f"{name}.json"
+            inst = InstanceConfig.model_validate(json.loads(rec.read_text()))
             proc = load_managed(self.settings.run_path, name)
             if proc is None or not proc.alive:
-                rec.unlink(missing_ok=True)
+                self._stop_host(inst)  # its agent, if it outlived its Triton; the record goes
                 continue
             if name in known:
                 continue
-            inst = InstanceConfig.model_validate(json.loads(rec.read_text()))
             have = {(s.backend, s.server) for s in self.rt.servers()}
             for be in self.backends:
                 if (be, name) not in have:
                     self._add_server(be, inst)
-            self.procs[name] = proc
             self.controller.add_instance(inst)
             back.append(name)
         return back
@@ -181,20 +172,17 @@ class LocalProcessScaler:
         tpl = template_instance(self.settings)
         name = self._next_name()
         inst = InstanceConfig(name=name, site="cloud", host=tpl.host, http_port=free_port(tpl.host),
-                              grpc_port=free_port(tpl.host), metrics_port=free_port(tpl.host), weight=0,
-                              capacity=tpl.capacity, cost_per_hour=tpl.cost_per_hour, sensitive_ok=False,
-                              managed=True)
+                              grpc_port=free_port(tpl.host), metrics_port=free_port(tpl.host),
+                              agent_port=free_port(tpl.host), weight=0, capacity=tpl.capacity,
+                              cost_per_hour=tpl.cost_per_hour, sensitive_ok=False, managed=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         rec = self.state_dir / f"{name}.json"
         rec.write_text(inst.model_dump_json())
-        proc, added = None, []
+        procs, added = [], []
         try:
-            repo = self.repository_factory(self.settings, inst)
-            proc = start_instance(self.settings, inst, repo, ready_timeout=self.sc.ready_timeout_s)
+            procs = start_host(self.settings, inst, ready_timeout=self.sc.ready_timeout_s)
             t_ready = self.clock()
-            want, got = self.live_versions(), ready_versions(self.settings, inst)
-            if want != got:
-                raise ScaleError(f"{name} serves versions {got}, the live ones are {want}: not registered")
+            got = ready_versions(self.settings, inst)
             cmds = []
             for be in self.backends:
                 cmds += self._add_server(be, inst)
@@ -205,17 +193,16 @@ class LocalProcessScaler:
                     raise ScaleError(f"HAProxy's health check never reported {name} UP")
                 time.sleep(0.1)
             t_up = self.clock()
-            self.procs[name] = proc
             self.controller.add_instance(inst)
             return {"instance": name, "http_port": inst.http_port, "grpc_port": inst.grpc_port,
-                    "versions": got, "live_versions": want, "ready_at": t_ready, "registered_at": t_up,
+                    "agent_port": inst.agent_port, "versions": got, "ready_at": t_ready, "registered_at": t_up,
                     "seconds_to_ready": round(t_ready - t0, 2),
                     "seconds_to_registered": round(t_up - t0, 2), "commands": cmds}
         except (ComponentError, HAProxyError, ScaleError, TritonAdminError, requests.RequestException, OSError) as e:
             for be in added:
                 self._remove_server(be, name)
-            if proc is not None:
-                proc.stop()
+            for p in reversed(procs):
+                p.stop()
             rec.unlink(missing_ok=True)
             raise ScaleError(f"scale-out of {name} failed: {e}") from None
 
@@ -265,19 +252,21 @@ class LocalProcessScaler:
         self.controller.remove_instance(name)
         for be in self.backends:
             self._remove_server(be, name)
-        proc = self.procs.pop(name, None) or load_managed(self.settings.run_path, name)
-        if proc is not None:
-            proc.stop()
-        (self.state_dir / f"{name}.json").unlink(missing_ok=True)
+        self._stop_host(inst)
         return {"instance": name, "seconds_to_drained": round(t_drained - t0, 2),
                 "seconds_to_stopped": round(self.clock() - t0, 2)}
 
-    def stop_all(self) -> None:
-        for name in list(self.owned()):
-            proc = self.procs.pop(name, None) or load_managed(self.settings.run_path, name)
+    def _stop_host(self, inst: InstanceConfig) -> None:
+        """Its agent first (it never loads into a Triton that is going away), then its Triton."""
+        for component in (agent_name(inst), inst.name):
+            proc = load_managed(self.settings.run_path, component)
             if proc is not None:
                 proc.stop()
-            (self.state_dir / f"{name}.json").unlink(missing_ok=True)
+        (self.state_dir / f"{inst.name}.json").unlink(missing_ok=True)
+
+    def stop_all(self) -> None:
+        for name in list(self.owned()):
+            self._stop_host(InstanceConfig.model_validate_json((self.state_dir / f"{name}.json").read_text()))
 
 
 class AsgScaler:

@@ -32,7 +32,6 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "scale": ("control.cli.capacity", "scale_group"),
     "cost": ("control.cli.capacity", "cost_cmd"),
     "publish": ("control.cli.mirror", "publish_cmd"),
-    "sync": ("control.cli.mirror", "sync_cmd"),
     "rollback": ("control.cli.mirror", "rollback_cmd"),
     "versions": ("control.cli.mirror", "versions_cmd"),
     "rollout": ("control.cli.rollout", "rollout_group"),

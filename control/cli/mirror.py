@@ -1,4 +1,5 @@
-"""`triton-hybrid publish | sync | rollback | versions`: the model mirror (S3) and version rollout."""
+"""`triton-hybrid publish | rollback | versions`: model versions in the S3 mirror. Publishing starts a
+rollout (control/rollout/, `triton-hybrid rollout ...`); every host's agent does the rest."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ from rich.table import Table
 from control.cli import settings_from
 from control.cli.output import json_option
 from control.mirror.manifest import ManifestError
-from control.mirror.state import MirrorState
 
 console = Console()
 
@@ -22,9 +22,9 @@ def _fail(msg: str) -> None:
 
 def _errors():
     from control.adapters.s3 import S3Error  # noqa: PLC0415
+    from control.mirror.desired import DesiredStateError  # noqa: PLC0415
     from control.mirror.publish import PublishError  # noqa: PLC0415
-    from control.mirror.sync import RollbackError, SyncError  # noqa: PLC0415
-    return (PublishError, S3Error, ManifestError, RollbackError, SyncError)
+    return (PublishError, S3Error, ManifestError, DesiredStateError)
 
 
 @click.command("publish")
@@ -68,78 +68,19 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n} B"
 
 
-def _print_outcomes(results: dict) -> bool:
-    ok = True
-    t = Table("instance", "model", "version", "result", "previous", "seconds", "reason")
-    for inst, outs in results.items():
-        for d in outs.values():
-            ok &= d["status"] != "failed"
-            style = {"failed": "red", "live": "green", "skipped": "yellow"}.get(d["status"], "")
-            t.add_row(inst, d["model"], str(d["version"] or "-"), f"[{style}]{d['status']}[/{style}]" if style else d["status"],
-                      str(d["previous"] or "-"), f"{d['seconds']:.2f}", d["reason"] or "")
-    console.print(t)
-    return ok
-
-
-@click.command("sync")
-@click.option("--instance", help="Only this instance (default: every managed one).")
-@click.option("--model", "models", multiple=True, help="Only these models (repeatable).")
-@click.option("--retry-failed", is_flag=True, help="Forget earlier verify/load/smoke failures and try them again.")
-@json_option
-@click.pass_context
-def sync_cmd(ctx, instance, models, retry_failed, as_json):
-    """Pull, verify, smoke-test and roll the newest published versions onto the Triton instances."""
-    from control.mirror.sync import sync_all  # noqa: PLC0415
-
-    settings = settings_from(ctx)
-    if instance:
-        try:
-            settings.instance(instance)
-        except Exception as e:  # noqa: BLE001 - ConfigError names the known instances
-            _fail(str(e))
-    if retry_failed:
-        st = MirrorState.for_settings(settings)
-        for m in models or [None]:
-            st.clear_failures(model=m, instance=instance)
-        st.close()
-    try:
-        results = sync_all(settings, force=True, instance=instance, models=list(models) or None)
-    except _errors() as e:
-        _fail(str(e))
-    if as_json:
-        click.echo(json.dumps(results, indent=1))
-    else:
-        _print_outcomes(results)
-    # Failed versions, and instances not synced at all (S3 or Triton unreachable), exit non-zero.
-    ok = all(o["status"] != "failed" and not (o["status"] == "skipped" and o["model"] == "*")
-             for v in results.values() for o in v.values())
-    if not ok:
-        ctx.exit(1)
-
-
 @click.command("rollback")
 @click.argument("model")
-@click.option("--to", "to", type=int, help="Version to bring back (default: the one before the live one).")
+@click.option("--to", "to", type=int, help="Version to go back to (default: the one before the current one).")
+@click.option("--by", default=None, help="Who asks (audit, rejection record); default cli:$USER.")
 @json_option
 @click.pass_context
-def rollback_cmd(ctx, model, to, as_json):
-    """Bring the previous (or named) version of MODEL back live on every instance."""
-    from control.mirror.sync import rollback  # noqa: PLC0415
+def rollback_cmd(ctx, model, to, by, as_json):
+    """Reject MODEL's current version (a running rollout's, else stable) and serve the previous one
+    (or --to) on every instance: the rollout machine's rollback (= `rollout rollback`). The agents
+    switch at their next pass; `triton-hybrid versions --model MODEL` shows them arrive."""
+    from control.cli.rollout import run_command  # noqa: PLC0415 - boto3 is heavy
 
-    settings = settings_from(ctx)
-    try:
-        res = rollback(settings, model, to)
-    except _errors() as e:
-        _fail(str(e))
-    ok = all(o["status"] != "failed" and not (o["status"] == "skipped" and o["model"] == "*")
-             for v in res["instances"].values() for o in v.values())
-    if as_json:
-        click.echo(json.dumps(res, indent=1))
-    else:
-        console.print(f"rollback of {model}: v{res['from']} -> v{res['to']}")
-        ok = _print_outcomes(res["instances"]) and ok
-    if not ok:
-        ctx.exit(1)
+    run_command(ctx, model, "rollback", by, as_json, to=to)
 
 
 @click.command("versions")
@@ -148,41 +89,64 @@ def rollback_cmd(ctx, model, to, as_json):
 @json_option
 @click.pass_context
 def versions_cmd(ctx, instance, model, as_json):
-    """Per instance and version: published, pulled, loaded, live, failed (with the reason); and
-    each instance's lag behind the newest published version."""
-    from control.mirror.sync import lag_report  # noqa: PLC0415
+    """Per model: the versions published in S3, the desired stable/canary version, rejected versions
+    with their reasons, and what each instance's agent reports (target, live, state, error). All
+    from the S3 mirror: true with or without the control plane."""
+    # boto3 is heavy
+    from control.adapters import s3 as s3x  # noqa: PLC0415
+    from control.mirror.publish import list_models, published_versions, read_manifest  # noqa: PLC0415
+    from control.rollout.controller import from_settings  # noqa: PLC0415
 
     settings = settings_from(ctx)
-    st = MirrorState.for_settings(settings)
+    client = s3x.make_client(settings.s3)
+    ctl = from_settings(settings, client=client, audit=False)
     try:
-        published = st.published(model, present_only=False)
-        rows = st.rows(instance, model)
-        rejected = {(m, v): r for m in {p["model"] for p in published} for v, r in st.rejected(m).items()}
-        lag = [r for r in lag_report(settings, st) if (not instance or r["instance"] == instance)
-               and (not model or r["model"] == model)]
+        status = ctl.status(model)
+        models = [model] if model else sorted(set(list_models(client, settings.s3)) | set(status["models"]))
+        out = {}
+        for m in models:
+            info = status["models"].get(m) or ctl.status(m)["models"][m]
+            published = []
+            for v in published_versions(client, settings.s3, m):
+                try:
+                    man = read_manifest(client, settings.s3, m, v)
+                except ManifestError as e:
+                    published.append({"version": v, "error": str(e)})
+                    continue
+                if man is not None:
+                    published.append({"version": v, "files": len(man.files), "bytes": man.total_bytes,
+                                      "created": man.created, "content_sha256": man.content_sha256})
+            insts = {n: i for n, i in info["instances"].items() if not instance or n == instance}
+            out[m] = {"published": published, "stable": info["stable"], "canary": info["canary"],
+                      "phase": info["phase"], "rejected": info["rejected"], "instances": insts}
+    except _errors() as e:
+        _fail(str(e))
     finally:
-        st.close()
+        ctl.close()
     if as_json:
-        click.echo(json.dumps({"published": published, "instances": rows, "lag": lag,
-                               "rejected": [{"model": m, "version": v, "reason": r} for (m, v), r in rejected.items()]},
-                              indent=1))
+        click.echo(json.dumps({"models": out, "problems": status["problems"]}, indent=1, default=str))
         return
-    t = Table("model", "version", "in S3", "files", "size", "published", "note", title="published")
-    for p in published:
-        note = rejected.get((p["model"], p["version"]), "")
-        t.add_row(p["model"], str(p["version"]), "yes" if p["present"] else "retired", str(p["files"]),
-                  _mb(p["bytes"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["published_at"])),
-                  f"rejected: {note}" if note else "")
-    console.print(t)
-    t = Table("instance", "model", "version", "status", "updated", "reason", title="instances")
-    for r in rows:
-        style = {"live": "green", "failed": "red"}.get(r["status"], "")
-        t.add_row(r["instance"], r["model"], str(r["version"]),
-                  f"[{style}]{r['status']}[/{style}]" if style else r["status"],
-                  time.strftime("%H:%M:%S", time.localtime(r["updated_at"])), r["reason"] or "")
-    console.print(t)
-    t = Table("instance", "model", "live", "newest", "lag (versions)", "lag (s)", "last sync error", title="lag")
-    for r in lag:
-        t.add_row(r["instance"], r["model"], str(r["live"] or "-"), str(r["newest"] or "-"), str(r["lag_versions"]),
-                  f"{r['lag_s']:.0f}", r["last_sync_error"] or "")
-    console.print(t)
+    for m, info in out.items():
+        canary = f", canary v{info['canary']['version']}" if info["canary"] else ""
+        t = Table("version", "files", "size", "published", "note",
+                  title=f"{m}: stable v{info['stable']}{canary} ({info['phase']})", title_justify="left")
+        for p in info["published"]:
+            v = p["version"]
+            rej = info["rejected"].get(v)
+            note = (f"rejected: {rej['reason']}" if rej else "stable" if v == info["stable"]
+                    else "canary" if info["canary"] and v == info["canary"]["version"] else "")
+            if "error" in p:
+                t.add_row(str(v), "-", "-", "-", f"[red]{p['error']}[/red]")
+            else:
+                t.add_row(str(v), str(p["files"]), _mb(p["bytes"]),
+                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["created"])), note)
+        console.print(t)
+        t = Table("instance", "site", "target", "live", "state", "age s", "error", box=None)
+        for n, i in info["instances"].items():
+            style = {"live": "green", "failed": "red"}.get(str(i.get("state")), "")
+            state = str(i.get("state", "-"))
+            t.add_row(n, i["site"], str(i.get("target", "-")), str(i.get("live", "-")),
+                      f"[{style}]{state}[/{style}]" if style else state, str(i["age_s"]), str(i.get("error") or ""))
+        console.print(t)
+    for p in status["problems"]:
+        console.print(f"[yellow]warning:[/yellow] {p}")

@@ -38,7 +38,8 @@ def _errors():
     return (CommandError, DesiredStateError, S3Error)
 
 
-def _run(ctx, model: str, kind: str, by: str | None, as_json: bool, **kw) -> None:
+def run_command(ctx, model: str, kind: str, by: str | None, as_json: bool, **kw) -> None:
+    """One command through the rollout machine, straight against S3 (daemon or not); prints the transition."""
     from control.rollout.phases import Command, CommandKind  # noqa: PLC0415
     ctl = _controller(ctx)
     try:
@@ -125,7 +126,7 @@ _COMMANDS = {
 
 def _command(kind: str, help_text: str, option) -> None:
     def cmd(ctx, model, by, as_json, **extra):
-        _run(ctx, model, kind, by, as_json, **extra)
+        run_command(ctx, model, kind, by, as_json, **extra)
     if option is not None:
         flag, keyword, option_help = option
         cmd = click.option(flag, keyword, type=int, default=None, help=option_help)(cmd)

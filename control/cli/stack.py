@@ -23,7 +23,7 @@ console = Console()
 @click.option("--no-control", is_flag=True, help="Do not start the control-plane daemon.")
 @click.pass_context
 def up_cmd(ctx, with_prometheus: bool, no_control: bool) -> None:
-    """Start the local stack: S3 endpoint, Tritons, HAProxy, control plane, supervisor.
+    """Start the local stack: S3 endpoint, Tritons with their agents, HAProxy, control plane, supervisor.
     Components already running are kept; only the missing ones are started."""
     settings = settings_from(ctx)
     try:
@@ -39,7 +39,8 @@ def up_cmd(ctx, with_prometheus: bool, no_control: bool) -> None:
     console.print(f"  clients, gRPC : {h.host}:{h.grpc_port}")
     console.print(f"  HAProxy stats : http://{h.host}:{h.stats_port}/stats (Prometheus: /metrics)")
     for inst in settings.instances:
-        console.print(f"  {inst.name:<13} : {inst.http_url} (gRPC {inst.grpc_url}, metrics {inst.metrics_url})")
+        console.print(f"  {inst.name:<13} : {inst.http_url} (gRPC {inst.grpc_url}, metrics {inst.metrics_url}, "
+                      f"agent {inst.agent_url})")
     c = settings.control
     console.print(f"  control API   : http://{c.api_host}:{c.api_port} (metrics :{c.metrics_port})")
     if with_prometheus:
@@ -73,7 +74,7 @@ def status_cmd(ctx, as_json: bool) -> None:
     weights = next((c.get("weights", {}) for c in st["components"] if c["kind"] == "haproxy"), {})
     # Narrow columns only, details below the table: readable in an 80-column terminal and when piped.
     table = Table(title=f"triton-hybrid stack ({st['run_dir']})", title_justify="left")
-    for col in ("component", "kind", "state", "pid", "weight h/g", "lag"):
+    for col in ("component", "kind", "state", "pid", "weight h/g", "not live"):
         table.add_column(col, no_wrap=True)
     details = []
     for c in st["components"]:
@@ -92,11 +93,16 @@ def status_cmd(ctx, as_json: bool) -> None:
         w = ""
         if c["kind"] == "triton":
             w = f"{weights.get('be_triton_http', {}).get(c['name'], '-')}/{weights.get('be_triton_grpc', {}).get(c['name'], '-')}"
-        lag = str(c["sync_lag_versions"]) if c["kind"] == "triton" and c.get("sync") else ""
-        table.add_row(c["name"], c["kind"], health, str(c["pid"] or "-"), w, lag)
+        # Models the agent does not serve at their desired version yet (a rollout, a failure).
+        not_live = str(len(c["not_live"])) if c["kind"] == "agent" and "not_live" in c else ""
+        table.add_row(c["name"], c["kind"], health, str(c["pid"] or "-"), w, not_live)
         endpoints = " ".join(str(c[k]) for k in ("url", "http", "grpc", "api") if c.get(k))
         models = ", ".join(f"{m} v{'/'.join(map(str, v))}" for m, v in sorted(c.get("models", {}).items()))
-        lines = [x for x in (endpoints, models and f"models: {models}", *notes) if x]
+        versions = ", ".join(f"{m} v{r['live']}" + (f"->v{r['target']} {r['state']}" if m in c["not_live"] else "")
+                             for m, r in sorted(c.get("versions", {}).items()))
+        if c.get("error"):
+            notes.append(f"[yellow]{c['error']}[/yellow]")
+        lines = [x for x in (endpoints, models and f"models: {models}", versions and f"serves: {versions}", *notes) if x]
         if lines:
             details.append(f"[bold]{c['name']}[/bold]: " + "\n  ".join(lines))
     console.print(table)
@@ -119,6 +125,6 @@ def status_cmd(ctx, as_json: bool) -> None:
 @click.command("supervise")
 @click.pass_context
 def supervise_cmd(ctx) -> None:
-    """Restart crashed Tritons of the local stack (started by `up`, stopped by `down`)."""
+    """Restart crashed Tritons and agents of the local stack (started by `up`, stopped by `down`)."""
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     Supervisor(settings_from(ctx)).run()

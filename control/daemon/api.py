@@ -16,6 +16,9 @@ constant time). No or wrong token -> 401; bad input -> 400 with a message naming
   GET    /v1/scale                   scaler config, cloud instances, state, last decision, cost
   GET    /v1/scale/history?since=10m&limit=100&all=1    scaling decisions with reasons
   GET    /v1/cost                    cost so far and burn rate per site, cloud budget
+  GET    /v1/rollouts[/<model>]      rollout phase, reason, stable/canary/rejected versions, agents, audit
+  POST   /v1/rollouts/<model>/<cmd>  cmd: start|pause|resume|promote|abort|rollback;
+                                     body {"version": N} for start, {"to": N} for rollback (optional)
 
 A slow or stuck client never reaches the control loop: waitress reads the whole request (headers
 and body, at most control.api_max_header_bytes / api_max_body_bytes) on its own I/O thread and
@@ -35,6 +38,8 @@ from werkzeug.exceptions import HTTPException
 from control.capacity.cost import cost_summary
 from control.durations import DurationError, parse_duration, since_to_ts
 from control.http_api import WaitressServer, bearer_refusal, json_response
+from control.mirror.manifest import ManifestError, validate_model_name
+from control.rollout.phases import Command, CommandError, CommandKind
 from control.traffic.policy import SITES
 
 log = logging.getLogger(__name__)
@@ -176,6 +181,32 @@ class AdminService:
     def cost(self) -> dict:
         return cost_summary(self.settings)
 
+    def rollouts(self, model: str | None = None) -> dict:
+        return self.c.rollout.controller.status(model)
+
+    def rollout_command(self, model: str, kind: str, body: dict, by: str) -> dict:
+        """One operator command through the rollout machine (the same as `triton-hybrid rollout ...`)."""
+        try:
+            ck = CommandKind(kind)
+        except ValueError:
+            raise BadRequest("command", f"unknown rollout command {kind!r}; one of "
+                                        f"{', '.join(k.value for k in CommandKind)}") from None
+        try:
+            validate_model_name(model)
+        except ManifestError as e:
+            raise BadRequest("model", str(e)) from None
+        args = {}
+        for field in {CommandKind.START: ("version",), CommandKind.ROLLBACK: ("to",)}.get(ck, ()):
+            v = body.get(field)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise BadRequest(field, f"must be a version number >= 1, got {v!r}")
+            args[field] = v
+        try:
+            t = self.c.rollout.controller.command(model, Command(ck, by=by, **args))
+        except CommandError as e:
+            raise BadRequest("command", str(e)) from None
+        return {"transition": t.to_dict() if t is not None else None}
+
 
 def create_app(settings, service: AdminService) -> Flask:
     token_b = settings.control.admin_token.get_secret_value().encode()
@@ -237,6 +268,16 @@ def create_app(settings, service: AdminService) -> Flask:
     ]
     for k, (path, method, fn) in enumerate(routes):
         app.add_url_rule(path, f"r{k}", (lambda fn=fn: json_response(200, fn())), methods=[method], strict_slashes=False)
+
+    @app.get("/v1/rollouts")
+    @app.get("/v1/rollouts/<model>")
+    def rollouts(model: str | None = None):
+        return json_response(200, service.rollouts(model))
+
+    @app.post("/v1/rollouts/<model>/<kind>")
+    def rollout_command(model: str, kind: str):
+        return json_response(200, service.rollout_command(model, kind, body(), by()))
+
     return app
 
 

@@ -3,7 +3,7 @@
   Registry     (control/daemon/registry.py)      instances (mutable at run time) and scaler drains
   TrafficJob   (control/daemon/traffic_job.py)   poll + health + decide + apply + audit + export
   CapacityJob  (control/daemon/capacity_job.py)  cost ledger + scale decision + scale actuator
-  MirrorJob    (control/daemon/mirror_job.py)    control.mirror.sync.sync_all on a schedule
+  RolloutJob   (control/daemon/rollout_job.py)   model version rollouts (control/rollout/) + agent metrics
 
 `Controller` builds them around one settings object, one audit database and one metrics registry;
 `Daemon` schedules what each job lists (APScheduler) and serves the admin API and /metrics.
@@ -29,8 +29,8 @@ from control.daemon.api import serve_api
 from control.daemon.capacity_job import CapacityJob
 from control.daemon.jobs import Job
 from control.daemon.metrics import ControlMetrics
-from control.daemon.mirror_job import MirrorJob
 from control.daemon.registry import Registry
+from control.daemon.rollout_job import RolloutJob
 from control.daemon.traffic_job import TrafficJob
 from control.http_api import WaitressServer
 from control.traffic.actuators import WeightActuator, make_actuator
@@ -67,11 +67,11 @@ class Controller:
         self.metrics.init_series(settings.instances, self.actuator.name)
         self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, clock)
         self.capacity = CapacityJob(settings, self.registry, self.traffic, self.audit, self.metrics, clock)
-        self.mirror = MirrorJob(settings, self.metrics, clock)
+        self.rollout = RolloutJob(settings, self.metrics, clock)
 
     @property
     def jobs(self) -> list[Job]:
-        return [self.traffic, self.mirror, self.capacity]
+        return [self.traffic, self.rollout, self.capacity]
 
     # ---- the registry (the scaler calls these) -------------------------------------------------
     def add_instance(self, inst: InstanceConfig) -> None:
@@ -93,9 +93,6 @@ class Controller:
     def tick(self) -> Decision:
         return self.traffic.tick()
 
-    def sync(self):
-        return self.mirror.sync()
-
     def scale_tick(self):
         return self.capacity.tick()
 
@@ -110,11 +107,10 @@ class Controller:
     last_error = _job_attr("traffic", "last_error")
     resumed_from = _job_attr("traffic", "resumed_from")
     ticks = _job_attr("traffic", "ticks")
-    last_sync = _job_attr("mirror", "last_sync")
     scaler = _job_attr("capacity", "scaler", writable=True)  # the daemon sets it when the scaler is enabled
 
     def status(self) -> dict:
-        return {**self.traffic.status(), "last_sync": self.mirror.last_sync, "scaling": self.capacity.summary()}
+        return {**self.traffic.status(), "rollout": self.rollout.last_tick, "scaling": self.capacity.summary()}
 
     def scale_status(self) -> dict:
         return self.capacity.status()

@@ -37,9 +37,12 @@ class ControlMetrics:
         self.failover = Gauge(p + "failover_active", "1 while traffic is failed away from the site", ["site"], registry=r)
         self.override = Gauge(p + "override_active", "1 while a manual override is in force", registry=r)
         self.drained = Gauge(p + "drained", "1 for a drained site or instance", ["target"], registry=r)
-        self.sync_lag = Gauge(p + "sync_lag_versions", "Published minus live version", ["instance", "model"], registry=r)
-        self.live_version = Gauge(p + "live_version", "Version live on the instance", ["instance", "model"], registry=r)
-        self.last_sync = Gauge(p + "last_sync_timestamp_seconds", "Unix time of the last successful sync", registry=r)
+        self.version_lag = Gauge(p + "version_lag", "Desired minus live version, as the instance's agent reports",
+                                 ["instance", "model"], registry=r)
+        self.live_version = Gauge(p + "live_version", "Version live on the instance, as its agent reports (0: none)",
+                                  ["instance", "model"], registry=r)
+        self.last_rollout_tick = Gauge(p + "last_rollout_tick_timestamp_seconds",
+                                       "Unix time of the last completed rollout tick", registry=r)
         self.cloud_instances = Gauge(p + "cloud_instances", "Cloud instances the scaler sees", registry=r)
         self.scale_decisions = Counter(p + "scale_decisions", "Scaling decisions by action and reason",
                                        ["action", "reason"], registry=r)

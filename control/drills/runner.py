@@ -34,6 +34,7 @@ from control.drills.load import OpenLoopLoad, RequestSpec
 from control.drills.models import ADD_ONE, write_add_model
 from control.drills.report import analyze, write_report
 from control.local.admin_keys import ensure_admin_key
+from control.local.agents import start_host
 from control.local.haproxy import start_haproxy
 from control.local.isolated import PortPool, isolated_settings
 from control.local.procs import (
@@ -228,8 +229,7 @@ class DrillEnv:
     netns: dict = field(default_factory=dict)          # instance name -> SiteNetns
     proxies: dict = field(default_factory=dict)        # instance name -> [DelayProxy, ...]
     listen_ports: dict = field(default_factory=dict)   # instance name -> (http, grpc) Triton really binds
-    repositories: dict = field(default_factory=dict)   # instance name -> repository (S3-synced drills)
-    with_s3: bool = False                              # S3 endpoint + publish + verified pull before start
+    with_s3: bool = False                              # S3 mirror + an agent beside every Triton (version drills)
     s3_real_port: int | None = None                    # moto listens here; settings.s3.port is a proxy
     procs: dict = field(default_factory=dict)          # component name -> ManagedProcess
     events: list = field(default_factory=list)         # (t, name, details)
@@ -253,13 +253,14 @@ class DrillEnv:
 
     # Starting ------------------------------------------------------------------------------------
     def start_triton(self, inst) -> ManagedProcess:
+        """A Triton on the drill's repository (traffic drills: the version path is not under test);
+        version drills (`with_s3`) start hosts instead (`start_host`: agent + Triton, fed from S3)."""
         http_port, grpc_port = self.listen_ports.get(inst.name, (inst.http_port, inst.grpc_port))
         ns = self.netns.get(inst.name)
-        repository = self.repositories.get(inst.name, self.repository)
         if ns is None and (http_port, grpc_port) == (inst.http_port, inst.grpc_port):
-            proc = start_instance(self.settings, inst, repository, ready_timeout=90)
+            proc = start_instance(self.settings, inst, self.repository, ready_timeout=90)
         else:
-            argv = triton_argv(repository, http_port, grpc_port, inst.metrics_port, self.settings.run_path,
+            argv = triton_argv(self.repository, http_port, grpc_port, inst.metrics_port, self.settings.run_path,
                                admin_key=ensure_admin_key(self.settings, inst), host=inst.host,
                                extra_args=self.settings.triton.extra_args)
             prefix = ns.exec_prefix() if ns is not None else []
@@ -270,22 +271,31 @@ class DrillEnv:
         self.procs[inst.name] = proc
         return proc
 
+    def start_host(self, inst) -> None:
+        """The instance's agent prepares the desired versions from S3, its Triton starts on them, the
+        agent loop goes on beside it (control/local/agents.start_host, as `up` does)."""
+        for proc in start_host(self.settings, inst, ready_timeout=90):
+            self.procs[proc.name] = proc
+
     def start_haproxy(self) -> ManagedProcess:
         self.procs["haproxy"] = start_haproxy(self.settings)
         return self.procs["haproxy"]
 
     def start_s3(self) -> None:
         """moto on a port of its own behind a TCP proxy on `s3.port` (stopping the proxy is the
-        outage: connections refused, the bucket's data kept), then publish + verified pull."""
+        outage: connections refused, the bucket's data kept), then publish + desired stable versions."""
+        # boto3 only for the version drills
+        from control.adapters import s3 as s3x  # noqa: PLC0415
+        from control.mirror.desired import DesiredStore, seed_stable  # noqa: PLC0415
         from control.mirror.publish import publish_repository  # noqa: PLC0415
-        from control.mirror.sync import prepare_instance_repository  # noqa: PLC0415
         self.s3_real_port = ports_besides(self.settings, 1)[0]
         real = self.settings.model_copy(update={"s3": self.settings.s3.model_copy(update={"port": self.s3_real_port})})
         self.procs["s3"] = start_s3_server(real)
         self.start_s3_proxy()
-        publish_repository(self.settings, self.repository, progress=False)
-        for inst in self.settings.instances:
-            self.repositories[inst.name] = prepare_instance_repository(self.settings, inst)
+        client = s3x.make_client(self.settings.s3)
+        published = publish_repository(self.settings, self.repository, progress=False, client=client)
+        DesiredStore(client, self.settings.s3).update(
+            seed_stable({r.model: r.version for r in published}), by="drill")
 
     def start_s3_proxy(self) -> None:
         s3 = self.settings.s3
@@ -308,7 +318,10 @@ class DrillEnv:
             for (port, real) in zip((inst.http_port, inst.grpc_port), self.listen_ports.get(inst.name, ())):
                 if port != real:
                     self.proxies.setdefault(inst.name, []).append(DelayProxy(inst.host, port, inst.host, real).start())
-            self.start_triton(inst)
+            if self.with_s3:
+                self.start_host(inst)
+            else:
+                self.start_triton(inst)
         self.start_haproxy()
         if self.with_control:
             self.start_control()

@@ -4,6 +4,7 @@ pointed at this machine's run dir, as a managed process of its own (`agent-<inst
     prepare_host(settings, inst)   # `agent --once` in this process: the stable versions on disk
     start_agent(settings, inst)    # the agent loop beside the instance's Triton, its API on agent_port
     wait_agent_ready(...)          # until its /ready says every model is live at its desired version
+    start_host(settings, inst)     # the three above around the instance's Triton (`up`, the local scaler)
 
 The agent is the only writer of `run_dir/instances/<name>/repository` (DESIGN.md, "Hosts, agents and
 desired state"): `up`, the supervisor and the local scaler start Triton on that directory and leave
@@ -30,12 +31,14 @@ from control.local.procs import (
     ManagedProcess,
     NotReady,
     http_ok,
+    load_managed,
     private_dir,
     require_free_ports,
     start_ready,
     wait_for_process,
     write_private,
 )
+from control.local.triton_server import start_instance
 
 PREFIX = "agent-"
 
@@ -115,6 +118,36 @@ def start_agent(settings, instance, argv_prefix: list[str] | None = None, timeou
                        "answering /healthz", meta={"kind": "agent", "instance": instance.name})
 
 
+def start_host(settings, instance, ready_timeout: float | None = None, say=lambda _m: None,
+               triton_running: bool = False, agent_running: bool = False) -> list[ManagedProcess]:
+    """One instance's host, as a Kubernetes pod runs it: `agent --once` prepares the desired versions
+    on disk (the init container), Triton starts on them (`--load-model=*` loads each live
+    config.pbtxt), then the agent loop starts beside it (the sidecar); returns once the agent's
+    /ready says every model is live at its desired version, smoke-checked. A part already running
+    (`up` after a crash) is kept: a running agent has the repository prepared already. Returns the
+    processes started; on failure stops them and raises ComponentError."""
+    timeout = ready_timeout or settings.triton.startup_timeout_s
+    procs: list[ManagedProcess] = []
+    try:
+        if not triton_running:
+            if not agent_running:
+                say(f"preparing {instance.name}'s models (its agent, once)")
+                prepare_host(settings, instance)
+            say(f"starting Triton {instance.name} ({instance.site}) on {instance.http_url}")
+            procs.append(start_instance(settings, instance, repository_path(settings, instance), ready_timeout=timeout))
+        if agent_running:
+            agent = load_managed(settings.run_path, agent_name(instance))
+        else:
+            say(f"starting {instance.name}'s agent on {instance.agent_url}")
+            procs.append(agent := start_agent(settings, instance))
+        wait_agent_ready(agent, instance, timeout)
+    except BaseException:
+        for p in reversed(procs):
+            p.stop()
+        raise
+    return procs
+
+
 def agent_ready(instance, timeout: float = 2.0) -> bool:
     try:
         return requests.get(f"{instance.agent_url}/ready", timeout=timeout).status_code == 200
@@ -122,24 +155,34 @@ def agent_ready(instance, timeout: float = 2.0) -> bool:
         return False
 
 
+def _ready_body(instance) -> dict:
+    try:
+        return requests.get(f"{instance.agent_url}/ready", timeout=2.0).json()
+    except (requests.RequestException, ValueError) as e:
+        return {"ready": False, "last_error": f"/ready unreadable ({type(e).__name__})"}
+
+
+def _summary(body: dict) -> str:
+    waiting = body.get("not_live") or {}
+    return "; ".join(f"{m} v{r.get('target')}: {r.get('state')} {r.get('error') or r.get('reason') or ''}".strip()
+                     for m, r in waiting.items()) or body.get("last_error") or "nothing reported"
+
+
 def wait_agent_ready(proc: ManagedProcess, instance, timeout: float) -> None:
-    """Until the agent's /ready is 200 (every model live at its desired version); the error carries
-    what /ready says is not live yet."""
+    """Until the agent's /ready is 200 (every model live at its desired version). A version that
+    failed on the host (verify, load, smoke: the agent does not retry it) ends the wait at once;
+    the error names each model that is not live and why."""
+    def failed() -> str | None:
+        body = _ready_body(instance)
+        bad = any(r.get("state") in ("failed", "refused") for r in (body.get("not_live") or {}).values())
+        return f"a desired version failed on this host: {_summary(body)}" if bad else None
+
     try:
         wait_for_process(lambda: agent_ready(instance), proc, timeout, "ready (/ready: every model live)",
-                         interval=0.2)
+                         interval=0.2, failed=failed)
     except NotReady as e:
-        raise ComponentError(proc.name, f"{e}; not live: {agent_status_summary(instance)}", e.log_tail) from None
-
-
-def agent_status_summary(instance) -> str:
-    try:
-        body = requests.get(f"{instance.agent_url}/ready", timeout=2.0).json()
-    except (requests.RequestException, ValueError) as e:
-        return f"/ready unreadable ({type(e).__name__})"
-    waiting = body.get("not_live") or {}
-    return "; ".join(f"{m}: {r.get('state')} {r.get('error') or r.get('reason') or ''}".strip()
-                     for m, r in waiting.items()) or body.get("last_error") or "nothing reported"
+        raise ComponentError(proc.name, f"{e.message}; not live: {_summary(_ready_body(instance))}",
+                             e.log_tail) from None
 
 
 def agent_status(settings, instance, timeout: float = 2.0) -> dict:

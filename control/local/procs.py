@@ -45,8 +45,7 @@ class ComponentError(RuntimeError):
     """A component failed to start or stop; the message names it and shows its log tail."""
 
     def __init__(self, component: str, message: str, log_tail: str = ""):
-        self.component = component
-        self.log_tail = log_tail
+        self.component, self.message, self.log_tail = component, message, log_tail
         text = f"{component}: {message}"
         if log_tail:
             text += f"\n--- last lines of the {component} log ---\n{log_tail}"
@@ -373,15 +372,21 @@ class NotReady(ComponentError):
 
 
 def wait_for_process(check: Callable[[], bool], proc: ManagedProcess, timeout: float, what: str,
-                     interval: float = 0.1, log_lines: int = 25) -> None:
-    """Wait for `check()` on a component; fail fast if its process dies, with its log tail."""
+                     interval: float = 0.1, log_lines: int = 25,
+                     failed: Callable[[], str | None] | None = None) -> None:
+    """Wait for `check()` on a component; fail fast if its process dies, with its log tail, or when
+    `failed()` names a reason the wait can never succeed."""
+    def abort() -> str | None:
+        if not proc.alive:
+            return "process exited"
+        return failed() if failed is not None else None
+
     try:
-        waiting.wait_until(check, timeout, what, interval=interval,
-                           abort=lambda: None if proc.alive else "process exited")
+        waiting.wait_until(check, timeout, what, interval=interval, abort=abort)
     except waiting.WaitTimeout:
         raise NotReady(proc.name, f"not {what} after {timeout:.0f}s", proc.log_tail(log_lines)) from None
-    except RuntimeError:
-        raise NotReady(proc.name, f"exited while waiting for {what}", proc.log_tail(log_lines)) from None
+    except RuntimeError as e:
+        raise NotReady(proc.name, f"{e}", proc.log_tail(log_lines)) from None
 
 
 def require_free_ports(component: str, ports: Iterable[tuple[str, str, int]],

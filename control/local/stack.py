@@ -1,5 +1,8 @@
-"""The local hybrid stack: S3 endpoint -> publish + pull -> one Triton per instance -> HAProxy ->
-control-plane daemon (and Prometheus on request) -> the supervisor that restarts a crashed Triton.
+"""The local hybrid stack: S3 endpoint -> publish + desired state -> per instance a host (its agent
+prepares the desired versions, its Triton starts on them, the agent loop goes on beside it) ->
+HAProxy -> control-plane daemon (and Prometheus on request) -> the supervisor that restarts a
+crashed Triton or agent. The same architecture as two real sites: the stack never writes an
+instance's repository, its agent does (docs/agent.md).
 `up` starts the components in that order, only those not already running (a second `up` after a
 crash or a manual stop completes the stack), and, when one cannot start, stops what it started and
 raises an error that names the component and shows its log. `down` stops only what the pid files
@@ -20,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control.capacity.cost import cost_summary
 from control.daemon.client import weights_summary
 from control.local.admin_keys import admin_key
+from control.local.agents import agent_name, agent_ready, agent_status, start_host
 from control.local.haproxy import start_haproxy
 from control.local.procs import (
     AlreadyRunning,
@@ -38,7 +42,6 @@ from control.local.s3_endpoint import start_s3_server
 from control.local.supervisor import NAME as SUPERVISOR_NAME
 from control.local.supervisor import read_state as supervisor_state
 from control.local.supervisor import start_supervisor
-from control.local.triton_server import start_instance
 
 CONTROL_NAME = "control"
 Say = Callable[[str], None]
@@ -70,35 +73,25 @@ def running_components(settings) -> list[str]:
     return [n for n in managed_names(settings.run_path) if (p := load_managed(settings.run_path, n)) and p.alive]
 
 
-def stage_repositories(settings, say: Say = _quiet, only: list[str] | None = None) -> dict[str, object]:
-    """Publish the built repository to S3, then pull a verified copy for every managed instance
-    (or those named in `only`: a running Triton's repository is sync's business)."""
+def publish_models(settings, say: Say = _quiet) -> dict[str, int]:
+    """Publish the built repository to S3 and, on a first deployment, make each model's newest
+    published version its stable version in the desired state (a model with a stable version keeps
+    it: newer versions go through the rollout). Returns {model: stable version}."""
     repo_dir = settings.path(settings.models.repository_dir)
     if not repo_dir.is_dir() or not any(repo_dir.iterdir()):
         raise ComponentError("model repository", f"{repo_dir} is missing or empty; build it first with "
                                                  "`triton-hybrid export` and `triton-hybrid repo build` (`make demo` does both)")
-    from control.mirror.publish import publish_repository  # noqa: PLC0415 - boto3 only when needed
-    from control.mirror.sync import prepare_instance_repository  # noqa: PLC0415
+    # boto3 only when needed
+    from control.adapters import s3 as s3x  # noqa: PLC0415
+    from control.mirror.desired import DesiredStore, seed_stable  # noqa: PLC0415
+    from control.mirror.publish import publish_repository  # noqa: PLC0415
 
     say(f"publishing {repo_dir} to s3://{settings.s3.bucket}/{settings.s3.prefix}/")
-    publish_repository(settings, repo_dir, progress=False)
-    staged = {}
-    for inst in settings.instances:
-        if inst.managed and (only is None or inst.name in only):
-            say(f"pulling the verified repository for {inst.name}")
-            staged[inst.name] = prepare_instance_repository(settings, inst)
-    return staged
-
-
-def go_live(settings, inst) -> None:
-    """Smoke-test what the new Triton loaded and mark it live in the sync state (the same check
-    every later version passes); a model that fails it stops `up`."""
-    from control.mirror.sync import sync_instance  # noqa: PLC0415
-
-    failed = [o for o in sync_instance(settings, inst) if o.status in ("failed", "skipped")]
-    if failed:
-        raise ComponentError(inst.name, "models loaded but failed the go-live check: " +
-                             "; ".join(f"{o.model} v{o.version}: {o.reason}" for o in failed))
+    client = s3x.make_client(settings.s3)
+    results = publish_repository(settings, repo_dir, progress=False, client=client)
+    store = DesiredStore(client, settings.s3)
+    state = store.update(seed_stable({r.model: r.version for r in results}), by="triton-hybrid up")
+    return {m: st.stable for m, st in state.models.items() if st.stable is not None}
 
 
 def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
@@ -122,6 +115,7 @@ def planned_ports(settings, with_control: bool, with_prometheus: bool = False,
         if inst.managed:
             out += [(inst.name, f"instances[{idx}].{f}", inst.host, getattr(inst, f))
                     for f in ("http_port", "grpc_port", "metrics_port")]
+            out.append((agent_name(inst), f"instances[{idx}].agent_port", inst.host, inst.agent_port))
     h = settings.haproxy
     out += [("haproxy", f"haproxy.{f}", h.host, getattr(h, f)) for f in ("http_port", "grpc_port", "stats_port")]
     if with_control:
@@ -158,17 +152,17 @@ def up(settings, with_prometheus: bool = False, with_control: bool | None = None
             say(f"starting the local S3 endpoint on {settings.s3.url}")
             stack.procs.append(start_s3_server(settings))
             s3_started = True
-        missing = [i for i in settings.instances if i.managed and i.name not in running]
+        hosts = [i for i in settings.instances if i.managed]
+        missing = [i for i in hosts if i.name not in running or agent_name(i) not in running]
         # moto keeps objects in memory: a new S3 endpoint needs the repository published again.
-        repos = stage_repositories(settings, say, only=[i.name for i in missing]) if missing or s3_started else {}
+        if missing or s3_started:
+            publish_models(settings, say)
         for inst in missing:
-            say(f"starting Triton {inst.name} ({inst.site}) on {inst.http_url}")
             try:
-                stack.procs.append(start_instance(settings, inst, repos[inst.name]))
+                stack.procs += start_host(settings, inst, say=say, triton_running=inst.name in running,
+                                          agent_running=agent_name(inst) in running)
             except AlreadyRunning:  # the supervisor restarted it meanwhile
                 say(f"{inst.name} was started meanwhile; kept")
-                continue
-            go_live(settings, inst)
         if "haproxy" not in running:
             say(f"starting HAProxy on {settings.haproxy.host}:{settings.haproxy.http_port} (HTTP) and "
                 f":{settings.haproxy.grpc_port} (gRPC)")
@@ -193,7 +187,9 @@ def down(settings, say: Say = _quiet) -> list[str]:
     """Stop every component whose pid file is in the run dir, the supervisor first (so it restarts
     nothing), then newest layer first; reap the leftovers of components that died. Raises
     ComponentError naming every component some process of which would not go."""
-    order = [SUPERVISOR_NAME, "prometheus", CONTROL_NAME, "haproxy"] + [i.name for i in settings.instances] + ["s3"]
+    # An agent before its Triton: it never loads into a Triton that is going away.
+    order = [SUPERVISOR_NAME, "prometheus", CONTROL_NAME, "haproxy"] + [agent_name(i) for i in settings.instances] \
+        + [i.name for i in settings.instances] + ["s3"]
     names = managed_names(settings.run_path)
     stopped, failed = [], []
     for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
@@ -271,24 +267,32 @@ def status(settings) -> dict:
         info["healthy"] = False
     comps.append(info)
 
-    lag: dict[str, list[dict]] = {}
-    if settings.database_path.exists():
-        from control.mirror.sync import lag_report  # noqa: PLC0415
-
-        for row in lag_report(settings):
-            lag.setdefault(row["instance"], []).append(row)
     for inst in settings.instances:
         info = proc_info(inst.name) | {"kind": "triton", "site": inst.site, "http": inst.http_url,
                                        "grpc": inst.grpc_url, "metrics": inst.metrics_url}
         t = _triton_status(settings, inst)
         info["healthy"] = t["ready"]
         info["models"] = t["models"]
-        # Live vs newest published version per model, from the sync state (no S3 call).
-        info["sync"] = lag.get(inst.name, [])
-        info["sync_lag_versions"] = sum(r["lag_versions"] for r in info["sync"])
         if inst.name in sup:
             info["restarts"] = sup[inst.name]["restarts"]
             info["restart_given_up"] = sup[inst.name]["given_up"]
+        comps.append(info)
+        name = agent_name(inst)
+        info = proc_info(name) | {"kind": "agent", "instance": inst.name, "api": inst.agent_url}
+        if info["running"]:
+            # What the agent reports (its API, with the instance's token): per model target, live, state.
+            st = agent_status(settings, inst)
+            info["healthy"] = agent_ready(inst)
+            info["error"] = st.get("error") or st.get("last_error") or ""
+            info["versions"] = {m: {k: r.get(k) for k in ("target", "live", "state", "error")}
+                                for m, r in (st.get("models") or {}).items()}
+            info["not_live"] = sorted(m for m, r in info["versions"].items()
+                                      if r["state"] != "live" or r["live"] != r["target"])
+        else:
+            info["healthy"] = False
+        if name in sup:
+            info["restarts"] = sup[name]["restarts"]
+            info["restart_given_up"] = sup[name]["given_up"]
         comps.append(info)
 
     h = settings.haproxy

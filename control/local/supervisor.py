@@ -2,13 +2,14 @@
 its own and stopped first by `down`. It needs nothing but the run dir's pid files, so it keeps
 working while the control daemon is down.
 
-Every `poll_interval_s` it looks at each managed Triton of the config. One whose pid file is
-there (not removed by a deliberate stop, not marked `stopping`) but whose process is gone has
-crashed: the supervisor at once reaps what the dead server left in its process group (its
-Python-backend stubs), then restarts it with the same argv-building code and the same
-per-instance repository (whose config.pbtxt files pin the live versions, so `--load-model=*`
-loads what was served before), backing off per `decide`. HAProxy's health check on
-/v2/health/ready puts the instance back into rotation only once it is ready.
+Every `poll_interval_s` it looks at each managed instance's Triton and host agent. One whose pid
+file is there (not removed by a deliberate stop, not marked `stopping`) but whose process is gone
+has crashed: the supervisor at once reaps what the dead process left in its process group (a
+Triton's Python-backend stubs), then restarts it with the same code `up` uses, backing off per
+`decide`. A Triton restarts on the same per-instance repository (its agent's config.pbtxt files
+pin the live versions, so `--load-model=*` loads what was served before); HAProxy's health check
+on /v2/health/ready puts it back into rotation only once it is ready, and its agent smoke-checks
+the reloaded versions again.
 
 Records: a log line per event (logs/supervisor.log) and <run_dir>/supervisor/state.json (0600):
 per instance the restart counter, recent restart times, whether it gave up, and the last events.
@@ -27,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
+from control.local.agents import agent_name, repository_path, start_agent
 from control.local.procs import (
     AlreadyRunning,
     ComponentError,
@@ -100,15 +102,24 @@ def _instance_state() -> dict:
     return {"restarts": 0, "restart_times": [], "crashed_at": None, "given_up": None, "events": []}
 
 
+def supervised(settings) -> dict[str, Callable[[], ManagedProcess]]:
+    """{component name: how to start it again}: each managed instance's Triton and agent."""
+    out: dict[str, Callable[[], ManagedProcess]] = {}
+    for inst in settings.instances:
+        if inst.managed:
+            out[inst.name] = lambda i=inst: start_instance(settings, i, repository_path(settings, i))
+            out[agent_name(inst)] = lambda i=inst: start_agent(settings, i)
+    return out
+
+
 class Supervisor:
-    def __init__(self, settings, clock: Callable[[], float] = time.time,
-                 start: Callable[[object, object, str], ManagedProcess] | None = None):
+    def __init__(self, settings, clock: Callable[[], float] = time.time):
         self.settings = settings
         self.cfg = settings.triton.supervise
         self.clock = clock
-        self._start = start or start_instance
+        self.components = supervised(settings)
         previous = read_state(settings).get("instances", {})
-        self.instances = {i.name: previous.get(i.name, _instance_state()) for i in settings.instances if i.managed}
+        self.instances = {name: previous.get(name, _instance_state()) for name in self.components}
 
     def _event(self, name: str, event: Event, message: str, **details) -> None:
         st = self.instances[name]
@@ -122,27 +133,26 @@ class Supervisor:
                                        indent=1))
 
     def tick(self) -> None:
-        for inst in self.settings.instances:
-            if inst.managed:
-                self._check(inst)
+        for name in self.components:
+            self._check(name)
         self.save()
 
-    def _check(self, inst) -> None:
-        st = self.instances[inst.name]
-        proc = load_managed(self.settings.run_path, inst.name)
+    def _check(self, name: str) -> None:
+        st = self.instances[name]
+        proc = load_managed(self.settings.run_path, name)
         if proc is None or proc.stopping:  # never started, or stopped on purpose: not ours to restart
             st["crashed_at"] = None
             return
         if proc.alive:
             if st["crashed_at"] is not None or st["given_up"]:
-                self._event(inst.name, Event.RECOVERED, f"running again (pid {proc.pid})", pid=proc.pid)
+                self._event(name, Event.RECOVERED, f"running again (pid {proc.pid})", pid=proc.pid)
             st["crashed_at"], st["given_up"] = None, None
             return
         now = self.clock()
         if st["crashed_at"] is None:
             st["crashed_at"] = now
-            self._event(inst.name, Event.CRASHED, f"process {proc.pid} is gone", pid=proc.pid)
-        self._reap(inst.name, proc)
+            self._event(name, Event.CRASHED, f"process {proc.pid} is gone", pid=proc.pid)
+        self._reap(name, proc)
         if st["given_up"]:
             return
         d = decide(now, st["crashed_at"], st["restart_times"], self.cfg)
@@ -150,23 +160,22 @@ class Supervisor:
             return
         if d.action is Action.GIVE_UP:
             st["given_up"] = d.reason
-            self._event(inst.name, Event.GAVE_UP, f"not restarting any more: {d.reason}; run `triton-hybrid up` "
+            self._event(name, Event.GAVE_UP, f"not restarting any more: {d.reason}; run `triton-hybrid up` "
                                                   "after fixing the cause")
             return
         st["restart_times"] = [t for t in st["restart_times"] if now - t < self.cfg.window_s] + [now]
-        repository = proc.meta.get("repository") or str(_default_repository(self.settings, inst))
         try:
-            new = self._start(self.settings, inst, repository)
+            new = self.components[name]()
         except AlreadyRunning:
             return  # `up` (or an operator) started it meanwhile; the next tick sees it alive
         except ComponentError as e:
             st["crashed_at"] = self.clock()  # the next backoff counts from this failure
-            self._event(inst.name, Event.RESTART_FAILED, f"restart failed ({d.reason}): {e}".splitlines()[0])
+            self._event(name, Event.RESTART_FAILED, f"restart failed ({d.reason}): {e}".splitlines()[0])
             return
         st["restarts"] += 1
         ready_s = round(self.clock() - st["crashed_at"], 2)
         st["crashed_at"] = None
-        self._event(inst.name, Event.RESTARTED, f"restarted as pid {new.pid}, ready {ready_s}s after the crash was "
+        self._event(name, Event.RESTARTED, f"restarted as pid {new.pid}, ready {ready_s}s after the crash was "
                                                 f"seen ({d.reason}; {st['restarts']} restarts in all)",
                     pid=new.pid, seconds_to_ready=ready_s)
 
@@ -196,11 +205,6 @@ class Supervisor:
                 time.sleep(self.cfg.poll_interval_s)
         finally:
             log.info("stopped")
-
-
-def _default_repository(settings, inst) -> Path:
-    from control.mirror.sync import repository_path  # noqa: PLC0415 - boto3 only when needed
-    return repository_path(settings, inst)
 
 
 def start_supervisor(settings) -> ManagedProcess:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,3 +233,31 @@ def reject(model: str, version: int, reason: str, by: str, now: float) -> Callab
             m.canary = None
         return s
     return change
+
+
+def seed_stable(versions: Mapping[str, int]) -> Callable[[DesiredState], DesiredState | None]:
+    """A change for `DesiredStore.update`: the first deployment. Each model that has no stable
+    version yet gets `versions[model]` (not a rejected one) as stable: with nothing serving there is
+    nothing to compare a canary with (the rollout machine's own rule, Reason.FIRST_VERSION). Models
+    that have a stable version keep it: a newer version goes through a rollout. None: no change."""
+    def change(s: DesiredState) -> DesiredState | None:
+        changed = False
+        for model, version in sorted(versions.items()):
+            m = s.models.setdefault(model, ModelState())
+            if m.stable is None and version not in m.rejected:
+                m.stable, changed = version, True
+        return s if changed else None
+    return change
+
+
+def versions_in_use(desired: DesiredState, statuses: Mapping[str, InstanceStatus], model: str) -> set[int]:
+    """Versions of `model` that must stay published: stable, the canary, and what any agent reports
+    as its target or live version (a host still serving an older one must be able to pull it again)."""
+    out: set[int] = set()
+    m = desired.models.get(model)
+    if m is not None:
+        out |= {v for v in (m.stable, m.canary.version if m.canary else None) if v is not None}
+    for st in statuses.values():
+        r = st.models.get(model) or {}
+        out |= {v for v in (r.get("target"), r.get("live")) if isinstance(v, int)}
+    return out

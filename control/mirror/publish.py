@@ -14,9 +14,9 @@ One version is published in this order (see control/mirror/manifest.py for the l
    others are uploaded through boto3's transfer manager (multipart above
    ``s3.multipart_threshold_mb``) with a rich progress bar. Every write carries SSE;
 5. write the manifest *last*, with If-None-Match: * -- of two concurrent publishers exactly one
-   wins, the other gets PublishConflict. Readers (sync) only see versions with a manifest, so an
-   interrupted publish is invisible;
-6. release the lock, record the version in the control plane's state, apply S3 retention.
+   wins, the other gets PublishConflict. Readers (agents, the rollout) only see versions with a
+   manifest, so an interrupted publish is invisible;
+6. release the lock, apply S3 retention (never a version the desired state or an agent still uses).
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ from rich.progress import (  # noqa: PLC0415
 )
 
 from control.adapters import s3 as s3x
+from control.mirror.desired import DesiredStateError, DesiredStore, versions_in_use
 from control.mirror.manifest import (
     CONTROL_DIR,
     LOCK_NAME,
@@ -54,7 +55,6 @@ from control.mirror.manifest import (
     validate_version,
     version_of,
 )
-from control.mirror.state import MirrorState
 
 log = logging.getLogger("triton_hybrid.mirror")
 
@@ -237,7 +237,7 @@ class _Progress:
 
 
 def publish_version(settings, repo_dir: str | Path, model: str, version: int | None = None, *,
-                    progress: bool = False, client=None, state=None, lock_stale_s: float = 900.0,
+                    progress: bool = False, client=None, lock_stale_s: float = 900.0,
                     break_lock: bool = False, retention: bool = True) -> PublishResult:
     """Publish `repo_dir/<model>/<version>` (newest local version by default) to S3."""
     s3cfg = settings.s3
@@ -273,7 +273,6 @@ def publish_version(settings, repo_dir: str | Path, model: str, version: int | N
                 f"(by {existing.publisher or '?'}); published versions are immutable, publish a new version number")
         result.status = "already-published"
         result.skipped_files, result.skipped_bytes = len(manifest.files), manifest.total_bytes
-        _record(settings, state, existing)
         result.seconds = time.monotonic() - t0
         return result
 
@@ -301,10 +300,8 @@ def publish_version(settings, repo_dir: str | Path, model: str, version: int | N
     finally:
         if ok:
             _release_lock(client, s3cfg, lock_key, me)
-    manifest_obj = parse_manifest(manifest.to_json(), model, version)
-    _record(settings, state, manifest_obj)
     if retention:
-        result.retired = apply_s3_retention(settings, model, client=client, state=state)
+        result.retired = apply_s3_retention(settings, model, client=client)
     result.seconds = time.monotonic() - t0
     return result
 
@@ -375,55 +372,35 @@ def _upload_files(settings, client, model_dir: Path, manifest: Manifest, result:
     manifest.files = [replace(f, etag=etags.get(f, f.etag)) for f in manifest.files]
 
 
-def _record(settings, state, manifest: Manifest) -> None:
-    st = state or _open_state(settings)
-    if st is None:
-        return
-    try:
-        st.record_published(manifest.model, manifest.version, manifest.content_sha256, len(manifest.files),
-                            manifest.total_bytes, manifest.created)
-    finally:
-        if state is None:
-            st.close()
-
-
-def _open_state(settings):
-    try:
-        return MirrorState.for_settings(settings)
-    except Exception:  # noqa: BLE001 - publishing does not need the database
-        return None
-
-
-def apply_s3_retention(settings, model: str, client=None, state=None) -> list[int]:
-    """Delete published versions beyond the newest `s3.keep_versions`, never one that is live on
-    an instance (per the state database). The manifest goes first: the version disappears for
-    readers before its files do."""
+def apply_s3_retention(settings, model: str, client=None) -> list[int]:
+    """Delete published versions beyond the newest `s3.keep_versions`, never one in use: stable,
+    canary, or reported live/targeted by any agent (all read from S3, so a lost control-plane
+    database changes nothing). When the desired state cannot be read, nothing is deleted. The
+    manifest goes first: the version disappears for readers before its files do."""
     s3cfg = settings.s3
     keep_n = max(1, s3cfg.keep_versions)
     client = client or s3x.make_client(s3cfg)
     versions = published_versions(client, s3cfg, model)
     if len(versions) <= keep_n:
         return []
-    st = state or _open_state(settings)
+    store = DesiredStore(client, s3cfg)
     try:
-        live = st.live_versions_anywhere(model) if st else set()
-        if st is None:
-            return []  # without the state we cannot know what is live: delete nothing
-        keep = set(versions[-keep_n:]) | live
-        retired = []
-        for v in versions:
-            if v in keep:
-                continue
-            vp = s3x.version_prefix(s3cfg, model, v)
-            s3x.delete_keys(client, s3cfg.bucket, [vp + MANIFEST_NAME])
-            s3x.delete_keys(client, s3cfg.bucket, s3x.list_keys(client, s3cfg.bucket, vp))
-            st.mark_unpublished(model, v)
-            st.event(None, model, v, "retired-s3", f"beyond the newest {keep_n} versions")
-            retired.append(v)
-        return retired
-    finally:
-        if state is None and st is not None:
-            st.close()
+        statuses, _ = store.statuses()
+        in_use = versions_in_use(store.read().state, statuses, model)
+    except (DesiredStateError, s3x.S3Error) as e:
+        log.warning("S3 retention of %s skipped: what is in use is unknown (%s)", model, e)
+        return []
+    keep = set(versions[-keep_n:]) | in_use
+    retired = []
+    for v in versions:
+        if v in keep:
+            continue
+        vp = s3x.version_prefix(s3cfg, model, v)
+        s3x.delete_keys(client, s3cfg.bucket, [vp + MANIFEST_NAME])
+        s3x.delete_keys(client, s3cfg.bucket, s3x.list_keys(client, s3cfg.bucket, vp))
+        log.info("retired %s v%d from S3 (beyond the newest %d versions)", model, v, keep_n)
+        retired.append(v)
+    return retired
 
 
 def repository_models(repo_dir: Path) -> list[str]:
@@ -444,10 +421,5 @@ def publish_repository(settings, repo_dir: str | Path, progress: bool = True, cl
         raise PublishError(f"{repo_dir} does not exist; build the repository first (`triton-hybrid repo build`)")
     client = client or s3x.make_client(settings.s3)
     s3x.ensure_bucket(client, settings.s3)
-    state = _open_state(settings)
-    try:
-        return [publish_version(settings, repo_dir, m, progress=progress, client=client, state=state)
-                for m in (models or repository_models(repo_dir))]
-    finally:
-        if state is not None:
-            state.close()
+    return [publish_version(settings, repo_dir, m, progress=progress, client=client)
+            for m in (models or repository_models(repo_dir))]

@@ -25,8 +25,8 @@ from control.mirror.desired import (
     DesiredState,
     DesiredStore,
     InstanceStatus,
-    Read,
     ModelState,
+    Read,
 )
 from control.mirror.publish import list_models, published_versions
 from control.rollout.analysis import MetricWindow
@@ -148,6 +148,7 @@ class RolloutController:
         self.metrics = RolloutMetrics(registry)
         self.lock = threading.Lock()
         self.last_problems: list[str] = []
+        self.last_statuses: dict[str, InstanceStatus] = {}  # what the agents reported at the last tick
         self._written: DesiredState | None = None  # what the last _run left in S3
 
     @property
@@ -164,6 +165,7 @@ class RolloutController:
         with self.lock:
             now = self.clock()
             statuses, self.last_problems = self.store.statuses()
+            self.last_statuses = statuses
             for p in self.last_problems:
                 log.warning("agent status skipped: %s", p)
             read = self.store.read()
