@@ -3,7 +3,6 @@ control/deploy/kustomize.py), the HAProxy configs rendered by the same
 generator as the local stack, Grafana provisioning and dashboards, systemd units, IAM policies."""
 from __future__ import annotations
 
-import configparser
 import importlib.util
 import json
 import re
@@ -26,6 +25,7 @@ from control.deploy.kustomize import (
     source_problems,
 )
 from control.deploy.render import K8S_REGISTRY, render_haproxy
+from control.deploy.systemd import host_unit_problems, parse_unit
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -71,34 +71,198 @@ def test_onprem_overlay_has_triton_control_plane_and_haproxy(_overlay):
     assert [c["name"] for c in control["spec"]["template"]["spec"]["containers"]] == ["haproxy", "control"]
 
 
+def _containers(deployment: dict) -> dict[str, dict]:
+    spec = deployment["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]}
+
+
 def test_overlay_patches_merge_by_name_and_references_follow_the_prefix(_overlay):
     r = _overlay("onprem")
     triton = r.get("Deployment", "onprem-triton")
     spec = triton["spec"]["template"]["spec"]
-    c = spec["containers"][0]
-    env = {e["name"]: e for e in c["env"]}
-    assert env["MODEL_REPOSITORY"]["value"].startswith("s3://http://minio.")
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "onprem-triton-s3-credentials"
-    assert env["TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "onprem-triton-admin-key"
+    c = _containers(triton)
     assert spec["serviceAccountName"] == "onprem-triton"
     assert spec["nodeSelector"] == {"triton-hybrid/gpu-node": "onprem"}
     assert triton["spec"]["replicas"] == 2
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    assert set(secrets.values()) == {"onprem-triton-s3-credentials", "onprem-triton-admin-key",
+                                     "onprem-triton-agent-token"}
+    site = r.get("ConfigMap", "onprem-triton-agent-site")["data"]
+    assert site["TRITON_HYBRID__AGENT__SITE"] == "onprem"
+    assert site["TRITON_HYBRID__S3__ENDPOINT_URL"] == "http://minio.storage.svc.cluster.local:9000"
+    for name in ("agent-init", "agent"):
+        assert {"configMapRef": {"name": "onprem-triton-agent-site"}} in c[name]["envFrom"]
     # the patch did not drop what it does not mention
-    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["triton"]["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["triton"]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert triton["spec"]["selector"]["matchLabels"]["triton-hybrid/site"] == "onprem"
 
 
 def test_cloud_overlay(_overlay):
     r = _overlay("cloud")
-    triton = r.get("Deployment", "cloud-triton")
-    env = {e["name"]: e.get("value") for e in triton["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MODEL_REPOSITORY"] == "s3://acme-search-triton-models/repository"
-    assert env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    site = r.get("ConfigMap", "cloud-triton-agent-site")["data"]
+    assert site["TRITON_HYBRID__AGENT__SITE"] == "cloud"
+    assert site["TRITON_HYBRID__S3__BUCKET"] == "acme-search-triton-models"
+    assert site["TRITON_HYBRID__S3__REGION"] == "eu-west-1"
     svc = r.get("Service", "cloud-triton")
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internal"
     assert not r.get("Deployment", "cloud-triton-hybrid-control")  # the control plane runs on-prem
+
+
+@pytest.mark.parametrize("site", ["onprem", "cloud"])
+def test_triton_pod_runs_its_agent_as_init_container_and_sidecar_on_one_repository(_overlay, site, tmp_path):
+    """The agent prepares the stable versions before Triton starts (init, `agent --once`), then loads and
+    follows the desired state (sidecar); both write the volume Triton serves; Triton is Ready only when
+    the agent says every model is live; the agent's config names exactly that directory and port."""
+    r = _overlay(site)
+    triton = r.get("Deployment", f"{site}-triton")
+    spec = triton["spec"]["template"]["spec"]
+    c = _containers(triton)
+    assert [x["name"] for x in spec["initContainers"]] == ["agent-init"]
+    assert [x["name"] for x in spec["containers"]] == ["triton", "agent"]
+    assert " ".join(c["agent-init"]["command"] + c["agent-init"].get("args", [])).endswith("triton-hybrid agent --once")
+    assert " ".join(c["agent"]["command"] + c["agent"].get("args", [])).endswith("triton-hybrid agent")
+    tcmd = " ".join(c["triton"]["command"] + c["triton"]["args"])
+    assert "--model-control-mode=explicit" in tcmd and "--load-model" not in tcmd
+    repo = re.search(r"--model-repository=(\S+)", tcmd).group(1)
+    volume = {v["name"]: v for v in spec["volumes"]}["models"]
+    assert "emptyDir" in volume
+    for name in ("triton", "agent-init", "agent"):
+        assert [m["mountPath"] for m in c[name]["volumeMounts"] if m["name"] == "models"] == ["/models"]
+    # The agent's own config, as the pod gets it: the rendered ConfigMap + the site ConfigMap's overrides.
+    files = r.get("ConfigMap", f"{site}-triton-agent-config")["data"]
+    (tmp_path / "agent.yaml").write_text(files["agent.yaml"])
+    env = dict(r.get("ConfigMap", f"{site}-triton-agent-site")["data"])
+    mounts = {m["name"]: m["mountPath"] for m in c["agent"]["volumeMounts"]}
+    env_of = {e["name"]: e.get("value") for e in c["agent"]["env"]}
+    assert env_of["TRITON_HYBRID_CONFIG"] == f"{mounts['agent-config']}/agent.yaml"
+    cfg = load_config(tmp_path / "agent.yaml", environ=env)
+    assert cfg.agent.site == site and not cfg.s3.start_local_server
+    assert cfg.agent.repository_dir == repo
+    assert Path(cfg.agent.state_path).parent == Path(repo).parent  # same volume: renames are atomic
+    assert cfg.agent.triton_url == "http://127.0.0.1:8000"  # the pod's own loopback
+    assert cfg.agent.api_host == "0.0.0.0"  # the kubelet probes the pod's address
+    probe = c["triton"]["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/ready", "port": cfg.agent.api_port}
+    assert {p["containerPort"] for p in c["agent"]["ports"]} == {cfg.agent.api_port}
+    assert c["agent"]["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": cfg.agent.api_port}
+    # Each pod registers under its own name and the addresses the control plane reaches it on.
+    assert {"name": "TRITON_HYBRID__AGENT__INSTANCE",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["agent"]["env"]
+    assert env_of["TRITON_HYBRID__AGENT__ADVERTISE_HTTP_URL"] == "http://$(POD_IP):8000"
+
+
+@pytest.mark.parametrize("site", ["onprem", "cloud"])
+def test_triton_pod_secrets_are_files_only_where_they_are_needed(_overlay, site):
+    """Secrets reach the pod only as files (Secret volumes, 0400): Triton gets its admin key, the agent
+    its token, admin key and S3 keys; Triton never gets S3 keys nor the agent token."""
+    r = _overlay(site)
+    triton = r.get("Deployment", f"{site}-triton")
+    spec = triton["spec"]["template"]["spec"]
+    secret_volumes = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+    assert {v["defaultMode"] for v in secret_volumes.values()} == {0o400}
+    c = _containers(triton)
+    mounted = {n: {m["name"] for m in x.get("volumeMounts", []) if m["name"] in secret_volumes} for n, x in c.items()}
+    assert mounted == {"triton": {"admin-key"}, "agent-init": {"admin-key", "s3-credentials"},
+                       "agent": {"admin-key", "s3-credentials", "agent-token"}}
+    text = json.dumps(triton)
+    assert "secretKeyRef" not in text and "secretRef" not in text
+
+
+def _secret_files(root: Path, token: bool) -> Path:
+    for vol, key, value in (("admin-key", "TRITON_ADMIN_KEY", "adm1n"),
+                            ("s3-credentials", "AWS_ACCESS_KEY_ID", "AKID"),
+                            ("s3-credentials", "AWS_SECRET_ACCESS_KEY", "s3cret"),
+                            ("agent-token", "AGENT_TOKEN", "t0ken")):
+        if vol != "agent-token" or token:
+            (root / vol).mkdir(parents=True, exist_ok=True)
+            (root / vol / key).write_text(value + "\n")
+    return root
+
+
+def _fake(bindir: Path, name: str, body: str) -> None:
+    bindir.mkdir(exist_ok=True)
+    (bindir / name).write_text(f"#!/bin/sh\n{body}\n")
+    (bindir / name).chmod(0o755)
+
+
+def test_triton_container_reads_its_admin_key_from_the_secret_file(_overlay, tmp_path):
+    """Triton's command, run by a real shell (Kubernetes' `$$` escapes undone, the secret directory moved
+    to tmp, a stand-in `tritonserver` that prints its arguments): both restricted-API flags get the key
+    from the file; without the file the container stops before starting Triton."""
+    c = _containers(_overlay("onprem").get("Deployment", "onprem-triton"))["triton"]
+    assert c["command"][:1] == ["/opt/nvidia/nvidia_entrypoint.sh"] and c["command"][1:3] == ["/bin/sh", "-c"]
+    script = c["args"][0].replace("$$", "$").replace("/run/secrets/triton-hybrid", str(tmp_path / "secrets"))
+    _fake(tmp_path / "bin", "tritonserver", 'printf "%s\\n" "$@"')
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    r = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, env=env, timeout=20)
+    assert r.returncode != 0 and "TRITON_ADMIN_KEY" in r.stderr and not r.stdout  # no key file: no Triton
+    _secret_files(tmp_path / "secrets", token=False)
+    r = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, env=env, timeout=20)
+    args = r.stdout.splitlines()
+    assert r.returncode == 0, r.stderr
+    assert "--http-restricted-api=model-repository:admin-key=adm1n" in args
+    assert "--grpc-restricted-protocol=model-repository:admin-key=adm1n" in args
+    assert "--model-repository=/models/repository" in args and "--model-control-mode=explicit" in args
+
+
+@pytest.mark.parametrize("container", ["agent-init", "agent"])
+def test_agent_containers_get_their_secrets_from_the_secret_files(_overlay, tmp_path, container):
+    """agent-env.sh (from the rendered ConfigMap) run by a real shell with a stand-in `triton-hybrid`
+    that prints the agent's environment: the S3 keys and the admin key from their files, the token
+    only where its volume is mounted (the sidecar); a missing file stops the container."""
+    r = _overlay("onprem")
+    c = _containers(r.get("Deployment", "onprem-triton"))[container]
+    script = r.get("ConfigMap", "onprem-triton-agent-config")["data"]["agent-env.sh"]
+    (tmp_path / "agent-env.sh").write_text(script.replace("/run/secrets/triton-hybrid", str(tmp_path / "secrets")))
+    assert c["command"][:2] == ["/bin/sh", "/etc/triton-hybrid/agent-env.sh"]
+    _fake(tmp_path / "bin", "triton-hybrid", 'echo "args=$*"; env | grep "^TRITON_HYBRID__" | sort')
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    cmd = ["/bin/sh", str(tmp_path / "agent-env.sh"), *c["command"][2:]]
+    failed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
+    assert failed.returncode != 0 and "args=" not in failed.stdout
+    mounted = {m["name"] for m in c["volumeMounts"]}
+    _secret_files(tmp_path / "secrets", token="agent-token" in mounted)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "args=" + " ".join(c["command"][3:])
+    want = {"TRITON_HYBRID__S3__ACCESS_KEY_ID=AKID", "TRITON_HYBRID__S3__SECRET_ACCESS_KEY=s3cret",
+            "TRITON_HYBRID__AGENT__ADMIN_KEY=adm1n"}
+    if container == "agent":
+        want.add("TRITON_HYBRID__AGENT__TOKEN=t0ken")
+    assert set(lines[1:]) == want
+
+
+def test_no_s3_model_repository_anywhere_under_deploy():
+    """One way to serve models: Triton serves the directory its agent writes. No manifest, unit or
+    registry points Triton at the mirror (`s3://`); only docs/examples of the mirror's keys may."""
+    hits = [str(f.relative_to(PROJECT_ROOT)) for f in DEPLOY.rglob("*") if f.is_file()
+            and f.suffix in (".yaml", ".yml", ".service", ".env", ".example", ".cfg")
+            and ("s3://" in f.read_text() or "MODEL_REPOSITORY" in f.read_text())]
+    assert not hits, hits
+
+
+def test_triton_networkpolicy_admits_only_the_control_plane_and_the_other_site(_overlay):
+    """Triton's port 8000 serves inference and (admin-key protected) the repository API: one port, so
+    it cannot be loopback-only; a NetworkPolicy admits only HAProxy/the control plane (and, at the
+    cloud site, the on-prem range through the internal load balancer)."""
+    for site in ("onprem", "cloud"):
+        r = _overlay(site)
+        pol = r.get("NetworkPolicy", f"{site}-triton")
+        assert pol, f"no NetworkPolicy for {site}-triton"
+        pod_labels = r.get("Deployment", f"{site}-triton")["spec"]["template"]["metadata"]["labels"]
+        assert all(pod_labels.get(k) == v for k, v in pol["spec"]["podSelector"]["matchLabels"].items())
+        assert pol["spec"]["policyTypes"] == ["Ingress"]
+        sources = [f for rule in pol["spec"]["ingress"] for f in rule.get("from", [])]
+        assert sources and all(f for f in sources)  # no empty peer (= everyone)
+        assert all(rule.get("from") for rule in pol["spec"]["ingress"])  # no rule open to all sources
+    onprem = _overlay("onprem").get("NetworkPolicy", "onprem-triton")
+    control = _overlay("onprem").get("Deployment", "onprem-triton-hybrid-control")
+    clabels = control["spec"]["template"]["metadata"]["labels"]
+    assert any(all(clabels.get(k) == v for k, v in f.get("podSelector", {}).get("matchLabels", {"x": "y"}).items())
+               for rule in onprem["spec"]["ingress"] for f in rule["from"])
 
 
 def test_no_inline_secret_anywhere_and_secret_env_files_are_ignored_by_git():
@@ -132,6 +296,7 @@ def _tree(tmp_path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
+# A Triton pod of the host-agent shape that passes every check; tests break one thing at a time.
 DEPLOY_TMPL = """apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: triton}}
@@ -142,11 +307,25 @@ spec:
       labels: {{app: t}}
       annotations: {{prometheus.io/scrape: "true", prometheus.io/port: "8002"}}
     spec:
+      initContainers:
+        - name: agent-init
+          image: registry.example/agent:1.0
+          command: [triton-hybrid, agent, --once]
+          volumeMounts: [{{name: models, mountPath: /models}}]
       containers:
         - name: triton
           image: nvcr.io/nvidia/tritonserver:24.10-py3
-          readinessProbe: {{httpGet: {{path: {path}, port: 8000}}}}
+          args: [tritonserver, --model-repository=/models/repository, --model-control-mode=explicit]
+          readinessProbe: {{httpGet: {{path: {path}, port: 8400}}}}
           resources: {{limits: {{nvidia.com/gpu: 1}}}}
+          volumeMounts: [{{name: models, mountPath: /models, readOnly: true}}]
+        - name: agent
+          image: registry.example/agent:1.0
+          command: [triton-hybrid, agent]
+          ports: [{{name: agent, containerPort: 8400}}]
+          volumeMounts: [{{name: models, mountPath: /models}}]
+      volumes:
+        - {{name: models, emptyDir: {{}}}}
 """
 KUSTOMIZATION = "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [d.yaml{extra}]\n"
 
@@ -157,19 +336,73 @@ def _problems(root: Path) -> list[str]:
 
 def test_checker_flags_an_inline_secret(tmp_path):
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=", s.yaml"),
-                            "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready"),
+                            "d.yaml": DEPLOY_TMPL.format(path="/ready"),
                             "s.yaml": "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {k: hunter2}\n"})
     assert any("inline data" in p for p in source_problems(root))
 
 
 def test_checker_flags_a_wrong_readiness_path(tmp_path):
+    """Triton's readiness is its agent's /ready (every model live at its desired version), not Triton's
+    own: a Triton that is up with the wrong version, or none, must not join the Service."""
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=""),
-                            "d.yaml": DEPLOY_TMPL.format(path="/v2/health/live")})
-    assert any("/v2/health/ready" in p for p in object_problems(render(root)))
+                            "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready")})
+    assert any("readinessProbe must GET /ready on the agent sidecar's port" in p
+               for p in object_problems(render(root)))
+
+
+def _rendered_template(tmp_path, old: str, new: str, count: int = 1) -> list[str]:
+    dep = DEPLOY_TMPL.format(path="/ready")
+    assert old in dep, old
+    root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=""),
+                            "d.yaml": dep.replace(old, new, count)})
+    return object_problems(render(root))
+
+
+def test_the_checkers_template_passes(tmp_path):
+    assert _rendered_template(tmp_path, "/ready", "/ready") == []
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("command: [triton-hybrid, agent, --once]", "command: [sleep, '1']",
+     "no init container runs `triton-hybrid agent --once`"),
+    ("command: [triton-hybrid, agent]", "command: [triton-hybrid, agent, --once]",
+     "no sidecar container runs `triton-hybrid agent`"),
+    ("--model-repository=/models/repository", "--model-repository=s3://bucket/repository", "names an s3:// location"),
+    ("--model-repository=/models/repository", "--model-repository=s3://bucket/repository",
+     "must be a directory of the pod that its agent writes"),
+    ("--model-control-mode=explicit", "--model-control-mode=poll", "--model-control-mode=explicit"),
+    ("--model-control-mode=explicit]", "--model-control-mode=explicit, --load-model=*]", "must not take --load-model"),
+    ("mountPath: /models, readOnly: true", "mountPath: /other", "is on no volume the agent can share"),
+    ("mountPath: /models, readOnly: true", "mountPath: /models", "mount it readOnly"),
+    ("          volumeMounts: [{name: models, mountPath: /models}]\n      containers:",
+     "      containers:", "agent container agent-init does not mount models"),
+    ("readinessProbe: {httpGet: {path: /ready, port: 8400}}", "readinessProbe: {httpGet: {path: /ready, port: 8000}}",
+     "readinessProbe must GET /ready on the agent sidecar's port"),
+    ("resources: {limits: {nvidia.com/gpu: 1}}", "resources: {}", "no nvidia.com/gpu limit"),
+])
+def test_checker_flags_a_triton_pod_without_the_agent_shape(tmp_path, old, new, expected):
+    problems = _rendered_template(tmp_path, old, new)
+    assert any(expected in p for p in problems), problems
+
+
+def test_checker_flags_secrets_in_env_and_secret_files_others_can_read(tmp_path):
+    dep = DEPLOY_TMPL.format(path="/ready").replace(
+        "          ports: [{name: agent, containerPort: 8400}]",
+        "          ports: [{name: agent, containerPort: 8400}]\n"
+        "          env: [{name: T, valueFrom: {secretKeyRef: {name: s, key: T}}}]\n"
+        "          envFrom: [{secretRef: {name: s}}]").replace(
+        "        - {name: models, emptyDir: {}}",
+        "        - {name: models, emptyDir: {}}\n        - {name: s, secret: {secretName: s, defaultMode: 0444}}")
+    root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=", s.yaml"), "d.yaml": dep,
+                            "s.yaml": "apiVersion: v1\nkind: Secret\nmetadata: {name: s}\n"})
+    problems = object_problems(render(root))
+    assert any("takes env T from a Secret" in p for p in problems), problems
+    assert any("takes envFrom Secret s" in p for p in problems), problems
+    assert any("Secret volume s must have defaultMode 0400 (has 444)" in p for p in problems), problems
 
 
 def test_checker_flags_missing_references_and_secret_literals(tmp_path):
-    dep = DEPLOY_TMPL.format(path="/v2/health/ready").replace(
+    dep = DEPLOY_TMPL.format(path="/ready").replace(
         "          resources:", "          env:\n            - {name: X, valueFrom: {secretKeyRef: {name: nope, key: K}}}\n"
                                 "          resources:")
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra="") +
@@ -183,7 +416,7 @@ def test_checker_flags_missing_references_and_secret_literals(tmp_path):
 def test_checker_flags_a_committed_secret_env_file(tmp_path):
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra="") +
                             "secretGenerator:\n  - {name: s3, envs: [s3.env]}\n",
-                            "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready"),
+                            "d.yaml": DEPLOY_TMPL.format(path="/ready"),
                             "s3.env": "AWS_SECRET_ACCESS_KEY=hunter2\n", "s3.env.example": "AWS_SECRET_ACCESS_KEY=\n"})
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "add", "s3.env"], cwd=root, check=True)
@@ -192,9 +425,9 @@ def test_checker_flags_a_committed_secret_env_file(tmp_path):
 
 def test_an_absent_secret_env_file_renders_from_its_example(tmp_path):
     """As in CI: the real env file is absent, the render still has the Secret with every key."""
-    dep = DEPLOY_TMPL.format(path="/v2/health/ready").replace(
-        "          resources:", "          env:\n            - {name: X, valueFrom: {secretKeyRef: {name: s3, key: AWS_SECRET_ACCESS_KEY}}}\n"
-                                "          resources:")
+    dep = DEPLOY_TMPL.format(path="/ready").replace(
+        "        - {name: models, emptyDir: {}}",
+        "        - {name: models, emptyDir: {}}\n        - {name: s3, secret: {secretName: s3, defaultMode: 0400}}")
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra="") +
                             "generatorOptions: {disableNameSuffixHash: true}\n"
                             "secretGenerator:\n  - {name: s3, envs: [s3.env]}\n",
@@ -207,7 +440,7 @@ def test_an_absent_secret_env_file_renders_from_its_example(tmp_path):
 
 def test_schema_validation_catches_a_wrong_type(tmp_path):
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=""),
-                            "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready").replace("spec:\n  selector",
+                            "d.yaml": DEPLOY_TMPL.format(path="/ready").replace("spec:\n  selector",
                                                                                          "spec:\n  replicas: two\n  selector")})
     problems = schema_problems(render(root))
     assert any("replicas" in p and "integer" in p for p in problems), problems
@@ -215,7 +448,7 @@ def test_schema_validation_catches_a_wrong_type(tmp_path):
 
 def test_kubectl_kustomize_errors_are_reported(tmp_path):
     root = _tree(tmp_path, {"kustomization.yaml": KUSTOMIZATION.format(extra=", missing.yaml"),
-                            "d.yaml": DEPLOY_TMPL.format(path="/v2/health/ready")})
+                            "d.yaml": DEPLOY_TMPL.format(path="/ready")})
     with pytest.raises(KustomizeError, match="missing.yaml"):
         render(root)
 
@@ -295,31 +528,76 @@ def test_grafana_provisioning():
 
 # ---- systemd -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("unit", sorted(p.name for p in (DEPLOY / "systemd").glob("*.service")))
+SYSTEMD = DEPLOY / "systemd"
+AGENT_EXAMPLE = SYSTEMD / "agent.example.yaml"
+
+
+@pytest.mark.parametrize("unit", sorted(p.name for p in SYSTEMD.glob("*.service")))
 def test_systemd_unit(unit):
-    text = (DEPLOY / "systemd" / unit).read_text()
-    cp = configparser.ConfigParser(strict=False, interpolation=None, allow_no_value=True)
-    cp.optionxform = str
-    # systemd allows repeated keys (ExecReload twice); configparser does not: drop repeats.
-    seen, lines = set(), []
-    section = ""
-    for line in text.splitlines():
-        if line.startswith("["):
-            section = line
-        key = line.split("=", 1)[0] if "=" in line and not line.startswith((" ", "#")) else None
-        if key and (section, key) in seen:
-            continue
-        if key:
-            seen.add((section, key))
-        lines.append(line)
-    cp.read_string("\n".join(lines))
-    assert {"Unit", "Service", "Install"} <= set(cp.sections())
-    assert cp["Service"].get("ExecStart") and cp["Service"].get("Restart") == "on-failure"
-    assert cp["Service"].get("User") and cp["Service"].get("User") != "root"
-    assert cp["Install"].get("WantedBy") == "multi-user.target"
-    # Secrets only through systemd credentials: every *KEY/*TOKEN/*SECRET* assignment reads one.
-    inline = re.findall(r"\w*(?:KEY|TOKEN|SECRET)\w*=(?!\"\$\$\(cat \$\$\{CREDENTIALS_DIRECTORY\})\S+", text)
+    text = (SYSTEMD / unit).read_text()
+    u = parse_unit(text)
+    assert {"Unit", "Service", "Install"} <= set(u)
+    assert u["Service"].get("ExecStart") and u["Service"]["Restart"] == ["on-failure"]
+    assert u["Service"].get("User") and u["Service"]["User"] != ["root"]
+    assert u["Install"]["WantedBy"] == ["multi-user.target"]
+    # Secrets only through systemd credentials: every *KEY/*TOKEN/*SECRET* assignment reads one
+    # (its content, or the agent's *_FILE pointing into the credentials directory).
+    inline = re.findall(r"\w*(?:KEY|TOKEN|SECRET)\w*=(?!\"\$\$\(cat \$\$\{CREDENTIALS_DIRECTORY\}|"
+                        r"\"\$\$\{CREDENTIALS_DIRECTORY\}/)\S+", text)
     assert not inline, inline
+
+
+def test_triton_and_agent_units_of_a_gpu_host():
+    """Triton serves the directory its agent writes (the agent config's repository_dir), read-only to
+    it, nothing loaded at start; the agent runs after Triton, may write only the repository and its
+    state dir, and reads its token and admin key as systemd credentials."""
+    cfg = load_config(AGENT_EXAMPLE, environ={}).agent
+    assert cfg.instance and cfg.triton_url.startswith("http://127.0.0.1:")
+    assert host_unit_problems(SYSTEMD, cfg.repository_dir, str(cfg.state_path)) == []
+    triton = (SYSTEMD / "triton-hybrid-triton.service").read_text()
+    assert "pulled" not in triton and "control plane loads" not in triton
+
+
+@pytest.mark.parametrize("unit,old,new,expected", [
+    ("triton-hybrid-triton.service", "--model-control-mode=explicit", "--model-control-mode=explicit --load-model=*",
+     "no --load-model"),
+    ("triton-hybrid-triton.service", "--model-repository=/var/lib/triton-hybrid/repository",
+     "--model-repository=/srv/models", "--model-repository must be the agent's repository_dir"),
+    ("triton-hybrid-triton.service", "NoNewPrivileges=true", "ReadWritePaths=/var/lib/triton-hybrid",
+     "must be read-only to it"),
+    ("triton-hybrid-agent.service", "triton-hybrid agent'", "triton-hybrid agent --once'",
+     "ExecStart must run `triton-hybrid agent`"),
+    ("triton-hybrid-agent.service", "Wants=network-online.target triton-hybrid-triton.service",
+     "Wants=network-online.target",
+     "Wants= must name triton-hybrid-triton.service"),
+    ("triton-hybrid-agent.service", "ReadWritePaths=/var/lib/triton-hybrid/repository",
+     "ReadWritePaths=/var/lib/triton-hybrid", "ReadWritePaths= must be exactly"),
+    ("triton-hybrid-agent.service", "PrivateTmp=true", "PrivateTmp=false", "needs PrivateTmp=true"),
+    ("triton-hybrid-agent.service", "LoadCredential=agent-token:", "LoadCredential=other-token:",
+     "agent-token must be a LoadCredential="),
+])
+def test_host_unit_checker_flags_each_rule(tmp_path, unit, old, new, expected):
+    for f in SYSTEMD.glob("*.service"):
+        (tmp_path / f.name).write_text(f.read_text())
+    text = (tmp_path / unit).read_text()
+    assert old in text, old
+    (tmp_path / unit).write_text(text.replace(old, new, 1))
+    cfg = load_config(AGENT_EXAMPLE, environ={}).agent
+    problems = host_unit_problems(tmp_path, cfg.repository_dir, str(cfg.state_path))
+    assert any(expected in p for p in problems), problems
+
+
+def test_host_unit_checker_needs_the_agent_unit(tmp_path):
+    (tmp_path / "triton-hybrid-triton.service").write_text((SYSTEMD / "triton-hybrid-triton.service").read_text())
+    assert host_unit_problems(tmp_path, "/r", "/r.agent") == [
+        f"{tmp_path}: no triton-hybrid-agent.service (Triton and its host agent run side by side)"]
+
+
+def test_parse_unit_joins_continuations_and_keeps_repeats():
+    u = parse_unit("[Service]\n# c\nExecReload=a\nExecReload=b\nExecStart=/bin/sh -c 'x \\\n    y'\n")
+    assert u == {"Service": {"ExecReload": ["a", "b"], "ExecStart": ["/bin/sh -c 'x y'"]}}
+    with pytest.raises(ValueError, match="not a unit-file line"):
+        parse_unit("[Service]\nExecStart\n")
 
 
 def test_systemd_analyze_verify_syntax(tmp_path):
@@ -337,7 +615,7 @@ def test_systemd_analyze_verify_syntax(tmp_path):
 
 # ---- IAM ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["control-plane-policy.json", "triton-readonly-policy.json"])
+@pytest.mark.parametrize("name", ["control-plane-policy.json", "triton-agent-policy.json"])
 def test_iam_policies_are_least_privilege(name):
     doc = json.loads((DEPLOY / "iam" / name).read_text())
     assert doc["Version"] == "2012-10-17"
@@ -347,15 +625,22 @@ def test_iam_policies_are_least_privilege(name):
         assert all("*" not in a for a in actions), st["Sid"]
         assert all(r != "*" and not r.endswith(":::*") for r in resources), st["Sid"]
         if st["Effect"] == "Allow" and any(a.startswith("s3:") and a != "s3:ListBucket" for a in actions):
-            assert all(r.endswith("/repository/*") for r in resources), st["Sid"]
+            assert all(r.endswith("/repository/*") or "/repository/_control/" in r for r in resources), st["Sid"]
         if "s3:ListBucket" in actions:
             assert "s3:prefix" in json.dumps(st.get("Condition", {})), st["Sid"]
 
 
-def test_triton_policy_is_read_only():
-    doc = json.loads((DEPLOY / "iam" / "triton-readonly-policy.json").read_text())
-    actions = {a for st in doc["Statement"] for a in st["Action"]}
-    assert actions == {"s3:ListBucket", "s3:GetObject", "kms:Decrypt"}
+def test_agent_policy_reads_the_mirror_and_writes_only_agent_statuses():
+    """A host agent reads versions and the desired state; the only object it writes is its status
+    (`_control/status/<instance>.json`, its registration); never desired.json nor a version."""
+    doc = json.loads((DEPLOY / "iam" / "triton-agent-policy.json").read_text())
+    allow = {(a, r) for st in doc["Statement"] if st["Effect"] == "Allow" for a in st["Action"]
+             for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])}
+    s3_writes = {r for a, r in allow if a.startswith("s3:") and a not in ("s3:GetObject", "s3:ListBucket")}
+    assert {a for a, _ in allow} == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "kms:Decrypt",
+                                     "kms:GenerateDataKey"}
+    assert s3_writes == {"arn:aws:s3:::acme-search-triton-models/repository/_control/status/*"}
+    assert not (DEPLOY / "iam" / "triton-readonly-policy.json").exists()
 
 
 def test_sites_registry_loads():

@@ -9,12 +9,22 @@ Checks on the source tree (what a render cannot show): no Secret with inline `da
 no secretGenerator `literals`, every secret env file has a committed `.example` and is not itself
 committed. Checks on every rendered object: schema validation against the Kubernetes API
 (`kubernetes-validate`, offline); each pod template has Prometheus scrape annotations; images have a
-pinned tag; a container named `triton` has a readiness probe on /v2/health/ready and a GPU limit;
-every ConfigMap/Secret (and key), ServiceAccount and PVC a pod references exists in the same render;
-every Service selector matches a pod template.
+pinned tag; every ConfigMap/Secret (and key), ServiceAccount and PVC a pod references exists in the
+same render; every Service selector matches a pod template; no `s3://` anywhere (Triton never reads
+the mirror itself: its host agent does, docs/agent.md).
+
+The Triton pod (a pod with a container named `triton`) has the host-agent shape: a GPU limit;
+Triton in explicit model-control mode on a local directory, with no `--load-model` (the agent loads
+every model through the repository API); an init container `triton-hybrid agent --once` and a
+sidecar `triton-hybrid agent` that both mount, writable, the volume holding that directory, which
+Triton mounts read-only (the agent is its only writer); Triton's readiness probe is the sidecar's
+`/ready` (every model live at its desired version); secrets reach its containers only as files
+(Secret volumes with defaultMode 0400), never as environment variables.
 """
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -24,7 +34,9 @@ from pathlib import Path
 import kubernetes_validate
 import yaml
 
-READY_PATH = "/v2/health/ready"
+AGENT_READY_PATH = "/ready"           # the agent's readiness: every model live at its desired version
+SECRET_FILE_MODE = 0o400
+_AGENT = re.compile(r"\btriton-hybrid\b.*\sagent\b(?P<once>.*\s--once\b)?")
 KUBERNETES_VERSION = "1.30.0"  # the schema version objects are validated against (our clusters' floor)
 KUBECTL_INSTALL_HINT = (
     "kubectl is not installed: it renders the overlays (`kubectl kustomize`). Install it from your "
@@ -171,11 +183,93 @@ def schema_problems(resources: list[dict]) -> list[str]:
     return problems
 
 
+def _command(c: dict) -> str:
+    return " ".join(str(x) for x in c.get("command", []) + c.get("args", []))
+
+
+def _agent_kind(c: dict) -> str | None:
+    """"once" for `triton-hybrid agent --once`, "loop" for `triton-hybrid agent`, else None."""
+    m = _AGENT.search(_command(c))
+    return None if m is None else ("once" if m.group("once") else "loop")
+
+
+def _mount_of(c: dict, path: str) -> dict | None:
+    """The volumeMount of container c under which `path` lies (the longest mountPath)."""
+    hits = [m for m in c.get("volumeMounts", [])
+            if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    return max(hits, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def triton_pod_problems(where: str, spec: dict) -> list[str]:
+    """The host-agent shape of a pod with a container named `triton` (module docstring)."""
+    p: list[str] = []
+    triton = next(c for c in spec.get("containers", []) if c["name"] == "triton")
+    if "nvidia.com/gpu" not in (triton.get("resources") or {}).get("limits", {}):
+        p.append(f"{where}: triton has no nvidia.com/gpu limit")
+    cmd = _command(triton)
+    if "--model-control-mode=explicit" not in cmd:
+        p.append(f"{where}: triton must run with --model-control-mode=explicit (its agent loads the models)")
+    if "--load-model" in cmd:
+        p.append(f"{where}: triton must not take --load-model: the agent loads every model through the "
+                 "repository API (one way of loading)")
+    repo = re.search(r"--model-repository=(\S+)", cmd)
+    repo_path = repo.group(1).strip("'\"") if repo else ""
+    if not repo_path.startswith("/"):
+        p.append(f"{where}: triton's --model-repository must be a directory of the pod that its agent writes "
+                 f"(has {repo_path or 'none'!r})")
+    init = [c for c in spec.get("initContainers", []) if _agent_kind(c) == "once"]
+    sidecar = [c for c in spec.get("containers", []) if _agent_kind(c) == "loop"]
+    if not init:
+        p.append(f"{where}: no init container runs `triton-hybrid agent --once` (the stable versions on disk "
+                 "before Triton starts)")
+    if not sidecar:
+        p.append(f"{where}: no sidecar container runs `triton-hybrid agent` (it loads and follows the desired state)")
+    if repo_path.startswith("/"):
+        mount = _mount_of(triton, repo_path)
+        if mount is None:
+            p.append(f"{where}: triton's repository {repo_path} is on no volume the agent can share")
+        else:
+            if not mount.get("readOnly"):
+                p.append(f"{where}: triton mounts {mount['name']} writable; mount it readOnly: the agent is "
+                         "the repository's only writer")
+            for c in init + sidecar:
+                theirs = [m for m in c.get("volumeMounts", []) if m["name"] == mount["name"]]
+                if not theirs or any(m.get("readOnly") for m in theirs):
+                    p.append(f"{where}: agent container {c['name']} does not mount {mount['name']} (triton's "
+                             "repository) writable")
+    probe = (triton.get("readinessProbe") or {}).get("httpGet") or {}
+    agent_ports = {cp.get("containerPort") for c in sidecar for cp in c.get("ports", [])}
+    if probe.get("path") != AGENT_READY_PATH or probe.get("port") not in agent_ports:
+        p.append(f"{where}: triton's readinessProbe must GET {AGENT_READY_PATH} on the agent sidecar's port "
+                 f"(a port number among {sorted(x for x in agent_ports if x) or 'none'}; has "
+                 f"{probe.get('path')!r} on {probe.get('port')!r})")
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        for e in c.get("env", []):
+            if "secretKeyRef" in (e.get("valueFrom") or {}):
+                p.append(f"{where}: container {c['name']} takes env {e['name']} from a Secret; mount the Secret "
+                         "as files (defaultMode 0400)")
+        for ef in c.get("envFrom", []):
+            if "secretRef" in ef:
+                p.append(f"{where}: container {c['name']} takes envFrom Secret {ef['secretRef']['name']}; mount "
+                         "it as files (defaultMode 0400)")
+    for v in spec.get("volumes", []):
+        if "secret" in v:
+            modes = [v["secret"].get("defaultMode", 0o644)] + [i["mode"] for i in v["secret"].get("items", [])
+                                                                if "mode" in i]
+            if any(m != SECRET_FILE_MODE for m in modes):
+                p.append(f"{where}: Secret volume {v['name']} must have defaultMode 0400 (has "
+                         f"{', '.join(f'{m:o}' for m in modes)})")
+    return p
+
+
 def object_problems(resources: list[dict]) -> list[str]:
     p: list[str] = []
     by_kind: dict[str, dict[str, dict]] = {}
     for r in resources:
         by_kind.setdefault(r["kind"], {})[r["metadata"]["name"]] = r
+        if "s3://" in json.dumps(r):
+            p.append(f"{r['kind']} {r['metadata']['name']}: names an s3:// location; Triton serves the directory "
+                     "its agent writes (docs/agent.md), nothing reads the mirror through an s3:// repository")
     pod_labels = []
     for r in resources:
         spec = _pod_spec(r)
@@ -197,12 +291,8 @@ def object_problems(resources: list[dict]) -> list[str]:
             image = c.get("image", "")
             if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
                 p.append(f"{where}: container {c['name']} image {image!r} needs a pinned tag")
-            if c["name"] == "triton":
-                probe = (c.get("readinessProbe") or {}).get("httpGet") or {}
-                if probe.get("path") != READY_PATH:
-                    p.append(f"{where}: triton readinessProbe must GET {READY_PATH} (has {probe.get('path')!r})")
-                if "nvidia.com/gpu" not in (c.get("resources") or {}).get("limits", {}):
-                    p.append(f"{where}: triton has no nvidia.com/gpu limit")
+        if any(c["name"] == "triton" for c in spec.get("containers", [])):
+            p += triton_pod_problems(where, spec)
     for svc in by_kind.get("Service", {}).values():
         sel = svc.get("spec", {}).get("selector") or {}
         if not any(all(lbl.get(k) == v for k, v in sel.items()) for lbl in pod_labels):
