@@ -15,7 +15,7 @@ from control.agent.converge import (
     decide,
     plan,
 )
-from control.agent.main import read_secret
+from control.agent.main import AgentSetupError, read_secret
 from control.agent.pull import Throttle
 from control.local.admin_keys import admin_key, ensure_agent_token
 from control.local.agents import agent_config_for
@@ -142,3 +142,19 @@ def test_agent_config_for_an_instance_of_the_registry(settings_factory):
     assert read_secret(cfg.token, cfg.token_file, "agent.token") == ensure_agent_token(settings, inst)
     assert not cfg.admin_key.get_secret_value() and not cfg.token.get_secret_value()
     assert (cfg.api_port, cfg.advertise_agent_url) == (9999, inst.agent_url)
+
+
+def test_secret_files_may_be_group_readable_as_kubernetes_mounts_them_but_never_open_to_others(tmp_path):
+    from pydantic import SecretStr  # noqa: PLC0415
+
+    f = tmp_path / "token"
+    f.write_text("s3cret\n")
+    for mode in (0o600, 0o400, 0o440):  # 0440: a Secret volume with fsGroup (kubernetes#57923)
+        f.chmod(mode)
+        assert read_secret(SecretStr(""), str(f), "agent.token") == "s3cret"
+    for mode in (0o644, 0o604, 0o660):
+        f.chmod(mode)
+        with pytest.raises(AgentSetupError, match=r"open to others .*chmod 600"):
+            read_secret(SecretStr(""), str(f), "agent.token")
+    with pytest.raises(AgentSetupError, match="does not exist"):
+        read_secret(SecretStr(""), str(tmp_path / "missing"), "agent.token")

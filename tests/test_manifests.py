@@ -124,7 +124,7 @@ def test_triton_pod_runs_its_agent_as_init_container_and_sidecar_on_one_reposito
     assert " ".join(c["agent-init"]["command"] + c["agent-init"].get("args", [])).endswith("triton-hybrid agent --once")
     assert " ".join(c["agent"]["command"] + c["agent"].get("args", [])).endswith("triton-hybrid agent")
     tcmd = " ".join(c["triton"]["command"] + c["triton"]["args"])
-    assert "--model-control-mode=explicit" in tcmd and "--load-model" not in tcmd
+    assert "--model-control-mode=explicit --load-model=*" in tcmd
     repo = re.search(r"--model-repository=(\S+)", tcmd).group(1)
     volume = {v["name"]: v for v in spec["volumes"]}["models"]
     assert "emptyDir" in volume
@@ -315,7 +315,7 @@ spec:
       containers:
         - name: triton
           image: nvcr.io/nvidia/tritonserver:24.10-py3
-          args: [tritonserver, --model-repository=/models/repository, --model-control-mode=explicit]
+          args: [tritonserver, --model-repository=/models/repository, --model-control-mode=explicit, --load-model=*]
           readinessProbe: {{httpGet: {{path: {path}, port: 8400}}}}
           resources: {{limits: {{nvidia.com/gpu: 1}}}}
           volumeMounts: [{{name: models, mountPath: /models, readOnly: true}}]
@@ -371,7 +371,7 @@ def test_the_checkers_template_passes(tmp_path):
     ("--model-repository=/models/repository", "--model-repository=s3://bucket/repository",
      "must be a directory of the pod that its agent writes"),
     ("--model-control-mode=explicit", "--model-control-mode=poll", "--model-control-mode=explicit"),
-    ("--model-control-mode=explicit]", "--model-control-mode=explicit, --load-model=*]", "must not take --load-model"),
+    ("--model-control-mode=explicit, --load-model=*]", "--model-control-mode=explicit]", "must start with --load-model=*"),
     ("mountPath: /models, readOnly: true", "mountPath: /other", "is on no volume the agent can share"),
     ("mountPath: /models, readOnly: true", "mountPath: /models", "mount it readOnly"),
     ("          volumeMounts: [{name: models, mountPath: /models}]\n      containers:",
@@ -515,7 +515,7 @@ def test_dashboards_are_the_builders_output_and_well_formed():
                 assert all("$__" not in t["expr"] for t in p["targets"])
     titles = " ".join(p["title"] for text in rendered.values() for p in json.loads(text)["panels"])
     for needed in ("Traffic by site", "Site weights", "GPU utilization", "CPU utilization", "GPU memory",
-                   "latency", "queue", "failures", "Live model version", "Sync lag", "Decisions by reason"):
+                   "latency", "queue", "failures", "Live model version", "Version lag", "Decisions by reason"):
         assert needed.lower() in titles.lower(), needed
 
 
@@ -559,8 +559,8 @@ def test_triton_and_agent_units_of_a_gpu_host():
 
 
 @pytest.mark.parametrize("unit,old,new,expected", [
-    ("triton-hybrid-triton.service", "--model-control-mode=explicit", "--model-control-mode=explicit --load-model=*",
-     "no --load-model"),
+    ("triton-hybrid-triton.service", "--model-control-mode=explicit --load-model=*", "--model-control-mode=explicit",
+     "must start with --load-model=*"),
     ("triton-hybrid-triton.service", "--model-repository=/var/lib/triton-hybrid/repository",
      "--model-repository=/srv/models", "--model-repository must be the agent's repository_dir"),
     ("triton-hybrid-triton.service", "NoNewPrivileges=true", "ReadWritePaths=/var/lib/triton-hybrid",

@@ -50,8 +50,10 @@ def read_secret(value, path: str, field: str) -> str:
         mode = p.stat().st_mode
     except FileNotFoundError:
         raise AgentSetupError(f"{field}_file {p} does not exist") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AgentSetupError(f"{field}_file {p} is readable by others (mode {stat.S_IMODE(mode):o}): "
+    # Group read is allowed: a Kubernetes Secret volume with fsGroup turns 0400 into 0440
+    # (kubernetes/kubernetes#57923); anything for others, or group write, is refused.
+    if mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
+        raise AgentSetupError(f"{field}_file {p} is open to others (mode {stat.S_IMODE(mode):o}): "
                               f"run `chmod 600 {p}`")
     return p.read_text().strip()
 

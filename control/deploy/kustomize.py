@@ -14,8 +14,8 @@ same render; every Service selector matches a pod template; no `s3://` anywhere 
 the mirror itself: its host agent does, docs/agent.md).
 
 The Triton pod (a pod with a container named `triton`) has the host-agent shape: a GPU limit;
-Triton in explicit model-control mode on a local directory, with no `--load-model` (the agent loads
-every model through the repository API); an init container `triton-hybrid agent --once` and a
+Triton in explicit model-control mode on a local directory with `--load-model=*` (at start it loads
+what the agent's live configs name; every change after is the agent's, through the repository API); an init container `triton-hybrid agent --once` and a
 sidecar `triton-hybrid agent` that both mount, writable, the volume holding that directory, which
 Triton mounts read-only (the agent is its only writer); Triton's readiness probe is the sidecar's
 `/ready` (every model live at its desired version); secrets reach its containers only as files
@@ -209,9 +209,9 @@ def triton_pod_problems(where: str, spec: dict) -> list[str]:
     cmd = _command(triton)
     if "--model-control-mode=explicit" not in cmd:
         p.append(f"{where}: triton must run with --model-control-mode=explicit (its agent loads the models)")
-    if "--load-model" in cmd:
-        p.append(f"{where}: triton must not take --load-model: the agent loads every model through the "
-                 "repository API (one way of loading)")
+    if "--load-model=*" not in cmd.replace("'", "").replace('"', ""):
+        p.append(f"{where}: triton must start with --load-model=* (the versions its agent's live configs name; "
+                 "every later change is the agent's)")
     repo = re.search(r"--model-repository=(\S+)", cmd)
     repo_path = repo.group(1).strip("'\"") if repo else ""
     if not repo_path.startswith("/"):

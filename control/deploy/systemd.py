@@ -2,8 +2,9 @@
 verify`, runs in the tests where it is installed; it knows the syntax, not what these units are for).
 
 An on-prem GPU host runs two units: Triton serves the repository directory that only its host agent
-writes (docs/agent.md): explicit model control, no `--load-model` (the agent loads every model
-through the repository API), the directory read-only to Triton; the agent runs `triton-hybrid agent`
+writes (docs/agent.md): explicit model control with `--load-model=*` (at start Triton loads what
+the agent's live configs name; every change after is the agent's, through the repository API), the
+directory read-only to Triton; the agent runs `triton-hybrid agent`
 after Triton, may write only the repository and its state directory, and gets its secrets as
 systemd credentials.
 """
@@ -66,8 +67,8 @@ def host_unit_problems(units_dir: Path, repository_dir: str, state_dir: str) -> 
                  f"(has {repo.group(1) if repo else 'none'})")
     if "--model-control-mode=explicit" not in tstart:
         p.append(f"{TRITON_UNIT}: Triton must run with --model-control-mode=explicit (its agent loads the models)")
-    if "--load-model" in tstart:
-        p.append(f"{TRITON_UNIT}: no --load-model: the agent loads every model through the repository API")
+    if "--load-model=*" not in tstart.replace("'", "").replace('"', ""):
+        p.append(f"{TRITON_UNIT}: Triton must start with --load-model=* (the versions its agent's live configs name)")
     writable = _words(triton, "Service", "ReadWritePaths") + _words(triton, "Service", "StateDirectory")
     if any(repository_dir == w.rstrip("/") or repository_dir.startswith(w.rstrip("/") + "/") for w in writable):
         p.append(f"{TRITON_UNIT}: Triton may write {writable}; the repository must be read-only to it (the "

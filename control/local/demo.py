@@ -86,9 +86,12 @@ def main() -> int:
 
     console.rule("where to look")
     c = settings.control
-    console.print(f"status          : .venv/bin/triton-hybrid status")
+    console.print("status          : .venv/bin/triton-hybrid status")
+    console.print("model versions  : .venv/bin/triton-hybrid versions  (desired, rejected, what each agent serves)")
+    console.print("rollouts        : .venv/bin/triton-hybrid rollout status")
     console.print(f"HAProxy stats   : http://{h.host}:{h.stats_port}/stats")
-    console.print(f"Triton metrics  : " + ", ".join(i.metrics_url for i in settings.instances))
+    console.print("Triton metrics  : " + ", ".join(i.metrics_url for i in settings.instances))
+    console.print("host agents     : " + ", ".join(f"{i.agent_url}/ready" for i in settings.instances if i.agent_url))
     console.print(f"control plane   : http://{c.api_host}:{c.api_port} (token from the config), "
                   f"metrics http://{c.api_host}:{c.metrics_port}/metrics")
     console.print(f"logs            : {settings.run_path}/logs/")
