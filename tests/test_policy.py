@@ -460,3 +460,14 @@ def test_restart_with_the_site_still_down_keeps_the_failover():
 def test_reasons_are_strings_for_audit_and_metrics():
     assert Reason.FAILOVER_ONPREM_DOWN == "failover_onprem_down" and f"{Reason.STEADY}" == "steady"
     assert json.dumps({"r": Reason.DRAIN}) == '{"r": "drain"}'
+
+
+def test_split_gives_a_canary_its_step_share_and_the_rest_of_its_site_to_the_others():
+    inst = [InstanceConfig(name=n, site=s, http_port=1, grpc_port=2, metrics_port=3)
+            for n, s in (("on-a", "onprem"), ("on-b", "onprem"), ("cl-a", "cloud"))]
+    assert split({"onprem": 80, "cloud": 20}, {}, inst) == {"on-a": 40, "on-b": 40, "cl-a": 20}
+    w = split({"onprem": 80, "cloud": 20}, {}, inst, canary={"on-a": 25})
+    assert w == {"on-a": 16, "on-b": 64, "cl-a": 20}  # 25% of an equal share: 1/5 of the site
+    assert split({"onprem": 80, "cloud": 20}, {}, inst, canary={"on-a": 100}) == {"on-a": 40, "on-b": 40, "cl-a": 20}
+    # the only instance of its site keeps the site's weight whatever its canary share
+    assert split({"onprem": 80, "cloud": 20}, {}, inst, canary={"cl-a": 10})["cl-a"] == 20

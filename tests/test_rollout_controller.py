@@ -360,3 +360,20 @@ def test_cli_drives_the_same_machine_against_s3_and_the_audit(env):
     assert r.exit_code == 1 and "v2 is rejected" in r.output
     r = th("status")
     assert r.exit_code == 0 and "rejected v2: operator_abort" in r.output
+
+
+def test_canary_weights_come_from_s3_so_a_new_daemon_gets_them_and_an_ended_rollout_releases_them(env):
+    """The daemon reconciles its registry's canary weights with canary_weights() every tick."""
+    settings, client, _ = env
+    clock, agents, traffic, ctl = in_analysis(env)
+    st = state_of(ctl.store.read().state.models.get(M), clock())
+    assert st.weight == 50 and ctl.canary_weights() == {c: 50 for c in st.canaries}
+    fresh = make(settings, client, clock, traffic)   # a restarted daemon's controller
+    assert fresh.canary_weights() == {}               # nothing ticked yet: nothing known
+    fresh.tick()
+    assert fresh.canary_weights() == {c: 50 for c in st.canaries}
+    ctl.command(M, Command(CommandKind.ABORT, by="cli"))  # from the CLI: no hook into the daemon
+    fresh.tick()
+    assert fresh.canary_weights() == {}
+    for c in (ctl, fresh):
+        c.close()

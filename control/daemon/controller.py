@@ -67,7 +67,7 @@ class Controller:
         self.metrics.init_series(settings.instances, self.actuator.name)
         self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, clock)
         self.capacity = CapacityJob(settings, self.registry, self.traffic, self.audit, self.metrics, clock)
-        self.rollout = RolloutJob(settings, self.metrics, clock)
+        self.rollout = RolloutJob(settings, self.metrics, clock, registry=self.registry)
 
     @property
     def jobs(self) -> list[Job]:

@@ -8,6 +8,7 @@ import time
 
 from control.daemon.jobs import Scheduled
 from control.daemon.metrics import ControlMetrics
+from control.daemon.registry import Registry
 from control.rollout.controller import RolloutController, from_settings
 
 
@@ -15,11 +16,14 @@ class RolloutJob:
     name = "rollout"
 
     def __init__(self, settings, metrics: ControlMetrics, clock=time.time,
-                 controller: RolloutController | None = None):
+                 controller: RolloutController | None = None, registry: Registry | None = None):
         self.settings = settings
+        self.registry = registry
         self.metrics = metrics
         self.clock = clock
-        self.controller = controller or from_settings(settings, registry=metrics.registry, clock=clock)
+        # The registry's canary weights: a canary's HAProxy share follows the rollout (traffic job).
+        self.controller = controller or from_settings(settings, registry=metrics.registry, clock=clock,
+                                                      weight_hook=registry.set_canary_weight if registry else None)
         self.last_tick: dict | None = None
 
     def schedule(self) -> list[Scheduled]:
@@ -32,6 +36,8 @@ class RolloutJob:
                           "problems": list(self.controller.last_problems)}
         self.metrics.last_rollout_tick.set(now)
         self.export(self.controller.last_statuses)
+        if self.registry is not None and self.settings.control.rollout.enabled:
+            self.registry.set_canary_weights(self.controller.canary_weights())
         return transitions
 
     def export(self, statuses) -> None:

@@ -128,7 +128,7 @@ class TrafficJob(DecisionJob):
             instances = self.registry.instances
             drained = controls.drained | self.registry.draining()
             instance_drained = frozenset(i.name for i in instances if i.name in drained or i.site in drained)
-            inst_w = split(d.weights, snaps, instances, drained)
+            inst_w = split(d.weights, snaps, instances, drained, self.registry.canary_weights())
             plan = Plan(d.weights, inst_w, instance_drained)
             applied, commands, drift, error = self._apply(plan, now)
             self.last_error = error
@@ -191,7 +191,9 @@ class TrafficJob(DecisionJob):
         ov = controls.override
         return {
             "daemon": "running", "actuator": self.actuator.name, "weights": self.weights,
-            "instance_weights": split(self.weights, snaps, self.registry.instances, controls.drained),
+            "instance_weights": split(self.weights, snaps, self.registry.instances,
+                                      controls.drained | self.registry.draining(), self.registry.canary_weights()),
+            "canary_weights": self.registry.canary_weights(),
             "observed": {"error": self.observe_error} if obs is None else obs.to_dict(),
             "last_decision": None if d is None else {"reason": d.reason, "message": d.message},
             "policy_state": self.state.to_dict(),

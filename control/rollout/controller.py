@@ -149,6 +149,7 @@ class RolloutController:
         self.lock = threading.Lock()
         self.last_problems: list[str] = []
         self.last_statuses: dict[str, InstanceStatus] = {}  # what the agents reported at the last tick
+        self.last_desired: DesiredState | None = None        # the desired state the last tick left
         self._written: DesiredState | None = None  # what the last _run left in S3
 
     @property
@@ -188,7 +189,20 @@ class RolloutController:
                     continue
                 if t is not None:
                     out.append(t)
+            self.last_desired = self._written if self._written is not None else desired
             return out
+
+    def canary_weights(self) -> dict[str, int]:
+        """{instance: % of its own share} of the canaries whose traffic the rollouts manage now (the
+        canary or analysis phase), per the desired state the last tick left. The whole truth, from
+        S3: a restarted daemon gets the weights back, and a rollout ended from the CLI releases them."""
+        d = self.last_desired
+        out: dict[str, int] = {}
+        for ms in (d.models.values() if d is not None else []):
+            r = ms.canary.rollout if ms.canary is not None else {}
+            if r.get("phase") in (Phase.CANARY, Phase.ANALYSIS) and r.get("weight") is not None:
+                out |= {c: int(r["weight"]) for c in r.get("canaries") or []}
+        return out
 
     def command(self, model: str, cmd: Command) -> Transition | None:
         """Apply one operator command through the machine (start, pause, resume, promote, abort,

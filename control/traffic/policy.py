@@ -352,13 +352,17 @@ def decide(snapshots: Mapping[str, InstanceSnapshot] | list[InstanceSnapshot], c
 
 
 def split(site_weights: Mapping[str, int], snapshots: Mapping[str, InstanceSnapshot] | None, instances,
-          drained: frozenset[str] = frozenset()) -> dict[str, int]:
+          drained: frozenset[str] = frozenset(), canary: Mapping[str, int] | None = None) -> dict[str, int]:
     """Instance weights: each site's weight split across its serving instances by capacity.
 
     Serving = not drained (by name or site) and not `unhealthy`; an `unknown` instance keeps its
     share (HAProxy's own health check still guards it). If no instance of a site is serving, the
-    site's weight is split over all its non-drained instances (HAProxy will skip dead ones)."""
+    site's weight is split over all its non-drained instances (HAProxy will skip dead ones).
+    `canary`: {instance: % of its own share} for canaries under analysis (the rollout's step
+    weight, Flagger's stepWeight/maxWeight); the rest of the site's weight goes to its other
+    instances, so the site total stays exact."""
     snapshots = snapshots or {}
+    canary = canary or {}
     out: dict[str, int] = {i.name: 0 for i in instances}
     for site in SITES:
         members = [i for i in instances if i.site == site and i.name not in drained and site not in drained]
@@ -368,8 +372,10 @@ def split(site_weights: Mapping[str, int], snapshots: Mapping[str, InstanceSnaps
         w = int(site_weights.get(site, 0))
         if not pool or w <= 0:
             continue
-        cap = sum(max(i.capacity, 0.0) for i in pool) or float(len(pool))
-        shares = [(i, w * (max(i.capacity, 0.0) or 1.0) / cap) for i in pool]
+        eff = {i.name: (max(i.capacity, 0.0) or 1.0) * min(max(canary.get(i.name, 100), 0), 100) / 100
+               for i in pool}
+        total = sum(eff.values())  # 0 only when every member is a canary at 0%: split evenly then
+        shares = [(i, w * eff[i.name] / total if total else w / len(pool)) for i in pool]
         given = 0
         for i, share in shares:
             out[i.name] = int(share)
