@@ -355,6 +355,10 @@ class RolloutConfig(_Section):
     # always keeps one stable instance: the baseline the canary is compared with.
     canary_instances: int = Field(1, ge=1)
     canary_share_per_site: float | None = Field(None, gt=0, lt=1)
+    # When no site has a second instance live at stable (one Triton per site, as the local stack):
+    # the canary is compared with ITS OWN stable version over the `analysis_window_s` before it
+    # switched (same hardware; the traffic may have changed). False: such a rollout waits, then stops.
+    lone_instance_self_baseline: bool = True
     interval_s: float = Field(10.0, gt=0)           # Flagger analysis.interval
     analysis_window_s: float = Field(60.0, gt=0)    # how long the canary must be judged (~ iterations x interval)
     max_failed_checks: int = Field(3, ge=1)         # Flagger analysis.threshold

@@ -87,6 +87,15 @@ class Fleet:
             out[n] = MetricWindow(n, site, req, req * p.error_ratio, p.p99_ms, p.p99_ms / 3, self.live[n])
         return out
 
+    def baseline(self, name: str, version: int, since: float, until: float) -> MetricWindow | None:
+        """The instance's own window on `version` in [since, until] (a "self" baseline)."""
+        site = self.sites[name]
+        if until - since <= 0:
+            return None
+        p = self.profile(site, version)
+        req = p.rps * (until - since)
+        return MetricWindow(name, site, req, req * p.error_ratio, p.p99_ms, p.p99_ms / 3, version)
+
     def reloading(self, d: DesiredState) -> int:
         ms = d.models.get(M) or ModelState()
         return sum(1 for n in self.sites if not self.quiet(n, 0) and ms.target(n) not in (None, self.live[n]))
@@ -125,12 +134,15 @@ def run(fleet: Fleet, cfg, desired: DesiredState | None = None, published=(1, 2)
     while now <= until:
         statuses = fleet.statuses(d, now)
         st = state_of(d.models.get(M), now)
-        windows = {}
+        windows, baselines = {}, {}
         if st is not None and st.phase == Phase.ANALYSIS:
             windows = fleet.windows(max(now - cfg.analysis_window_s, st.analysis_since), now)
+            if st.baseline == "self":
+                baselines = {c: w for c in st.canaries if (w := fleet.baseline(
+                    c, st.from_version, st.switched_at - cfg.analysis_window_s, st.switched_at)) is not None}
         cmds = tuple(commands.pop(now, ()))
         new, actions, ev = step(st, Inputs(M, d.models.get(M) or ModelState(), statuses, windows, tuple(published),
-                                           cmds, tuple(fleet.sites)), cfg, now)
+                                           cmds, tuple(fleet.sites), baselines), cfg, now)
         d = apply(d, M, new, actions, "test", now)
         r.actions += actions
         if ev is not None:

@@ -37,7 +37,7 @@ from control.traffic.actuators import DryRunActuator
 from control.traffic.audit import Audit
 from control.traffic.policy import PolicyState
 from control.traffic.triton_metrics import parse
-from control.waiting import wait_until
+from control.waiting import WaitTimeout, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -509,39 +509,51 @@ ROLLOUTS = 3
 
 
 def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_repository, tiny_export):
-    """S3 + two Tritons serving the search_ranking ensemble + HAProxy (`control.local.stack.up`), the
-    daemon in this process (real HAProxy actuator, default poll timeout). Under a steady ensemble
-    load through HAProxy, publish a changed `ranker` version and sync it (pull, verify, candidate
-    load + smoke, go live: Triton loads a new model while serving) ROLLOUTS times. The audit must
-    hold no failover decision and the weights must never leave home."""
+    """S3 + two hosts (Triton + agent) serving the search_ranking ensemble + HAProxy
+    (`control.local.stack.up`), the daemon in this process (real HAProxy actuator, its rollout job
+    ticking every second). Under a steady ensemble load through HAProxy, publish a changed `ranker`
+    version ROLLOUTS times: each goes canary (one Triton per site: judged against its own stable
+    version before the switch) -> analysis -> promoted, while Triton loads a new model and serves.
+    The audit must hold no failover decision, the weights never leave home, no request fails."""
     from control.mirror.publish import publish_version  # noqa: PLC0415 - deferred: pulls in boto3, botocore
 
     repo = tmp_path_factory.mktemp("rollout_repo") / "cpu"
     shutil.copytree(cpu_repository, repo)
     settings = make_settings(tmp_path_factory.mktemp("rollout_stack") / "run", models={"repository_dir": str(repo)},
-                             control={"start_daemon": False, "rollout": {"enabled": False}})
+                             control={"start_daemon": False,
+                                      "rollout": {"interval_s": 1.0, "analysis_window_s": 4.0, "min_requests": 10,
+                                                  "max_p99_ratio": 3.0, "progress_deadline_s": 90.0}})
     queries = load_queries(tiny_export, 8)
     st = local_stack.up(settings)
     daemon = None
     try:
         daemon = Daemon(settings, serve_metrics=False).start()
         c: Controller = daemon.controller
+        store = c.rollout.controller.store
         home = {"onprem": settings.control.policy.home_onprem_weight,
                 "cloud": 100 - settings.control.policy.home_onprem_weight}
         wait_until(lambda: c.weights == home and all(s.state.value == "healthy" for s in c.poller.latest().values()),
                    30, "both Tritons healthy at home weights")
         h = settings.haproxy
-        t0, timings = time.time(), []
+        t0, timings, reasons = time.time(), [], []
         with SteadyLoad(triton_http_caller(f"{h.host}:{h.http_port}", queries), threads=2) as load:
             wait_until(lambda: load.counts()[0] >= 10, 30, "the ensemble load to get going")
             for _ in range(ROLLOUTS):
                 v = next_version_dir(repo, "ranker", change=True)
                 r0 = time.monotonic()
                 publish_version(settings, repo, "ranker")
-                out = c.sync()
+
+                def all_live(v=v):
+                    statuses, _ = store.statuses()
+                    return (store.read().state.models["ranker"].stable == v and
+                            all(statuses[i.name].models["ranker"]["live"] == v for i in settings.instances))
+                try:
+                    wait_until(all_live, 120, f"ranker v{v} promoted and live on every instance", interval=0.5)
+                except WaitTimeout:
+                    raise AssertionError(json.dumps(c.rollout.controller.status("ranker"), default=str)[:3000]) from None
                 timings.append(round(time.monotonic() - r0, 1))
-                live = {name: models["ranker"]["live"] for name, models in out.items()}
-                assert set(live.values()) == {v}, out
+                reasons.append([r["reason"] for r in c.rollout.controller.audit.history("ranker", 20)
+                                if r["version"] == v][::-1])
             ticks = c.ticks
             wait_until(lambda: c.ticks >= ticks + 3, 30, "three decide ticks after the last rollout")
         rows = c.audit.history(t0, 100_000, changes_only=False)
@@ -550,10 +562,13 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
                                                  for i in r.inputs.get("instances", {}).values()))
         weights = sorted({f"{r.new_weights['onprem']}/{r.new_weights['cloud']}" for r in rows})
         FIGURES["rollout_under_load"] = {
-            "rollouts": ROLLOUTS, "publish_to_live_s": timings, "decisions": len(rows),
-            "failover_decisions": len(failovers), "decisions_with_a_degraded_or_unhealthy_instance": not_healthy,
+            "rollouts": ROLLOUTS, "publish_to_all_live_s": timings, "rollout_reasons": reasons,
+            "decisions": len(rows), "failover_decisions": len(failovers),
+            "decisions_with_a_degraded_or_unhealthy_instance": not_healthy,
             "weights_seen": weights, "requests_ok": load.ok, "requests_failed": load.failed}
         print(json.dumps(FIGURES["rollout_under_load"], indent=1))
+        for r in reasons:  # each went through the canary analysis, judged against its own stable version
+            assert r[:2] == ["published", "canary_chosen"] and "analysis_passed" in r and r[-1] == "promoted", r
         assert failovers == [], failovers
         assert weights == [f"{home['onprem']}/{home['cloud']}"], weights
         assert load.failed == 0, load.errors

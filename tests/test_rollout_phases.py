@@ -261,9 +261,24 @@ def test_no_start_without_start_on_publish_but_start_command_works():
 def test_a_site_with_one_instance_never_hosts_the_canary_and_none_stops_with_no_baseline():
     st = {"onprem-1": "onprem", "cloud-1": "cloud"}
     fleet = Fleet(st)
-    r = run(fleet, cfg(), until=400, stop_when_idle=False)
+    r = run(fleet, cfg(lone_instance_self_baseline=False), until=400, stop_when_idle=False)
     stop = next(e for e in r.events if e.to_phase == Phase.STOPPED)
     assert stop.reason == Reason.NO_BASELINE and "onprem: 1" in stop.message
+
+
+def test_one_instance_per_site_the_canary_is_judged_against_its_own_stable_version():
+    """The local stack's shape: the canary's own v1 before the switch is its baseline; a good v2
+    is promoted, an erroring or 5x slower v2 is rolled back with the reason."""
+    sites = {"onprem-1": "onprem", "cloud-1": "cloud"}
+    r = run(Fleet(sites), cfg(), until=600)
+    assert r.desired.models[M].stable == 2, r.reasons
+    chosen = next(e for e in r.events if e.reason == Reason.CANARY_CHOSEN)
+    assert "its own stable version" in chosen.message
+    assert ("analysis", "promoting", "analysis_passed") in r.reasons
+    for profile, reason in ((Profile(error_ratio=0.2), Reason.ERROR_RATE), (Profile(p99_ms=50.0), Reason.LATENCY)):
+        r = run(Fleet(sites, profiles={2: profile}), cfg(), until=600)
+        assert r.desired.models[M].stable == 1 and 2 in r.desired.models[M].rejected, r.reasons
+        assert r.events[-1].to_phase == Phase.ROLLED_BACK and r.events[-1].reason == reason
 
 
 def test_config_refuses_both_canary_sizes():

@@ -143,9 +143,11 @@ def judge_instance(canary: MetricWindow, stable: list[MetricWindow], cfg) -> Ins
 
 
 def judge(canaries: Iterable[str], stable: Iterable[str], sites: Mapping[str, str],
-          windows: Mapping[str, MetricWindow], cfg) -> Check:
+          windows: Mapping[str, MetricWindow], cfg, baselines: Mapping[str, MetricWindow] | None = None) -> Check:
     """One analysis check. `canaries`/`stable`: instance names (stable = serving the stable version
-    now); `sites`: instance -> site; `windows`: instance -> MetricWindow (missing: not reporting)."""
+    now); `sites`: instance -> site; `windows`: instance -> MetricWindow (missing: not reporting).
+    `baselines`: a "self" baseline per canary (its own stable version before it switched), used
+    instead of its site's stable instances."""
     stable_by_site: dict[str, list[MetricWindow]] = {}
     for name in stable:
         if name in windows:
@@ -157,7 +159,11 @@ def judge(canaries: Iterable[str], stable: Iterable[str], sites: Mapping[str, st
                                             f"{name}: no metrics window for the canary (agent or /metrics not answering)"))
             continue
         w = windows[name]
-        verdicts.append(judge_instance(w, stable_by_site.get(w.site, []), cfg))
+        if baselines is not None:
+            own = baselines.get(name)
+            verdicts.append(judge_instance(w, [own] if own is not None else [], cfg))
+        else:
+            verdicts.append(judge_instance(w, stable_by_site.get(w.site, []), cfg))
     if not verdicts:
         return Check(Reason.CANARY_NOT_REPORTING, "no canary instance to judge")
     for bad in FAILURES:

@@ -49,6 +49,8 @@ log = logging.getLogger("triton_hybrid.rollout")
 
 # (model, since, statuses, now) -> {instance: MetricWindow} for that model
 WindowSource = Callable[[str, float, Mapping[str, InstanceStatus], float], Mapping[str, MetricWindow]]
+# (model, instance, site, since, until, version) -> the instance's window on `version` in [since, until]
+BaselineSource = Callable[[str, str, str, float, float, int | None], MetricWindow | None]
 # (model, instance, weight in % of the instance's own weight) -> None
 WeightHook = Callable[[str, str, int], None]
 
@@ -124,6 +126,14 @@ class MetricsCollector:
                 out[name] = w
         return out
 
+    def baseline(self, model: str, instance: str, site: str, since: float, until: float,
+                 version: int | None) -> MetricWindow | None:
+        """The instance's own window on `version` between `since` and `until` (a "self" baseline:
+        the stable version it served before its canary switch)."""
+        q = self._samples.get(instance) or ()
+        series = [(t, s[model]) for t, s in q if model in s]
+        return window(series, since, instance, site, version, until=until)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -135,6 +145,7 @@ class RolloutController:
                  models: Callable[[], list[str]] | None = None, expected: Callable[[], list[str]] | None = None,
                  audit: RolloutAudit | None = None,
                  windows: WindowSource | None = None, collector: MetricsCollector | None = None,
+                 baselines: BaselineSource | None = None,
                  weight_hook: WeightHook | None = None, registry: CollectorRegistry | None = None,
                  by: str = "rollout-controller", generation: Callable[[], int] | int = 0,
                  clock: Callable[[], float] = time.time):
@@ -143,6 +154,7 @@ class RolloutController:
         self.expected = expected or (lambda: [])
         self.collector = collector
         self.windows = windows or (collector.windows if collector is not None else None)
+        self.baselines = baselines or (collector.baseline if collector is not None else None)
         self.weight_hook, self.by, self.clock = weight_hook, by, clock
         self._generation = generation
         self.metrics = RolloutMetrics(registry)
@@ -173,9 +185,10 @@ class RolloutController:
             desired = read.state
             models = sorted(set(desired.models) | set(self.list_models()))
             states = {m: state_of(desired.models.get(m), now) for m in models}
-            if self.collector is not None and any(s is not None and s.phase in (Phase.CANARY, Phase.ANALYSIS)
-                                                  for s in states.values()):
-                self.collector.scrape(statuses)  # history starts with the canary: windows need two scrapes
+            if self.collector is not None and statuses:
+                # Every tick, not only during an analysis: a "self" baseline is the canary's own
+                # history from before its switch, and a window needs two scrapes.
+                self.collector.scrape(statuses)
             out = []
             for m in models:
                 try:
@@ -215,9 +228,17 @@ class RolloutController:
              commands: tuple, current: Read | None = None) -> Transition | None:
         published = tuple(self.published(model))
         windows: Mapping[str, MetricWindow] = {}
+        baselines: dict[str, MetricWindow] = {}
         if not commands and hint is not None and hint.phase == Phase.ANALYSIS and self.windows is not None:
             since = max(now - self.cfg.analysis_window_s, hint.analysis_since or now)
             windows = self.windows(model, since, statuses, now)
+            if hint.baseline == "self" and self.baselines is not None and hint.switched_at is not None:
+                for c in hint.canaries:
+                    site = statuses[c].site if c in statuses else "?"
+                    w = self.baselines(model, c, site, hint.switched_at - self.cfg.analysis_window_s,
+                                       hint.switched_at, hint.from_version)
+                    if w is not None:
+                        baselines[c] = w
         expected = tuple(self.expected())
         decided: dict = {}
 
@@ -225,8 +246,8 @@ class RolloutController:
             # Re-run on every attempt: after a lost race the decision is made again on what S3 holds now.
             ms = d.models.get(model) or ModelState()
             st = state_of(d.models.get(model), now)
-            new, actions, tr = step(st, Inputs(model, ms, statuses, windows, published, commands, expected), self.cfg,
-                                    now)
+            new, actions, tr = step(st, Inputs(model, ms, statuses, windows, published, commands, expected,
+                                               baselines), self.cfg, now)
             decided.update(old=st, new=new, actions=actions, transition=tr)
             if new == st and not actions:
                 return None
@@ -296,8 +317,11 @@ def from_settings(settings, *, registry: CollectorRegistry | None = None, weight
     cfg = settings.control.rollout
     client = client or s3x.make_client(settings.s3)
     store = DesiredStore(client, settings.s3)
+    # History for the analysis window, and for a "self" baseline: the window before the switch,
+    # which may have started a whole canary phase (up to the progress deadline) earlier.
     collector = None if windows is not None else MetricsCollector(
-        cfg.scrape_timeout_s, keep_s=cfg.analysis_window_s + 3 * cfg.interval_s, clock=clock)
+        cfg.scrape_timeout_s, keep_s=2 * cfg.analysis_window_s + cfg.progress_deadline_s + 3 * cfg.interval_s,
+        clock=clock)
     return RolloutController(
         store, cfg, published=lambda m: published_versions(client, settings.s3, m),
         models=lambda: list_models(client, settings.s3),

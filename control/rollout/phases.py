@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -64,6 +65,10 @@ class RolloutState(BaseModel):
     paused: bool = False
     skipped: list[str] = Field(default_factory=list)    # unreachable instances gone on without
     live_count: int = 0                # instances live at `version` (progress during waves)
+    # "site": the canary is judged against its site's stable instances; "self": against its own
+    # stable version before `switched_at` (a site with one instance: lone_instance_self_baseline).
+    baseline: Literal["site", "self"] = "site"
+    switched_at: float | None = None   # when the canaries were told to switch (end of a self baseline)
 
 
 class CommandKind(StrEnum):
@@ -153,6 +158,8 @@ class Inputs:
     # Instances that should exist even without a status (the configured registry): an agent that
     # never reported is waited for, not forgotten.
     expected: tuple[str, ...] = ()
+    # "self" baselines: canary instance -> its window on the stable version before it switched.
+    baselines: Mapping[str, MetricWindow] = field(default_factory=dict)
 
 
 Result = tuple[RolloutState | None, list, Transition | None]
@@ -274,28 +281,34 @@ def _start(inputs: Inputs, old: RolloutState | None, version: int, reason: Reaso
     return new, [SetCanary(version, ())], ev
 
 
-def _choose_canaries(v: _View, st: RolloutState) -> tuple[list[str], str]:
+def _choose_canaries(v: _View, st: RolloutState) -> tuple[list[str], str, str]:
     """Instances to serve the canary: fresh, live at stable, never skipped; only in sites that keep at
-    least one stable instance beside the canary (the baseline). Returns (chosen, why-none)."""
+    least one stable instance beside the canary (the baseline). When no site has two and
+    lone_instance_self_baseline is on, a site's only instance, judged against its own stable
+    version before it switched. Returns (chosen, why-none, baseline)."""
     stable = v.i.desired.stable
     by_site: dict[str, list[str]] = {}
     for name in sorted(v.i.statuses):
         if name not in st.skipped and v.live_at(name, stable):
             by_site.setdefault(v.site(name), []).append(name)
     eligible = {s: names for s, names in sorted(by_site.items()) if len(names) >= 2}
+    if not eligible and by_site and v.cfg.lone_instance_self_baseline:
+        chosen = [names[0] for names in by_site.values()][: v.cfg.canary_instances]
+        return chosen, "", "self"
     if not eligible:
         if by_site:
             return [], (f"no site has two instances live at v{stable} (have: "
                         + ", ".join(f"{s}: {len(n)}" for s, n in by_site.items())
-                        + "); a canary needs a stable instance of its own site to be compared with")
-        return [], f"no agent reports v{stable} live (statuses: {len(v.i.statuses)})"
+                        + "); a canary needs a stable instance of its own site to be compared with "
+                        "(or lone_instance_self_baseline)"), "site"
+        return [], f"no agent reports v{stable} live (statuses: {len(v.i.statuses)})", "site"
     cfg = v.cfg
     if cfg.canary_share_per_site is not None:
         chosen = []
         for names in eligible.values():
             k = min(len(names) - 1, max(1, math.floor(cfg.canary_share_per_site * len(names))))
             chosen += names[:k]
-        return chosen, ""
+        return chosen, "", "site"
     chosen, rnd = [], 0
     while len(chosen) < cfg.canary_instances:  # round robin over the sites, each keeps one stable
         took = False
@@ -306,7 +319,7 @@ def _choose_canaries(v: _View, st: RolloutState) -> tuple[list[str], str]:
         if not took:
             break
         rnd += 1
-    return chosen, ""
+    return chosen, "", "site"
 
 
 def _unreachable_or_stop(v: _View, st: RolloutState, waiting: list[str], phase_name: str,
@@ -342,11 +355,21 @@ def _unreachable_or_stop(v: _View, st: RolloutState, waiting: list[str], phase_n
 
 
 def _published(v: _View, st: RolloutState) -> Result:
-    chosen, why = _choose_canaries(v, st)
+    chosen, why, baseline = _choose_canaries(v, st)
+    history_s = v.now - st.started_at
+    if chosen and baseline == "self" and history_s < v.cfg.analysis_window_s:
+        # The canary's own stable version is its baseline: a whole window of it before the switch.
+        why = (f"collecting {v.cfg.analysis_window_s:.0f}s of {', '.join(chosen)}'s own v{v.i.desired.stable} "
+               f"metrics before its switch (the only instance of its site; {history_s:.0f}s so far)")
+        chosen = []
     if chosen:
+        against = ("its own stable version before the switch (the only instance of its site)" if baseline == "self"
+                   else "the stable instances of its site")
         new = _to(st, Phase.CANARY, Reason.CANARY_CHOSEN,
-                  f"v{st.version} on {', '.join(chosen)} ({', '.join(sorted({v.site(c) for c in chosen}))})",
-                  v.now, canaries=chosen, failed_checks=0, last_check_at=None, last_check="", weight=None)
+                  f"v{st.version} on {', '.join(chosen)} ({', '.join(sorted({v.site(c) for c in chosen}))}), "
+                  f"judged against {against}",
+                  v.now, canaries=chosen, failed_checks=0, last_check_at=None, last_check="", weight=None,
+                  baseline=baseline, switched_at=v.now)
         return new, [SetCanary(st.version, tuple(chosen))], _event(v.model, st, new, v.now)
     if v.deadline_passed(st):
         reason = Reason.NO_BASELINE if "no site has two" in why else Reason.AGENT_NOT_REPORTING
@@ -389,7 +412,8 @@ def _analysis(v: _View, st: RolloutState) -> Result:
     sites = {n: s.site for n, s in v.i.statuses.items()}
     # A canary whose agent went quiet (or that fell back to another version) has no valid window.
     windows = {n: w for n, w in v.i.windows.items() if n not in st.canaries or v.live_at(n, st.version)}
-    check: Check = judge(st.canaries, stable, sites, windows, v.cfg)
+    check: Check = judge(st.canaries, stable, sites, windows, v.cfg,
+                         baselines=v.i.baselines if st.baseline == "self" else None)
     details = {"check": check.to_dict()}
     base = dict(last_check_at=v.now, last_check=f"{check.reason}: {check.message}")
     if check.failed:

@@ -57,12 +57,13 @@ def _increase(cur: float, base: float | None) -> float:
 
 
 def window(samples: Sequence[tuple[float, ModelSample]], since: float, instance: str, site: str,
-           version: int | None = None) -> MetricWindow | None:
-    """The window from the first sample at or after `since` to the last one (samples oldest first),
+           version: int | None = None, until: float | None = None) -> MetricWindow | None:
+    """The window from the first sample at or after `since` to the last one (at or before `until`
+    when given; samples oldest first),
     counting only `version`'s series when given (the version the instance should be serving: a
     reload's old series must not leak into the new version's numbers). None with fewer than two
     samples: no interval to measure yet."""
-    inside = [(t, s) for t, s in samples if t >= since]
+    inside = [(t, s) for t, s in samples if t >= since and (until is None or t <= until)]
     if len(inside) < 2:
         return None
     a, b = inside[0][1].series(version), inside[-1][1].series(version)
