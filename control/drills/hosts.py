@@ -254,6 +254,7 @@ class HostLab:
         self.client = None
         self.store: DesiredStore | None = None
         self.timings: dict[str, float] = {}
+        self._namespaces: dict[str, SiteNetns] = {}
 
     def start(self) -> "HostLab":
         ok, why = available()
@@ -261,8 +262,9 @@ class HostLab:
             raise HostError(f"cannot make hosts here: {why}")
         t0 = time.monotonic()
         try:
-            spaces = {name: SiteNetns().create() for name, *_ in self.instances}
-            self._namespaces = spaces
+            spaces = self._namespaces
+            for name, *_ in self.instances:
+                spaces[name] = SiteNetns().create()
             base = yaml.safe_load(DEFAULT_CONFIG.read_text())
             base["instances"] = [{"name": n, "site": s, "weight": w, "sensitive_ok": ok_, "host": spaces[n].ns_ip}
                                  for n, s, w, ok_ in self.instances]
@@ -292,7 +294,7 @@ class HostLab:
                 problems.append(f"haproxy: {e}")
         for h in self.hosts.values():
             problems += h.stop()
-        for ns in getattr(self, "_namespaces", {}).values():
+        for ns in self._namespaces.values():
             ns.destroy()  # also those of hosts that never got made
         if "s3" in self.procs:
             try:
