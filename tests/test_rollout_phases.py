@@ -109,8 +109,8 @@ def test_latency_is_judged_on_the_window_not_on_tritons_sliding_p99():
     """Recorded on two hosts (tests/test_two_hosts.py). Triton's p99 is a sliding summary reaching back
     before the analysis window: (1) the stable instance's p99 still held an earlier spike (106 ms at a
     mean of 11 ms) and a canary 5x slower (p99 83 ms, mean 55 ms) passed as "p99 x0.78"; (2) a good
-    canary's p99 held its slow first requests after the load (61 ms at a mean of 11.0 ms vs 11.2 ms)
-    and failed three checks in a row: the good version was rolled back. The window's mean judges."""
+    canary's p99 held one slow request from before the window (61 ms, at means of 11.0 ms vs 11.2 ms)
+    through three checks in a row: the good version was rolled back. The window's mean judges."""
     sites = {"onprem-1": "onprem", "onprem-2": "onprem"}
     c = cfg(min_requests=15, max_p99_ratio=2.5)
     slow = {"onprem-1": MetricWindow("onprem-1", "onprem", 35, 0, p99_ms=82.6, mean_ms=55.0),

@@ -129,9 +129,10 @@ def judge_instance(canary: MetricWindow, stable: list[MetricWindow], cfg) -> Ins
                                f"instances of {site} (+{delta:.4f} > {cfg.max_error_rate_delta})", canary, base)
     # The judge is the mean request duration over the window (counter deltas: the same seconds on both
     # sides). Triton's p99 is a sliding summary reaching back before the window; measured on two hosts
-    # (tests/test_two_hosts.py) both ways: a canary's slow first requests after its load held its p99
-    # at x3.8 for the whole analysis (a good version rolled back), and a spike the baseline had earlier
-    # hid a 5x slower canary ("p99 x0.78"). The p99s are shown; they judge only where a mean is missing.
+    # (tests/test_two_hosts.py) both ways: one slow request of a fresh canary from before the window
+    # (its smoke check or first requests) held its p99 at x3.8 through every check at equal means (a
+    # good version rolled back), and an earlier spike in the baseline's summary hid a 5x slower canary
+    # ("p99 x0.78"). The p99s are shown; they judge only where a side has no mean.
     p99 = canary.p99_ms is not None and base.p99_ms is not None
     if canary.mean_ms is not None and base.mean_ms is not None:
         kind, c_ms, b_ms = "mean latency", canary.mean_ms, base.mean_ms
