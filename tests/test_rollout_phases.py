@@ -105,6 +105,26 @@ def test_comparisons_are_per_site():
     assert other.reason == Reason.NO_BASELINE  # never judged against another site
 
 
+def test_latency_is_judged_on_the_window_not_on_tritons_sliding_p99():
+    """Recorded on two hosts (tests/test_two_hosts.py). Triton's p99 is a sliding summary reaching back
+    before the analysis window: (1) the stable instance's p99 still held an earlier spike (106 ms at a
+    mean of 11 ms) and a canary 5x slower (p99 83 ms, mean 55 ms) passed as "p99 x0.78"; (2) a good
+    canary's p99 held one slow request from before the window (61 ms, at means of 11.0 ms vs 11.2 ms)
+    through three checks in a row: the good version was rolled back. The window's mean judges."""
+    sites = {"onprem-1": "onprem", "onprem-2": "onprem"}
+    c = cfg(min_requests=15, max_p99_ratio=2.5)
+    slow = {"onprem-1": MetricWindow("onprem-1", "onprem", 35, 0, p99_ms=82.6, mean_ms=55.0),
+            "onprem-2": MetricWindow("onprem-2", "onprem", 36, 0, p99_ms=105.959, mean_ms=11.16)}
+    check = judge(["onprem-1"], ["onprem-2"], sites, slow, c)
+    assert check.reason == Reason.LATENCY, check.message
+    assert "mean latency 55.0 ms vs 11.2 ms" in check.message and "p99 82.6 ms vs 106.0 ms" in check.message
+    cold = {"onprem-1": MetricWindow("onprem-1", "onprem", 18, 0, p99_ms=61.286, mean_ms=11.02),
+            "onprem-2": MetricWindow("onprem-2", "onprem", 17, 0, p99_ms=16.26, mean_ms=11.22)}
+    check = judge(["onprem-1"], ["onprem-2"], sites, cold, c)
+    assert check.passed, check.message
+    assert "mean latency x0.98; p99 61.3 ms vs 16.3 ms" in check.message
+
+
 def test_not_enough_traffic_waits_then_stops_at_the_deadline_without_rejecting():
     fleet = Fleet(dict(SIX), profiles={1: Profile(rps=0.2), 2: Profile(rps=0.2)})
     c = cfg()
