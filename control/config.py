@@ -363,7 +363,9 @@ class RolloutConfig(_Section):
     analysis_window_s: float = Field(60.0, gt=0)    # how long the canary must be judged (~ iterations x interval)
     max_failed_checks: int = Field(3, ge=1)         # Flagger analysis.threshold
     max_error_rate_delta: float = Field(0.01, ge=0, le=1)  # canary error ratio minus the site's stable one
-    max_p99_ratio: float = Field(1.5, gt=1)         # canary p99 / the site's stable p99
+    # canary / baseline mean request time over the window (Triton's p99 is a sliding summary
+    # reaching back before the window: shown, judged only where a side has no mean)
+    max_latency_ratio: float = Field(1.5, gt=1)
     min_requests: int = Field(100, ge=1)            # per side in the window before judging
     canary_step_weight: int = Field(25, ge=0, le=100)  # Flagger stepWeight (% of the instance's own weight)
     canary_max_weight: int = Field(100, ge=1, le=100)  # Flagger maxWeight

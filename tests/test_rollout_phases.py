@@ -112,7 +112,7 @@ def test_latency_is_judged_on_the_window_not_on_tritons_sliding_p99():
     canary's p99 held one slow request from before the window (61 ms, at means of 11.0 ms vs 11.2 ms)
     through three checks in a row: the good version was rolled back. The window's mean judges."""
     sites = {"onprem-1": "onprem", "onprem-2": "onprem"}
-    c = cfg(min_requests=15, max_p99_ratio=2.5)
+    c = cfg(min_requests=15, max_latency_ratio=2.5)
     slow = {"onprem-1": MetricWindow("onprem-1", "onprem", 35, 0, p99_ms=82.6, mean_ms=55.0),
             "onprem-2": MetricWindow("onprem-2", "onprem", 36, 0, p99_ms=105.959, mean_ms=11.16)}
     check = judge(["onprem-1"], ["onprem-2"], sites, slow, c)

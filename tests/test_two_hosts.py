@@ -45,7 +45,7 @@ RATE = 20.0                     # requests/s through HAProxy, both hosts (10/s e
 # Short rollouts: a check a second, 4 s of analysis. A canary needs 3 failed checks (of the ~4 the
 # window holds) to be rolled back, so one scheduling hiccup of this shared machine does not reject a
 # good version; a p99 2.5x the baseline's fails a check (the slow version is 5x).
-ROLLOUT = dict(interval_s=1.0, analysis_window_s=4.0, max_failed_checks=3, min_requests=15, max_p99_ratio=2.5,
+ROLLOUT = dict(interval_s=1.0, analysis_window_s=4.0, max_failed_checks=3, min_requests=15, max_latency_ratio=2.5,
                max_error_rate_delta=0.05, canary_step_weight=0, progress_deadline_s=40.0, status_stale_s=5.0,
                scrape_timeout_s=1.0)
 # Triton's p99 per model (nv_inference_request_summary_us) for the latency check.

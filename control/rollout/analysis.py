@@ -6,7 +6,7 @@ Per canary instance, in this order:
   no stable instance of its site reported a window      -> NO_BASELINE          (no judgement)
   canary or baseline below `min_requests` in the window  -> NOT_ENOUGH_TRAFFIC   (no judgement)
   canary error ratio - baseline error ratio > delta      -> ERROR_RATE           (failed check)
-  canary mean latency in the window > `max_p99_ratio` x
+  canary mean latency in the window > `max_latency_ratio` x
   the baseline's (p99 where a side has no mean)          -> LATENCY              (failed check)
   else                                                   -> CHECK_PASSED
 The check as a whole: failed if any instance failed; else no judgement if any instance had none;
@@ -139,10 +139,10 @@ def judge_instance(canary: MetricWindow, stable: list[MetricWindow], cfg) -> Ins
     else:
         kind, c_ms, b_ms = "p99", canary.p99_ms, base.p99_ms
     tail = f"; p99 {canary.p99_ms:.1f} ms vs {base.p99_ms:.1f} ms" if p99 and kind != "p99" else ""
-    if c_ms is not None and b_ms is not None and b_ms > 0 and c_ms / b_ms > cfg.max_p99_ratio:
+    if c_ms is not None and b_ms is not None and b_ms > 0 and c_ms / b_ms > cfg.max_latency_ratio:
         return InstanceVerdict(name, site, Reason.LATENCY,
                                f"{name}: {kind} {c_ms:.1f} ms vs {b_ms:.1f} ms on the stable instances of {site} "
-                               f"(x{c_ms / b_ms:.2f} > x{cfg.max_p99_ratio}){tail}", canary, base)
+                               f"(x{c_ms / b_ms:.2f} > x{cfg.max_latency_ratio}){tail}", canary, base)
     ratio = f"x{c_ms / b_ms:.2f}" if c_ms is not None and b_ms else "n/a"
     return InstanceVerdict(name, site, Reason.CHECK_PASSED,
                            f"{name}: error ratio {canary.error_ratio:.4f} vs {base.error_ratio:.4f}, {kind} {ratio}"
