@@ -521,7 +521,7 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
     shutil.copytree(cpu_repository, repo)
     settings = make_settings(tmp_path_factory.mktemp("rollout_stack") / "run", models={"repository_dir": str(repo)},
                              control={"start_daemon": False,
-                                      "rollout": {"interval_s": 1.0, "analysis_window_s": 8.0, "min_requests": 10,
+                                      "rollout": {"interval_s": 1.0, "analysis_window_s": 8.0, "min_requests": 3,
                                                   "max_latency_ratio": 3.0, "progress_deadline_s": 90.0}})
     queries = load_queries(tiny_export, 8)
     st = local_stack.up(settings)

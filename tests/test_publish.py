@@ -30,6 +30,7 @@ from control.mirror.manifest import (
 )
 from control.mirror.publish import (
     PublishConflict,
+    PublishedIndex,
     PublishError,
     publish_repository,
     publish_version,
@@ -341,3 +342,20 @@ def test_tampered_earlier_object_is_uploaded_not_copied(s3env):
     body = client.get_object(Bucket=settings.s3.bucket,
                              Key=s3x.object_key(settings.s3, "add_one", 2, "weights.bin"))["Body"].read()
     assert body == blob
+
+
+def test_published_index_heads_each_version_once_and_drops_retired_ones(s3env, s3_calls):
+    settings, client, repo = s3env
+    for v in (1, 2):
+        write_add_model(repo, v, float(v))
+        publish_version(settings, repo, "add_one", v, client=client, retention=False)
+    index = PublishedIndex(client, settings.s3)
+    calls = s3_calls(client)
+    assert index("add_one") == [1, 2]
+    assert calls.calls == {"ListObjectsV2": 1, "HeadObject": 2}
+    calls.reset()
+    assert index("add_one") == [1, 2]
+    assert calls.calls == {"ListObjectsV2": 1}  # both confirmed already: one LIST, no HEAD
+    s3x.delete_keys(client, settings.s3.bucket, s3x.list_keys(client, settings.s3.bucket,
+                                                              s3x.version_prefix(settings.s3, "add_one", 1)))
+    assert index("add_one") == [2] == published_versions(client, settings.s3, "add_one")

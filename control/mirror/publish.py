@@ -146,6 +146,27 @@ def published_versions(client, s3cfg, model: str) -> list[int]:
     return out
 
 
+class PublishedIndex:
+    """`published_versions` for a caller that asks every few seconds (the rollout tick): a version
+    whose manifest was seen once stays published (versions are immutable), so each call costs one
+    LIST per model plus a HEAD per version not confirmed yet; a version gone from the listing
+    (retired) is dropped."""
+
+    def __init__(self, client, s3cfg):
+        self.client, self.s3cfg = client, s3cfg
+        self._seen: dict[str, set[int]] = {}
+
+    def __call__(self, model: str) -> list[int]:
+        listed = candidate_versions(self.client, self.s3cfg, model)
+        seen = self._seen.get(model, set()) & set(listed)
+        for v in listed:
+            if v not in seen and s3x.head(self.client, self.s3cfg.bucket,
+                                          s3x.object_key(self.s3cfg, model, v, MANIFEST_NAME)) is not None:
+                seen.add(v)
+        self._seen[model] = seen
+        return sorted(seen)
+
+
 # Publishing -------------------------------------------------------------------------------------
 
 def _local_path(model_dir: Path, version: int, entry) -> Path | None:

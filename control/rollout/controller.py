@@ -28,7 +28,7 @@ from control.mirror.desired import (
     ModelState,
     Read,
 )
-from control.mirror.publish import list_models, published_versions
+from control.mirror.publish import PublishedIndex, list_models
 from control.rollout.analysis import MetricWindow
 from control.rollout.audit import RolloutAudit
 from control.rollout.phases import (
@@ -323,7 +323,7 @@ def from_settings(settings, *, registry: CollectorRegistry | None = None, weight
         cfg.scrape_timeout_s, keep_s=2 * cfg.analysis_window_s + cfg.progress_deadline_s + 3 * cfg.interval_s,
         clock=clock)
     return RolloutController(
-        store, cfg, published=lambda m: published_versions(client, settings.s3, m),
+        store, cfg, published=PublishedIndex(client, settings.s3),
         models=lambda: list_models(client, settings.s3),
         expected=lambda: [i.name for i in settings.instances],
         audit=RolloutAudit(settings.database_path) if audit else None, collector=collector, windows=windows,
