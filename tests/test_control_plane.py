@@ -553,7 +553,7 @@ def test_rollout_under_load_makes_no_failover_decision(tmp_path_factory, cpu_rep
                     raise AssertionError(json.dumps(c.rollout.controller.status("ranker"), default=str)[:3000]) from None
                 timings.append(round(time.monotonic() - r0, 1))
                 reasons.append([r["reason"] for r in c.rollout.controller.audit.history("ranker", 20)
-                                if r["version"] == v][::-1])
+                                if r["version"] == v])
             ticks = c.ticks
             wait_until(lambda: c.ticks >= ticks + 3, 30, "three decide ticks after the last rollout")
         rows = c.audit.history(t0, 100_000, changes_only=False)
