@@ -82,6 +82,9 @@ class InstanceConfig(_Section):
     # Port of the instance's host agent API (/healthz, /ready, /metrics, /v1/status) on `host`:
     # needed for a managed instance, whose agent the local stack starts.
     agent_port: int | None = Field(None, ge=1, le=65535)
+    # A host agent reports under this name (the rollout waits for it). False for an entry that
+    # fronts several hosts, e.g. a Kubernetes Service whose pods register under their pod names.
+    agent_reports: bool = True
 
     @property
     def http_url(self) -> str:

@@ -377,3 +377,16 @@ def test_canary_weights_come_from_s3_so_a_new_daemon_gets_them_and_an_ended_roll
     assert fresh.canary_weights() == {}
     for c in (ctl, fresh):
         c.close()
+
+
+def test_a_registry_entry_no_agent_reports_under_is_not_waited_for(settings_factory):
+    """A Kubernetes Service in the registry (agent_reports: false): its pods report under their own
+    names, so a rollout's waves must not wait for the Service's name."""
+    settings = settings_factory()
+    settings.instance("cloud-1").agent_reports = False
+    ctl = from_settings(settings, client=s3x.make_client(settings.s3), audit=False, windows=lambda *a: {},
+                        registry=CollectorRegistry())
+    try:
+        assert ctl.expected() == ["onprem-1"]
+    finally:
+        ctl.close()

@@ -325,6 +325,6 @@ def from_settings(settings, *, registry: CollectorRegistry | None = None, weight
     return RolloutController(
         store, cfg, published=PublishedIndex(client, settings.s3),
         models=lambda: list_models(client, settings.s3),
-        expected=lambda: [i.name for i in settings.instances],
+        expected=lambda: [i.name for i in settings.instances if i.agent_reports],
         audit=RolloutAudit(settings.database_path) if audit else None, collector=collector, windows=windows,
         weight_hook=weight_hook, registry=registry, by=by, generation=generation, clock=clock)
