@@ -23,7 +23,7 @@ def test_up_with_taken_port_names_component_and_starts_nothing(settings_factory,
     assert managed_names(settings.run_path) == []
 
 
-def test_stage_without_repository_says_how_to_build(settings_factory, tmp_path):
+def test_publish_without_repository_says_how_to_build(settings_factory, tmp_path):
     settings = settings_factory(models={"repository_dir": str(tmp_path / "nothing")})
     with pytest.raises(ComponentError, match="repo build"):
-        stack.stage_repositories(settings)
+        stack.publish_models(settings)
