@@ -163,6 +163,12 @@ def test_changed_settings_update_the_check_or_replace_it(moto_endpoint, zone, cl
     assert {s: rec["HealthCheckId"] for s, rec in records(client, zone).items()} == ids
     cfg = checks(client)[ids["cloud"]]["HealthCheckConfig"]
     assert (cfg["Port"], cfg["ResourcePath"], cfg["FailureThreshold"]) == (8080, "/healthz", 5)
+    # The updated check keeps guarding its entry when its record is stripped of it by hand.
+    rec = records(client, zone)["cloud"]
+    client.change_resource_record_sets(HostedZoneId=zone, ChangeBatch={"Changes": [{"Action": "UPSERT",
+        "ResourceRecordSet": {k: v for k, v in rec.items() if k != "HealthCheckId"}}]})
+    assert a.apply(plan(70, 30)).drift
+    assert records(client, zone)["cloud"]["HealthCheckId"] == ids["cloud"] and len(checks(client)) == 2
     # The type: a new check; the record moves to it and the replaced one is deleted.
     a = actuator(moto_endpoint, zone, health_checks={"cloud": {"type": "HTTPS", "port": 443}})
     r = a.apply(plan(70, 30))

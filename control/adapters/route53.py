@@ -258,7 +258,9 @@ class Route53Weights:
             current = records[site].health_check_id if site in records else self.checks.get(site)
             if not due and site in self.checks and current == self.checks[site]:
                 continue
-            new = self.ensure_check(site, current)
+            # A record stripped of its check: the one we hold is still the candidate (its
+            # reference may name older settings after an in-place update).
+            new = self.ensure_check(site, current or self.checks.get(site))
             for old in {current, self.checks.get(site)} - {None, new}:
                 replaced.append(old)
             self.checks[site] = new

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import click
+from pydantic import ValidationError
 
 from control.cli import settings_from
 from control.cli.output import history_options, json_option, since_param
@@ -33,7 +34,10 @@ def run_cmd(ctx, actuators):
     """Run the control loop (poll, decide+apply, sync), the admin API and the metrics endpoint."""
     settings = settings_from(ctx)
     if actuators:
-        control = type(settings.control).model_validate({**settings.control.model_dump(), "actuators": list(actuators)})
+        try:
+            control = type(settings.control).model_validate({**settings.control.model_dump(), "actuators": list(actuators)})
+        except ValidationError as e:
+            raise click.BadParameter("; ".join(err["msg"] for err in e.errors()), param_hint="--actuator") from None
         settings = settings.model_copy(update={"control": control})
     from control.daemon.controller import run  # noqa: PLC0415
     run(settings)

@@ -197,8 +197,10 @@ class CompositeActuator:
     its error comes back in `ApplyResult.errors`; only when all fail does `apply` raise.
 
     The first part is the source of the observed state (instance weights, drains, HAProxy's
-    health verdict, site weights); the others are observed too (`Observed.layers`) and each
-    reconciles its own drift when the plan is applied."""
+    health verdict, site weights), read at every `observe`. The others read their own state back
+    in every `apply` (and reconcile their drift there); `observe` shows what they showed then
+    (`Observed.layers`, `Observed.errors`), reading them only before their first apply: a slow
+    DNS API does not delay the tick's decision, and each tick reads it once, not twice."""
 
     def __init__(self, parts: list[WeightActuator]):
         if not parts:
@@ -206,6 +208,8 @@ class CompositeActuator:
         self.parts = list(parts)
         self.names = [p.name for p in self.parts]
         self.name = "+".join(self.names)
+        self.seen: dict[str, Observed] = {}    # the others: as read by their last observe or apply
+        self.errors: dict[str, str] = {}       # the others: why that read failed
 
     def set_instances(self, instances) -> None:
         for p in self.parts:
@@ -213,17 +217,20 @@ class CompositeActuator:
 
     def observe(self) -> Observed:
         first = self.parts[0].observe()   # no source of truth without it: raise
-        layers = {self.parts[0].name: first.site_weights}
-        servers, errors = list(first.servers), {}
         for p in self.parts[1:]:
-            try:
-                o = p.observe()
-            except ActuatorError as e:
-                errors[p.name] = str(e)
+            if p.name in self.seen or p.name in self.errors:
                 continue
-            layers[p.name] = o.site_weights
-            servers += o.servers
-        return replace(first, servers=servers, layers=layers, errors=errors)
+            try:
+                self.seen[p.name] = p.observe()
+            except ActuatorError as e:
+                self.errors[p.name] = str(e)
+        layers = {self.parts[0].name: first.site_weights}
+        servers = list(first.servers)
+        for p in self.parts[1:]:
+            if p.name in self.seen and p.name not in self.errors:
+                layers[p.name] = self.seen[p.name].site_weights
+                servers += self.seen[p.name].servers
+        return replace(first, servers=servers, layers=layers, errors=dict(self.errors))
 
     def apply(self, plan: Plan) -> ApplyResult:
         results: dict[str, ApplyResult] = {}
@@ -234,6 +241,12 @@ class CompositeActuator:
             except ActuatorError as e:
                 errors[p.name] = str(e)
                 log.error("apply on %s failed (the other actuators still apply): %s", p.name, e)
+        for p in self.parts[1:]:
+            if p.name in results:
+                self.seen[p.name] = results[p.name].observed
+                self.errors.pop(p.name, None)
+            else:
+                self.errors[p.name] = errors[p.name]
         if not results:
             raise ActuatorError("; ".join(f"{n}: {e}" for n, e in errors.items()), by_actuator=errors)
         first = results.get(self.parts[0].name)
