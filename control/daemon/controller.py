@@ -33,7 +33,7 @@ from control.daemon.registry import Registry
 from control.daemon.rollout_job import RolloutJob
 from control.daemon.traffic_job import TrafficJob
 from control.http_api import WaitressServer
-from control.traffic.actuators import WeightActuator, make_actuator
+from control.traffic.actuators import WeightActuator, actuator_names, make_actuator
 from control.traffic.audit import Audit
 from control.traffic.policy import Decision
 
@@ -64,7 +64,8 @@ class Controller:
         self.audit = Audit(settings.database_path)
         self.registry = Registry(settings)
         self.actuator: WeightActuator = actuator or make_actuator(settings)
-        self.metrics.init_series(settings.instances, self.actuator.name)
+        for name in actuator_names(self.actuator):
+            self.metrics.init_series(settings.instances, name)
         self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, clock)
         self.capacity = CapacityJob(settings, self.registry, self.traffic, self.audit, self.metrics, clock)
         self.rollout = RolloutJob(settings, self.metrics, clock, registry=self.registry)

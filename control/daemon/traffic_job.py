@@ -154,9 +154,14 @@ class TrafficJob(DecisionJob):
         try:
             res = self.actuator.apply(plan)
         except ActuatorError as e:
-            self.metrics.apply_errors.labels(self.actuator.name).inc()
+            for name in e.by_actuator or [self.actuator.name]:
+                self.metrics.apply_errors.labels(name).inc()
             log.error("apply failed: %s", e)
             return False, [], [], str(e)
+        # Several actuators: the ones that failed while the others applied (CompositeActuator).
+        for name in res.errors:
+            self.metrics.apply_errors.labels(name).inc()
+        error = "; ".join(f"{name}: {msg}" for name, msg in res.errors.items()) or None
         self.last_apply_ok = now
         self.metrics.last_apply.set(now)
         for s in res.observed.servers:
@@ -167,7 +172,7 @@ class TrafficJob(DecisionJob):
             # an HAProxy restart (config weights), or a lost command.
             self.metrics.drift.inc()
             log.warning("reconciled drift on %s: %s", self.actuator.name, res.drift)
-        return True, res.commands, res.drift, None
+        return True, res.commands, res.drift, error
 
     def _export(self, d: Decision, inst_w: dict, controls: Controls, instances) -> None:
         m = self.metrics
