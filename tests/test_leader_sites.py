@@ -63,7 +63,7 @@ def site_settings(tmp_path, s3settings, name: str, site: str, s3_port: int | Non
     return isolated_settings(
         tmp_path / name,
         s3={"port": s3_port or s3settings.s3.port, "start_local_server": False},
-        control={"actuator": "dry-run", "leader": {**LEADER, "name": name, "site": site},
+        control={"actuators": ["dry-run"], "leader": {**LEADER, "name": name, "site": site},
                  "rollout": {"interval_s": 1.0, "analysis_window_s": 2.0, "progress_deadline_s": 5.0}})
 
 
