@@ -115,7 +115,7 @@ def test_without_the_fence_the_old_leaders_write_lands(fresh):
     assert store.read().state.models["m"].stable == 99
 
 
-def test_standby_rollout_job_writes_nothing_and_the_token_refuses(fresh, tmp_path):
+def test_standby_rollout_job_writes_nothing_and_the_token_refuses(fresh):
     settings, client = fresh
     wall, mono = Clock(1_000.0), Clock(0.0)
     a, _ = elector(settings, client, "ctl-a", "onprem", wall, mono)
