@@ -436,6 +436,56 @@ class RolloutConfig(_Section):
         return self
 
 
+class LeaderConfig(_Section):
+    """Active/standby control planes across sites (control/leader/, docs/leader.md): a lease in the
+    S3 mirror (`<prefix>/_control/leader.json`), written with conditional requests; only its holder
+    acts (weights, scaling, desired state), and every desired-state write carries the lease's
+    generation (a fencing token).
+
+    Timing (docs/leader.md, "Why it is safe"): the leader stops acting `lease_s - skew_margin_s`
+    after it SENT its last successful renewal; a standby takes over only when the lease is older than
+    `lease_s + skew_margin_s` by its wall clock, or unchanged for `lease_s` by its own monotonic
+    clock. Between the two there is always at least `skew_margin_s`, as long as the sites' wall
+    clocks differ by less than `skew_margin_s`. Worst-case takeover after the leader dies:
+    lease_s + skew_margin_s + renew_s (<= takeover_target_s, checked)."""
+
+    enabled: bool = False
+    # This control plane's name in the lease (status, audit); empty: the host name. Two processes
+    # with one name are still told apart (each holds a random session id in the lease).
+    name: str = Field("", max_length=128)
+    site: Literal["onprem", "cloud"] = "onprem"
+    lease_s: float = Field(5.0, gt=0)          # a renewal keeps the lease this long
+    renew_s: float = Field(1.0, gt=0)          # the leader renews, a standby re-reads, this often
+    skew_margin_s: float = Field(1.0, gt=0)    # bound on the wall-clock difference between sites
+    # One lease request (connect, then read) gives up after this long; no retries: the next round
+    # is the retry. A hung S3 never holds the leader past its own deadline (leadership is a time).
+    s3_timeout_s: float = Field(1.0, gt=0)
+    takeover_target_s: float = Field(10.0, gt=0)  # the bound the timing above must fit in
+    release_on_stop: bool = True               # a clean stop hands the lease over at once
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if any(not (c.isalnum() or c in "-_.@:") for c in v):
+            raise ValueError(f"leader name {v!r} may only hold letters, digits and - _ . @ :")
+        return v
+
+    @model_validator(mode="after")
+    def _timing(self) -> "LeaderConfig":
+        act = self.lease_s - self.skew_margin_s
+        if act < 2 * self.renew_s:
+            raise ValueError(f"lease_s - skew_margin_s ({act:g}s) must leave room for at least two renewals "
+                             f"(2 x renew_s = {2 * self.renew_s:g}s): raise lease_s or lower renew_s")
+        if self.s3_timeout_s > self.renew_s:
+            raise ValueError(f"s3_timeout_s ({self.s3_timeout_s:g}s) must not exceed renew_s ({self.renew_s:g}s): "
+                             "a hung request would swallow renewals")
+        worst = self.lease_s + self.skew_margin_s + self.renew_s
+        if worst > self.takeover_target_s:
+            raise ValueError(f"worst-case takeover lease_s + skew_margin_s + renew_s = {worst:g}s exceeds "
+                             f"takeover_target_s ({self.takeover_target_s:g}s): lower lease_s or renew_s")
+        return self
+
+
 class ControlConfig(_Section):
     api_host: str = "127.0.0.1"
     api_port: int = 8300
@@ -467,6 +517,7 @@ class ControlConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    leader: LeaderConfig = Field(default_factory=LeaderConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -24,6 +24,7 @@ import time
 from control.daemon.jobs import DecisionJob, Scheduled
 from control.daemon.metrics import ControlMetrics
 from control.daemon.registry import Registry
+from control.leader.gate import Gate
 from control.traffic.actuators import ActuatorError, Observed, Plan, WeightActuator
 from control.traffic.audit import Audit
 from control.traffic.health import assess
@@ -52,10 +53,11 @@ class TrafficJob(DecisionJob):
     name = "traffic"
 
     def __init__(self, settings, registry: Registry, actuator: WeightActuator, audit: Audit,
-                 metrics: ControlMetrics, clock=time.time):
+                 metrics: ControlMetrics, clock=time.time, gate: Gate | None = None):
         super().__init__(settings, registry, audit, metrics, clock)
         self.cfg = settings.control.policy
         self.actuator = actuator
+        self.gate = gate or Gate()
         c = settings.control
         self.poller = Poller(registry.instances, c.poll_timeout_s, c.dcgm_exporter_urls, clock=clock,
                              on_result=metrics.observe_poll, history=self.cfg.health_window)
@@ -151,6 +153,8 @@ class TrafficJob(DecisionJob):
             return d
 
     def _apply(self, plan: Plan, now: float) -> tuple[bool, list[str], list[str], str | None]:
+        if not self.gate.acting():  # standby: decided (for its status), never applied
+            return False, [], [], None
         try:
             res = self.actuator.apply(plan)
         except ActuatorError as e:
