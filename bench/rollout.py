@@ -299,6 +299,10 @@ def run(ctx: Ctx) -> Section:
             "term. Bytes pulled: the delta of each agent's `triton_hybrid_agent_pulled_bytes_total` over the "
             "rollout. The agent pulls every file of the new version, also those identical to files of the version "
             "it serves (the publisher copied them in S3 instead of uploading: bytes uploaded)."]
+    body.append("The before row is the last run of the removed path, kept as measured (2026-11-22, full-profile "
+                "export: a 325,795-byte ranker version, load average 2.2); the rows above ran at the load averages "
+                "in their last column, so compare the shape (every instance at once vs canary, analysis, then one "
+                "host per wave) more than the seconds.")
     if any(r["promoted_by_hand"] for res in results for r in res["runs"]):
         body.append("1 host: there is no stable host of its site to judge a canary against, so the rollout waits "
                     "in `published` (it would stop with `no_baseline` at the progress deadline); the benchmark "

@@ -705,7 +705,6 @@ class S3Outage(_MirrorScenario):
         except Exception as e:  # noqa: BLE001 - the expected outcome
             env.extra["publish_during_outage"] = f"refused: {type(e).__name__}: {str(e)[:160]}"
             env.mark("publish_refused", error=type(e).__name__)
-            env.extra["rollouts"].pop(2, None)
 
         # Every agent notices (a desired-state read fails: converge_errors_total{kind="desired"}
         # rises) and keeps serving what is live.
