@@ -104,14 +104,16 @@ class SteadyLoad:
         self.stop()
 
 
-def next_version_dir(repo: Path, model: str) -> int:
-    """Copy the newest version of `model` to the next number; its ONNX file gets a new doc_string
-    (different bytes, same graph and weights, so the smoke answers stay right)."""
-    import onnx  # noqa: PLC0415 - heavy, only for this section
+def next_version_dir(repo: Path, model: str, change: bool = True) -> int:
+    """Copy the newest version of `model` to the next number; with `change`, its ONNX file gets a
+    new doc_string (different bytes, same graph and weights, so the smoke answers stay right)."""
     versions = sorted(int(p.name) for p in (repo / model).iterdir() if p.is_dir() and p.name.isdigit())
     src, v = repo / model / str(versions[-1]), versions[-1] + 1
     dst = repo / model / str(v)
     shutil.copytree(src, dst)
+    if not change:
+        return v
+    import onnx  # noqa: PLC0415 - heavy, only for this section
     path = dst / "model.onnx"
     m = onnx.load(str(path))
     m.doc_string = f"bench rollout {uuid.uuid4().hex}"
