@@ -39,7 +39,7 @@ TERMINAL = ("done", "rolled_back", "stopped")
 # phases that are not a configured wait (pull, verify, load, smoke, waves) are visible beside it.
 # No weight hook in the daemon yet: weights are not stepped.
 ROLLOUT = {"interval_s": 1.0, "analysis_window_s": 5.0, "min_requests": 20, "max_failed_checks": 3,
-           "max_p99_ratio": 5.0, "canary_instances": 1, "canary_step_weight": 0, "wave_size": 1,
+           "max_latency_ratio": 5.0, "canary_instances": 1, "canary_step_weight": 0, "wave_size": 1,
            "progress_deadline_s": 60.0, "status_stale_s": 15.0}
 AGENT_INTERVAL_S = 1.0
 

@@ -413,6 +413,8 @@ class RolloutConfig(_Section):
     # canary / baseline mean request time over the window (Triton's p99 is a sliding summary
     # reaching back before the window: shown, judged only where a side has no mean)
     max_latency_ratio: float = Field(1.5, gt=1)
+    # ... and at least this much slower in absolute terms: a ratio of two tiny times is noise.
+    min_latency_delta_ms: float = Field(1.0, ge=0)
     min_requests: int = Field(100, ge=1)            # per side in the window before judging
     canary_step_weight: int = Field(25, ge=0, le=100)  # Flagger stepWeight (% of the instance's own weight)
     canary_max_weight: int = Field(100, ge=1, le=100)  # Flagger maxWeight

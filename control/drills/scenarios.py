@@ -482,7 +482,7 @@ class _MirrorScenario(Scenario):
     # hiccup of a shared 2-core box moved a 2-s mean by x5.67 and rolled a good version back
     # (measured); the error-rate check stays at its default.
     rollout = {"interval_s": 0.5, "analysis_window_s": 3.0, "min_requests": 20, "canary_instances": 1,
-               "canary_step_weight": 0, "max_failed_checks": 3, "max_p99_ratio": 20.0, "wave_size": 1,
+               "canary_step_weight": 0, "max_failed_checks": 3, "max_latency_ratio": 20.0, "wave_size": 1,
                "progress_deadline_s": 30.0, "status_stale_s": 10.0}
     agent_interval_s = 0.5         # agent.interval_s: each host reads the desired state this often
     rollout_timeout_s = 90.0       # publish -> rolled back / all live, before the drill gives up
