@@ -46,6 +46,8 @@ class TrainConfig:
     ranker_lr: float = 2e-3
     distill_temperature: float = 2.0
     ranker_hidden: int = 64
+    student_ranker_epochs: int = 1     # the student's ranker: the FP32 ranker fine-tuned on student embeddings
+    student_ranker_lr: float = 5e-4
 
 
 @dataclass(frozen=True)
