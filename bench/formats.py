@@ -88,7 +88,8 @@ def ort_section(ctx: Ctx, export: Path, headline_parts: list[str]) -> list[str]:
           and (r["model"], r["batch"]) in base]
     if hl:
         headline_parts.append("onnxruntime alone, query_intent at batch 64, speed vs fp32: " + ", ".join(hl))
-    missing = [f for f in ("query_intent_int8.onnx", "query_intent_student.onnx", "ranker_int8.onnx")
+    missing = [f for f in ("query_intent_int8.onnx", "query_intent_student.onnx", "ranker_int8.onnx",
+                           "ranker_student.onnx")
                if not (export / f).exists()]
     out = ["onnxruntime alone (`export.bench.run_bench`, median of the runs, one session per file, "
            "default threading):",
@@ -110,7 +111,9 @@ def quality(export: Path) -> list[str]:
         return None if x is None else f"{float(x):.3f}"
     rows = [["fp32", f3(fp32.get("intent_acc")), f3(fp32.get("ndcg"))],
             ["int8 query_intent", f3(qi8.get("intent_acc")), None], ["int8 ranker", None, f3(rk8.get("ndcg"))],
-            ["student query_intent", f3(st.get("intent_acc")), f3(st.get("ndcg_with_ranker"))]]
+            ["student query_intent + FP32 ranker", f3(st.get("intent_acc")), f3(st.get("ndcg_with_ranker"))],
+            ["student query_intent + student ranker (served)", f3(st.get("intent_acc")),
+             f3(st.get("ndcg_with_student_ranker"))]]
     return ["Quality of each variant on the held-out set, as the export recorded it (metadata.json):",
             md_table(["variant", "intent accuracy", "NDCG"], rows)]
 
@@ -196,7 +199,7 @@ def run(ctx: Ctx) -> Section:
         how="onnxruntime: `export.bench.run_bench(export, batches=(1, 64))` (the export engineer's measurement, "
             "reused as is). Triton: `model_repository.build.build_repository(export, out, 'cpu', variant=V)` per "
             "variant (the spec's `variants`: int8 = query_intent_int8 + ranker_int8, student = "
-            "query_intent_student + the FP32 ranker; `triton-hybrid repo build --variant V`). All variants' "
+            "query_intent_student + ranker_student, the ranker trained on the student's embeddings; `triton-hybrid repo build --variant V`). All variants' "
             "Tritons run at once; perf_analyzer visits them in rotating order per round. On the CPU target each "
             "step runs its graph through onnxruntime (1 intra-op thread) inside a Python-backend model; the int8 "
             "graphs (dynamic quantization: results depend on what shares a batch) run one query per "

@@ -187,18 +187,24 @@ def train_ranker(profile: Profile, teacher: QueryIntentModel, enc: Encoded, quer
 
 
 def train_student_ranker(profile: Profile, student: QueryIntentModel, teacher: QueryIntentModel, ranker: Ranker,
-                         enc: Encoded, queries: list[dict], features: np.ndarray, seed: int,
-                         progress=None) -> Ranker:
-    """The ranker the student serves with: a copy of the FP32 ranker (attribute heads unfrozen)
-    trained on what it sees when served, the student's embeddings and intent probabilities, with
-    the ListNet loss on the labels plus distillation to the FP32 pipeline's scores (teacher
-    embeddings -> FP32 ranker), softened by `distill_temperature`."""
+                         enc: Encoded, queries: list[dict], features: np.ndarray, layout: dict, num_intents: int,
+                         seed: int, progress=None) -> Ranker:
+    """The ranker the student serves with, trained on what it sees when served (the student's
+    embeddings and intent probabilities): the ListNet loss on the labels plus distillation to the
+    FP32 pipeline's scores (teacher embeddings -> FP32 ranker), softened by `distill_temperature`.
+    Its width is `student_ranker_hidden` (the FP32 ranker's when unset: then it starts as a copy
+    of the FP32 ranker); the attribute heads it reads the embedding with are trained too."""
     torch.manual_seed(seed + 3)
     cfg = profile.train
-    srk = copy.deepcopy(ranker)
+    hidden = cfg.student_ranker_hidden or cfg.ranker_hidden
+    if hidden == cfg.ranker_hidden:
+        srk, lr = copy.deepcopy(ranker), cfg.student_ranker_lr
+    else:
+        srk, lr = Ranker(profile.student.emb_dim, num_intents, features.shape[1], layout, hidden,
+                         copy.deepcopy(teacher.aux)), cfg.ranker_lr
     for p in srk.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(srk.parameters(), lr=cfg.student_ranker_lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(srk.parameters(), lr=lr, weight_decay=1e-4)
     s_logits, s_emb = predict(student, enc.ids, enc.mask)
     t_logits, t_emb = predict(teacher, enc.ids, enc.mask)
     s_probs, s_emb = torch.from_numpy(softmax_np(s_logits)), torch.from_numpy(s_emb)
