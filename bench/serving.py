@@ -27,6 +27,7 @@ from bench.common import (
     fmt_ratio,
     load_queries,
     md_table,
+    mmm,
     perf_available,
     single_triton,
     stats_breakdown,
@@ -72,6 +73,18 @@ def median_run(runs: list[dict]) -> dict:
         out["errors"] = errors
     out["rounds"] = len(runs)
     return out
+
+
+def round_ratios(num: list[dict], den: list[dict], key: str = "p50_ms") -> list[float]:
+    """The ratio num/den of one figure per round: the two runs of a round were measured next to
+    each other, so a burst of load elsewhere shifts both; rounds missing a figure are skipped."""
+    return [a[key] / b[key] for a, b in zip(num, den) if a.get(key) is not None and b.get(key)]
+
+
+def spread_row(name: str, ratios: list[float]) -> list:
+    lo, med, hi = mmm(ratios)
+    return [name, len(ratios), fmt_ratio(lo, 1.0), fmt_ratio(med, 1.0), fmt_ratio(hi, 1.0),
+            " ".join(f"{r:.2f}" for r in ratios) or "-"]
 
 
 def inprocess_caller(pipe, queries):
@@ -134,6 +147,8 @@ def run(ctx: Ctx) -> Section:
     pipe = ReferencePipeline(export)
     res: dict[tuple[str, int], dict] = {}
     perf_rows = []
+    perf_bound: list[dict] = []
+    perf_runs: dict[tuple[str, int], list[dict]] = {}
     breakdown: list[str] = []
     flask_proc, flask_url = start_flask(ctx, export)
     try:
@@ -142,7 +157,7 @@ def run(ctx: Ctx) -> Section:
                      "Triton ensemble (HTTP)": triton_http_caller(http, queries, TOP_K),
                      "Flask + onnxruntime (HTTP)": flask_caller(flask_url, queries)}
             names = list(paths)
-            rounds = int(ctx.dur(3, 1))
+            rounds = int(ctx.dur(5, 1))
             runs: dict[tuple[str, int], list[dict]] = {}
             for r in range(rounds):          # interleaved rounds: a burst of load elsewhere hits every path
                 for c in conc:
@@ -159,6 +174,9 @@ def run(ctx: Ctx) -> Section:
                 for proto, url in (("grpc", grpc), ("http", http)):
                     perf.warmup(url, data, proto)
                 for r in range(rounds):
+                    # the in-process reference of this round's perf_analyzer figures at concurrency 1
+                    ctx.say(f"serving: round {r + 1}/{rounds} in-process c={conc[0]} beside perf_analyzer")
+                    perf_bound.append(drive(paths[names[0]], conc[0], dur / rounds, warmup_s=warm).as_dict())
                     for proto, url in (("grpc", grpc), ("http", http))[::(1 if r % 2 == 0 else -1)]:
                         for c in conc:
                             ctx.say(f"serving: round {r + 1}/{rounds} perf_analyzer {proto} c={c}")
@@ -197,6 +215,12 @@ def run(ctx: Ctx) -> Section:
                            fmt_ratio(t["p50_ms"], b["p50_ms"]) if c == 1 else "-",
                            fmt_ratio(pa[3], b["p50_ms"]) if pa and c == 1 else "-",
                            fmt_ratio(pa[2], b["throughput"]) if pa else "-"])
+    low = conc[0]
+    http_ratios = round_ratios(runs[("Triton ensemble (HTTP)", low)], runs[("in-process (bound)", low)])
+    perf_ratios = round_ratios(perf_runs.get(("grpc", low), []), perf_bound)
+    spread = [spread_row("Triton ensemble (HTTP, Python client) / in-process", http_ratios)]
+    if perf_ratios:
+        spread.append(spread_row("Triton ensemble (perf_analyzer gRPC) / in-process", perf_ratios))
     errors = {f"{n} c={c}": r["errors"] for (n, c), r in res.items() if r["errors"]}
     body = [md_table(["concurrency", "path", "req/s", "p50 ms", "p99 ms", "failed",
                       "throughput vs in-process", "p99 vs in-process"], rows),
@@ -205,20 +229,27 @@ def run(ctx: Ctx) -> Section:
             md_table(["concurrency", "throughput Triton / Flask", "p50 Triton / Flask", "p99 Triton / Flask",
                       "p50 Triton (HTTP) / in-process", "p50 Triton (perf_analyzer) / in-process",
                       "throughput Triton (perf_analyzer) / in-process"], ratio_rows),
+            f"p50 at concurrency {low}, Triton / in-process, per round (each ratio from two runs measured one after "
+            "the other; for perf_analyzer, an in-process run right before that round's perf_analyzer runs):",
+            md_table(["ratio", "rounds", "min", "median", "max", "per round"], spread),
             "perf_analyzer (C++ client) against the same Triton, same queries:",
             md_table(["protocol", "concurrency", "infer/s", "p50 ms", "p99 ms"], perf_rows)]
     body += breakdown
     if errors:
         body.append("Errors: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
-    top, low = conc[-1], conc[0]
+    top = conc[-1]
     t, f, b = (res[(n, top)] for n in ("Triton ensemble (HTTP)", "Flask + onnxruntime (HTTP)", "in-process (bound)"))
     t1, b1 = res[("Triton ensemble (HTTP)", low)], res[("in-process (bound)", low)]
     pa1, pa16 = perf_by.get(("grpc", low)), perf_by.get(("grpc", top))
     beats = all(res[("Triton ensemble (HTTP)", c)][k] < res[("Flask + onnxruntime (HTTP)", c)][k]
                 for c in conc for k in ("p50_ms", "p99_ms"))
-    headline = (f"Concurrency {low}: Triton p50 {t1['p50_ms']:.2f} ms = {fmt_ratio(t1['p50_ms'], b1['p50_ms'])} the "
-                f"in-process pipeline's {b1['p50_ms']:.2f} ms"
-                + (f" (perf_analyzer {pa1[3]:.2f} ms = {fmt_ratio(pa1[3], b1['p50_ms'])})" if pa1 else "")
+    hlo, hmed, hhi = mmm(http_ratios)
+    plo, pmed, phi = mmm(perf_ratios)
+    headline = (f"Concurrency {low}: Triton p50 {t1['p50_ms']:.2f} ms vs the in-process pipeline's {b1['p50_ms']:.2f} ms; "
+                f"per round, Triton / in-process = {fmt_ratio(hmed, 1.0)} median ({fmt_ratio(hlo, 1.0)}-"
+                f"{fmt_ratio(hhi, 1.0)} over {len(http_ratios)} rounds)"
+                + (f", perf_analyzer {pa1[3]:.2f} ms: {fmt_ratio(pmed, 1.0)} median ({fmt_ratio(plo, 1.0)}-"
+                   f"{fmt_ratio(phi, 1.0)})" if pa1 and perf_ratios else "")
                 + f". Concurrency {top}: Triton {t['throughput']:.0f} req/s = {fmt_ratio(t['throughput'], f['throughput'])} "
                 f"the Flask service and {fmt_ratio(t['throughput'], b['throughput'])} the in-process bound "
                 f"({b['throughput']:.0f} req/s)"
@@ -231,8 +262,10 @@ def run(ctx: Ctx) -> Section:
              "service calling onnxruntime per request). Throughput and p99 at concurrency "
              + ", ".join(map(str, conc)) + ", ratios to the in-process bound.",
         how=f"One Python closed-loop load generator (`bench.common.drive`: N threads, {warm:g} s warm-up, then "
-            f"{dur:g} s counted in {int(ctx.dur(3, 1))} interleaved rounds; medians of the rounds) drives all three paths, "
-            "interleaved per concurrency (order rotated per round). perf_analyzer: the same rounds, medians. In-process: "
+            f"{dur:g} s counted in {int(ctx.dur(5, 1))} interleaved rounds; medians of the rounds) drives all three paths, "
+            "interleaved per concurrency (order rotated per round). perf_analyzer: the same rounds, medians, each round "
+            "after its own in-process run at concurrency 1. The concurrency-1 latency ratio is also given per round "
+            "(min, median, max): the spread is this machine's noise. In-process: "
             "`export.reference.ReferencePipeline.rank` called by the threads (default onnxruntime threading). "
             "Triton: one Triton (no HAProxy) serving the CPU repository built from the export, tritonclient.http "
             "(binary tensors), one client per thread. Flask: `bench/flask_service.py` (Flask 3, werkzeug "

@@ -102,9 +102,17 @@ def input_array(request, name):
     return None if t is None else t.as_numpy()
 
 
-def request_top_k(request, default):
-    """top_k from the optional TOP_K input, else the request parameter `top_k`, else `default`."""
-    values = input_array(request, "TOP_K")
+def request_inputs(request):
+    """{input name: numpy array (a view of Triton's buffer)} of one request, in one pass:
+    get_input_tensor_by_name lists and scans every input on each call."""
+    return {t.name(): t.as_numpy() for t in request.inputs()}
+
+
+def request_top_k(request, default, values=None):
+    """top_k from the optional TOP_K input (`values`, the request's TOP_K array, where the caller
+    has it), else the request parameter `top_k`, else `default`."""
+    if values is None:
+        values = input_array(request, "TOP_K")
     if values is not None:
         values = values.reshape(-1)
         if values.size == 0:

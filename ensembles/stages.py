@@ -59,6 +59,8 @@ class Rows:
             flat.extend(rows)
         if not flat:
             return np.zeros((0, 0), np.int64), spans, flat
+        if len(flat) == 1:   # one row (the usual request): its positions as they are
+            return flat[0][1][None, :], spans, flat
         n_max = max(len(r[0]) for r in flat)
         pos = np.full((len(flat), n_max), self.table.cold_start_row, dtype=np.int64)
         for j, (ids, p, _) in enumerate(flat):
@@ -96,5 +98,5 @@ def unknown_counts(rows):
 def intent_outputs(logits, intents):
     """softmax probabilities, the category name (object [R,1]) and its probability ([R,1])."""
     probs = ranking.softmax(logits)
-    best = probs.argmax(axis=-1)
-    return probs, intents[best].reshape(-1, 1), probs[np.arange(len(best)), best].reshape(-1, 1)
+    best = probs.argmax(axis=-1)[:, None]
+    return probs, intents[best], np.take_along_axis(probs, best, axis=1)

@@ -61,7 +61,7 @@ def run_bench(export_dir: Path, batches=(1, 64), repeats: int = 50, n_candidates
     rows: list[dict] = []
     models = [("query_intent", "fp32", "query_intent.onnx"), ("query_intent", "int8", "query_intent_int8.onnx"),
               ("query_intent", "student", "query_intent_student.onnx"), ("ranker", "fp32", "ranker.onnx"),
-              ("ranker", "int8", "ranker_int8.onnx")]
+              ("ranker", "int8", "ranker_int8.onnx"), ("ranker", "student", "ranker_student.onnx")]
     for model, variant, fname in models:
         path = export_dir / fname
         if not path.exists():

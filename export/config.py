@@ -46,6 +46,12 @@ class TrainConfig:
     ranker_lr: float = 2e-3
     distill_temperature: float = 2.0
     ranker_hidden: int = 64
+    # The student's own ranker (trained on student embeddings, distilled from the FP32 pipeline):
+    # its width (None: the FP32 ranker's, starting from a copy of it), epochs, and the learning
+    # rate of a copy being fine-tuned (a narrower one trains from scratch at ranker_lr).
+    student_ranker_hidden: int | None = None
+    student_ranker_epochs: int = 1
+    student_ranker_lr: float = 5e-4
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,9 @@ FULL = Profile(
     tokenizer=TokenizerConfig(max_len=16),
     teacher=EncoderConfig(d_model=128, n_heads=4, n_layers=2, d_ff=256, emb_dim=96),
     student=EncoderConfig(d_model=64, n_heads=4, n_layers=1, d_ff=128, emb_dim=96),
-    train=TrainConfig(teacher_epochs=4, student_epochs=8, ranker_epochs=3, ranker_hidden=96),
+    # The student serves with its own narrower ranker (the FP32 ranker is the wider one).
+    train=TrainConfig(teacher_epochs=4, student_epochs=8, ranker_epochs=3, ranker_hidden=96,
+                      student_ranker_hidden=48, student_ranker_epochs=2),
     gates=Gates(intent_acc_min=0.90, ndcg_min=0.85, ndcg_margin_min=0.15),
 )
 

@@ -48,6 +48,7 @@ from .train import (
     softmax_np,
     train_ranker,
     train_student,
+    train_student_ranker,
     train_teacher,
 )
 
@@ -111,15 +112,17 @@ class Steps:
 
 
 def save_checkpoint(path: Path, profile: Profile, seed: int, tok: Tokenizer, num_intents: int,
-                    aux_sizes: dict, layout: dict, feat_dim: int, teacher, student, ranker) -> None:
+                    aux_sizes: dict, layout: dict, feat_dim: int, teacher, student, ranker, student_ranker) -> None:
     torch.save({"format": CKPT_FORMAT, "profile": profile.name, "seed": seed, "tokenizer": tok.to_dict(),
                 "num_intents": num_intents, "aux_sizes": aux_sizes, "layout": layout, "feat_dim": feat_dim,
-                "teacher": teacher.state_dict(), "student": student.state_dict(), "ranker": ranker.state_dict()},
+                "teacher": teacher.state_dict(), "student": student.state_dict(), "ranker": ranker.state_dict(),
+                "student_ranker": student_ranker.state_dict()},
                path)
 
 
 def load_checkpoint(path: Path, profile: Profile, num_intents: int, aux_sizes: dict, layout: dict, feat_dim: int):
-    """-> (tokenizer, teacher, student, ranker); any problem is a CheckpointError."""
+    """-> (tokenizer, teacher, student, ranker, student ranker or None where the checkpoint predates
+    it); any problem is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -141,10 +144,17 @@ def load_checkpoint(path: Path, profile: Profile, num_intents: int, aux_sizes: d
         ranker = Ranker(profile.teacher.emb_dim, num_intents, feat_dim, layout, profile.train.ranker_hidden,
                         copy.deepcopy(teacher.aux))
         ranker.load_state_dict(ck["ranker"])
+        student_ranker = None
+        if "student_ranker" in ck:
+            student_ranker = Ranker(profile.student.emb_dim, num_intents, feat_dim, layout,
+                                    profile.train.student_ranker_hidden or profile.train.ranker_hidden,
+                                    copy.deepcopy(teacher.aux))
+            student_ranker.load_state_dict(ck["student_ranker"])
+            student_ranker.eval()
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path} does not fit the models of profile {profile.name!r}: "
                               f"{type(e).__name__}: {str(e)[:300]}") from None
-    return tok, teacher.eval(), student.eval(), ranker.eval()
+    return tok, teacher.eval(), student.eval(), ranker.eval(), student_ranker
 
 
 def check_gates(values: dict, gates) -> list[dict]:
@@ -213,19 +223,28 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
         tmp = artifacts.make_temp_dir(out_root)
 
         def s_models(step):
+            student_ranker = None
             if checkpoint:
                 step.detail = {"checkpoint": str(checkpoint)}
-                return load_checkpoint(Path(checkpoint), profile, num_intents, aux_sizes, layout, features.shape[1])
-            tok = Tokenizer.build([q["query"] for q in ds.train] + cat.titles, profile.tokenizer.max_len,
-                                  profile.tokenizer.min_word_count, profile.tokenizer.min_trigram_count)
-            enc = encode_queries(tok, ds.train, aux_sizes)
+                tok, teacher, student, ranker, student_ranker = load_checkpoint(
+                    Path(checkpoint), profile, num_intents, aux_sizes, layout, features.shape[1])
+                enc = encode_queries(tok, ds.train, aux_sizes)
+            else:
+                tok = Tokenizer.build([q["query"] for q in ds.train] + cat.titles, profile.tokenizer.max_len,
+                                      profile.tokenizer.min_word_count, profile.tokenizer.min_trigram_count)
+                enc = encode_queries(tok, ds.train, aux_sizes)
             with make_progress(progress) as prog:
-                teacher = train_teacher(profile, tok, enc, num_intents, aux_sizes, seed, prog)
-                student = train_student(profile, tok, enc, teacher, num_intents, seed, prog)
-                ranker = train_ranker(profile, teacher, enc, ds.train, features, layout, num_intents, seed, prog)
-            step.detail = {"vocab_size": tok.vocab_size}
-            return tok, teacher, student, ranker
-        tok, teacher, student, ranker = steps.run("train" if not checkpoint else "load_checkpoint", s_models)
+                if not checkpoint:
+                    teacher = train_teacher(profile, tok, enc, num_intents, aux_sizes, seed, prog)
+                    student = train_student(profile, tok, enc, teacher, num_intents, seed, prog)
+                    ranker = train_ranker(profile, teacher, enc, ds.train, features, layout, num_intents, seed, prog)
+                if student_ranker is None:   # also for a checkpoint written before the student had its own
+                    student_ranker = train_student_ranker(profile, student, teacher, ranker, enc, ds.train, features,
+                                                          layout, num_intents, seed, prog)
+            step.detail = {**step.detail, "vocab_size": tok.vocab_size}
+            return tok, teacher, student, ranker, student_ranker
+        tok, teacher, student, ranker, student_ranker = steps.run("train" if not checkpoint else "load_checkpoint",
+                                                                  s_models)
         held = encode_queries(tok, ds.heldout, aux_sizes)
         rels = [q["relevance"] for q in ds.heldout]
 
@@ -254,7 +273,7 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
                         for q in ds.heldout[: profile.heldout_export_count]]
         (tmp / "heldout_queries.json").write_text(json.dumps(heldout_json) + "\n", encoding="utf-8")
         save_checkpoint(tmp / "checkpoint.pt", profile, seed, tok, num_intents, aux_sizes, layout,
-                        features.shape[1], teacher, student, ranker)
+                        features.shape[1], teacher, student, ranker, student_ranker)
 
         def s_onnx(step):
             export_query_intent(teacher, tok.max_len, tmp / "query_intent.onnx", profile.opset)
@@ -292,24 +311,30 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
         variants: dict[str, dict] = {}
 
         def s_student(step):
-            path = tmp / "query_intent_student.onnx"
+            path, rpath = tmp / "query_intent_student.onnx", tmp / "ranker_student.onnx"
             export_query_intent(student, tok.max_len, path, profile.opset)
+            export_ranker(student_ranker, profile.student.emb_dim, num_intents, features.shape[1], rpath, profile.opset)
             p = parity_query_intent(student, path, held.ids, held.mask)
             s_logits, s_emb = ort_intent(path, held.ids, held.mask)
+            s_probs = softmax_np(s_logits)
+            pr_s = parity_ranker(student_ranker, rpath, s_emb, s_probs, ds.heldout, features)
             acc = metrics.accuracy(s_logits, held.intent)
-            ndcg = metrics.mean_ndcg(ort_ranker_scores(tmp / "ranker.onnx", s_emb, softmax_np(s_logits), ds.heldout,
-                                                       features), rels)
+            ndcg = metrics.mean_ndcg(ort_ranker_scores(tmp / "ranker.onnx", s_emb, s_probs, ds.heldout, features), rels)
+            ndcg_own = metrics.mean_ndcg(ort_ranker_scores(rpath, s_emb, s_probs, ds.heldout, features), rels)
             sp64 = speedup(tmp / "query_intent.onnx", path, qi_feeds64, profile.bench_repeats)
             sp1 = speedup(tmp / "query_intent.onnx", path, qi_feeds1, profile.bench_repeats)
             kept, reason = student_guard(onnx_vals["intent_acc"], acc, sp64["speedup"], g.student_max_drop,
                                          g.student_min_speedup)
             if not kept:
                 path.unlink()
+                rpath.unlink()
             step.status = "kept" if kept else "rejected"
             step.detail = {"kept": kept, "reason": reason, "intent_acc": round(acc, 4),
                            "teacher_intent_acc": round(onnx_vals["intent_acc"], 4),
-                           "ndcg_with_ranker": round(ndcg, 4), "speedup_batch64": sp64, "speedup_batch1": sp1,
-                           "parity_vs_pytorch": p, "file": path.name if kept else None}
+                           "ndcg_with_ranker": round(ndcg, 4), "ndcg_with_student_ranker": round(ndcg_own, 4),
+                           "fp32_ndcg": round(onnx_vals["ndcg"], 4), "speedup_batch64": sp64, "speedup_batch1": sp1,
+                           "parity_vs_pytorch": p, "ranker_parity_vs_pytorch": pr_s,
+                           "file": path.name if kept else None, "ranker_file": rpath.name if kept else None}
             variants["query_intent_student"] = step.detail
         steps.run("student", s_student)
 
@@ -376,7 +401,7 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
         final_version = version if version is not None else artifacts.next_version(out_root)
         models = {"query_intent": {"file": "query_intent.onnx", **io_spec(tmp / "query_intent.onnx")},
                   "ranker": {"file": "ranker.onnx", **io_spec(tmp / "ranker.onnx")}}
-        for key, fname in (("query_intent_student", "query_intent_student.onnx"),
+        for key, fname in (("query_intent_student", "query_intent_student.onnx"), ("ranker_student", "ranker_student.onnx"),
                            ("query_intent_int8", "query_intent_int8.onnx"), ("ranker_int8", "ranker_int8.onnx")):
             if (tmp / fname).exists():
                 models[key] = {"file": fname, **io_spec(tmp / fname)}

@@ -21,9 +21,13 @@ class RankingError(ValueError):
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True).astype(np.float32)
-    e = np.exp(z, dtype=np.float32)
-    return (e / e.sum(axis=-1, keepdims=True, dtype=np.float32)).astype(np.float32)
+    """float32 softmax over the last axis, max-subtracted; in place on one temporary (no dtype
+    round trips: on float32 logits every step is already float32)."""
+    x = np.asarray(logits, dtype=np.float32)
+    e = np.subtract(x, x.max(axis=-1, keepdims=True))
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True, dtype=np.float32)
+    return e
 
 
 def dedupe(ids: np.ndarray) -> np.ndarray:
@@ -31,9 +35,10 @@ def dedupe(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size < 2:
         return ids
-    _, first = np.unique(ids, return_index=True)
-    if first.size == ids.size:
+    s = np.sort(ids)
+    if not (s[1:] == s[:-1]).any():   # the usual case, without np.unique's bookkeeping
         return ids
+    _, first = np.unique(ids, return_index=True)
     return ids[np.sort(first)]
 
 

@@ -5,7 +5,7 @@ ranked with cold-start features and counted, or refused in strict mode) are `exp
 the same file the ensemble's ranking step runs.
 
 A variant (INT8, the distilled student) is served from other ONNX files of the same export:
-`ReferencePipeline(dir, query_model="query_intent_student.onnx", ranker_model="ranker.onnx")`.
+`ReferencePipeline(dir, query_model="query_intent_student.onnx", ranker_model="ranker_student.onnx")`.
 """
 from __future__ import annotations
 

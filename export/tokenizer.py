@@ -30,8 +30,11 @@ _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 
 def normalize(text: str) -> str:
     """NFKD, strip accents, lower-case, every run of non [0-9a-z] characters -> one space, trim."""
-    text = unicodedata.normalize("NFKD", str(text))
-    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    text = str(text)
+    if not text.isascii():   # NFKD and accent stripping leave ASCII text as it is
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = text.lower()
     return _NON_ALNUM.sub(" ", text).strip()
 
 

@@ -186,6 +186,53 @@ def train_ranker(profile: Profile, teacher: QueryIntentModel, enc: Encoded, quer
     return ranker.eval()
 
 
+def train_student_ranker(profile: Profile, student: QueryIntentModel, teacher: QueryIntentModel, ranker: Ranker,
+                         enc: Encoded, queries: list[dict], features: np.ndarray, layout: dict, num_intents: int,
+                         seed: int, progress=None) -> Ranker:
+    """The ranker the student serves with, trained on what it sees when served (the student's
+    embeddings and intent probabilities): the ListNet loss on the labels plus distillation to the
+    FP32 pipeline's scores (teacher embeddings -> FP32 ranker), softened by `distill_temperature`.
+    Its width is `student_ranker_hidden` (the FP32 ranker's when unset: then it starts as a copy
+    of the FP32 ranker); the attribute heads it reads the embedding with are trained too."""
+    torch.manual_seed(seed + 3)
+    cfg = profile.train
+    hidden = cfg.student_ranker_hidden or cfg.ranker_hidden
+    if hidden == cfg.ranker_hidden:
+        srk, lr = copy.deepcopy(ranker), cfg.student_ranker_lr
+    else:
+        srk, lr = Ranker(profile.student.emb_dim, num_intents, features.shape[1], layout, hidden,
+                         copy.deepcopy(teacher.aux)), cfg.ranker_lr
+    for p in srk.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(srk.parameters(), lr=lr, weight_decay=1e-4)
+    s_logits, s_emb = predict(student, enc.ids, enc.mask)
+    t_logits, t_emb = predict(teacher, enc.ids, enc.mask)
+    s_probs, s_emb = torch.from_numpy(softmax_np(s_logits)), torch.from_numpy(s_emb)
+    t_probs, t_emb = torch.from_numpy(softmax_np(t_logits)), torch.from_numpy(t_emb)
+    T = cfg.distill_temperature
+
+    def loss_of(b):
+        qs = [queries[i] for i in b]
+        x, m = pad_candidates(qs, features)
+        g = np.zeros(m.shape, np.float32)
+        for i, q in enumerate(qs):
+            g[i, : len(q["relevance"])] = q["relevance"]
+        bt, xt, mt = torch.from_numpy(b), torch.from_numpy(x), torch.from_numpy(m)
+        with torch.no_grad():
+            t_scores = ranker(t_emb[bt], t_probs[bt], xt).masked_fill(~mt, -1e4)
+        scores = srk(s_emb[bt], s_probs[bt], xt).masked_fill(~mt, -1e4)
+        gain = torch.pow(2.0, torch.from_numpy(g)) - 1.0
+        target = gain / gain.sum(-1, keepdim=True).clamp(min=1e-9)
+        listnet = -(target * F.log_softmax(scores, dim=-1)).sum(-1).mean()
+        kd = -(F.softmax(t_scores / T, -1) * F.log_softmax(scores / T, -1)).sum(-1).mean() * T * T
+        return listnet + kd
+
+    srk.train()
+    _optimize(opt, cfg.student_ranker_epochs, len(queries), cfg.ranker_batch_size, seed + 3, progress,
+              "student ranker (distill)", loss_of)
+    return srk.eval()
+
+
 @torch.no_grad()
 def ranker_scores(ranker: Ranker, emb: np.ndarray, probs: np.ndarray, queries: list[dict],
                   features: np.ndarray, bs: int = 256) -> list[np.ndarray]:

@@ -24,7 +24,7 @@ def repo_group() -> None:
 @click.option("--version", type=click.IntRange(min=1), help="Version number for every model (default: the next one per model).")
 @click.option("--dynamic-batching/--no-dynamic-batching", default=True, show_default=True)
 @click.option("--variant", type=click.Choice(list(VARIANTS)), default="fp32", show_default=True,
-              help="The graphs served: fp32, int8 (both graphs quantized) or student (distilled encoder); "
+              help="The graphs served: fp32, int8 (both graphs quantized) or student (distilled encoder + its own ranker); "
                    "the export must hold the variant's files.")
 @click.option("--max-candidates", type=click.IntRange(min=1), default=Limits.max_candidates, show_default=True,
               help="Requests with more candidate ids per query are refused.")

@@ -62,7 +62,8 @@ VARIANTS: dict[str, Variant] = {
     "fp32": Variant("query_intent.onnx", "ranker.onnx", "the FP32 teacher encoder and ranker"),
     "int8": Variant("query_intent_int8.onnx", "ranker_int8.onnx", "both graphs INT8 (dynamic quantization)",
                     batch_invariant=False),
-    "student": Variant("query_intent_student.onnx", "ranker.onnx", "the distilled 1-layer encoder, FP32 ranker"),
+    "student": Variant("query_intent_student.onnx", "ranker_student.onnx",
+                       "the distilled 1-layer encoder and its own ranker (trained on its embeddings)"),
 }
 
 

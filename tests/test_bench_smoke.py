@@ -5,6 +5,7 @@ from __future__ import annotations
 from bench import run as bench_run
 from bench.common import Ctx, Section, stats_breakdown
 from bench.formats import guard
+from bench.serving import round_ratios, spread_row
 
 
 def test_control_section_writes_markdown_with_the_machine(tmp_path):
@@ -56,3 +57,14 @@ def test_the_serving_guard_keeps_only_fast_and_good_variants():
     assert guard(1.4, 0.0)[0] is False and "< 1.5x" in guard(1.4, 0.0)[1]
     assert guard(2.0, 0.017)[0] is False and "1.70 points (> 1)" in guard(2.0, 0.017)[1]
     assert guard(None, 0.0) == (False, "not measured")
+
+
+def test_the_concurrency_1_ratio_is_reported_per_round():
+    """Issue 17: one ratio per round (the two runs of a round measured one after the other), with its
+    min / median / max, so a noisy machine shows as a spread instead of hiding in one number."""
+    triton = [{"p50_ms": 1.5}, {"p50_ms": 3.0}, {"p50_ms": None}, {"p50_ms": 1.2}]
+    bound = [{"p50_ms": 0.5}, {"p50_ms": 0.6}, {"p50_ms": 0.5}, {"p50_ms": 0.6}]
+    ratios = round_ratios(triton, bound)
+    assert ratios == [3.0, 5.0, 2.0]
+    assert spread_row("x", ratios) == ["x", 3, "2.00x", "3.00x", "5.00x", "3.00 5.00 2.00"]
+    assert spread_row("y", []) == ["y", 0, "-", "-", "-", "-"]

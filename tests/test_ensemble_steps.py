@@ -66,8 +66,11 @@ class FakeFamily:
 
 class FakeRequest:
     def __init__(self, parameters=None, **inputs):
-        self.inputs = {k: FakeTensor(k, v) for k, v in inputs.items()}
+        self._inputs = {k: FakeTensor(k, v) for k, v in inputs.items()}
         self._parameters = json.dumps(parameters or {})
+
+    def inputs(self):
+        return list(self._inputs.values())
 
     def parameters(self):
         return self._parameters
@@ -77,7 +80,7 @@ class FakeRequest:
 def pb_utils():
     mod = types.ModuleType("triton_python_backend_utils")
     mod.Tensor, mod.InferenceResponse, mod.TritonError, mod.MetricFamily = FakeTensor, FakeResponse, FakeError, FakeFamily
-    mod.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    mod.get_input_tensor_by_name = lambda request, name: request._inputs.get(name)
     saved = sys.modules.get("triton_python_backend_utils")
     sys.modules["triton_python_backend_utils"] = mod
     yield mod

@@ -173,8 +173,8 @@ def test_onnx_files_and_parity(export_run):
     ds = load_dataset(next((base / "data").iterdir()))
     feats, layout = build_item_features(ds.catalog)
     aux = aux_sizes_for(ds)
-    tok, teacher, _, ranker = load_checkpoint(d / "checkpoint.pt", TINY, len(ds.catalog.leaves), aux, layout,
-                                              feats.shape[1])
+    tok, teacher, student, ranker, student_ranker = load_checkpoint(d / "checkpoint.pt", TINY, len(ds.catalog.leaves),
+                                                                    aux, layout, feats.shape[1])
     held = encode_queries(tok, ds.heldout, aux)
     assert len(ds.heldout) >= 1000
     pq = parity_query_intent(teacher, d / "query_intent.onnx", held.ids, held.mask)
@@ -182,6 +182,13 @@ def test_onnx_files_and_parity(export_run):
     pr = parity_ranker(ranker, d / "ranker.onnx", emb, softmax_np(logits), ds.heldout, feats)
     assert pq["n_inputs"] >= 1000 and pr["n_inputs"] >= 1000
     assert pq["max"] <= PARITY and pr["max"] <= PARITY, (pq, pr)
+    # Issue 17: the student is served with its own ranker (trained on the student's embeddings), in
+    # the checkpoint and, when the student is kept, as ranker_student.onnx with the same parity.
+    assert student_ranker is not None
+    if res.metadata["variants"]["query_intent_student"]["kept"]:
+        s_logits, s_emb = predict(student, held.ids, held.mask)
+        ps = parity_ranker(student_ranker, d / "ranker_student.onnx", s_emb, softmax_np(s_logits), ds.heldout, feats)
+        assert ps["max"] <= PARITY, ps
 
 
 # ------------------------------------------------------------------------------------- INT8
@@ -208,7 +215,8 @@ def test_int8_variants_follow_the_guard(export_run):
         assert rec["speedup_batch64"]["speedup"] > 0 and rec["speedup_batch1"]["speedup"] > 0
     st = v["query_intent_student"]
     assert (res.path / "query_intent_student.onnx").exists() == st["kept"]
-    assert st["reason"]
+    assert (res.path / "ranker_student.onnx").exists() == st["kept"]
+    assert st["reason"] and 0 < st["ndcg_with_student_ranker"] <= 1
 
 
 # -------------------------------------------------------------------------------- artifacts

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import stages  # noqa: E402
-from common import Step, decode_queries, error_response, input_array, load_intents, onnx_graph  # noqa: E402
+from common import Step, decode_queries, error_response, load_intents, onnx_graph, request_inputs  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +42,7 @@ class TritonPythonModel(Step, name="query_intent"):
         texts, spans = [], []
         for i, request in enumerate(requests):
             try:
-                queries = decode_queries(input_array(request, "QUERY"), self.max_query_bytes)
+                queries = decode_queries(request_inputs(request)["QUERY"], self.max_query_bytes)
             except Exception as e:  # noqa: BLE001 - this request only
                 responses[i] = error_response(self.name, e)
                 continue

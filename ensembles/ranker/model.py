@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 import ranking  # noqa: E402
 import stages  # noqa: E402
-from common import Step, candidate_counters, error_response, flag, input_array, onnx_graph, request_top_k  # noqa: E402
+from common import Step, candidate_counters, error_response, flag, onnx_graph, request_inputs, request_top_k  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -51,12 +51,13 @@ class TritonPythonModel(Step, name="ranker"):
         responses = [None] * len(requests)
         ks, embs, probs, id_arrays = {}, {}, {}, []
         for i, request in enumerate(requests):
-            ids = input_array(request, "CANDIDATE_IDS")
-            id_arrays.append(ids)
+            inputs = request_inputs(request)
+            id_arrays.append(inputs.get("CANDIDATE_IDS"))
             try:
-                ks[i] = ranking.check_top_k(request_top_k(request, self.top_k_default), self.max_top_k)
-                embs[i] = input_array(request, "query_embedding")
-                probs[i] = input_array(request, "intent_probs")
+                ks[i] = ranking.check_top_k(request_top_k(request, self.top_k_default, inputs.get("TOP_K")),
+                                            self.max_top_k)
+                embs[i] = inputs["query_embedding"]
+                probs[i] = inputs["intent_probs"]
             except Exception as e:  # noqa: BLE001 - this request only
                 responses[i] = error_response(self.name, e)
                 id_arrays[-1] = np.zeros((1, 0), np.int64)   # skipped below
