@@ -9,7 +9,6 @@ Secrets are ``SecretStr``: they never show up in a repr, a log line or ``status 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -523,16 +522,11 @@ class ControlConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _actuator_alias(cls, data: Any) -> Any:
-        # Deprecated single-valued `actuator: X` (configs before the two-site shape) is `actuators: [X]`.
+    def _no_single_actuator(cls, data: Any) -> Any:
+        # One way to say it: the single-valued field of earlier releases is refused with the new form.
         if isinstance(data, dict) and "actuator" in data:
-            data = dict(data)
-            old = data.pop("actuator")
-            if "actuators" in data:
-                raise ValueError("set control.actuators only (control.actuator is its deprecated one-value form)")
-            data["actuators"] = [old]
-            warnings.warn("control.actuator is deprecated: write control.actuators: [" + str(old) + "]",
-                          FutureWarning, stacklevel=2)
+            raise ValueError(f"control.actuator was replaced by the list control.actuators: write "
+                             f"`actuators: [{data['actuator']}]` (or [haproxy, route53] for both layers)")
         return data
 
     @field_validator("actuators", mode="before")

@@ -3,7 +3,6 @@ applies each decided plan to a real HAProxy (its runtime API) and to the Route53
 on moto's server; one that fails does not stop the other."""
 from __future__ import annotations
 
-import warnings
 
 import boto3
 import pytest
@@ -78,11 +77,9 @@ def test_actuators_config(tmp_path):
                      (["nginx"], "haproxy")]:
         with pytest.raises(ValueError, match=msg):
             ControlConfig(actuators=bad)
-    # The deprecated one-value form still reads, and says what to write instead.
-    with pytest.warns(FutureWarning, match=r"control.actuators: \[route53\]"):
-        assert ControlConfig.model_validate({"actuator": "route53"}).actuators == ["route53"]
-    with pytest.raises(ValueError, match="set control.actuators only"), warnings.catch_warnings():
-        ControlConfig.model_validate({"actuator": "route53", "actuators": ["haproxy"]})
+    # The single-valued field of earlier releases is refused, saying what to write instead.
+    with pytest.raises(ValueError, match=r"write `actuators: \[route53\]`"):
+        ControlConfig.model_validate({"actuator": "route53"})
     # An environment override names the list as YAML or comma-separated.
     settings = make_settings(tmp_path / "run")
     for raw in ("[haproxy, route53]", "haproxy,route53"):

@@ -61,7 +61,7 @@ def test_asg_missing_group_is_a_clear_error(moto_endpoint, monkeypatch):
 def test_daemon_scale_job_drives_the_asg(moto_endpoint, group, tmp_path):
     """The controller's scale job with the ASG actuator: below min_instances -> desired capacity
     raised on the endpoint, audited with its reason."""
-    settings = make_settings(tmp_path / "run", control={"actuator": "dry-run", "scaler": {
+    settings = make_settings(tmp_path / "run", control={"actuators": ["dry-run"], "scaler": {
         "enabled": True, "actuator": "asg", "asg_name": group, "asg_endpoint_url": moto_endpoint, "min_instances": 2,
         "max_instances": 3}})
     c = Controller(settings)

@@ -39,7 +39,7 @@ def env(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("scalesync")
     settings = make_settings(root / "run", instances=(("onprem-1", "onprem", 0, True), ("cloud-1", "cloud", 100, False)),
-                             control={"actuator": "haproxy", "scaler": {"enabled": True, "ready_timeout_s": 60,
+                             control={"actuators": ["haproxy"], "scaler": {"enabled": True, "ready_timeout_s": 60,
                                                                         "drain_timeout_s": 10}},
                              haproxy={"served_models": ["add_one"]})  # through the proxy's allowlist
     repo = root / "repo"
