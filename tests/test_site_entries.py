@@ -1,0 +1,243 @@
+"""A client entry per site (issue 16; docs/traffic.md "Site entries"): real processes throughout:
+moto's S3 server, two Tritons (onprem-1 answers INPUT0 + 1, cloud-1 INPUT0 + 100, so a client sees
+which one served it), two HAProxies (the on-prem and the cloud entry, each listing both sites' Tritons,
+its own first) and an entry agent beside each (`triton-hybrid entry`, its own process).
+
+- The leader writes the weights once (traffic.json in S3); both entries' HAProxies get them.
+- A sensitive request at the cloud entry is served on-prem; with the on-prem Triton stopped it gets a
+  503 with the reason, and the cloud Triton never serves one (its own request counter).
+- With S3 gone, an entry whose HAProxy and agent both restart gets the last weights again (state file).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from control.adapters import haproxy_config
+from control.adapters import s3 as s3x
+from control.adapters.haproxy_runtime import HAProxyRuntime
+from control.config import load_config, plain_dump
+from control.drills.models import ADD_ONE, write_add_model
+from control.local.haproxy import start_haproxy
+from control.local.isolated import isolated_settings
+from control.local.procs import free_port, http_ok, start_ready
+from control.local.s3_endpoint import start_s3_server
+from control.local.triton_server import start_triton
+from control.mirror.desired import DesiredStateError
+from control.traffic.actuators import Plan
+from control.traffic.entries import EntriesActuator, TrafficStore
+from control.waiting import wait_until
+
+ADD = {"onprem-1": 1.0, "cloud-1": 100.0}
+TOKEN = "entry-test-token"
+SENSITIVE = {"X-Data-Sensitive": "1"}
+
+
+def served_by(output: float, x: float = 1.0) -> str:
+    return next(n for n, a in ADD.items() if abs(output - (x + a)) < 1e-3)
+
+
+class Sites:
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.settings = isolated_settings(
+            tmp_path / "run", instances=(("onprem-1", "onprem", 50, True), ("cloud-1", "cloud", 50, False)),
+            haproxy={"served_models": [ADD_ONE]})
+        self.procs: dict = {}
+        self.entries: dict[str, object] = {}    # site -> settings of that entry
+
+    def start_s3(self):
+        self.procs["s3"] = start_s3_server(self.settings)
+        self.client = s3x.make_client(self.settings.s3, connect_timeout=1.0, read_timeout=2.0)
+        s3x.ensure_bucket(self.client, self.settings.s3)
+        self.store = TrafficStore(self.client, self.settings.s3)
+
+    def start_triton(self, name: str):
+        i = self.settings.instance(name)
+        repo = self.tmp / f"repo-{name}"
+        if not repo.exists():
+            write_add_model(repo, 1, ADD[name])
+        self.procs[name] = start_triton(name, repo, i.http_port, i.grpc_port, i.metrics_port,
+                                        self.settings.run_path, ready_timeout=120)
+
+    def entry_settings(self, site: str):
+        if site not in self.entries:
+            s = self.settings
+            data = plain_dump(s)
+            data.pop("source")
+            data["run_dir"] = str(self.tmp / f"entry-{site}")
+            data["haproxy"].update({"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()})
+            data["entry"] = {"site": site, "name": "lb-1", "interval_s": 0.2, "api_port": free_port(),
+                             "token": TOKEN, "report_stale_s": 10.0}
+            path = self.tmp / f"entry-{site}.yaml"
+            path.touch(mode=0o600)
+            path.write_text(yaml.safe_dump(data))
+            self.entries[site] = load_config(path, environ={})
+        return self.entries[site]
+
+    def start_haproxy(self, site: str):
+        s = self.entry_settings(site)
+        s.run_path.mkdir(parents=True, exist_ok=True)
+        self.procs[f"haproxy-{site}"] = start_haproxy(s, site=site)
+
+    def start_agent(self, site: str):
+        s = self.entry_settings(site)
+        api = f"http://127.0.0.1:{s.entry.api_port}"
+        self.procs[f"entry-{site}"] = start_ready(
+            f"entry-{site}", [sys.executable, "-m", "control.cli", "--config", s.source, "entry"], s.run_path,
+            lambda: http_ok(f"{api}/ready"), 30, "ready (/ready)")
+
+    def stop(self, name: str):
+        p = self.procs.pop(name, None)
+        if p is not None:
+            p.stop()
+
+    def runtime(self, site: str) -> HAProxyRuntime:
+        return HAProxyRuntime(haproxy_config.socket_path(self.entry_settings(site)))
+
+    def weights(self, site: str) -> dict[str, int]:
+        return {s.server: s.weight for s in self.runtime(site).servers(haproxy_config.HTTP_BACKEND)}
+
+    def status(self, site: str) -> dict:
+        s = self.entry_settings(site)
+        return requests.get(f"http://127.0.0.1:{s.entry.api_port}/v1/status",
+                            headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2).json()
+
+    def infer(self, site: str, headers: dict | None = None) -> requests.Response:
+        h = self.entry_settings(site).haproxy
+        body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1.0] * 4}]}
+        return requests.post(f"http://{h.host}:{h.http_port}/v2/models/{ADD_ONE}/infer", json=body,
+                             headers=headers or {}, timeout=5)
+
+    def successes(self, name: str) -> float:
+        text = requests.get(self.settings.instance(name).metrics_url, timeout=2).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "nv_inference_request_success" and s.labels.get("model") == ADD_ONE)
+
+    def close(self):
+        for name in list(self.procs)[::-1]:
+            self.stop(name)
+
+
+@pytest.fixture
+def sites(tmp_path):
+    s = Sites(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_site_entry_config_lists_its_own_site_first_and_pins_sensitive_to_onprem(tmp_path):
+    s = isolated_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 50, True),
+                                                       ("cloud-1", "cloud", 50, False)), write_file=False)
+
+    def servers(text: str, backend: str) -> list[str]:
+        lines = text.split(f"\nbackend {backend}\n", 1)[1].splitlines()
+        block = lines[:next((k for k, ln in enumerate(lines) if ln and not ln[0].isspace()), len(lines))]
+        return [ln.split()[1] for ln in block if ln.strip().startswith("server ")]
+
+    cloud, onprem = haproxy_config.render(s, site="cloud"), haproxy_config.render(s, site="onprem")
+    assert servers(cloud, "be_triton_http") == ["cloud-1", "onprem-1"]
+    assert servers(onprem, "be_triton_grpc") == ["onprem-1", "cloud-1"]
+    for text in (cloud, onprem):
+        assert servers(text, "be_onprem_http") == ["onprem-1"] and servers(text, "be_onprem_grpc") == ["onprem-1"]
+        assert f"hdr {haproxy_config.REASON_HEADER} {haproxy_config.SENSITIVE_503_REASON}" in text
+        # The runtime API is a unix socket only; the stats frontend has no admin level.
+        assert "level admin" in text and "stats admin" not in text
+    assert haproxy_config.render(s) == haproxy_config.render(s, site=None)
+
+
+def test_traffic_writes_are_fenced_by_generation(sites):
+    sites.start_s3()
+    old = EntriesActuator(sites.store, sites.settings.instances, by="old", generation=lambda: 1)
+    new = EntriesActuator(sites.store, sites.settings.instances, by="new", generation=lambda: 2)
+    old.apply(Plan({"onprem": 50, "cloud": 50}, {"onprem-1": 50, "cloud-1": 50}))
+    res = new.apply(Plan({"onprem": 80, "cloud": 20}, {"onprem-1": 80, "cloud-1": 20}))
+    assert res.commands and "revision 2" in res.commands[0]
+    assert new.apply(Plan({"onprem": 80, "cloud": 20}, {"onprem-1": 80, "cloud-1": 20})).commands == []
+    with pytest.raises(Exception, match="generation 2; this writer has 1"):
+        old.apply(Plan({"onprem": 0, "cloud": 100}, {"onprem-1": 0, "cloud-1": 100}))
+    st = sites.store.read().state
+    assert (st.revision, st.generation, st.instance_weights) == (2, 2, {"onprem-1": 80, "cloud-1": 20})
+    # A damaged object is refused by name, never half-read.
+    sites.client.put_object(Bucket=sites.settings.s3.bucket, Key=sites.store.key, Body=b"{}")
+    with pytest.raises(DesiredStateError, match="traffic.json: sha256"):
+        sites.store.read()
+
+
+@pytest.mark.slow
+def test_weights_reach_both_entries_and_sensitive_requests_never_reach_the_cloud(sites):
+    sites.start_s3()
+    for name in ADD:
+        sites.start_triton(name)
+    for site in ("onprem", "cloud"):
+        sites.start_haproxy(site)
+        sites.start_agent(site)
+        wait_until(lambda site=site: all(x.up for x in sites.runtime(site).servers()), 30, f"{site} entry: all UP")
+    assert sites.weights("cloud") == {"onprem-1": 50, "cloud-1": 50}   # config weights until decided
+
+    # The leader writes once; both entries apply it.
+    leader = EntriesActuator(sites.store, sites.settings.instances, by="leader", generation=lambda: 1)
+    t0 = time.monotonic()
+    leader.apply(Plan({"onprem": 80, "cloud": 20}, {"onprem-1": 80, "cloud-1": 20}))
+    want = {"onprem-1": 80, "cloud-1": 20}
+    for site in ("onprem", "cloud"):
+        wait_until(lambda site=site: sites.weights(site) == want, 15, f"{site} entry at 80/20")
+    print(f"weights written once reached both entries in {time.monotonic() - t0:.2f}s")
+    def reported():
+        o = leader.observe()
+        return o if len(o.servers) == 2 and not any(s["lagging"] or s["stale"] for s in o.servers) else None
+    obs = wait_until(reported, 15, "both entries report revision 1")
+    assert {s["entry"] for s in obs.servers} == {"onprem-lb-1", "cloud-lb-1"}
+    assert obs.health == {"onprem-1": True, "cloud-1": True}
+
+    # Sensitive requests at the cloud entry: served on-prem only.
+    cloud_before = sites.successes("cloud-1")
+    for _ in range(20):
+        r = sites.infer("cloud", SENSITIVE)
+        assert r.status_code == 200, r.text
+        assert served_by(r.json()["outputs"][0]["data"][0]) == "onprem-1"
+    assert sites.successes("cloud-1") == cloud_before
+    # Plain requests at the cloud entry reach both sites.
+    seen = {served_by(sites.infer("cloud").json()["outputs"][0]["data"][0]) for _ in range(20)}
+    assert seen == {"onprem-1", "cloud-1"}
+
+    # On-prem down: a clear 503 with the reason, never a cloud answer.
+    cloud_before = sites.successes("cloud-1")
+    sites.stop("onprem-1")
+    reason = haproxy_config.REASON_HEADER
+
+    def refused():
+        r = sites.infer("cloud", SENSITIVE)
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 200:  # before HAProxy's check sees it down: it can only be on-prem's answer
+            assert served_by(r.json()["outputs"][0]["data"][0]) == "onprem-1"
+        return r.headers.get(reason) == haproxy_config.SENSITIVE_503_REASON
+    wait_until(refused, 15, "sensitive requests refused with the reason at the cloud entry")
+    for _ in range(20):
+        r = sites.infer("cloud", SENSITIVE)
+        assert r.status_code == 503 and r.headers.get(reason) == haproxy_config.SENSITIVE_503_REASON
+        assert "never sent to the cloud" in r.json()["error"]
+    assert sites.successes("cloud-1") == cloud_before
+    assert sites.infer("cloud").status_code == 200   # plain requests: the cloud serves them
+
+    # S3 gone: the cloud entry's HAProxy and agent restart and get the last weights from the state file.
+    sites.stop("s3")
+    sites.stop("entry-cloud")
+    sites.stop("haproxy-cloud")
+    sites.start_haproxy("cloud")
+    assert sites.weights("cloud") == {"onprem-1": 50, "cloud-1": 50}   # the config's again
+    sites.start_agent("cloud")
+    wait_until(lambda: sites.weights("cloud") == want, 15, "cloud entry at 80/20 again without S3")
+    st = sites.status("cloud")
+    assert st["source"] == "state_file" and st["s3_ok"] is False and st["applied_revision"] == 1
+    assert any("traffic.json unreadable" in e for e in st["errors"])
+    assert sites.infer("cloud").status_code == 200
+    # The on-prem entry kept its weights all along.
+    assert sites.weights("onprem") == want
