@@ -410,7 +410,7 @@ class ControlConfig(_Section):
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 0.8
     decide_interval_s: float = 1.0
-    actuator: Literal["haproxy", "route53", "dry-run"] = "haproxy"
+    actuator: Literal["haproxy", "route53", "entries", "dry-run"] = "haproxy"
     # Optional DCGM exporter per instance name, e.g. {"onprem-1": "http://10.0.0.5:9400/metrics"}.
     dcgm_exporter_urls: dict[str, str] = Field(default_factory=dict)
     route53: Route53Config = Field(default_factory=Route53Config)

@@ -46,7 +46,7 @@ SENSITIVE_503_REASON = "sensitive-onprem-unavailable"
 
 GUARD_FILE = "request_guard.lua"
 # One copy, where the Kubernetes ConfigMap can load it; deploy/haproxy/request_guard.lua links to it.
-GUARD_SCRIPT = Path(__file__).resolve().parent.parent.parent / "deploy" / "k8s" / "control-plane" / GUARD_FILE
+GUARD_SCRIPT = Path(__file__).resolve().parent.parent.parent / "deploy" / "k8s" / "entry" / GUARD_FILE
 GUARD_ENV_PREFIX = "TRITON_HYBRID_GUARD_"
 
 
