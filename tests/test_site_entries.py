@@ -10,6 +10,8 @@ its own first) and an entry agent beside each (`triton-hybrid entry`, its own pr
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -23,9 +25,10 @@ from control.adapters import s3 as s3x
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.config import load_config, plain_dump
 from control.drills.models import ADD_ONE, write_add_model
-from control.local.haproxy import start_haproxy
+from control.drills.load import OpenLoopLoad, auto_spec
+from control.local.haproxy import haproxy_binary, start_haproxy
 from control.local.isolated import isolated_settings
-from control.local.procs import free_port, http_ok, start_ready
+from control.local.procs import free_port, http_ok, processes_in_group, start_ready
 from control.local.s3_endpoint import start_s3_server
 from control.local.triton_server import start_triton
 from control.mirror.desired import DesiredStateError
@@ -241,3 +244,50 @@ def test_weights_reach_both_entries_and_sensitive_requests_never_reach_the_cloud
     assert sites.infer("cloud").status_code == 200
     # The on-prem entry kept its weights all along.
     assert sites.weights("onprem") == want
+
+
+@pytest.mark.slow
+def test_a_seamless_reload_of_an_entry_haproxy_under_load_fails_no_request(sites):
+    """How an on-prem LB host rolls its HAProxy (deploy/systemd/triton-hybrid-haproxy.service:
+    `haproxy -Ws`, reload = SIGUSR2 to the master: the new worker takes over the listening sockets,
+    the old one finishes its requests): under load through the entry, twice, no request fails, and
+    the entry agent gives the new worker the decided weights again."""
+    sites.start_s3()
+    for name in ADD:
+        sites.start_triton(name)
+    s = sites.entry_settings("cloud")
+    s.run_path.mkdir(parents=True, exist_ok=True)
+    start_haproxy(s, site="cloud").stop()       # writes and checks the config, then stops
+    cfg = haproxy_config.config_path(s)
+    h = s.haproxy
+    master = start_ready("haproxy-master", [haproxy_binary(s), "-W", "-db", "-f", str(cfg)], s.run_path,
+                         lambda: http_ok(f"http://{h.host}:{h.stats_port}/metrics"), 15, "serving its stats port")
+    sites.procs["haproxy-master"] = master
+    sites.start_agent("cloud")
+    want = {"onprem-1": 80, "cloud-1": 20}
+    EntriesActuator(sites.store, sites.settings.instances, generation=lambda: 1).apply(
+        Plan({"onprem": 80, "cloud": 20}, want))
+    wait_until(lambda: sites.weights("cloud") == want and all(x.up for x in sites.runtime("cloud").servers()),
+               30, "cloud entry at 80/20, every server UP")
+
+    url = f"{h.host}:{h.http_port}"
+    load = OpenLoopLoad(url, f"{h.host}:{h.grpc_port}", auto_spec(f"http://{url}", ADD_ONE),
+                        rate=40.0, duration_s=14.0).start()
+    reapplied = []
+    for _ in range(2):
+        # Load flowing through the current worker before the reload: 100 more answers.
+        n = len(load.records) + 100
+        wait_until(lambda n=n: len(load.records) >= n, 15, f"{n} answers through the entry")
+        workers = set(processes_in_group(master.pgid)) - {master.pid}
+        os.kill(master.pid, signal.SIGUSR2)
+        t0 = time.monotonic()
+        # The new worker starts with the config's weights; the entry agent applies the decided ones.
+        wait_until(lambda: set(processes_in_group(master.pgid)) - {master.pid} - workers, 15, "a new worker")
+        wait_until(lambda: sites.weights("cloud") == want, 15, "the decided weights in the new worker")
+        reapplied.append(time.monotonic() - t0)
+    records = load.join()
+    failed = [r for r in records if not r.ok]
+    print(f"{len(records)} requests through two reloads, {len(failed)} failed; weights back after "
+          f"{', '.join(f'{x:.2f}s' for x in reapplied)}")
+    assert len(records) >= 0.9 * 40 * 14
+    assert not failed, failed[:5]
