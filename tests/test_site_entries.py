@@ -33,7 +33,7 @@ from control.local.s3_endpoint import start_s3_server
 from control.local.triton_server import start_triton
 from control.mirror.desired import DesiredStateError
 from control.traffic.actuators import Plan
-from control.traffic.entries import EntriesActuator, TrafficStore
+from control.traffic.entries import EntriesActuator, TrafficState, TrafficStore
 from control.waiting import wait_until
 
 ADD = {"onprem-1": 1.0, "cloud-1": 100.0}
@@ -229,6 +229,14 @@ def test_weights_reach_both_entries_and_sensitive_requests_never_reach_the_cloud
         assert "never sent to the cloud" in r.json()["error"]
     assert sites.successes("cloud-1") == cloud_before
     assert sites.infer("cloud").status_code == 200   # plain requests: the cloud serves them
+
+    # A traffic.json of an older generation (a restored backup, bypassing the store's fencing) is refused.
+    cur = sites.store.read()
+    sites.store.write(TrafficState(revision=cur.state.revision + 1, generation=0, site_weights={"onprem": 0, "cloud": 100},
+                                   instance_weights={"onprem-1": 0, "cloud-1": 100}), cur.etag)
+    wait_until(lambda: any("older than the applied one" in e for e in sites.status("cloud")["errors"]), 15,
+               "the cloud entry refusing the older generation")
+    assert sites.weights("cloud") == want and sites.weights("onprem") == want
 
     # S3 gone: the cloud entry's HAProxy and agent restart and get the last weights from the state file.
     sites.stop("s3")
