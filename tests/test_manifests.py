@@ -722,7 +722,7 @@ def test_systemd_analyze_verify_syntax(tmp_path):
 
 # ---- IAM ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["control-plane-policy.json", "triton-agent-policy.json"])
+@pytest.mark.parametrize("name", ["control-plane-policy.json", "triton-agent-policy.json", "entry-policy.json"])
 def test_iam_policies_are_least_privilege(name):
     doc = json.loads((DEPLOY / "iam" / name).read_text())
     assert doc["Version"] == "2012-10-17"
@@ -748,6 +748,16 @@ def test_agent_policy_reads_the_mirror_and_writes_only_agent_statuses():
                                      "kms:GenerateDataKey"}
     assert s3_writes == {"arn:aws:s3:::acme-search-triton-models/repository/_control/status/*"}
     assert not (DEPLOY / "iam" / "triton-readonly-policy.json").exists()
+
+
+def test_entry_policy_reads_only_the_weights_and_writes_only_entry_reports():
+    doc = json.loads((DEPLOY / "iam" / "entry-policy.json").read_text())
+    allow = {(a, r) for st in doc["Statement"] if st["Effect"] == "Allow" for a in st["Action"]
+             for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])}
+    s3 = {(a, r.split(":::")[1]) for a, r in allow if a.startswith("s3:")}
+    assert s3 == {("s3:ListBucket", "acme-search-triton-models"),
+                  ("s3:GetObject", "acme-search-triton-models/repository/_control/traffic.json"),
+                  ("s3:PutObject", "acme-search-triton-models/repository/_control/entries/*")}
 
 
 def test_sites_registry_loads():
