@@ -18,12 +18,15 @@ import time
 import pytest
 import requests
 import yaml
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.adapters import haproxy_config
 from control.adapters import s3 as s3x
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.config import load_config, plain_dump
+from control.daemon.controller import Controller
+from control.daemon.metrics import ControlMetrics
 from control.drills.models import ADD_ONE, write_add_model
 from control.drills.load import OpenLoopLoad, auto_spec
 from control.local.haproxy import haproxy_binary, start_haproxy
@@ -299,3 +302,40 @@ def test_a_seamless_reload_of_an_entry_haproxy_under_load_fails_no_request(sites
           f"{', '.join(f'{x:.2f}s' for x in reapplied)}")
     assert len(records) >= 0.9 * 40 * 14
     assert not failed, failed[:5]
+
+
+@pytest.mark.slow
+def test_the_control_planes_decisions_reach_both_entries(sites):
+    """The daemon's traffic job with the `entries` actuator: every decision lands in traffic.json and
+    both entries' HAProxies follow it; the on-prem Triton stopped -> both entries send it nothing."""
+    sites.start_s3()
+    for name in ADD:
+        sites.start_triton(name)
+    for site in ("onprem", "cloud"):
+        sites.start_haproxy(site)
+        sites.start_agent(site)
+        wait_until(lambda site=site: all(x.up for x in sites.runtime(site).servers()), 30, f"{site} entry: all UP")
+    actuator = EntriesActuator(sites.store, sites.settings.instances, by="control-test", generation=lambda: 1)
+    ctl = Controller(sites.settings, actuator=actuator, metrics=ControlMetrics(CollectorRegistry()))
+    try:
+        def entries_follow():
+            ctl.poll()
+            ctl.tick()
+            plan = ctl.traffic.last_plan
+            return plan is not None and all(sites.weights(s) == plan.instance_weights for s in ("onprem", "cloud"))
+        wait_until(entries_follow, 30, "both entries at the control plane's decision", interval=0.5)
+        assert ctl.traffic.last_error is None
+        assert sites.store.read().state.updated_by == "control-test"
+        sites.stop("onprem-1")
+        t0 = time.monotonic()
+
+        def onprem_out():
+            entries_follow()
+            return all(sites.weights(s)["onprem-1"] == 0 and sites.weights(s)["cloud-1"] > 0 for s in ("onprem", "cloud"))
+        wait_until(onprem_out, 30, "both entries sending onprem-1 nothing", interval=0.5)
+        print(f"on-prem Triton stopped -> both entries at {sites.weights('cloud')} after {time.monotonic() - t0:.1f}s")
+        obs = actuator.observe()
+        assert obs.health.get("onprem-1") is False and obs.health.get("cloud-1") is True
+        assert sites.infer("onprem").status_code == 200 and sites.infer("cloud").status_code == 200
+    finally:
+        ctl.close()
