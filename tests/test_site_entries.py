@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -339,3 +340,23 @@ def test_the_control_planes_decisions_reach_both_entries(sites):
         assert sites.infer("onprem").status_code == 200 and sites.infer("cloud").status_code == 200
     finally:
         ctl.close()
+
+
+def test_entry_cli_refuses_bad_setups_with_a_clear_error(tmp_path):
+    """`entry --once` with no HAProxy and no S3 exits 1 naming both; a bad entry name and a token in
+    a config file others can read are refused before anything starts."""
+    s = isolated_settings(tmp_path / "run", s3={"retry_attempts": 1},
+                          entry={"name": "lb-1", "token": TOKEN, "interval_s": 0.2})
+    argv = [sys.executable, "-m", "control.cli", "--config", s.source, "entry"]
+
+    def run(*extra, env=None):
+        return subprocess.run(argv + list(extra), capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **(env or {})})
+    r = run("--once")
+    assert r.returncode == 1
+    assert "traffic.json unreadable" in r.stderr and str(haproxy_config.socket_path(s)) in r.stderr, r.stderr
+    r = run("--once", env={"TRITON_HYBRID__ENTRY__NAME": "bad/name"})
+    assert r.returncode == 1 and "entry.name" in r.stderr, r.stderr
+    os.chmod(s.source, 0o644)
+    r = run()
+    assert r.returncode == 1 and "holds entry.token but is readable by others" in r.stderr, r.stderr

@@ -3,13 +3,29 @@ docs/traffic.md "Site entries")."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import stat
 import sys
 import threading
+from pathlib import Path
 
 import click
 
 from control.cli import settings_from
+
+TOKEN_ENV = "TRITON_HYBRID__ENTRY__TOKEN"
+
+
+def check_token_file(settings, environ=os.environ) -> None:
+    """Refuse an entry.token that comes from a config file others can read (mode 600, token_file or env)."""
+    src = Path(settings.source) if settings.source else None
+    if not settings.entry.token.get_secret_value() or TOKEN_ENV in environ or src is None or not src.exists():
+        return
+    mode = stat.S_IMODE(src.stat().st_mode)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise click.ClickException(f"{src} holds entry.token but is readable by others (mode {mode:o}): run "
+                                   f"`chmod 600 {src}`, or move it to entry.token_file (mode 600) or {TOKEN_ENV}")
 
 
 @click.command("entry")
@@ -22,6 +38,7 @@ def entry_cmd(ctx, once):
     from control.entry.main import AgentSetupError, run_entry  # noqa: PLC0415 - boto3 is heavy
 
     settings = settings_from(ctx)
+    check_token_file(settings)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
