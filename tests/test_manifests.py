@@ -301,7 +301,8 @@ def test_triton_networkpolicy_admits_only_the_control_plane_and_the_other_site(_
     # Each site's entry reaches its own site's Triton (inference and health checks).
     for site in ("onprem", "cloud"):
         pol = _overlay(site).get("NetworkPolicy", f"{site}-triton")
-        elabels = _overlay(site).get("Deployment", f"{site}-triton-hybrid-entry")["spec"]["template"]["metadata"]["labels"]
+        entry = _overlay(site).get("Deployment", f"{site}-triton-hybrid-entry")
+        elabels = entry["spec"]["template"]["metadata"]["labels"]
         assert any({"port": 8000, "protocol": "TCP"} in rule.get("ports", []) and all(
             elabels.get(k) == v for k, v in f.get("podSelector", {}).get("matchLabels", {"x": "y"}).items())
             for rule in pol["spec"]["ingress"] for f in rule["from"]), site
@@ -480,7 +481,8 @@ def test_the_entry_checkers_template_passes(tmp_path):
     ("command: [triton-hybrid, entry]", "command: [sleep, '1']", ENTRY_CFG, "no sidecar runs `triton-hybrid entry`"),
     ("          lifecycle: {preStop: {exec: {command: [/bin/sh, -c, \"sleep 10; kill -USR1 1\"]}}}\n", "", ENTRY_CFG,
      "haproxy has no preStop hook"),
-    ("          readinessProbe: {httpGet: {path: /metrics, port: 8404}}\n", "", ENTRY_CFG, "haproxy has no readinessProbe"),
+    ("          readinessProbe: {httpGet: {path: /metrics, port: 8404}}\n", "", ENTRY_CFG,
+     "haproxy has no readinessProbe"),
     ("", "", "global\n    stats socket ipv4@0.0.0.0:9999 level admin\n", "is not a unix socket path"),
     ("", "", ENTRY_CFG + "listen st\n    stats admin if TRUE\n", "`stats admin`"),
     ("", "", "global\n    stats socket /var/run/haproxy.sock mode 600 level admin\n", "is not on an emptyDir"),

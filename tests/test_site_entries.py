@@ -236,7 +236,8 @@ def test_weights_reach_both_entries_and_sensitive_requests_never_reach_the_cloud
 
     # A traffic.json of an older generation (a restored backup, bypassing the store's fencing) is refused.
     cur = sites.store.read()
-    sites.store.write(TrafficState(revision=cur.state.revision + 1, generation=0, site_weights={"onprem": 0, "cloud": 100},
+    sites.store.write(TrafficState(revision=cur.state.revision + 1, generation=0,
+                                   site_weights={"onprem": 0, "cloud": 100},
                                    instance_weights={"onprem-1": 0, "cloud-1": 100}), cur.etag)
     wait_until(lambda: any("older than the applied one" in e for e in sites.status("cloud")["errors"]), 15,
                "the cloud entry refusing the older generation")
@@ -332,7 +333,8 @@ def test_the_control_planes_decisions_reach_both_entries(sites):
 
         def onprem_out():
             entries_follow()
-            return all(sites.weights(s)["onprem-1"] == 0 and sites.weights(s)["cloud-1"] > 0 for s in ("onprem", "cloud"))
+            return all(sites.weights(s)["onprem-1"] == 0 and sites.weights(s)["cloud-1"] > 0
+                       for s in ("onprem", "cloud"))
         wait_until(onprem_out, 30, "both entries sending onprem-1 nothing", interval=0.5)
         print(f"on-prem Triton stopped -> both entries at {sites.weights('cloud')} after {time.monotonic() - t0:.1f}s")
         obs = actuator.observe()
