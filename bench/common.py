@@ -306,10 +306,13 @@ def drive(make_call: Callable[[], Callable[[int], object]], concurrency: int, du
 # A stack of the benchmark's own -------------------------------------------------------------------
 
 @contextmanager
-def bench_stack(ctx: Ctx, name: str, repository: Path, instances=(("onprem-1", "onprem", 100, True),)):
-    """`control.local.stack.up(settings, with_control=False)` on free loopback ports with the given
-    repository; everything stopped (by its pid files) on the way out."""
+def bench_stack(ctx: Ctx, name: str, repository: Path, instances=(("onprem-1", "onprem", 100, True),),
+                with_control: bool = False, **sections):
+    """`control.local.stack.up(settings, with_control=...)` on free loopback ports with the given
+    repository (`sections`: config overrides, e.g. control={...}); everything stopped (by its pid
+    files) on the way out."""
     try:
+        from control.config import deep_merge  # noqa: PLC0415
         from control.local import stack  # noqa: PLC0415
         from control.local.isolated import isolated_settings as make_settings  # noqa: PLC0415
     except ImportError as e:
@@ -317,10 +320,11 @@ def bench_stack(ctx: Ctx, name: str, repository: Path, instances=(("onprem-1", "
     run_dir = ctx.work_dir / name / "run"
     shutil.rmtree(run_dir.parent, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    settings = make_settings(run_dir, instances=instances, models={"repository_dir": str(repository)},
-                             control={"start_daemon": False})
-    ctx.say(f"[{name}] starting a stack: {', '.join(i[0] for i in instances)} + HAProxy")
-    st = stack.up(settings, with_control=False)
+    settings = make_settings(run_dir, instances=instances, **deep_merge(
+        {"models": {"repository_dir": str(repository)}, "control": {"start_daemon": with_control}}, sections))
+    ctx.say(f"[{name}] starting a stack: {', '.join(i[0] for i in instances)} + HAProxy"
+            + (" + the control daemon" if with_control else ""))
+    st = stack.up(settings, with_control=with_control)
     try:
         _record_triton_version(ctx, settings.instances[0].http_url)
         yield settings

@@ -32,7 +32,7 @@ def _settings(ctx: Ctx, n: int, ports: list[list[int]]):
         "run_dir": str(run_dir), "instances": instances,
         "s3": {"port": free_port()},
         "haproxy": {"http_port": free_port(), "grpc_port": free_port(), "stats_port": free_port()},
-        "control": {"api_port": free_port(), "metrics_port": free_port(), "actuator": "dry-run",
+        "control": {"api_port": free_port(), "metrics_port": free_port(), "actuators": ["dry-run"],
                     "start_daemon": False}})
 
 

@@ -1,10 +1,14 @@
-"""Section 5: rollout. publish -> live on every instance, with `control.mirror.publish.publish_version`
-and `control.mirror.sync.sync_all`, while a steady load runs through HAProxy:
-  - changed: a new version of `ranker` whose model file differs (bytes go up to S3);
-  - unchanged content: a new version of `ranker` with the same files (server-side copies in S3,
-    no bytes uploaded, still a load + smoke + go-live on every instance);
-  - no-op: publishing the version that is already live again (nothing uploaded, nothing reloaded).
-Repeated and alternated; min / median / max."""
+"""Section 5: rollout through the host agents (issue 14). N simulated hosts (1, 2, 4: local hosts of
+`control.local.stack.up`, each its agent beside its Triton with a repository dir of its own under the
+run dir) behind HAProxy, a steady load through it, the control daemon's rollout job ticking the
+rollout controller. A new version of `ranker` (changed bytes) is published with
+`control.mirror.publish.publish_version`; nothing else is called: the controller moves it through
+canary -> analysis -> promotion waves and the agents pull, verify, smoke and load it.
+
+Measured per rollout, from the start of the publish: the canary live, the analysis done, every host
+live (the audit rows of /v1/rollouts); the bytes each host's agent pulled
+(`triton_hybrid_agent_pulled_bytes_total`); requests failed through HAProxy meanwhile. The "before"
+column is the last measurement of the removed `sync_all` path (2 instances, no canary, no analysis)."""
 from __future__ import annotations
 
 import shutil
@@ -12,6 +16,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     Ctx,
@@ -23,8 +30,31 @@ from bench.common import (
     mmm,
     triton_http_caller,
 )
+from control.waiting import wait_until
 
 MODEL = "ranker"
+TERMINAL = ("done", "rolled_back", "stopped")
+
+# control.rollout for the benchmark: the default analysis judges a canary for 60 s; here 5 s, so the
+# phases that are not a configured wait (pull, verify, load, smoke, waves) are visible beside it.
+# No weight hook in the daemon yet: weights are not stepped.
+ROLLOUT = {"interval_s": 1.0, "analysis_window_s": 5.0, "min_requests": 20, "max_failed_checks": 3,
+           "max_latency_ratio": 5.0, "canary_instances": 1, "canary_step_weight": 0, "wave_size": 1,
+           "progress_deadline_s": 60.0, "status_stale_s": 15.0}
+AGENT_INTERVAL_S = 1.0
+
+# Hosts per run: a canary needs a stable host of its own site beside it (the analysis baseline).
+TOPOLOGIES = {
+    1: (("onprem-1", "onprem", 100, True),),
+    2: (("onprem-1", "onprem", 50, True), ("onprem-2", "onprem", 50, True)),
+    4: (("onprem-1", "onprem", 25, True), ("onprem-2", "onprem", 25, True),
+        ("cloud-1", "cloud", 25, False), ("cloud-2", "cloud", 25, False)),
+}
+
+# The removed sync path (control.mirror.sync.sync_all: pull + verify + candidate smoke + go-live on
+# every instance at once, no canary), this section's last run before issue 14: BENCHMARKS.md of
+# 2026-11-22 20:24 UTC, 2 instances, changed ranker, 3 runs.
+BEFORE_SYNC = {"hosts": 2, "min": 6.43, "median": 6.75, "max": 7.99, "uploaded": 322_169, "failed": 0}
 
 
 class SteadyLoad:
@@ -74,103 +104,233 @@ class SteadyLoad:
         self.stop()
 
 
-def next_version_dir(repo: Path, model: str, change: bool) -> int:
-    """Copy the newest version of `model` to the next number; with `change`, the ONNX file gets a
+def next_version_dir(repo: Path, model: str, change: bool = True) -> int:
+    """Copy the newest version of `model` to the next number; with `change`, its ONNX file gets a
     new doc_string (different bytes, same graph and weights, so the smoke answers stay right)."""
     versions = sorted(int(p.name) for p in (repo / model).iterdir() if p.is_dir() and p.name.isdigit())
     src, v = repo / model / str(versions[-1]), versions[-1] + 1
     dst = repo / model / str(v)
     shutil.copytree(src, dst)
-    if change:
-        import onnx  # noqa: PLC0415
-        path = dst / "model.onnx"
-        m = onnx.load(str(path))
-        m.doc_string = f"bench rollout {uuid.uuid4().hex}"
-        onnx.save(m, str(path))
+    if not change:
+        return v
+    import onnx  # noqa: PLC0415 - heavy, only for this section
+    path = dst / "model.onnx"
+    m = onnx.load(str(path))
+    m.doc_string = f"bench rollout {uuid.uuid4().hex}"
+    onnx.save(m, str(path))
     return v
+
+
+def pulled_bytes(inst) -> float:
+    """What the host's agent downloaded from S3 since it started (its /metrics)."""
+    r = requests.get(f"{inst.agent_url}/metrics", timeout=3)
+    r.raise_for_status()
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            if s.name == "triton_hybrid_agent_pulled_bytes_total":
+                return s.value
+    return 0.0
+
+
+class Control:
+    """The daemon's admin API: /v1/rollouts for the rollout's phase and audit rows."""
+
+    def __init__(self, settings):
+        c = settings.control
+        self.url = f"http://{c.api_host}:{c.api_port}"
+        self.headers = {"Authorization": f"Bearer {c.admin_token.get_secret_value()}"}
+
+    def rollout(self, model: str) -> dict:
+        r = requests.get(f"{self.url}/v1/rollouts/{model}", headers=self.headers, timeout=5)
+        r.raise_for_status()
+        return r.json()["models"][model]
+
+    def command(self, model: str, cmd: str) -> dict:
+        r = requests.post(f"{self.url}/v1/rollouts/{model}/{cmd}", json={}, headers=self.headers, timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+
+def one_rollout(ctx: Ctx, settings, control: Control, repo: Path, load: SteadyLoad, hosts: int) -> dict:
+    """Publish a changed ranker and wait until its rollout ends; the figures of that rollout."""
+    from control.mirror.publish import publish_version  # noqa: PLC0415 - boto3, only for this section
+    v = next_version_dir(repo, MODEL)
+    before = {i.name: pulled_bytes(i) for i in settings.instances}
+    ok0, f0 = load.counts()
+    t0 = time.time()
+    pub = publish_version(settings, repo, MODEL, v)
+    t_pub = time.time()
+    rows: dict[str, float] = {}
+    seen: set[int] = set()
+    promoted_by_hand = []
+
+    def ended():
+        st = control.rollout(MODEL)
+        for row in st["history"]:
+            if row["id"] in seen or row["version"] != v:
+                continue
+            seen.add(row["id"])
+            rows.setdefault(row["to_phase"], row["ts"])
+            rows.setdefault(f"reason:{row['reason']}", row["ts"])
+            if row["to_phase"] in TERMINAL:
+                rows["end"] = row["ts"]
+                rows["outcome"] = f"{row['to_phase']} ({row['reason']})"
+        r = st.get("rollout") or {}
+        # One host has no same-site baseline: the machine waits for a canary it cannot choose. The
+        # operator's way on: promote (analysis skipped), as soon as it waits.
+        if hosts == 1 and r.get("version") == v and r.get("phase") == "published" and not promoted_by_hand:
+            control.command(MODEL, "promote")
+            promoted_by_hand.append(time.time())
+        return "end" in rows
+
+    wait_until(ended, ROLLOUT["progress_deadline_s"] * 4, f"the rollout of {MODEL} v{v} to end", interval=0.1)
+    time.sleep(0.5)  # requests in flight at the end count too
+    ok1, f1 = load.counts()
+    after = {i.name: pulled_bytes(i) for i in settings.instances}
+    live = {n: (s.get("live")) for n, s in control.rollout(MODEL)["instances"].items()}
+
+    def since(key):
+        return None if key not in rows else rows[key] - t0
+    canary, analysed, done = since("analysis"), since("reason:analysis_passed"), since("done")
+    out = {"version": v, "uploaded": pub.uploaded_bytes, "total": pub.bytes_total, "publish_s": t_pub - t0,
+           "canary_live_s": canary, "analysis_done_s": analysed, "all_live_s": done,
+           "analysis_s": None if canary is None or analysed is None else analysed - canary,
+           "wave_s": None if analysed is None or done is None or hosts < 2 else (done - analysed) / (hosts - 1),
+           "outcome": rows.get("outcome"), "end_s": since("end"),
+           "pulled": {n: after[n] - before[n] for n in after}, "live": live,
+           "all_live": all(x == v for x in live.values()), "ok": ok1 - ok0, "failed": f1 - f0,
+           "promoted_by_hand": bool(promoted_by_hand)}
+    ctx.say(f"rollout {hosts} host(s) v{v}: {out['outcome']}, canary live {_s(out['canary_live_s'])}, analysis done "
+            f"{_s(out['analysis_done_s'])}, all live {_s(out['all_live_s'])}; pulled "
+            f"{ {n: int(b) for n, b in out['pulled'].items()} }; failed {out['failed']} of {out['ok'] + out['failed']}")
+    return out
+
+
+def _s(x) -> str:
+    return "-" if x is None else f"{x:.2f}s"
+
+
+def run_hosts(ctx: Ctx, hosts: int, source_repo: Path, queries: list, reps: int) -> dict:
+    repo = ctx.work_dir / f"rollout-{hosts}" / "repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(source_repo, repo)
+    instances = TOPOLOGIES[hosts]
+    onprem = sum(w for _, site, w, _ in instances if site == "onprem")
+    total = sum(w for *_, w, _ in instances)
+    sections = {"control": {"rollout": ROLLOUT,
+                            # the shared CPU is no signal; keep the weights the topology gives
+                            "policy": {"util_signal": "none", "home_onprem_weight": round(100 * onprem / total)}},
+                "agent": {"interval_s": AGENT_INTERVAL_S}}
+    t_start = time.monotonic()
+    with bench_stack(ctx, f"rollout-{hosts}-stack", repo, instances=instances, with_control=True, **sections) as s:
+        started_s = time.monotonic() - t_start
+        control = Control(s)
+        h = s.haproxy
+        with SteadyLoad(triton_http_caller(f"{h.host}:{h.http_port}", queries), threads=2) as load:
+            wait_until(lambda: load.counts()[0] >= 50, 60, "the steady load answering 50 requests")
+            runs = [one_rollout(ctx, s, control, repo, load, hosts) for _ in range(reps)]
+        return {"hosts": hosts, "runs": runs, "stack_start_s": started_s, "errors": dict(load.errors),
+                "uptime": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+def _med(rs, key):
+    return mmm([r[key] for r in rs if r[key] is not None])
 
 
 def run(ctx: Ctx) -> Section:
     export = ctx.need_export()
     try:
-        from control.mirror.publish import publish_version  # noqa: PLC0415
-        from control.mirror.sync import sync_all  # noqa: PLC0415
+        import control.mirror.publish  # noqa: F401, PLC0415 - boto3, only for this section
     except ImportError as e:
-        raise Missing(f"control.mirror.publish / control.mirror.sync are not importable ({e})") from None
-    repo = ctx.work_dir / "rollout" / "repository"
-    shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(ctx.repository("fp32"), repo)
+        raise Missing(f"control.mirror.publish is not importable ({e})") from None
+    source = ctx.repository("fp32")
     queries = load_queries(export, 16)
     reps = int(ctx.dur(3, 1))
-    rows: dict[str, list[dict]] = {"changed": [], "unchanged content": [], "no-op (same version)": []}
-    with bench_stack(ctx, "rollout-stack", repo,
-                     instances=(("onprem-1", "onprem", 90, True), ("cloud-1", "cloud", 10, False))) as s:
-        first = sync_all(s)
-        not_live = {i: {m: d.get("status") for m, d in ms.items() if d.get("live") is None} for i, ms in first.items()}
-        if any(not_live.values()):
-            raise RuntimeError(f"the first sync left models not live: {not_live}")
-        h = s.haproxy
-        with SteadyLoad(triton_http_caller(f"{h.host}:{h.http_port}", queries), threads=2) as load:
-            time.sleep(2)
-            for k in range(reps):
-                kinds = ["changed", "unchanged content", "no-op (same version)"]
-                for kind in (kinds if k % 2 == 0 else kinds[1::-1] + kinds[2:]):
-                    ok0, f0 = load.counts()
-                    t0 = time.monotonic()
-                    if kind == "no-op (same version)":
-                        v = max(int(p.name) for p in (repo / MODEL).iterdir() if p.name.isdigit())
-                        t0 = time.monotonic()
-                        pub = publish_version(s, repo, MODEL, version=v)
-                    else:
-                        v = next_version_dir(repo, MODEL, change=(kind == "changed"))
-                        t0 = time.monotonic()
-                        pub = publish_version(s, repo, MODEL)
-                    t_pub = time.monotonic()
-                    out = sync_all(s, models=[MODEL])
-                    t_live = time.monotonic()
-                    live = {inst: ms.get(MODEL, {}).get("live") for inst, ms in out.items()}
-                    statuses = {inst: ms.get(MODEL, {}).get("status") for inst, ms in out.items()}
-                    time.sleep(0.5)
-                    ok1, f1 = load.counts()
-                    ctx.say(f"rollout: {kind} v{v}: publish {t_pub - t0:.2f}s, live {t_live - t0:.2f}s, {live}")
-                    rows[kind].append({
-                        "version": v, "status": pub.status, "uploaded": pub.uploaded_bytes, "copied": pub.copied_bytes,
-                        "skipped": pub.skipped_bytes, "total": pub.bytes_total, "publish_s": t_pub - t0,
-                        "live_s": t_live - t0, "all_live": all(x == v for x in live.values()),
-                        "statuses": statuses, "ok": ok1 - ok0, "failed": f1 - f0})
-            time.sleep(1)
-        total_ok, total_failed, errors = load.ok, load.failed, dict(load.errors)
+    results, notes = [], []
+    for hosts in sorted(TOPOLOGIES):
+        try:
+            results.append(run_hosts(ctx, hosts, source, queries, reps))
+        except Exception as e:  # noqa: BLE001 - one size that cannot run here is reported, the others go on
+            notes.append(f"{hosts} host(s): not measured: {type(e).__name__}: {str(e)[:300]}")
+            ctx.say(notes[-1])
     table = []
-    for kind, rs in rows.items():
-        pmin, pmed, pmax = mmm([r["publish_s"] for r in rs])
-        lmin, lmed, lmax = mmm([r["live_s"] for r in rs])
-        table.append([kind, len(rs), f"{int(mmm([r['total'] for r in rs])[1] or 0):,}",
-                      f"{int(mmm([r['uploaded'] for r in rs])[1] or 0):,}",
-                      f"{int(mmm([r['copied'] for r in rs])[1] or 0):,}", pmed, lmin, lmed, lmax,
-                      "yes" if all(r["all_live"] for r in rs) else "NO",
-                      ", ".join(sorted({st for r in rs for st in r["statuses"].values() if st})),
-                      sum(r["ok"] for r in rs), sum(r["failed"] for r in rs)])
-    ch, un = table[0], table[1]
-    headline = (f"Changed {MODEL}: {ch[3]} bytes uploaded, live on both instances in {ch[7]:.1f} s (median); "
-                f"unchanged content: {un[3]} bytes uploaded, {un[7]:.1f} s; {total_failed} failed of "
-                f"{total_ok + total_failed} requests through HAProxy during the rollouts.")
-    body = [md_table(["rollout", "runs", "version bytes", "bytes uploaded (median)", "bytes copied in S3 (median)",
-                      "publish s (median)", "publish -> live on both s min", "median", "max", "live everywhere",
-                      "sync status", "requests served during it", "failed requests during it"], table),
-            f"Whole phase: {total_ok} requests through HAProxy answered, {total_failed} failed."
-            + (f" Errors: {errors}" if errors else "")]
+    for res in results:
+        rs = res["runs"]
+        pulled = [b for r in rs for b in r["pulled"].values()]
+        table.append([
+            res["hosts"], len(rs), ", ".join(sorted({r["outcome"] or "-" for r in rs})),
+            _fmt(mmm([r["publish_s"] for r in rs])[1]), _fmt(_med(rs, "canary_live_s")[1]),
+            _fmt(_med(rs, "analysis_done_s")[1]), _fmt(_med(rs, "analysis_s")[1]), _fmt(_med(rs, "wave_s")[1]),
+            " / ".join(_fmt(x) for x in _med(rs, "all_live_s")),
+            f"{int(mmm([r['total'] for r in rs])[1] or 0):,}", f"{int(mmm([r['uploaded'] for r in rs])[1] or 0):,}",
+            f"{int(min(pulled)):,} - {int(max(pulled)):,}" if pulled else "-",
+            "yes" if all(r["all_live"] for r in rs) else "NO",
+            sum(r["ok"] for r in rs), sum(r["failed"] for r in rs), " ".join(res["uptime"])])
+    b = BEFORE_SYNC
+    table.append([f"{b['hosts']} (before: sync_all)", 3, "live (no canary, no analysis)", "0.20", "-", "-", "-",
+                  "- (both at once)", f"{b['min']:.2f} / {b['median']:.2f} / {b['max']:.2f}", "325,795",
+                  f"{b['uploaded']:,}", "(not recorded)", "yes", "-", b["failed"], "2.20 2.21 3.59"])
+    by = {r["hosts"]: r for r in results}
+    parts = []
+    for n, res in sorted(by.items()):
+        med = _med(res["runs"], "all_live_s")[1]
+        parts.append(f"{n} host(s) {med:.1f} s" if med is not None else f"{n} host(s) did not finish")
+    failed = sum(r["failed"] for res in results for r in res["runs"])
+    served = sum(r["ok"] + r["failed"] for res in results for r in res["runs"])
+    all_runs = [r for res in results for r in res["runs"]]
+    canary_med, wave_med = _med(all_runs, "canary_live_s")[1], _med(all_runs, "wave_s")[1]
+    pulled_all = [b for r in all_runs for b in r["pulled"].values()]
+    headline = (f"Publish -> every host live through the agents and the canary machine (5 s analysis, waves of one "
+                f"host): {', '.join(parts) or 'not measured'} (median); before, sync_all on 2 instances at once: "
+                f"{b['median']:.2f} s with no canary and no analysis. "
+                + (f"Canary live {canary_med:.1f} s after the publish, then {wave_med:.1f} s per further host. "
+                   if canary_med is not None and wave_med is not None else "")
+                + (f"Each host pulls the whole version ({int(max(pulled_all)):,} bytes) once; " if pulled_all else "")
+                + f"{failed} failed of {served} requests through HAProxy during the rollouts.")
+    body = [md_table(["hosts", "runs", "outcome", "publish s", "-> canary live s", "-> analysis done s",
+                      "analysis s", "per wave s", "-> all live s (min / median / max)", "version bytes",
+                      "bytes uploaded", "bytes pulled per host (min - max)", "all live",
+                      "requests served during the rollouts", "failed", "load average at the end"], table),
+            "Times are seconds from the start of the publish to the rollout's audit rows (`/v1/rollouts`), medians "
+            "over the runs: canary live = `canary_live`, analysis done = `analysis_passed`, all live = `promoted` "
+            "(every agent reports the version live); analysis = analysis done - canary live; per wave = (all live - "
+            "analysis done) / (hosts - 1). Rollout config: "
+            f"`control.rollout` {ROLLOUT}, `agent.interval_s` {AGENT_INTERVAL_S}: a tick and an agent pass each "
+            "wait up to 1 s, the analysis 5 s by configuration; each promotion wave reloads one host (`wave_size` "
+            "1), so all live ~ canary live + analysis + (hosts - 1) x one wave; `wave_size: k` divides the last "
+            "term. Bytes pulled: the delta of each agent's `triton_hybrid_agent_pulled_bytes_total` over the "
+            "rollout. The agent pulls every file of the new version, also those identical to files of the version "
+            "it serves (the publisher copied them in S3 instead of uploading: bytes uploaded)."]
+    body.append("The before row is the last run of the removed path, kept as measured (2026-11-22, full-profile "
+                "export: a 325,795-byte ranker version, load average 2.2); the rows above ran at the load averages "
+                "in their last column, so compare the shape (every instance at once vs canary, analysis, then one "
+                "host per wave) more than the seconds.")
+    if any(r["promoted_by_hand"] for res in results for r in res["runs"]):
+        body.append("1 host: there is no stable host of its site to judge a canary against, so the rollout waits "
+                    "in `published` (it would stop with `no_baseline` at the progress deadline); the benchmark "
+                    "sends the operator's `POST /v1/rollouts/ranker/promote` as soon as it waits (analysis "
+                    "skipped), the way an operator rolls out to a single host.")
+    errors = {k: v for res in results for k, v in res["errors"].items()}
+    if errors:
+        body.append(f"Load errors: {errors}")
+    body += notes
     return Section(
         "rollout", "", headline=headline,
-        what="Seconds from `publish` to live on every instance and the bytes uploaded, for a changed model and "
-             "an unchanged one, with failed requests counted under a steady load through HAProxy.",
-        how="A stack of the benchmark's own (`control.local.stack.up`, local S3 endpoint, two Tritons onprem-1/cloud-1 "
-            "weights 90/10, HAProxy, no control daemon), first `sync_all` to mark the staged versions live. "
-            "Then, under a steady load (2 closed-loop tritonclient.http clients through HAProxy, `search_ranking` "
-            f"with held-out queries): `publish_version(settings, repo, '{MODEL}')` + `sync_all(settings, "
-            f"models=['{MODEL}'])` for (a) changed: a new version whose model.onnx has a new doc_string (every "
-            "byte uploaded; same weights so the smoke checks pass), (b) unchanged content: a new version with "
-            "identical files (the publisher copies them server-side), (c) no-op: the live version published "
-            f"again. Publish -> live = until `sync_all` returns with the version live on both instances (pull, "
-            f"sha256 verify, candidate load + smoke, go-live, ready + smoke again). {reps} repetitions each, "
-            "alternating. Failed requests: counted by the load while each rollout ran (plus 0.5 s after).",
+        what="Seconds from `publish` to the canary live, the analysis done and every host live, and the bytes each "
+             "host pulls, with 1, 2 and 4 hosts, failed requests counted under a steady load through HAProxy; "
+             "the removed sync path's figure as the before.",
+        how="Per host count a stack of the benchmark's own (`control.local.stack.up` with the control daemon: local "
+            "S3 endpoint, the repository published and seeded as desired stable versions, per host `agent --once` "
+            "then Triton then the agent loop, each host's repository under the run dir; HAProxy; the daemon's "
+            "rollout job). Hosts: 1 = onprem-1; 2 = onprem-1, onprem-2; 4 = onprem-1, onprem-2, cloud-1, cloud-2 "
+            "(equal weights; a canary is judged against a stable host of its own site). Under a steady load "
+            "(2 closed-loop tritonclient.http clients through HAProxy, `search_ranking` with held-out queries of the "
+            f"export): a new `{MODEL}` version whose model.onnx has a new doc_string (every byte uploaded, same "
+            "weights so the smoke checks pass), `publish_version(settings, repo, 'ranker', v)`, then nothing but "
+            f"waiting on `/v1/rollouts/{MODEL}` until the rollout ends. {reps} rollout(s) per host count. All "
+            "Tritons, agents, the daemon, HAProxy, moto and the load share this machine's 2 cores.",
         body=body)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"

@@ -9,6 +9,7 @@ Secrets are ``SecretStr``: they never show up in a repr, a log line or ``status 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -274,19 +275,62 @@ class PolicyConfig(_Section):
         return self
 
 
+class Route53HealthCheckConfig(_Section):
+    """The Route53 health check on one site's entry (its HAProxy). Route53 stops answering with a
+    record whose check fails, so losing a site's entry costs its clients one DNS TTL."""
+
+    # FQDN or IP address of the entry; empty: the site's record value (`targets`), an FQDN for a
+    # CNAME record, an address for an A/AAAA one.
+    address: str = Field("", max_length=255)
+    port: int = Field(8000, ge=1, le=65535)          # HAProxy's HTTP frontend (haproxy.http_port)
+    # Through the entry to a Triton: healthy only when the entry forwards to a ready Triton.
+    path: str = "/v2/health/ready"
+    type: Literal["HTTP", "HTTPS"] = "HTTP"
+    request_interval_s: Literal[10, 30] = 30         # the two intervals Route53 offers
+    failure_threshold: int = Field(3, ge=1, le=10)   # consecutive failures before unhealthy
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/") or len(v) > 255:
+            raise ValueError("path must start with '/' and be at most 255 characters (Route53 ResourcePath)")
+        return v
+
+
 class Route53Config(_Section):
-    """Weighted DNS records, one per site, for `record_name` (DNS-level hybrid routing)."""
+    """Weighted DNS records, one per site entry, for `record_name` (DNS between the sites), each
+    with a Route53 health check on its entry."""
 
     endpoint_url: str = ""          # empty: AWS; tests: the local moto server
     region: str = "us-east-1"
     hosted_zone_id: str = ""
     record_name: str = "triton.search.example.com."
     record_type: Literal["A", "AAAA", "CNAME"] = "CNAME"
-    ttl: int = 30
+    ttl: int = Field(30, ge=0)
     targets: dict[str, str] = Field(default_factory=lambda: {
         "onprem": "triton.onprem.example.com.", "cloud": "triton.cloud.example.com."})
+    # Per site; a site in `targets` without an entry here gets the defaults (address: its target).
+    health_checks: dict[str, Route53HealthCheckConfig] = Field(default_factory=dict)
+    # The health checks are re-read this often (a hand edit or deletion is repaired); the records
+    # are read back every apply.
+    health_check_verify_s: float = Field(300.0, gt=0)
+    # Every Route53 call: a slow or unreachable API delays the tick (the other actuators are
+    # applied first), bounded by timeout_s x max_attempts.
+    timeout_s: float = Field(3.0, gt=0)
+    max_attempts: int = Field(2, ge=1, le=10)
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _sites(self) -> "Route53Config":
+        extra = sorted(set(self.health_checks) - set(self.targets))
+        if extra:
+            raise ValueError(f"health_checks has sites without a target: {extra}; add them to targets "
+                             f"(the record value of each site entry) or remove them")
+        return self
+
+    def health_check(self, site: str) -> Route53HealthCheckConfig:
+        return self.health_checks.get(site) or Route53HealthCheckConfig()
 
 
 class ScalerConfig(_Section):
@@ -369,6 +413,8 @@ class RolloutConfig(_Section):
     # canary / baseline mean request time over the window (Triton's p99 is a sliding summary
     # reaching back before the window: shown, judged only where a side has no mean)
     max_latency_ratio: float = Field(1.5, gt=1)
+    # ... and at least this much slower in absolute terms: a ratio of two tiny times is noise.
+    min_latency_delta_ms: float = Field(1.0, ge=0)
     min_requests: int = Field(100, ge=1)            # per side in the window before judging
     canary_step_weight: int = Field(25, ge=0, le=100)  # Flagger stepWeight (% of the instance's own weight)
     canary_max_weight: int = Field(100, ge=1, le=100)  # Flagger maxWeight
@@ -392,6 +438,56 @@ class RolloutConfig(_Section):
         return self
 
 
+class LeaderConfig(_Section):
+    """Active/standby control planes across sites (control/leader/, docs/leader.md): a lease in the
+    S3 mirror (`<prefix>/_control/leader.json`), written with conditional requests; only its holder
+    acts (weights, scaling, desired state), and every desired-state write carries the lease's
+    generation (a fencing token).
+
+    Timing (docs/leader.md, "Why it is safe"): the leader stops acting `lease_s - skew_margin_s`
+    after it SENT its last successful renewal; a standby takes over only when the lease is older than
+    `lease_s + skew_margin_s` by its wall clock, or unchanged for `lease_s` by its own monotonic
+    clock. Between the two there is always at least `skew_margin_s`, as long as the sites' wall
+    clocks differ by less than `skew_margin_s`. Worst-case takeover after the leader dies:
+    lease_s + skew_margin_s + renew_s (<= takeover_target_s, checked)."""
+
+    enabled: bool = False
+    # This control plane's name in the lease (status, audit); empty: the host name. Two processes
+    # with one name are still told apart (each holds a random session id in the lease).
+    name: str = Field("", max_length=128)
+    site: Literal["onprem", "cloud"] = "onprem"
+    lease_s: float = Field(5.0, gt=0)          # a renewal keeps the lease this long
+    renew_s: float = Field(1.0, gt=0)          # the leader renews, a standby re-reads, this often
+    skew_margin_s: float = Field(1.0, gt=0)    # bound on the wall-clock difference between sites
+    # One lease request (connect, then read) gives up after this long; no retries: the next round
+    # is the retry. A hung S3 never holds the leader past its own deadline (leadership is a time).
+    s3_timeout_s: float = Field(1.0, gt=0)
+    takeover_target_s: float = Field(10.0, gt=0)  # the bound the timing above must fit in
+    release_on_stop: bool = True               # a clean stop hands the lease over at once
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if any(not (c.isalnum() or c in "-_.@:") for c in v):
+            raise ValueError(f"leader name {v!r} may only hold letters, digits and - _ . @ :")
+        return v
+
+    @model_validator(mode="after")
+    def _timing(self) -> "LeaderConfig":
+        act = self.lease_s - self.skew_margin_s
+        if act < 2 * self.renew_s:
+            raise ValueError(f"lease_s - skew_margin_s ({act:g}s) must leave room for at least two renewals "
+                             f"(2 x renew_s = {2 * self.renew_s:g}s): raise lease_s or lower renew_s")
+        if self.s3_timeout_s > self.renew_s:
+            raise ValueError(f"s3_timeout_s ({self.s3_timeout_s:g}s) must not exceed renew_s ({self.renew_s:g}s): "
+                             "a hung request would swallow renewals")
+        worst = self.lease_s + self.skew_margin_s + self.renew_s
+        if worst > self.takeover_target_s:
+            raise ValueError(f"worst-case takeover lease_s + skew_margin_s + renew_s = {worst:g}s exceeds "
+                             f"takeover_target_s ({self.takeover_target_s:g}s): lower lease_s or renew_s")
+        return self
+
+
 class ControlConfig(_Section):
     api_host: str = "127.0.0.1"
     api_port: int = 8300
@@ -410,7 +506,12 @@ class ControlConfig(_Section):
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 0.8
     decide_interval_s: float = 1.0
-    actuator: Literal["haproxy", "route53", "entries", "dry-run"] = "haproxy"
+    # The routing layers the decided weights are applied to, each at every tick, in this order;
+    # the first is the source of the observed state (weights, health): haproxy first when listed.
+    # Two sites: [haproxy, route53] (each site's HAProxy and the DNS records between the sites), or
+    # [entries, route53]: the weights go to S3 (_control/traffic.json) and every site entry's agent
+    # applies them to its own HAProxy (docs/traffic.md "Site entries").
+    actuators: list[Literal["haproxy", "route53", "entries", "dry-run"]] = Field(default_factory=lambda: ["haproxy"])
     # Optional DCGM exporter per instance name, e.g. {"onprem-1": "http://10.0.0.5:9400/metrics"}.
     dcgm_exporter_urls: dict[str, str] = Field(default_factory=dict)
     route53: Route53Config = Field(default_factory=Route53Config)
@@ -420,6 +521,43 @@ class ControlConfig(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     scaler: ScalerConfig = Field(default_factory=ScalerConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    leader: LeaderConfig = Field(default_factory=LeaderConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _actuator_alias(cls, data: Any) -> Any:
+        # Deprecated single-valued `actuator: X` (configs before the two-site shape) is `actuators: [X]`.
+        if isinstance(data, dict) and "actuator" in data:
+            data = dict(data)
+            old = data.pop("actuator")
+            if "actuators" in data:
+                raise ValueError("set control.actuators only (control.actuator is its deprecated one-value form)")
+            data["actuators"] = [old]
+            warnings.warn("control.actuator is deprecated: write control.actuators: [" + str(old) + "]",
+                          FutureWarning, stacklevel=2)
+        return data
+
+    @field_validator("actuators", mode="before")
+    @classmethod
+    def _actuators_list(cls, v: Any) -> Any:
+        # An environment override gives a string: "haproxy,route53" or "[haproxy, route53]".
+        if isinstance(v, str):
+            return [p.strip() for p in v.strip("[]").split(",") if p.strip()]
+        return v
+
+    @field_validator("actuators")
+    @classmethod
+    def _actuators(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one actuator, e.g. [haproxy] or [haproxy, route53]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"each actuator once: {v}")
+        if "dry-run" in v and len(v) > 1:
+            raise ValueError("dry-run stands alone (it changes nothing): [dry-run]")
+        if "haproxy" in v and v[0] != "haproxy":
+            raise ValueError(f"list haproxy first ({v}): its observed weights and health are the traffic "
+                             f"job's source")
+        return v
 
     @model_validator(mode="after")
     def _ttl_range(self) -> "ControlConfig":

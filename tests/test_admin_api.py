@@ -24,7 +24,7 @@ TOKEN = "test-admin-token-123"
 @pytest.fixture
 def svc(tmp_path):
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
-                             control={"admin_token": TOKEN, "actuator": "dry-run"})
+                             control={"admin_token": TOKEN, "actuators": ["dry-run"]})
     c = Controller(settings, actuator=DryRunActuator(settings.instances))
     srv = serve_api(settings, c)
     base = f"http://{settings.control.api_host}:{settings.control.api_port}"
@@ -224,7 +224,7 @@ from control.waiting import wait_until  # noqa: E402
 def daemon(tmp_path):
     """The whole daemon (scheduler + admin API), dry-run actuator, decide every 0.2 s."""
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
-                             control={"admin_token": TOKEN, "actuator": "dry-run", "decide_interval_s": 0.2,
+                             control={"admin_token": TOKEN, "actuators": ["dry-run"], "decide_interval_s": 0.2,
                                       "poll_interval_s": 0.2, "poll_timeout_s": 0.1, "rollout": {"enabled": False}})
     d = Daemon(settings, actuator=DryRunActuator(settings.instances), serve_metrics=False).start()
     yield settings, d

@@ -397,3 +397,33 @@ def test_pull_resumes_a_part_file_refetches_a_wrong_one_and_refuses_an_oversized
         pull_version(host.client, s3cfg, repo, m, on_bytes=got.append)
     assert e.value.kind == "verify" and sum(got) <= 3 * MB + 1 + 4096  # stopped at manifest size + 1
     assert not (host.repo / "add_one" / "1").exists()
+
+
+def test_a_new_version_downloads_only_its_changed_files(host):
+    """A file of the new version that the host already holds (same sha256 and size, in a verified
+    version) is hard-linked, not downloaded: the publisher copied it inside S3, the agent need not
+    move it over the network either."""
+    from control.agent.pull import pull_version  # noqa: PLC0415
+    from control.mirror.publish import read_manifest  # noqa: PLC0415
+
+    s3cfg = host.settings.s3
+    weights = os.urandom(2 * MB)
+    host.publish(1, 1.0, extra={"weights.bin": weights})
+    host.publish(2, 2.0, extra={"weights.bin": weights})  # model.py changed, weights.bin not
+    repo = HostRepository(host.repo, host.tmp / "state").ensure()
+    m1, m2 = (read_manifest(host.client, s3cfg, "add_one", v) for v in (1, 2))
+    assert pull_version(host.client, s3cfg, repo, m1)
+    got = []
+    assert pull_version(host.client, s3cfg, repo, m2, on_bytes=got.append)
+    in_v1 = {(f.sha256, f.size) for f in m1.files}
+    changed = [f for f in m2.files if (f.sha256, f.size) not in in_v1]
+    assert [f.path for f in changed] == ["model.py"] and sum(got) == changed[0].size  # config.pbtxt, weights: linked
+    new, old = host.repo / "add_one" / "2" / "weights.bin", host.repo / "add_one" / "1" / "weights.bin"
+    assert new.read_bytes() == weights and new.stat().st_ino == old.stat().st_ino
+    # A local copy that no longer matches its manifest is not reused: downloaded instead.
+    repo.remove_version("add_one", 2)
+    os.chmod(old, 0o600)
+    old.write_bytes(os.urandom(2 * MB))  # damaged on disk (also changes the linked inode: v2 is gone)
+    got.clear()
+    assert pull_version(host.client, s3cfg, repo, m2, on_bytes=got.append)
+    assert sum(got) >= 2 * MB and (host.repo / "add_one" / "2" / "weights.bin").read_bytes() == weights

@@ -54,6 +54,9 @@ def view(**kw) -> ModelView:
     (dict(), False, Action.PREPARE, Reason.TRITON_DOWN, None),
     # ... a prepared host is done ...
     (dict(on_disk={2}, live_config=2), False, Action.KEEP, Reason.PREPARED, None),
+    # ... a host whose live config names the target but holds no copy this agent verified (written
+    # by an older release) prepares it again: the verified pull replaces the directory ...
+    (dict(live_config=2), False, Action.PREPARE, Reason.TRITON_DOWN, None),
     # ... and a host with another version live waits: no config switch without a candidate check.
     (dict(on_disk={1}, live_config=1), False, Action.WAIT, Reason.TRITON_DOWN, None),
 ])

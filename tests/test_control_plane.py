@@ -446,7 +446,7 @@ def fake_pair(tmp_path):
 
     fakes = {"onprem-1": FakeTriton(), "cloud-1": FakeTriton()}
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 99, True), ("cloud-1", "cloud", 1, False)),
-                             control={"actuator": "dry-run", "poll_timeout_s": 0.3,
+                             control={"actuators": ["dry-run"], "poll_timeout_s": 0.3,
                                       "policy": {"home_onprem_weight": 99, "failback_healthy_s": 10.0}})
     for inst in settings.instances:  # point each instance at its fake
         inst.http_port = inst.metrics_port = fakes[inst.name].port

@@ -77,7 +77,7 @@ def test_haproxy_config_for_drills(tmp_path):
     # check speaks h2 there and every gRPC server is DOWN.
     grpc_lines = [ln for ln in cfg.splitlines() if " proto h2 " in ln and ln.strip().startswith("server")]
     assert grpc_lines and all("check-proto h1" in ln for ln in grpc_lines)
-    # The check must not flip while sync loads a candidate model (bad-model measures the effect):
+    # The check must not flip while an agent loads a candidate model (bad-model measures the effect):
     # liveness, or readiness of a Triton running with non-strict readiness.
     argv = triton_argv(tmp_path / "repo", 1, 2, 3, tmp_path / "run")
     assert "option httpchk GET /v2/health/live" in cfg or (
@@ -177,36 +177,66 @@ def test_control_crash_reconciles(drill_dirs):
     assert f["failures"]["total"] == 0, f["failures"]
 
 
-def test_bad_model_never_serves(drill_dirs):
-    r = drill(drill_dirs, "bad-model", 8)
+def _rolled_back(f: dict, version: int, kind: str) -> dict:
+    """The rollout of `version` ended rolled back, with the canary agent's failure of `kind` and the
+    rejection reason in desired state."""
+    ro = f["rollout"][str(version)]
+    assert ro["phase"] == "rolled_back" and ro["reason"] == "load_failed", ro
+    assert any(v.startswith(f"{kind}:") for v in ro["agent_failures"].values()), ro
+    assert ro["rejected"] and str(version) not in f["versions"], (ro, f["versions"])
+    assert f["detect_s"] == ro["rolled_back_s"] and f["detect_s"] > 0
+    return ro
+
+
+def _all_live(r: dict, version: int) -> None:
     f = r["figures"]
-    assert f["detect_s"] is not None  # sync refused v2 on every instance
-    assert "2" not in f["versions"] and f["versions"]["1"]["count"] > 0
-    assert f["failures"]["total"] == 0, f["failures"]
-    assert "3" in f["versions"]  # a good version still goes live after the fix
+    ro = f["rollout"][str(version)]
+    assert ro["phase"] == "done" and ro["reason"] == "promoted", ro
+    assert len(ro["live_on"]) == 3, ro  # onprem-1, onprem-2 (the canary's baseline), cloud-1
+    # canary live, then judged, then every instance live: in that order
+    assert 0 < ro["canary_live_s"] < ro["analysis_done_s"] < ro["all_live_s"], ro
+    assert f["versions"][str(version)]["count"] > 0  # clients got it
+    phases = [e["to"] for e in r["events"] if e["event"] == "rollout" and e["version"] == str(version)]
+    assert phases[:2] == ["published", "canary"] and phases[-1] == "done", phases
+
+
+def test_bad_model_never_serves(drill_dirs):
+    r = drill(drill_dirs, "bad-model", 10)
+    f = r["figures"]
+    ro = _rolled_back(f, 2, "smoke")  # the canary's smoke check failed v2; rolled back with the reason
+    assert "v2 failed to load" in ro["message"], ro
+    assert f["versions"]["1"]["count"] > 0 and f["failures"]["total"] == 0, f["failures"]
+    _all_live(r, 3)  # a good version still goes live after the fix
+    assert r["passed"], r["targets"]
 
 
 def test_corrupt_artifact_never_serves(drill_dirs):
-    r = drill(drill_dirs, "corrupt-artifact", 8)
+    r = drill(drill_dirs, "corrupt-artifact", 10)
     f = r["figures"]
-    assert f["detect_s"] is not None
-    sync = next(e for e in r["events"] if e["event"] == "sync")
+    ro = _rolled_back(f, 2, "verify")
     # the tampered object is longer than its manifest entry: refused by size before the checksum
-    assert "checksum mismatch" in sync["outcome"] or "its manifest says" in sync["outcome"], sync["outcome"]
-    assert "2" not in f["versions"] and f["failures"]["total"] == 0, f["failures"]
-    # Not asserted: v3 going live. publish.py copies unchanged files server-side from the earlier
-    # version, so the tampered v2 object is copied into v3 and sync refuses v3 too (reported).
+    failure = " ".join(ro["agent_failures"].values())
+    assert "checksum mismatch" in failure or "its manifest says" in failure, failure
+    assert f["failures"]["total"] == 0, f["failures"]
+    # v3 is uploaded from the local repository (publish never copies an object altered since its
+    # publish), so it verifies and goes live
+    _all_live(r, 3)
+    assert r["passed"], r["targets"]
 
 
 def test_s3_outage(drill_dirs):
-    r = drill(drill_dirs, "s3-outage", 8)
+    r = drill(drill_dirs, "s3-outage", 10)
     f = r["figures"]
     t = {x["name"]: x for x in r["targets"]}
     assert t["publish during the outage refused"]["ok"], t
-    assert f["detect_s"] is not None  # sync skipped while S3 is away
+    assert f["detect_s"] is not None  # every agent saw the desired state unreadable...
+    assert t["every agent sees the outage and keeps serving the live version"]["ok"], t  # ...and kept v1
     assert not t["no new version starts serving during the outage"]["value"]
     assert f["failures"]["total"] == 0, f["failures"]
-    assert "2" in f["versions"]  # after the lift v2 goes live
+    lift = next(e["t"] for e in r["events"] if e["event"] == "lift")
+    assert f["versions"]["2"]["first_t"] > lift  # v2 only after S3 is back
+    _all_live(r, 2)
+    assert r["passed"], r["targets"]
 
 
 def test_query_of_death_crashes_nothing(drill_dirs):

@@ -6,8 +6,10 @@ transition; deleting the SQLite file loses no decision."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
@@ -390,3 +392,18 @@ def test_a_registry_entry_no_agent_reports_under_is_not_waited_for(settings_fact
         assert ctl.expected() == ["onprem-1"]
     finally:
         ctl.close()
+
+
+def test_with_leader_election_the_cli_sends_commands_to_the_leading_daemon(env, tmp_path):
+    """Only the leader writes desired state: the CLI goes through the admin API, and says so
+    clearly when no daemon answers (nothing written to S3)."""
+    settings, client, store = env
+    data = yaml.safe_load(Path(settings.source).read_text())
+    data["control"]["leader"] = {"enabled": True}
+    cfg = tmp_path / "leader.yaml"
+    cfg.touch(mode=0o600)
+    cfg.write_text(yaml.safe_dump(data))
+    rev = store.read().state.revision
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "rollout", "start", M, "--version", "2"])
+    assert r.exit_code == 1 and "control daemon is not answering" in r.output, r.output
+    assert store.read().state.revision == rev

@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 
 from control.config import SuperviseConfig
 from control.local import stack
+from control.local.agents import agent_ready
 from control.local.demo import MODEL, ensemble_inputs, served_per_instance
 from control.local.isolated import isolated_settings as make_settings
 from control.local.procs import http_ok, load_managed, pid_alive, rss_bytes
@@ -138,6 +139,24 @@ def test_killed_triton_is_reaped_restarted_and_gets_traffic_again(supervised, ti
     print(f"\nkill -> ready again: {t_ready - t_kill:.2f}s; kill -> serving through HAProxy: {t_traffic - t_kill:.2f}s; "
           f"reaped {len(reaped['pids'])} stub(s), {reaped['rss_bytes'] / 2**20:.0f} MiB; "
           f"{load.ok} requests through HAProxy, {len(load.failures)} failed (in flight at the kill)")
+
+
+def test_killed_agent_is_restarted_and_reports_its_host_ready_again(supervised):
+    """The host agent is supervised like its Triton: killed, it is started again with its own
+    config, and its first pass finds every model live (nothing reloads, Triton keeps serving)."""
+    settings = supervised
+    inst = settings.instance("cloud-1")
+    old = load_managed(settings.run_path, f"agent-{inst.name}")
+    triton_pid = load_managed(settings.run_path, inst.name).pid
+    os.kill(old.pid, signal.SIGKILL)
+    new = wait_until(lambda: (p := load_managed(settings.run_path, f"agent-{inst.name}")) and p.pid != old.pid
+                     and p.alive and p, 60, "the supervisor restarting the agent")
+    wait_until(lambda: agent_ready(inst), 60, "the restarted agent ready")
+    assert load_managed(settings.run_path, inst.name).pid == triton_pid  # its Triton was left alone
+    events = read_state(settings)["instances"][f"agent-{inst.name}"]["events"]
+    assert [e["event"] for e in events][-2:] == ["crashed", "restarted"] and events[-1]["pid"] == new.pid
+    comps = {c["name"]: c for c in stack.status(settings)["components"]}
+    assert comps[f"agent-{inst.name}"]["restarts"] == 1 and comps[f"agent-{inst.name}"]["not_live"] == []
 
 
 def test_status_shows_leftovers_of_a_dead_triton_and_down_reaps_them(supervised):

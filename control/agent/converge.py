@@ -33,7 +33,7 @@ class Action(StrEnum):
     VERIFY = "verify"    # the live config names the target and Triton has it READY: smoke it once, then live
     LOAD = "load"        # the live config names the target, on disk, not READY: load, wait, smoke
     ROLL = "roll"        # pull (if needed), candidate load + smoke, go live
-    PREPARE = "prepare"  # Triton not answering and nothing live: pull + write the live config (init container)
+    PREPARE = "prepare"  # Triton not answering, nothing (verified) live: pull + write the live config (init container)
     REFUSE = "refuse"    # never load the target (rejected, or failed here before); what serves keeps serving
     WAIT = "wait"        # Triton not answering and another version live: nothing safe to do
 
@@ -94,7 +94,9 @@ def decide(v: ModelView, triton_up: bool) -> Decision:
     if not triton_up:
         if at_target:
             return d(Action.KEEP, Reason.PREPARED)
-        if v.live_config is None:
+        # Nothing live, or the live config names the target but this agent never verified that copy
+        # (a repository written before it, e.g. by an older release): pull + verify replaces it.
+        if v.live_config is None or v.live_config == t:
             return d(Action.PREPARE, Reason.TRITON_DOWN)
         return d(Action.WAIT, Reason.TRITON_DOWN)
     if at_target:

@@ -167,6 +167,35 @@ def has_verified_copy(repo: HostRepository, manifest: Manifest) -> bool:
     return on_disk.content_sha256 == manifest.content_sha256 and not verify_local(repo, manifest)
 
 
+def local_copies(repo: HostRepository, model: str, skip: int) -> dict[tuple[str, int], Path]:
+    """{(sha256, size): path} of the files of the model's other versions on this host, as their
+    manifests list them: a new version whose file is unchanged (the publisher copied it inside S3)
+    gets a hard link instead of a download."""
+    out: dict[tuple[str, int], Path] = {}
+    for v in sorted(repo.on_disk_versions(model) - {skip}):
+        try:
+            m = parse_manifest((repo.meta_dir(model, v) / MANIFEST_NAME).read_text(), model, v)
+        except (ManifestError, OSError):
+            continue
+        for e in m.files:
+            base = repo.version_dir(model, v) if e.scope == "version" else repo.meta_dir(model, v)
+            out[(e.sha256, e.size)] = base / e.path
+    return out
+
+
+def _link_verified(src: Path, dest: Path, e) -> bool:
+    """Hard-link a local file the manifest entry describes, checked again (sha256, size) first."""
+    try:
+        if sha256_file(src) != (e.sha256, e.size):
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.unlink(missing_ok=True)
+        os.link(src, dest)
+        return True
+    except OSError:
+        return False
+
+
 def pull_version(client, s3cfg, repo: HostRepository, manifest: Manifest, *, chunk_bytes: int = DEFAULT_CHUNK,
                  throttle: Throttle | None = None, on_bytes: Callable[[int], None] | None = None) -> bool:
     """Make `<repo>/<model>/<version>/` a verified copy of the published version. Returns True when
@@ -179,10 +208,14 @@ def pull_version(client, s3cfg, repo: HostRepository, manifest: Manifest, *, chu
     for other in stage.parent.glob(f"{version}-*") if stage.parent.is_dir() else []:
         if other != stage:  # a download of other content for this version (republished after retention)
             shutil.rmtree(other, ignore_errors=True)
+    have = local_copies(repo, model, version)
     try:
         for e in manifest.files:
             key = s3x.object_key(s3cfg, model, version, e.path)  # validates the path
             dest = safe_join(stage / ("version" if e.scope == "version" else "model"), e.path)
+            src = have.get((e.sha256, e.size))
+            if src is not None and _link_verified(src, dest, e):
+                continue  # the same bytes are on this host already: no download
             download_verified(client, s3cfg.bucket, key, dest, e, chunk_bytes=chunk_bytes, throttle=throttle,
                               on_bytes=on_bytes)
     except UnsafePathError as e:

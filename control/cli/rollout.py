@@ -13,6 +13,7 @@ from rich.table import Table
 
 from control.cli import settings_from
 from control.cli.output import json_option
+from control.daemon.client import AdminClient
 
 console = Console()
 
@@ -39,21 +40,30 @@ def _errors():
 
 
 def run_command(ctx, model: str, kind: str, by: str | None, as_json: bool, **kw) -> None:
-    """One command through the rollout machine, straight against S3 (daemon or not); prints the transition."""
-    from control.rollout.phases import Command, CommandKind  # noqa: PLC0415
-    ctl = _controller(ctx)
-    try:
-        t = ctl.command(model, Command(CommandKind(kind), by=by or _operator(), **kw))
-    except _errors() as e:
-        raise click.ClickException(str(e)) from None
-    finally:
-        ctl.close()
+    """One command through the rollout machine; prints the transition. Without leader election:
+    straight against S3 (daemon or not). With it (control.leader.enabled) only the leader may write
+    the desired state, so the command goes to the control plane's admin API (a standby answers 409
+    naming the leader)."""
+    settings = settings_from(ctx)
+    if settings.control.leader.enabled:
+        body = {k: v for k, v in kw.items() if v is not None}
+        t = AdminClient(settings).call("POST", f"/v1/rollouts/{model}/{kind}", body)["transition"]
+    else:
+        from control.rollout.phases import Command, CommandKind  # noqa: PLC0415
+        ctl = _controller(ctx)
+        try:
+            tr = ctl.command(model, Command(CommandKind(kind), by=by or _operator(), **kw))
+        except _errors() as e:
+            raise click.ClickException(str(e)) from None
+        finally:
+            ctl.close()
+        t = tr.to_dict() if tr is not None else None
     if as_json:
-        click.echo(json.dumps(t.to_dict() if t else None, indent=2))
+        click.echo(json.dumps(t, indent=2))
     elif t is None:
         click.echo(f"{model}: nothing to do ({kind}: already so)")
     else:
-        click.echo(f"{model} v{t.version}: {t.from_phase} -> {t.to_phase} ({t.reason}): {t.message}")
+        click.echo(f"{model} v{t['version']}: {t['from']} -> {t['to']} ({t['reason']}): {t['message']}")
 
 
 @click.group("rollout")

@@ -114,6 +114,9 @@ def status_cmd(ctx, as_json: bool) -> None:
         last = decision.get("last_decision") or {}
         console.print(f"site weights {decision['weights']} ({decision.get('source')}); "
                       f"last decision: {last.get('reason', '-')} {last.get('message', '')}")
+    if control.get("leader"):
+        from control.leader.status import leader_line  # noqa: PLC0415 - boto3 only when needed
+        console.print(leader_line(control["leader"]), soft_wrap=True)
     cost = control.get("cost") or {}
     if cost.get("sites"):
         sites = ", ".join(f"{site} ${v['dollars']:.4f} so far, ${v['burn_per_hour']:.2f}/h now"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 import click
+from pydantic import ValidationError
 
 from control.cli import settings_from
 from control.cli.output import history_options, json_option, since_param
@@ -26,14 +27,18 @@ def control_group():
 
 
 @control_group.command("run")
-@click.option("--actuator", type=click.Choice(["haproxy", "route53", "dry-run"]), default=None,
-              help="Override control.actuator.")
+@click.option("--actuator", "actuators", type=click.Choice(["haproxy", "route53", "dry-run"]), multiple=True,
+              help="Override control.actuators (repeat for several: --actuator haproxy --actuator route53).")
 @click.pass_context
-def run_cmd(ctx, actuator):
+def run_cmd(ctx, actuators):
     """Run the control loop (poll, decide+apply, sync), the admin API and the metrics endpoint."""
     settings = settings_from(ctx)
-    if actuator:
-        settings = settings.model_copy(update={"control": settings.control.model_copy(update={"actuator": actuator})})
+    if actuators:
+        try:
+            control = type(settings.control).model_validate({**settings.control.model_dump(), "actuators": list(actuators)})
+        except ValidationError as e:
+            raise click.BadParameter("; ".join(err["msg"] for err in e.errors()), param_hint="--actuator") from None
+        settings = settings.model_copy(update={"control": control})
     from control.daemon.controller import run  # noqa: PLC0415
     run(settings)
 

@@ -4,7 +4,8 @@ Every endpoint but /healthz needs `Authorization: Bearer <control.admin_token>` 
 constant time). No or wrong token -> 401; bad input -> 400 with a message naming the field.
 
   GET    /healthz                    liveness, no auth
-  GET    /v1/status                  weights, observed actuator state, instances, override, drains
+  GET    /v1/status                  weights, observed actuator state, instances, override, drains, leader
+  GET    /v1/leader                  who leads (lease holder, site, generation, since), this daemon's role
   GET    /v1/weights                 site and instance weights, override
   POST   /v1/weights                 {"weights": {"onprem": 70, "cloud": 30}, "ttl_s": 600, "note": "..."}
                                      ttl_s: control.override_min_ttl_s (1 s) .. override_max_ttl_s (7 d)
@@ -25,6 +26,9 @@ and body, at most control.api_max_header_bytes / api_max_body_bytes) on its own 
 closes a connection idle for control.api_timeout_s; only a complete request is handed to a worker
 thread, and only then may an operation take the traffic job's lock (an override applies at once).
 A malformed Content-Length is answered 400 by waitress before any of this code runs.
+
+With leader election on (control.leader), a standby answers every change (POST, DELETE) with 409 and
+the leader's name: only the leader acts (docs/leader.md).
 """
 from __future__ import annotations
 
@@ -131,6 +135,12 @@ class AdminService:
     def status(self) -> dict:
         return self.c.status()
 
+    def leader(self) -> dict:
+        return self.c.gate.status()
+
+    def standby_refusal(self) -> str | None:
+        return None if self.c.gate.acting() else self.c.gate.refusal()
+
     def weights(self) -> dict:
         s = self.c.traffic.status()
         return {k: s[k] for k in ("weights", "instance_weights", "override", "drained", "last_decision", "observed")}
@@ -235,7 +245,10 @@ def create_app(settings, service: AdminService) -> Flask:
     def authenticate():
         if request.path == "/healthz":
             return None
-        return bearer_refusal(token_b, "triton-hybrid")
+        refused = bearer_refusal(token_b, "triton-hybrid")
+        if refused is None and request.method not in ("GET", "HEAD") and (why := service.standby_refusal()):
+            return json_response(409, {"error": why, "leader": service.leader().get("leader")})
+        return refused
 
     @app.errorhandler(BadRequest)
     def bad_request(e: BadRequest):
@@ -254,6 +267,7 @@ def create_app(settings, service: AdminService) -> Flask:
     routes = [
         ("/healthz", "GET", lambda: {"ok": True}),
         ("/v1/status", "GET", service.status),
+        ("/v1/leader", "GET", service.leader),
         ("/v1/weights", "GET", service.weights),
         ("/v1/weights", "POST", lambda: service.set_weights(body(), by())),
         ("/v1/weights/override", "DELETE", service.clear_override),

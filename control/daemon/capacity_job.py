@@ -22,6 +22,7 @@ from control.daemon.jobs import DecisionJob, Scheduled
 from control.daemon.metrics import ControlMetrics
 from control.daemon.registry import Registry
 from control.daemon.traffic_job import TrafficJob
+from control.leader.gate import Gate
 from control.traffic.actuators import ActuatorError
 from control.traffic.audit import Audit
 
@@ -35,8 +36,9 @@ class CapacityJob(DecisionJob):
     name = "capacity"
 
     def __init__(self, settings, registry: Registry, traffic: TrafficJob, audit: Audit, metrics: ControlMetrics,
-                 clock=time.time):
+                 clock=time.time, gate: Gate | None = None):
         super().__init__(settings, registry, audit, metrics, clock)
+        self.gate = gate or Gate()
         self.sc = settings.control.scaler
         self.traffic = traffic
         self.scaler: ScaleActuator | None = None  # set by the daemon when the scaler is enabled
@@ -87,7 +89,7 @@ class CapacityJob(DecisionJob):
     def tick(self) -> ScaleDecision | None:
         now = self.clock()
         totals = self.account_cost(now)
-        if not self.sc.enabled or self.scaler is None:
+        if not self.sc.enabled or self.scaler is None or not self.gate.acting():  # standby: cost only
             return None
         snaps = self.traffic.snapshots(now)
         cloud_weight = int(self.traffic.weights.get("cloud", 0))
@@ -97,6 +99,8 @@ class CapacityJob(DecisionJob):
                 "sites": {k: {"dollars": v["dollars"], "burn_per_hour": v["burn_per_hour"]} for k, v in totals.items()}}
         d = decide_scale(snaps, cloud_weight, insts, self.sc, self.state, now, new_instance_cost(self.settings))
         result, error = None, None
+        if d.action != ScaleAction.HOLD and not self.gate.acting():
+            return None  # the lease was lost during this tick: not attempted
         if d.action != ScaleAction.HOLD:
             log.info("scale %s: %s (%s)", d.action, d.reason, d.message)
             try:

@@ -7,6 +7,10 @@
 
 `Controller` builds them around one settings object, one audit database and one metrics registry;
 `Daemon` schedules what each job lists (APScheduler) and serves the admin API and /metrics.
+
+With `control.leader.enabled`, one Gate (control/leader/gate.py) stands between every job and what
+it changes: only the lease holder applies weights, scales, and ticks rollouts (whose desired-state
+writes carry the lease generation); a standby polls and decides, for its status.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import logging
 import signal
 import threading
 import time
+from datetime import datetime, timezone
 from types import FunctionType
 from typing import Callable
 
@@ -33,7 +38,11 @@ from control.daemon.registry import Registry
 from control.daemon.rollout_job import RolloutJob
 from control.daemon.traffic_job import TrafficJob
 from control.http_api import WaitressServer
-from control.traffic.actuators import WeightActuator, make_actuator
+from control.leader import elector as leader_elector
+from control.leader.audit import Transition
+from control.leader.gate import Gate
+from control.leader.lease import Event
+from control.traffic.actuators import WeightActuator, actuator_names, make_actuator
 from control.traffic.audit import Audit
 from control.traffic.policy import Decision
 
@@ -57,17 +66,20 @@ class Controller:
     admin API read; the work is in the jobs."""
 
     def __init__(self, settings, actuator: WeightActuator | None = None, metrics: ControlMetrics | None = None,
-                 clock=time.time):
+                 clock=time.time, on_leader_change: Callable[[Transition], None] | None = None):
         self.settings = settings
         self.clock = clock
         self.metrics = metrics or ControlMetrics()
         self.audit = Audit(settings.database_path)
         self.registry = Registry(settings)
         self.actuator: WeightActuator = actuator or make_actuator(settings)
-        self.metrics.init_series(settings.instances, self.actuator.name)
-        self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, clock)
-        self.capacity = CapacityJob(settings, self.registry, self.traffic, self.audit, self.metrics, clock)
-        self.rollout = RolloutJob(settings, self.metrics, clock, registry=self.registry)
+        for name in actuator_names(self.actuator):
+            self.metrics.init_series(settings.instances, name)
+        self.leader = leader_elector.from_settings(settings, self.metrics.registry, on_leader_change)
+        self.gate = Gate(self.leader)
+        self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, clock, self.gate)
+        self.capacity = CapacityJob(settings, self.registry, self.traffic, self.audit, self.metrics, clock, self.gate)
+        self.rollout = RolloutJob(settings, self.metrics, clock, registry=self.registry, gate=self.gate)
 
     @property
     def jobs(self) -> list[Job]:
@@ -110,12 +122,16 @@ class Controller:
     scaler = _job_attr("capacity", "scaler", writable=True)  # the daemon sets it when the scaler is enabled
 
     def status(self) -> dict:
-        return {**self.traffic.status(), "rollout": self.rollout.last_tick, "scaling": self.capacity.summary()}
+        return {**self.traffic.status(), "rollout": self.rollout.last_tick, "scaling": self.capacity.summary(),
+                "leader": self.gate.status()}
 
     def scale_status(self) -> dict:
         return self.capacity.status()
 
     def close(self) -> None:
+        if self.leader is not None:
+            self.leader.stop(release=self.settings.control.leader.release_on_stop)
+            self.leader.close()
         for job in self.jobs:
             job.close()
         self.audit.close()
@@ -130,7 +146,7 @@ class Daemon:
     def __init__(self, settings, actuator: WeightActuator | None = None, serve_metrics: bool = True,
                  serve_api: bool = True, scale_actuator: ScaleActuator | ScaleActuatorFactory | None = None):
         self.settings = settings
-        self.controller = Controller(settings, actuator)
+        self.controller = Controller(settings, actuator, on_leader_change=self._leader_changed)
         if settings.control.scaler.enabled:
             self.controller.scaler = self._scale_actuator(scale_actuator)
             try:
@@ -172,6 +188,9 @@ class Daemon:
             self.metrics_server = self.controller.metrics.serve(c.metrics_port, c.api_host)
         if self.serve_api:
             self.api = serve_api(self.settings, self.controller)
+        if self.controller.leader is not None:
+            self.controller.leader.step()  # a lone control plane leads before its first tick
+            self.controller.leader.start()
         self.controller.poll()  # one scrape now, so the first decision has data
         # Reconcile at once (restart after a crash): the decided weights go back on HAProxy now,
         # not one decide interval later. A failover read back from the database is not trusted
@@ -182,10 +201,20 @@ class Daemon:
                  c.metrics_port, self.controller.actuator.name)
         return self
 
+    def _leader_changed(self, t: Transition) -> None:
+        """A new leader acts at once: its rollout tick and decision now (from S3 and its own polls)."""
+        if t.event not in (Event.ACQUIRED, Event.RECOVERED) or not self.scheduler.running:
+            return
+        for job_id in ("rollout", "decide"):
+            if self.scheduler.get_job(job_id) is not None:
+                self.scheduler.modify_job(job_id, next_run_time=datetime.now(timezone.utc))
+
     def stop(self) -> None:
         if self.stopped.is_set():
             return
         self.stopped.set()
+        if self.controller.leader is not None:  # stop acting (and hand the lease over) first
+            self.controller.leader.stop(release=self.settings.control.leader.release_on_stop)
         try:
             self.scheduler.shutdown(wait=False)
         except Exception:  # noqa: BLE001 - never started

@@ -9,6 +9,7 @@ import time
 from control.daemon.jobs import Scheduled
 from control.daemon.metrics import ControlMetrics
 from control.daemon.registry import Registry
+from control.leader.gate import Gate
 from control.rollout.controller import RolloutController, from_settings
 
 
@@ -16,20 +17,27 @@ class RolloutJob:
     name = "rollout"
 
     def __init__(self, settings, metrics: ControlMetrics, clock=time.time,
-                 controller: RolloutController | None = None, registry: Registry | None = None):
+                 controller: RolloutController | None = None, registry: Registry | None = None,
+                 gate: Gate | None = None):
         self.settings = settings
+        self.gate = gate or Gate()
         self.registry = registry
         self.metrics = metrics
         self.clock = clock
         # The registry's canary weights: a canary's HAProxy share follows the rollout (traffic job).
+        # Every desired-state write carries the lease generation; standby: NotLeader, nothing written.
         self.controller = controller or from_settings(settings, registry=metrics.registry, clock=clock,
-                                                      weight_hook=registry.set_canary_weight if registry else None)
+                                                      weight_hook=registry.set_canary_weight if registry else None,
+                                                      generation=self.gate.fencing_token)
         self.last_tick: dict | None = None
 
     def schedule(self) -> list[Scheduled]:
         return [Scheduled("rollout", self.tick, self.settings.control.rollout.interval_s)]
 
     def tick(self) -> list:
+        if not self.gate.acting():  # standby: the leader's rollouts are in S3 (GET /v1/rollouts reads them)
+            self.last_tick = {"at": self.clock(), "transitions": [], "problems": [], "standby": True}
+            return []
         transitions = self.controller.tick()
         now = self.clock()
         self.last_tick = {"at": now, "transitions": [t.to_dict() for t in transitions],

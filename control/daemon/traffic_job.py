@@ -24,6 +24,7 @@ import time
 from control.daemon.jobs import DecisionJob, Scheduled
 from control.daemon.metrics import ControlMetrics
 from control.daemon.registry import Registry
+from control.leader.gate import Gate
 from control.traffic.actuators import ActuatorError, Observed, Plan, WeightActuator
 from control.traffic.audit import Audit
 from control.traffic.health import assess
@@ -52,10 +53,11 @@ class TrafficJob(DecisionJob):
     name = "traffic"
 
     def __init__(self, settings, registry: Registry, actuator: WeightActuator, audit: Audit,
-                 metrics: ControlMetrics, clock=time.time):
+                 metrics: ControlMetrics, clock=time.time, gate: Gate | None = None):
         super().__init__(settings, registry, audit, metrics, clock)
         self.cfg = settings.control.policy
         self.actuator = actuator
+        self.gate = gate or Gate()
         c = settings.control
         self.poller = Poller(registry.instances, c.poll_timeout_s, c.dcgm_exporter_urls, clock=clock,
                              on_result=metrics.observe_poll, history=self.cfg.health_window)
@@ -151,12 +153,19 @@ class TrafficJob(DecisionJob):
             return d
 
     def _apply(self, plan: Plan, now: float) -> tuple[bool, list[str], list[str], str | None]:
+        if not self.gate.acting():  # standby: decided (for its status), never applied
+            return False, [], [], None
         try:
             res = self.actuator.apply(plan)
         except ActuatorError as e:
-            self.metrics.apply_errors.labels(self.actuator.name).inc()
+            for name in e.by_actuator or [self.actuator.name]:
+                self.metrics.apply_errors.labels(name).inc()
             log.error("apply failed: %s", e)
             return False, [], [], str(e)
+        # Several actuators: the ones that failed while the others applied (CompositeActuator).
+        for name in res.errors:
+            self.metrics.apply_errors.labels(name).inc()
+        error = "; ".join(f"{name}: {msg}" for name, msg in res.errors.items()) or None
         self.last_apply_ok = now
         self.metrics.last_apply.set(now)
         for s in res.observed.servers:
@@ -167,7 +176,7 @@ class TrafficJob(DecisionJob):
             # an HAProxy restart (config weights), or a lost command.
             self.metrics.drift.inc()
             log.warning("reconciled drift on %s: %s", self.actuator.name, res.drift)
-        return True, res.commands, res.drift, None
+        return True, res.commands, res.drift, error
 
     def _export(self, d: Decision, inst_w: dict, controls: Controls, instances) -> None:
         m = self.metrics

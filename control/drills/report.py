@@ -260,7 +260,7 @@ def markdown(r: dict) -> str:
     fl = f["failures"]
     lines += ["", "## Figures", "",
               f"- fault at t={_v(f['fault_t'])}, lifted at t={_v(f['lift_t'])}, victim `{f['victim']}`",
-              f"- time to detect (HAProxy marks DOWN): {_v(f['detect_s'])}",
+              f"- time to detect ({f.get('detect_what', 'HAProxy marks DOWN')}): {_v(f['detect_s'])}",
               f"- weights fully moved (no backend can send to the victim): {_v(f['moved_s'])}",
               f"- last failed/slow (> {f['slow_ms']:.0f} ms) request ended: {_v(f['last_bad_s'])} after the fault",
               f"- recovery time: {_v(f['recovery_s'])}",
@@ -281,6 +281,15 @@ def markdown(r: dict) -> str:
         lines.append(f"- weights restored to {rs['decided']}: {_v(rs['restored_s'])} after `{rs['from_event']}` "
                      f"({_v(rs.get('restored_after_restart_cmd_s'))} after the restart command)"
                      + (f"; HAProxy down {_v(rs.get('haproxy_down_s'))}" if rs.get("haproxy_down_s") is not None else ""))
+    if f.get("rollout"):
+        lines += ["", "## Rollouts", "", "Seconds from the start of the publish (the daemon's rollout job and the agents do "
+                  "the rest).", "", "| version | outcome | reason | canary live | analysis done | all live | rolled back "
+                  "| canary agent's failure |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for v, ro in f["rollout"].items():
+            fails = "; ".join(f"{n}: {e[:120]}" for n, e in ro["agent_failures"].items()) or "-"
+            lines.append(f"| v{v} | {ro['phase'] or '-'} | {ro['reason'] or '-'} | {_v(ro['canary_live_s'])} | "
+                         f"{_v(ro['analysis_done_s'])} | {_v(ro['all_live_s'])} | {_v(ro['rolled_back_s'])} | "
+                         f"{fails} |")
     if fl["examples"]:
         lines += ["", "Failure examples:", ""] + [f"- `{e}`" for e in fl["examples"]]
     lines += ["", "## Events", "", "| t (s) | event | details |", "| --- | --- | --- |"]

@@ -237,6 +237,7 @@ class DrillEnv:
     notes: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)          # scenario scratch space
     records: list = field(default_factory=list)        # the load's requests, for the scenario's figures
+    load: OpenLoopLoad | None = None                   # the running load (a scenario may keep it going)
     say: Callable[[str], None] = lambda m: None
 
     def now(self) -> float:
@@ -250,6 +251,12 @@ class DrillEnv:
 
     def instance(self, site: str):
         return self.settings.site_instances(site)[0]
+
+    def keep_load(self, for_s: float = 2.0) -> None:
+        """Keep the load running at least `for_s` from now: a scenario waiting on something that
+        needs traffic (a canary's analysis) calls it while it waits."""
+        if self.load is not None:
+            self.load.extend_to(self.now() + for_s)
 
     # Starting ------------------------------------------------------------------------------------
     def start_triton(self, inst) -> ManagedProcess:
@@ -430,6 +437,7 @@ def run_drill(scenario, base: Settings, repository: str | Path, *, duration_s: f
                             timeout_s=scenario.client_timeout_s, open_ended=True).start()
         say(f"{scenario.name}: load {rate:g} req/s for {duration_s:g}s (HTTP + gRPC through HAProxy), "
             f"model {env.spec.model}")
+        env.load = load
         env.mark("load_start")
         fault_at = scenario.fault_at if scenario.fault_at is not None else fault_at
         lift_at = scenario.lift_at if scenario.lift_at is not None else lift_at

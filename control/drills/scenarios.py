@@ -11,8 +11,12 @@ import signal
 import time
 from pathlib import Path
 
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
 from control.adapters import s3 as s3x
 from control.adapters.haproxy_config import ALL_BACKENDS
+from control.config import deep_merge
 from control.drills import faults
 from control.drills.netns import SiteNetns, available, netem_available
 from control.drills.runner import (
@@ -23,6 +27,8 @@ from control.drills.runner import (
     ports_besides,
     write_add_one_repository,
 )
+from control.mirror.publish import publish_version
+from control.waiting import wait_until
 
 
 def target(name: str, ok: bool, value, goal: str) -> dict:
@@ -456,13 +462,31 @@ class TritonPythonModel:
 
 
 class _MirrorScenario(Scenario):
-    """S3 publish/sync drills: the stack is fed from S3 (publish -> verified pull -> candidate
-    load + smoke -> go live, control/mirror/publish.py + control/mirror/sync.py) and the load calls the drill's
-    `add_one` model, whose answers carry the version that served them."""
+    """Model-version drills on the issue-14 path: every instance is a host (its agent beside its
+    Triton, fed from the S3 mirror); the drill only publishes (control/mirror/publish.py) and the
+    control daemon's rollout job (control/rollout/controller.py) moves the version through canary ->
+    analysis -> promotion waves, or rolls it back with a reason. The load calls the drill's `add_one`
+    model, whose answers carry the version that served them.
+
+    A canary is compared with a stable instance of its own site, so the drill stack gets a second
+    instance in the site of the first one when no site has two (`baseline_instance`)."""
     target_site = "mirror"
+    needs_control = True  # the daemon's RolloutJob ticks the rollout controller
     model = "add_one"
     fault_at, lift_at = 0.2, 0.55
     good_after_lift = 3
+    bad_version = 2
+    # control.rollout for drills: a rollout in seconds, not minutes (the defaults judge a canary for
+    # 60 s). The daemon has no weight hook yet, so canary weights are not stepped (step 0). The
+    # latency check only catches gross regressions here: add_one answers in ~1 ms, and one scheduling
+    # hiccup of a shared 2-core box moved a 2-s mean by x5.67 and rolled a good version back
+    # (measured); the error-rate check stays at its default.
+    rollout = {"interval_s": 0.5, "analysis_window_s": 3.0, "min_requests": 20, "canary_instances": 1,
+               "canary_step_weight": 0, "max_failed_checks": 3, "max_latency_ratio": 20.0, "wave_size": 1,
+               "progress_deadline_s": 30.0, "status_stale_s": 10.0}
+    agent_interval_s = 0.5         # agent.interval_s: each host reads the desired state this often
+    rollout_timeout_s = 90.0       # publish -> rolled back / all live, before the drill gives up
+    tail_s = 3.0
 
     def prepare(self, base, run_dir, repository, *, weights=None, with_control=None, **_):
         src = Path(run_dir) / "source-repo"
@@ -471,18 +495,32 @@ class _MirrorScenario(Scenario):
             shutil.copytree(repository, src, dirs_exist_ok=True, symlinks=True)
         if not (src / self.model / "1").is_dir():
             write_add_one_repository(src)
-        settings = drill_settings(base, run_dir, weights=weights, control=self.control_overrides(base, weights))
-        settings = settings.model_copy(update={"s3": settings.s3.model_copy(
-            update={"retry_attempts": 2, "retry_base_delay_s": 0.5})})
+        base = baseline_instance(base)
+        control = deep_merge(self.control_overrides(base, weights), {"rollout": self.rollout})
+        settings = drill_settings(base, run_dir, weights=weights, control=control)
+        settings = settings.model_copy(update={
+            "s3": settings.s3.model_copy(update={"retry_attempts": 2, "retry_base_delay_s": 0.5}),
+            "agent": settings.agent.model_copy(update={"interval_s": self.agent_interval_s})})
         env = DrillEnv(settings, src, with_control=self.needs_control if with_control is None else with_control)
+        if not env.with_control:
+            raise DrillSkip(f"{self.name} needs the control daemon: its rollout job moves the published version "
+                            "(run without --no-control)")
         env.with_s3 = True
         env.spec = add_one_spec()
         return env
 
     def ready(self, env):
-        from control.mirror.sync import sync_all  # noqa: PLC0415
-        out = sync_all(env.settings, force=True)
-        env.extra["initial_sync"] = _summary(out, self.model)
+        """Every agent reports the seeded stable version live before the load starts."""
+        want = {i.name for i in env.settings.instances}
+
+        def all_live():
+            st = _rollout_status(env, self.model)
+            live = {n for n, s in st["instances"].items() if s.get("live") == st["stable"]}
+            return st if st["stable"] is not None and want <= live else None
+        st = wait_until(all_live, 60, f"every agent reporting {self.model}'s stable version live", interval=0.2)
+        env.extra["initial"] = f"{self.model} stable v{st['stable']} live on {', '.join(sorted(want))}"
+        env.extra["rollouts"] = {}
+        env.notes.append(f"rollout config: control.rollout {self.rollout}; agent.interval_s {self.agent_interval_s}")
 
     # helpers
     def write_version(self, env, version: int, bad: bool = False) -> None:
@@ -495,47 +533,118 @@ class _MirrorScenario(Scenario):
             shutil.copy(src / "1" / "model.py", vdir / "model.py")
 
     def publish(self, env, version: int) -> None:
-        from control.mirror.publish import publish_version  # noqa: PLC0415
-        r = publish_version(env.settings, env.repository, self.model, version)
-        env.mark("published", version=version, status=r.status)
-
-    def sync(self, env, label: str = "sync") -> dict:
-        from control.mirror.sync import sync_all  # noqa: PLC0415
+        """Publish `version` (raises PublishError when S3 refuses it); rollout times count from the
+        start of the publish."""
         t = env.now()
-        out = _summary(sync_all(env.settings, force=True), self.model)
-        env.mark(label, took_s=round(env.now() - t, 2), outcome=out)
-        return out
+        r = publish_version(env.settings, env.repository, self.model, version)
+        env.mark("published", version=version, status=r.status, took_s=round(env.now() - t, 2))
+        env.extra["rollouts"].setdefault(version, {})["published_t"] = round(t, 3)
+
+    def await_rollout(self, env, version: int) -> dict:
+        """Until the rollout of `version` ends (done, rolled back or stopped), read through the
+        daemon's admin API (/v1/rollouts: desired state in S3 + the audit). Every audit row becomes a
+        `rollout` event at its own time; what a canary's agent records as failed is kept. Returns the
+        rollout's summary (env.extra["rollouts"][version])."""
+        ro = env.extra["rollouts"].setdefault(version, {})
+        seen = env.extra.setdefault("audit_ids", set())
+
+        def poll():
+            env.keep_load()  # the analysis judges the canary on live traffic
+            st = _rollout_status(env, self.model)
+            offset = time.time() - env.now()  # audit rows carry wall-clock time
+            for row in st["history"]:
+                if row["id"] in seen:
+                    continue
+                seen.add(row["id"])
+                t = row["ts"] - offset
+                env.events.append((t, "rollout", {"version": row["version"], "to": row["to_phase"],
+                                                  "reason": row["reason"], "message": row["message"][:200]}))
+                env.say(f"  t={t:6.2f}s rollout v{row['version']} {row['from_phase']} -> {row['to_phase']} "
+                        f"({row['reason']}): {row['message'][:160]}")
+                if row["version"] == version:
+                    ro.setdefault(f"{row['to_phase']}_t", round(t, 3))
+                    if row["to_phase"] in TERMINAL_PHASES:
+                        ro.update(phase=row["to_phase"], reason=row["reason"], message=row["message"])
+            for name, s in st["instances"].items():
+                if s.get("target") == version and s.get("state") in ("failed", "refused"):
+                    ro.setdefault("agent_failures", {})[name] = f"{s.get('kind')}: {s.get('error')}"
+            rejected = st["rejected"].get(str(version)) or st["rejected"].get(version)
+            if rejected:
+                ro["rejected"] = rejected["reason"]
+            ro["live_on"] = sorted(n for n, s in st["instances"].items() if s.get("live") == version)
+            return ro if ro.get("phase") in TERMINAL_PHASES else None
+
+        wait_until(poll, self.rollout_timeout_s, f"the rollout of {self.model} v{version} to end", interval=0.2)
+        env.mark(f"rollout_{ro['phase']}", version=version, reason=ro["reason"],
+                 took_s=round(env.now() - ro["published_t"], 2) if "published_t" in ro else None)
+        return ro
 
     def lift(self, env):
-        env.mark("lift", action=f"publish a good v{self.good_after_lift} and sync")
-        self.write_version(env, self.good_after_lift)
-        self.publish(env, self.good_after_lift)
-        self.sync(env, "sync_after_lift")
+        v = self.good_after_lift
+        env.mark("lift", action=f"publish a good v{v}; the rollout takes it to every instance")
+        self.write_version(env, v)
+        self.publish(env, v)
+        self.await_rollout(env, v)
+
+    def after(self, env):
+        env.events.sort(key=lambda e: e[0])
 
     def figures(self, a, env):
-        refused = next((t for t, n, d in env.events if n == "sync" and _all_refused(d.get("outcome"))), None)
-        fault = a["fault_t"]
-        a["detect_s"] = None if refused is None or fault is None else round(refused - fault, 3)
-        a["recovery_s"] = a["detect_s"]  # the old version never stopped serving: recovered once refused
+        ros = env.extra.get("rollouts", {})
+        rollouts = {}
+        for v, ro in sorted(ros.items()):
+            pub = ro.get("published_t")
+
+            def since(key, pub=pub, ro=ro):
+                return None if pub is None or ro.get(key) is None else round(ro[key] - pub, 3)
+            rollouts[str(v)] = {
+                "phase": ro.get("phase"), "reason": ro.get("reason"), "message": ro.get("message"),
+                "rejected": ro.get("rejected"), "agent_failures": ro.get("agent_failures", {}),
+                "live_on": ro.get("live_on", []),
+                "canary_live_s": since("analysis_t"), "analysis_done_s": since("promoting_t"),
+                "all_live_s": since("done_t"), "rolled_back_s": since("rolled_back_t")}
+        a["rollout"] = rollouts
+        bad = rollouts.get(str(self.bad_version), {})
+        a["detect_s"] = bad.get("rolled_back_s")
+        a["recovery_s"] = a["detect_s"]  # the old version never stopped serving: recovered once rolled back
         good = str(self.good_after_lift)
         first_good = a["versions"].get(good, {}).get("first_t")
         a["after_lift"]["serving_s"] = None if first_good is None or a["lift_t"] is None else \
             round(first_good - a["lift_t"], 3)
+        a["detect_what"] = f"publish of v{self.bad_version} -> rolled back"
 
-    def targets(self, a, env):
+    def _good_after_lift(self, a, env) -> dict:
+        v = self.good_after_lift
+        ro = a["rollout"].get(str(v), {})
+        n = len(env.settings.instances)
+        ok = ro.get("phase") == "done" and len(ro.get("live_on", [])) == n and a["after_lift"]["serving_s"] is not None
+        return target(f"a good v{v} goes live on every instance after the lift", ok, ro.get("all_live_s"),
+                      f"rollout done (publish -> all {n} live, s; live on {', '.join(ro.get('live_on', [])) or '-'}), "
+                      f"clients answered by v{v}")
+
+    def _never_served(self, a) -> dict:
         bad = str(self.bad_version)
         served_bad = a["versions"].get(bad, {}).get("count", 0)
-        return [
-            target("the bad version was refused by sync on every instance", a["detect_s"] is not None,
-                   a["detect_s"], "sync outcome failed/skipped, the old version stays live"),
-            target("the serving version never changes to the bad one", served_bad == 0, served_bad,
-                   f"0 answers from v{bad}"),
-            target("zero failed requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
-            target(f"a good v{self.good_after_lift} goes live after the lift", a["after_lift"]["serving_s"] is not None,
-                   a["after_lift"]["serving_s"], f"clients answered by v{self.good_after_lift}"),
-        ]
+        return target(f"v{bad} never answers a client", served_bad == 0, served_bad, f"0 answers from v{bad}")
 
-    bad_version = 2
+    def _rolled_back(self, a, what: str, kinds: tuple[str, ...]) -> dict:
+        ro = a["rollout"].get(str(self.bad_version), {})
+        failures = ro.get("agent_failures", {})
+        ok = (ro.get("phase") == "rolled_back" and bool(ro.get("rejected"))
+              and any(f.split(":", 1)[0] in kinds for f in failures.values()))
+        detail = "; ".join(f"{n}: {f[:120]}" for n, f in failures.items()) or "no agent failure seen"
+        return target(what, ok, a["detect_s"],
+                      f"rolled back with a reason (publish -> rolled back, s); canary agent: {detail}; "
+                      f"rejected: {(ro.get('rejected') or '-')[:160]}")
+
+    def targets(self, a, env):
+        return [
+            self._rolled_back(a, f"the canary's smoke check fails v{self.bad_version}; the rollout rolls it back",
+                              ("smoke",)),
+            self._never_served(a),
+            target("zero failed requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+            self._good_after_lift(a, env),
+        ]
 
 
 class BadModel(_MirrorScenario):
@@ -546,7 +655,7 @@ class BadModel(_MirrorScenario):
         self.write_version(env, 2, bad=True)
         env.mark("fault", action="publish v2 (loads, every inference fails)")
         self.publish(env, 2)
-        self.sync(env)
+        self.await_rollout(env, 2)
 
 
 class CorruptArtifact(_MirrorScenario):
@@ -555,6 +664,9 @@ class CorruptArtifact(_MirrorScenario):
 
     def inject(self, env):
         self.write_version(env, 2)
+        # Altered milliseconds after the publish returns: before the canary's agent can pull it
+        # (a rollout tick, then an agent pass, each every 0.5 s). Should the agent ever win that
+        # race, v2 serves and the drill fails: `published` and `fault` times are in the events.
         self.publish(env, 2)
         client = s3x.make_client(env.settings.s3)
         bucket = env.settings.s3.bucket
@@ -564,17 +676,27 @@ class CorruptArtifact(_MirrorScenario):
         env.mark("fault", action=f"overwrite s3://{bucket}/{key} keeping its metadata (sha256)")
         client.put_object(Bucket=bucket, Key=key, Body=body, Metadata=head.get("Metadata", {}),
                           ServerSideEncryption=env.settings.s3.sse)
-        self.sync(env)
+        self.await_rollout(env, 2)
+
+    def targets(self, a, env):
+        return [
+            self._rolled_back(a, "the canary's agent refuses the tampered v2 (size/sha256); the rollout rolls it back",
+                              ("verify",)),
+            self._never_served(a),
+            target("zero failed requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
+            self._good_after_lift(a, env),
+        ]
 
 
 class S3Outage(_MirrorScenario):
     name = "s3-outage"
-    title = "the S3 endpoint stops during a publish and sync"
+    title = "the S3 endpoint stops during a publish; agents and the rollout carry on after it"
     good_after_lift = 2
     bad_version = -1  # no bad version: the outage must not change what serves
 
     def inject(self, env):
         self.write_version(env, 2)
+        before = {i.name: agent_metrics(i)["desired_errors"] for i in env.settings.instances}
         env.mark("fault", action="S3 endpoint stops (connections refused)")
         env.stop_s3_proxy()
         try:
@@ -583,45 +705,88 @@ class S3Outage(_MirrorScenario):
         except Exception as e:  # noqa: BLE001 - the expected outcome
             env.extra["publish_during_outage"] = f"refused: {type(e).__name__}: {str(e)[:160]}"
             env.mark("publish_refused", error=type(e).__name__)
-        self.sync(env)
+
+        # Every agent notices (a desired-state read fails: converge_errors_total{kind="desired"}
+        # rises) and keeps serving what is live.
+        def all_noticed():
+            env.keep_load()
+            now = {i.name: agent_metrics(i) for i in env.settings.instances}
+            if all(m["desired_errors"] > before[n] for n, m in now.items()):
+                return {n: m["live"] for n, m in now.items()}
+            return None
+        live = wait_until(all_noticed, 30, "every agent counting a failed desired-state read", interval=0.2)
+        env.extra["live_during_outage"] = live
+        env.mark("agents_unreachable", live=live, action="every agent: desired state unreadable, nothing changed")
 
     def lift(self, env):
-        env.mark("lift", action="S3 endpoint back; publish v2 again and sync")
+        env.mark("lift", action="S3 endpoint back; publish v2 again; the rollout takes it to every instance")
         env.start_s3_proxy()
         self.publish(env, 2)
-        self.sync(env, "sync_after_lift")
+        self.await_rollout(env, 2)
+
+    def figures(self, a, env):
+        super().figures(a, env)
+        t = next((t for t, n, _ in env.events if n == "agents_unreachable"), None)
+        a["detect_s"] = None if t is None or a["fault_t"] is None else round(t - a["fault_t"], 3)
+        a["recovery_s"] = a["detect_s"]
+        a["detect_what"] = "S3 stops -> every agent reports the desired state unreadable"
 
     def targets(self, a, env):
         lo, hi = a["fault_t"], a["lift_t"]
         during = {v: d for v, d in a["versions"].items() if d["first_t"] is not None and lo <= d["first_t"] <= hi}
+        live = env.extra.get("live_during_outage") or {}
         return [
             target("publish during the outage refused", env.extra.get("publish_during_outage", "").startswith("refused"),
                    env.extra.get("publish_during_outage"), "PublishError, nothing half-published"),
-            target("sync during the outage changes nothing", a["detect_s"] is not None, a["detect_s"],
-                   "sync skipped (unreachable), the live version keeps serving"),
+            target("every agent sees the outage and keeps serving the live version",
+                   a["detect_s"] is not None and bool(live) and all(v == 1 for v in live.values()), a["detect_s"],
+                   f"desired state unreadable on every agent, v1 still live ({live})"),
             target("no new version starts serving during the outage", not during, sorted(during),
                    "no version first seen between fault and lift"),
             target("zero failed requests", a["failures"]["total"] == 0, a["failures"]["total"], "0"),
-            target("v2 goes live after the lift", a["after_lift"]["serving_s"] is not None,
-                   a["after_lift"]["serving_s"], "clients answered by v2"),
+            self._good_after_lift(a, env),
         ]
 
 
-def _summary(out: dict, model: str) -> dict:
-    """sync_all's answer reduced to {instance: "status vN (reason)"} for the events table."""
-    res = {}
-    for inst, models in (out or {}).items():
-        star = models.get("*") or {}
-        d = star if star.get("status") == "skipped" else (models.get(model) or star)
-        reason = (d.get("reason") or "")[:100]
-        res[inst] = f"{d.get('status')} v{d.get('version')} live=v{d.get('live')}" + (f" ({reason})" if reason else "")
-    return res
+TERMINAL_PHASES = ("done", "rolled_back", "stopped")
 
 
-def _all_refused(outcome) -> bool:
-    if not isinstance(outcome, dict) or not outcome:
-        return False
-    return all(str(v).startswith(("failed", "skipped")) for v in outcome.values())
+def baseline_instance(base):
+    """`base` with a second instance in the first instance's site when no site has two (a canary is
+    judged against a stable instance of its own site). Its ports are placeholders: drill_settings
+    gives every instance free ones."""
+    sites = [i.site for i in base.instances]
+    if any(sites.count(s) >= 2 for s in sites):
+        return base
+    first = base.instances[0]
+    n = 2
+    while any(i.name == f"{first.site}-{n}" for i in base.instances):
+        n += 1
+    twin = first.model_copy(update={"name": f"{first.site}-{n}"})
+    return base.model_copy(update={"instances": [*base.instances, twin]})
+
+
+def agent_metrics(inst, model: str = "add_one") -> dict:
+    """From the instance agent's /metrics: failed desired-state reads so far, the model's live
+    version (0: none) and the bytes it pulled from S3."""
+    r = requests.get(f"{inst.agent_url}/metrics", timeout=2.0)
+    r.raise_for_status()
+    out = {"desired_errors": 0.0, "live": 0, "pulled_bytes": 0.0}
+    for fam in text_string_to_metric_families(r.text):
+        for smp in fam.samples:
+            if smp.name == "triton_hybrid_agent_converge_errors_total" and smp.labels.get("kind") == "desired":
+                out["desired_errors"] = smp.value
+            elif smp.name == "triton_hybrid_agent_model_live_version" and smp.labels.get("model") == model:
+                out["live"] = int(smp.value)
+            elif smp.name == "triton_hybrid_agent_pulled_bytes_total":
+                out["pulled_bytes"] = smp.value
+    return out
+
+
+def _rollout_status(env, model: str) -> dict:
+    """The daemon's view of one model (GET /v1/rollouts/<model>): stable, canary, phase, rejected
+    versions, every agent's report, the last audit rows."""
+    return env.control_api("GET", f"/v1/rollouts/{model}")["models"][model]
 
 
 def _wait_weights(env, want: dict[str, int], timeout: float) -> None:

@@ -317,6 +317,9 @@ def status(settings) -> dict:
     info["decision"] = weights_summary(settings)
 
     info["cost"] = cost_summary(settings)
+    if settings.control.leader.enabled:
+        from control.leader.status import leader_summary  # noqa: PLC0415 - boto3 only when needed
+        info["leader"] = leader_summary(settings)
     comps.append(info)
     info = proc_info(SUPERVISOR_NAME) | {"kind": "supervisor", "enabled": settings.triton.supervise.enabled}
     info["healthy"] = info["running"]

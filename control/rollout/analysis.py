@@ -139,10 +139,11 @@ def judge_instance(canary: MetricWindow, stable: list[MetricWindow], cfg) -> Ins
     else:
         kind, c_ms, b_ms = "p99", canary.p99_ms, base.p99_ms
     tail = f"; p99 {canary.p99_ms:.1f} ms vs {base.p99_ms:.1f} ms" if p99 and kind != "p99" else ""
-    if c_ms is not None and b_ms is not None and b_ms > 0 and c_ms / b_ms > cfg.max_latency_ratio:
+    if (c_ms is not None and b_ms is not None and b_ms > 0 and c_ms / b_ms > cfg.max_latency_ratio
+            and c_ms - b_ms > cfg.min_latency_delta_ms):
         return InstanceVerdict(name, site, Reason.LATENCY,
                                f"{name}: {kind} {c_ms:.1f} ms vs {b_ms:.1f} ms on the stable instances of {site} "
-                               f"(x{c_ms / b_ms:.2f} > x{cfg.max_latency_ratio}){tail}", canary, base)
+                               f"(x{c_ms / b_ms:.2f} > x{cfg.max_latency_ratio}, +{c_ms - b_ms:.1f} ms){tail}", canary, base)
     ratio = f"x{c_ms / b_ms:.2f}" if c_ms is not None and b_ms else "n/a"
     return InstanceVerdict(name, site, Reason.CHECK_PASSED,
                            f"{name}: error ratio {canary.error_ratio:.4f} vs {base.error_ratio:.4f}, {kind} {ratio}"

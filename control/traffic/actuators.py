@@ -6,12 +6,14 @@
 
 HAProxy (default): instance weights on every server named like an instance in the shared
 backends (`be_triton_http`, `be_triton_grpc`), drain/ready on those and on the on-prem-only
-sensitive backends. Route53: one weighted record per site. Dry-run: logs, remembers.
+sensitive backends. Route53 (control/adapters/route53.py): one weighted, health-checked record per
+site entry. Dry-run: logs, remembers. `control.actuators` names one or several: several make a
+`CompositeActuator` (two sites: [haproxy, route53]) that applies the same plan to each.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from control.adapters import haproxy_config
@@ -21,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class ActuatorError(RuntimeError):
-    pass
+    """A routing layer could not be observed or set. `by_actuator`: the message of each layer that
+    failed, by actuator name, where several were applied (CompositeActuator)."""
+
+    def __init__(self, message: str, by_actuator: dict[str, str] | None = None):
+        super().__init__(message)
+        self.by_actuator = dict(by_actuator or {})
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,18 @@ class Observed:
     # The routing layer's own health verdict per instance (HAProxy: srv_op_state of its health
     # check), only where it has one: an instance missing here has no verdict (control/traffic/health.py).
     health: dict[str, bool] = field(default_factory=dict)
+    # Several actuators (CompositeActuator): the site weights each layer shows, and the error of
+    # each one that could not be read. Empty with one actuator.
+    layers: dict[str, dict[str, int] | None] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"instance_weights": self.instance_weights, "drained": sorted(self.drained),
-                "site_weights": self.site_weights, "servers": self.servers, "health": self.health}
+        out = {"instance_weights": self.instance_weights, "drained": sorted(self.drained),
+               "site_weights": self.site_weights, "servers": self.servers, "health": self.health}
+        if self.layers or self.errors:
+            out["layers"] = self.layers
+            out["errors"] = self.errors
+        return out
 
 
 @dataclass
@@ -51,6 +66,8 @@ class ApplyResult:
     observed: Observed
     commands: list[str]
     drift: list[str]  # what differed from the plan before we applied (hand edit, restart)
+    # Several actuators: the error of each one that failed while the others applied.
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 class WeightActuator(Protocol):
@@ -174,8 +191,80 @@ class DryRunActuator:
         return ApplyResult(self.current, [], drift)
 
 
-def make_actuator(settings) -> WeightActuator:
-    kind = settings.control.actuator
+class CompositeActuator:
+    """Several routing layers at once (two sites: the HAProxy weights and the DNS records between
+    the site entries): the same plan to each, in order. One that fails does not stop the others:
+    its error comes back in `ApplyResult.errors`; only when all fail does `apply` raise.
+
+    The first part is the source of the observed state (instance weights, drains, HAProxy's
+    health verdict, site weights), read at every `observe`. The others read their own state back
+    in every `apply` (and reconcile their drift there); `observe` shows what they showed then
+    (`Observed.layers`, `Observed.errors`), reading them only before their first apply: a slow
+    DNS API does not delay the tick's decision, and each tick reads it once, not twice."""
+
+    def __init__(self, parts: list[WeightActuator]):
+        if not parts:
+            raise ActuatorError("CompositeActuator needs at least one actuator")
+        self.parts = list(parts)
+        self.names = [p.name for p in self.parts]
+        self.name = "+".join(self.names)
+        self.seen: dict[str, Observed] = {}    # the others: as read by their last observe or apply
+        self.errors: dict[str, str] = {}       # the others: why that read failed
+
+    def set_instances(self, instances) -> None:
+        for p in self.parts:
+            p.set_instances(instances)
+
+    def observe(self) -> Observed:
+        first = self.parts[0].observe()   # no source of truth without it: raise
+        for p in self.parts[1:]:
+            if p.name in self.seen or p.name in self.errors:
+                continue
+            try:
+                self.seen[p.name] = p.observe()
+            except ActuatorError as e:
+                self.errors[p.name] = str(e)
+        layers = {self.parts[0].name: first.site_weights}
+        servers = list(first.servers)
+        for p in self.parts[1:]:
+            if p.name in self.seen and p.name not in self.errors:
+                layers[p.name] = self.seen[p.name].site_weights
+                servers += self.seen[p.name].servers
+        return replace(first, servers=servers, layers=layers, errors=dict(self.errors))
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        results: dict[str, ApplyResult] = {}
+        errors: dict[str, str] = {}
+        for p in self.parts:
+            try:
+                results[p.name] = p.apply(plan)
+            except ActuatorError as e:
+                errors[p.name] = str(e)
+                log.error("apply on %s failed (the other actuators still apply): %s", p.name, e)
+        for p in self.parts[1:]:
+            if p.name in results:
+                self.seen[p.name] = results[p.name].observed
+                self.errors.pop(p.name, None)
+            else:
+                self.errors[p.name] = errors[p.name]
+        if not results:
+            raise ActuatorError("; ".join(f"{n}: {e}" for n, e in errors.items()), by_actuator=errors)
+        first = results.get(self.parts[0].name)
+        observed = replace(first.observed) if first is not None else Observed()
+        observed.servers = [s for r in results.values() for s in r.observed.servers]
+        observed.layers = {n: r.observed.site_weights for n, r in results.items()}
+        observed.errors = dict(errors)
+        return ApplyResult(observed,
+                           [f"{n}: {c}" for n, r in results.items() for c in r.commands],
+                           [f"{n}: {d}" for n, r in results.items() for d in r.drift], errors)
+
+
+def actuator_names(actuator: WeightActuator) -> list[str]:
+    """The actuators behind one (a CompositeActuator's parts): the labels of apply errors."""
+    return list(actuator.names) if isinstance(actuator, CompositeActuator) else [actuator.name]
+
+
+def _make_one(kind: str, settings) -> WeightActuator:
     if kind == "haproxy":
         # Backend names and socket come from the config generator: one source for both sides.
         return HAProxyActuator(HAProxyRuntime.for_settings(settings), settings.instances,
@@ -184,3 +273,9 @@ def make_actuator(settings) -> WeightActuator:
         from control.adapters.route53 import Route53Actuator  # noqa: PLC0415 - boto3 only when used
         return Route53Actuator.from_settings(settings)
     return DryRunActuator(settings.instances)
+
+
+def make_actuator(settings) -> WeightActuator:
+    """`control.actuators`: one actuator, or a CompositeActuator over several."""
+    parts = [_make_one(kind, settings) for kind in settings.control.actuators]
+    return parts[0] if len(parts) == 1 else CompositeActuator(parts)

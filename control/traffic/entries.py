@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from control.adapters import s3 as s3x
+from control.leader.gate import NotLeader
 from control.mirror.desired import ControlObjectStore, DesiredStateError, Read, control_key
 from control.mirror.manifest import ManifestError, validate_model_name
 from control.traffic.actuators import ActuatorError, ApplyResult, Observed, Plan, site_weights_from_instances
@@ -138,6 +139,11 @@ class EntriesActuator:
     def set_instances(self, instances) -> None:
         self.instances = list(instances)
 
+    def set_fencing(self, generation: Callable[[], int]) -> None:
+        """Where the lease generation of every write comes from (the daemon's `Gate.fencing_token`,
+        which raises when this control plane does not lead)."""
+        self.generation = generation
+
     def _state(self) -> TrafficState:
         try:
             self._read = self.store.read(self._read)
@@ -164,7 +170,11 @@ class EntriesActuator:
     def apply(self, plan: Plan) -> ApplyResult:
         before = self._state()
         try:
-            after = self.store.update(set_plan(plan), by=self.by, generation=self.generation(), clock=self.clock,
+            generation = self.generation()
+        except NotLeader as e:   # the lease was lost during this tick: write nothing
+            raise ActuatorError(f"not writing {self.store.key}: {e}") from None
+        try:
+            after = self.store.update(set_plan(plan), by=self.by, generation=generation, clock=self.clock,
                                       current=self._read)
         except (s3x.S3Error, DesiredStateError) as e:
             raise ActuatorError(str(e)) from None
