@@ -36,7 +36,8 @@ from control.local.procs import free_port, http_ok, processes_in_group, start_re
 from control.local.s3_endpoint import start_s3_server
 from control.local.triton_server import start_triton
 from control.mirror.desired import DesiredStateError
-from control.traffic.actuators import Plan
+from control.leader.gate import NotLeader
+from control.traffic.actuators import ActuatorError, Plan
 from control.traffic.entries import EntriesActuator, TrafficState, TrafficStore
 from control.waiting import wait_until
 
@@ -172,6 +173,13 @@ def test_traffic_writes_are_fenced_by_generation(sites):
         old.apply(Plan({"onprem": 0, "cloud": 100}, {"onprem-1": 0, "cloud-1": 100}))
     st = sites.store.read().state
     assert (st.revision, st.generation, st.instance_weights) == (2, 2, {"onprem-1": 80, "cloud-1": 20})
+    # The daemon's gate: a control plane that lost its lease mid-tick writes nothing.
+    def standby() -> int:
+        raise NotLeader("this control plane (b@cloud) is standby; the leader is a@onprem: send changes there")
+    new.set_fencing(standby)
+    with pytest.raises(ActuatorError, match="not writing .*traffic.json: this control plane .* is standby"):
+        new.apply(Plan({"onprem": 0, "cloud": 100}, {"onprem-1": 0, "cloud-1": 100}))
+    assert sites.store.read().state.revision == 2
     # A damaged object is refused by name, never half-read.
     sites.client.put_object(Bucket=sites.settings.s3.bucket, Key=sites.store.key, Body=b"{}")
     with pytest.raises(DesiredStateError, match="traffic.json: sha256"):

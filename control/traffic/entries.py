@@ -133,7 +133,10 @@ class EntriesActuator:
 
     @classmethod
     def from_settings(cls, settings, generation: Callable[[], int] = lambda: 0) -> "EntriesActuator":
-        return cls(TrafficStore(s3x.make_client(settings.s3), settings.s3), settings.instances,
+        """`generation`: until the daemon hands over its lease's (`set_fencing`), 0 (election off)."""
+        leader = settings.control.leader
+        by = f"{leader.name}@{leader.site}" if leader.enabled and leader.name else "control-plane"
+        return cls(TrafficStore(s3x.make_client(settings.s3), settings.s3), settings.instances, by=by,
                    generation=generation, stale_s=settings.entry.report_stale_s)
 
     def set_instances(self, instances) -> None:
