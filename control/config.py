@@ -507,8 +507,10 @@ class ControlConfig(_Section):
     decide_interval_s: float = 1.0
     # The routing layers the decided weights are applied to, each at every tick, in this order;
     # the first is the source of the observed state (weights, health): haproxy first when listed.
-    # Two sites: [haproxy, route53] (each site's HAProxy and the DNS records between the sites).
-    actuators: list[Literal["haproxy", "route53", "dry-run"]] = Field(default_factory=lambda: ["haproxy"])
+    # Two sites: [haproxy, route53] (each site's HAProxy and the DNS records between the sites), or
+    # [entries, route53]: the weights go to S3 (_control/traffic.json) and every site entry's agent
+    # applies them to its own HAProxy (docs/traffic.md "Site entries").
+    actuators: list[Literal["haproxy", "route53", "entries", "dry-run"]] = Field(default_factory=lambda: ["haproxy"])
     # Optional DCGM exporter per instance name, e.g. {"onprem-1": "http://10.0.0.5:9400/metrics"}.
     dcgm_exporter_urls: dict[str, str] = Field(default_factory=dict)
     route53: Route53Config = Field(default_factory=Route53Config)
@@ -601,6 +603,30 @@ class AgentConfig(_Section):
         return Path(self.state_dir) if self.state_dir else Path(f"{Path(self.repository_dir)}.agent")
 
 
+class EntryConfig(_Section):
+    """A site's client entry agent (control/entry/, docs/traffic.md "Site entries"): beside one HAProxy
+    of a site, it reads the weights the control plane decided (`_control/traffic.json` in S3), applies
+    them to its own HAProxy through the local runtime socket (a unix socket, never on the network) and
+    reports what HAProxy has to `_control/entries/<site>-<name>.json`."""
+
+    site: Literal["onprem", "cloud"] = "onprem"
+    name: str = "lb-1"                 # this entry within its site (LB host, pod name)
+    socket: str = ""                   # HAProxy's runtime socket; empty: <run_dir>/haproxy.sock
+    interval_s: float = Field(2.0, gt=0)
+    # The last applied traffic state, so a restarted agent applies it again while S3 is gone.
+    # Empty: <run_dir>/entry-<site>-<name>.state.json
+    state_file: str = ""
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8410, ge=0, le=65535)
+    api_threads: int = Field(2, ge=1, le=16)
+    api_timeout_s: int = Field(5, ge=1, le=300)
+    # Bearer token of /v1/status; or read from token_file (mode 600).
+    token: SecretStr = SecretStr("")
+    token_file: str = ""
+    # The control plane ignores an entry report older than this (the entry is gone or cut off).
+    report_stale_s: float = Field(30.0, gt=0)
+
+
 class ModelsConfig(_Section):
     exports_dir: str = "artifacts/exports"
     repository_dir: str = "model_repository/generated/cpu"
@@ -617,6 +643,7 @@ class Settings(_Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    entry: EntryConfig = Field(default_factory=EntryConfig)
     instances: list[InstanceConfig] = Field(default_factory=list)
     # Where this config came from; relative paths resolve against the project root.
     source: str = ""

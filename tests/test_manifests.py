@@ -24,8 +24,9 @@ from control.deploy.kustomize import (
     schema_problems,
     source_problems,
 )
-from control.deploy.render import K8S_REGISTRY, render_haproxy
+from control.deploy.render import K8S_REGISTRY, k8s_generated, render_haproxy
 from control.deploy.systemd import host_unit_problems, parse_unit
+from control.entry.main import entry_paths
 
 DEPLOY = PROJECT_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -61,6 +62,7 @@ def test_onprem_overlay_has_triton_control_plane_and_haproxy(_overlay):
     r = _overlay("onprem")
     names = {(x["kind"], x["metadata"]["name"]) for x in r.resources}
     assert {("Deployment", "onprem-triton"), ("Deployment", "onprem-triton-hybrid-control"),
+            ("Deployment", "onprem-triton-hybrid-entry"),
             ("Service", "onprem-triton"), ("Service", "onprem-triton-hybrid"),
             ("ConfigMap", "onprem-haproxy-config"), ("Secret", "onprem-triton-s3-credentials")} <= names
     for x in r.resources:
@@ -68,7 +70,37 @@ def test_onprem_overlay_has_triton_control_plane_and_haproxy(_overlay):
             assert x["metadata"]["namespace"] == "triton-hybrid", x["metadata"]
             assert x["metadata"]["labels"]["triton-hybrid/site"] == "onprem"
     control = r.get("Deployment", "onprem-triton-hybrid-control")
-    assert [c["name"] for c in control["spec"]["template"]["spec"]["containers"]] == ["haproxy", "control"]
+    # Issue 16: HAProxy is not in the control plane's pod (a control-plane rollout drops no client traffic).
+    assert [c["name"] for c in control["spec"]["template"]["spec"]["containers"]] == ["control"]
+
+
+@pytest.mark.parametrize("site", ["onprem", "cloud"])
+def test_each_site_has_its_own_entry_deployment(_overlay, site, tmp_path):
+    """A site entry: HAProxy + the entry agent, >= 2 replicas rolled one at a time, the runtime socket
+    on an emptyDir the two share, the client Service on it, its site's servers first in haproxy.cfg,
+    and the agent's config (entry.yaml + the site's env) naming that socket and site."""
+    r = _overlay(site)
+    dep = r.get("Deployment", f"{site}-triton-hybrid-entry")
+    assert dep["spec"]["replicas"] >= 2
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    c = _containers(dep)
+    assert set(c) == {"haproxy", "entry"}
+    assert c["haproxy"]["lifecycle"]["preStop"]["exec"]["command"][-1].count("kill -USR1 1") == 1
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    svc = r.get("Service", f"{site}-triton-hybrid")
+    assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    cfg_text = r.get("ConfigMap", f"{site}-haproxy-config")["data"]["haproxy.cfg"]
+    assert cfg_text == (K8S / "overlays" / site / "haproxy.cfg").read_text()
+    first = re.search(r"backend be_triton_http\n(?:    [^\n]*\n)*?    server (\S+)", cfg_text).group(1)
+    assert first == f"{site}-1"
+    sock = re.search(r"^\s*stats socket (\S+)", cfg_text, re.M).group(1)
+    files = r.get("ConfigMap", f"{site}-triton-hybrid-entry-config")["data"]
+    (tmp_path / "entry.yaml").write_text(files["entry.yaml"])
+    env = dict(r.get("ConfigMap", f"{site}-triton-hybrid-entry-site")["data"])
+    cfg = load_config(tmp_path / "entry.yaml", environ=env)
+    assert cfg.entry.site == site and str(entry_paths(cfg)[0]) == sock
+    assert {m["mountPath"] for m in c["entry"]["volumeMounts"] if m["name"] == "runtime"} == \
+        {m["mountPath"] for m in c["haproxy"]["volumeMounts"] if m["name"] == "runtime"} == {str(Path(sock).parent)}
 
 
 def _containers(deployment: dict) -> dict[str, dict]:
@@ -108,6 +140,9 @@ def test_cloud_overlay(_overlay):
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internal"
     assert not r.get("Deployment", "cloud-triton-hybrid-control")  # the control plane runs on-prem
+    entry_site = r.get("ConfigMap", "cloud-triton-hybrid-entry-site")["data"]
+    assert entry_site["TRITON_HYBRID__ENTRY__SITE"] == "cloud"
+    assert entry_site["TRITON_HYBRID__S3__BUCKET"] == "acme-search-triton-models"
 
 
 @pytest.mark.parametrize("site", ["onprem", "cloud"])
@@ -263,6 +298,14 @@ def test_triton_networkpolicy_admits_only_the_control_plane_and_the_other_site(_
     clabels = control["spec"]["template"]["metadata"]["labels"]
     assert any(all(clabels.get(k) == v for k, v in f.get("podSelector", {}).get("matchLabels", {"x": "y"}).items())
                for rule in onprem["spec"]["ingress"] for f in rule["from"])
+    # Each site's entry reaches its own site's Triton (inference and health checks).
+    for site in ("onprem", "cloud"):
+        pol = _overlay(site).get("NetworkPolicy", f"{site}-triton")
+        entry = _overlay(site).get("Deployment", f"{site}-triton-hybrid-entry")
+        elabels = entry["spec"]["template"]["metadata"]["labels"]
+        assert any({"port": 8000, "protocol": "TCP"} in rule.get("ports", []) and all(
+            elabels.get(k) == v for k, v in f.get("podSelector", {}).get("matchLabels", {"x": "y"}).items())
+            for rule in pol["spec"]["ingress"] for f in rule["from"]), site
 
 
 def test_no_inline_secret_anywhere_and_secret_env_files_are_ignored_by_git():
@@ -385,6 +428,72 @@ def test_checker_flags_a_triton_pod_without_the_agent_shape(tmp_path, old, new, 
     assert any(expected in p for p in problems), problems
 
 
+# A site entry pod that passes every check; tests break one thing at a time.
+ENTRY_TMPL = """apiVersion: apps/v1
+kind: Deployment
+metadata: {name: entry}
+spec:
+  replicas: 2
+  strategy: {type: RollingUpdate, rollingUpdate: {maxUnavailable: 0, maxSurge: 1}}
+  selector: {matchLabels: {app: e}}
+  template:
+    metadata:
+      labels: {app: e}
+      annotations: {prometheus.io/scrape: "true", prometheus.io/port: "8410"}
+    spec:
+      containers:
+        - name: haproxy
+          image: haproxy:2.6.12
+          readinessProbe: {httpGet: {path: /metrics, port: 8404}}
+          lifecycle: {preStop: {exec: {command: [/bin/sh, -c, "sleep 10; kill -USR1 1"]}}}
+          volumeMounts: [{name: cfg, mountPath: /etc/haproxy}, {name: runtime, mountPath: /run/hp}]
+        - name: entry
+          image: registry.example/control:1.0
+          command: [triton-hybrid, entry]
+          volumeMounts: [{name: runtime, mountPath: /run/hp}]
+      volumes:
+        - {name: cfg, configMap: {name: cfg}}
+        - {name: runtime, emptyDir: {}}
+"""
+ENTRY_CFG = "global\n    stats socket /run/hp/haproxy.sock mode 600 level admin\n"
+
+
+def _rendered_entry(tmp_path, old: str = "", new: str = "", cfg: str = ENTRY_CFG) -> list[str]:
+    dep = ENTRY_TMPL
+    assert old in dep, old
+    kust = KUSTOMIZATION.format(extra="") + "configMapGenerator: [{name: cfg, files: [haproxy.cfg]}]\n" \
+        "generatorOptions: {disableNameSuffixHash: true}\n"
+    root = _tree(tmp_path, {"kustomization.yaml": kust, "d.yaml": dep.replace(old, new, 1), "haproxy.cfg": cfg})
+    return object_problems(render(root))
+
+
+def test_the_entry_checkers_template_passes(tmp_path):
+    assert _rendered_entry(tmp_path) == []
+
+
+@pytest.mark.parametrize("old,new,cfg,expected", [
+    ("replicas: 2", "replicas: 1", ENTRY_CFG, "at least 2 replicas"),
+    ("maxUnavailable: 0", "maxUnavailable: 1", ENTRY_CFG, "maxUnavailable 0"),
+    ("{type: RollingUpdate, rollingUpdate: {maxUnavailable: 0, maxSurge: 1}}", "{type: Recreate}", ENTRY_CFG,
+     "strategy RollingUpdate"),
+    ("command: [triton-hybrid, entry]", "command: [triton-hybrid, control, run]", ENTRY_CFG,
+     "HAProxy shares a pod with the control plane"),
+    ("command: [triton-hybrid, entry]", "command: [sleep, '1']", ENTRY_CFG, "no sidecar runs `triton-hybrid entry`"),
+    ("          lifecycle: {preStop: {exec: {command: [/bin/sh, -c, \"sleep 10; kill -USR1 1\"]}}}\n", "", ENTRY_CFG,
+     "haproxy has no preStop hook"),
+    ("          readinessProbe: {httpGet: {path: /metrics, port: 8404}}\n", "", ENTRY_CFG,
+     "haproxy has no readinessProbe"),
+    ("", "", "global\n    stats socket ipv4@0.0.0.0:9999 level admin\n", "is not a unix socket path"),
+    ("", "", ENTRY_CFG + "listen st\n    stats admin if TRUE\n", "`stats admin`"),
+    ("", "", "global\n    stats socket /var/run/haproxy.sock mode 600 level admin\n", "is not on an emptyDir"),
+    ("          volumeMounts: [{name: runtime, mountPath: /run/hp}]\n", "", ENTRY_CFG,
+     "entry sidecar entry does not mount runtime"),
+])
+def test_checker_flags_a_site_entry_without_its_shape(tmp_path, old, new, cfg, expected):
+    problems = _rendered_entry(tmp_path, old, new, cfg)
+    assert any(expected in p for p in problems), problems
+
+
 def test_checker_flags_secrets_in_env_and_secret_files_others_can_read(tmp_path):
     dep = DEPLOY_TMPL.format(path="/ready").replace(
         "          ports: [{name: agent, containerPort: 8400}]",
@@ -472,8 +581,8 @@ def test_check_k8s_command():
 def test_committed_haproxy_configs_are_the_generators_output():
     assert (DEPLOY / "haproxy" / "haproxy.cfg").read_text() == render_haproxy(), \
         "deploy/haproxy/haproxy.cfg is stale: run `triton-hybrid deploy render-haproxy --k8s`"
-    assert (K8S / "control-plane" / "haproxy.cfg").read_text() == render_haproxy(K8S_REGISTRY), \
-        "deploy/k8s/control-plane/haproxy.cfg is stale: run `triton-hybrid deploy render-haproxy --k8s`"
+    for path, text in k8s_generated(K8S_REGISTRY).items():
+        assert path.read_text() == text, f"{path} is stale: run `triton-hybrid deploy render-haproxy --k8s`"
 
 
 def test_deploy_haproxy_config_is_valid_and_has_every_instance():
@@ -619,7 +728,7 @@ def test_systemd_analyze_verify_syntax(tmp_path):
 NO_RESOURCE_LEVEL = {"route53:CreateHealthCheck", "route53:ListHealthChecks"}
 
 
-@pytest.mark.parametrize("name", ["control-plane-policy.json", "triton-agent-policy.json"])
+@pytest.mark.parametrize("name", ["control-plane-policy.json", "triton-agent-policy.json", "entry-policy.json"])
 def test_iam_policies_are_least_privilege(name):
     doc = json.loads((DEPLOY / "iam" / name).read_text())
     assert doc["Version"] == "2012-10-17"
@@ -647,6 +756,16 @@ def test_agent_policy_reads_the_mirror_and_writes_only_agent_statuses():
                                      "kms:GenerateDataKey"}
     assert s3_writes == {"arn:aws:s3:::acme-search-triton-models/repository/_control/status/*"}
     assert not (DEPLOY / "iam" / "triton-readonly-policy.json").exists()
+
+
+def test_entry_policy_reads_only_the_weights_and_writes_only_entry_reports():
+    doc = json.loads((DEPLOY / "iam" / "entry-policy.json").read_text())
+    allow = {(a, r) for st in doc["Statement"] if st["Effect"] == "Allow" for a in st["Action"]
+             for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])}
+    s3 = {(a, r.split(":::")[1]) for a, r in allow if a.startswith("s3:")}
+    assert s3 == {("s3:ListBucket", "acme-search-triton-models"),
+                  ("s3:GetObject", "acme-search-triton-models/repository/_control/traffic.json"),
+                  ("s3:PutObject", "acme-search-triton-models/repository/_control/entries/*")}
 
 
 def test_sites_registry_loads():

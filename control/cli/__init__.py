@@ -36,6 +36,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "versions": ("control.cli.mirror", "versions_cmd"),
     "rollout": ("control.cli.rollout", "rollout_group"),
     "agent": ("control.cli.agent", "agent_cmd"),
+    "entry": ("control.cli.entry", "entry_cmd"),
 }
 
 

@@ -15,9 +15,9 @@ from control.config import PROJECT_ROOT, ConfigError
 from control.deploy.kustomize import KustomizeError, check_tree
 from control.deploy.render import (
     HAPROXY_OUT,
-    K8S_HAPROXY_OUT,
     K8S_REGISTRY,
     SITES_REGISTRY,
+    k8s_generated,
     load_registry,
     render_haproxy,
     render_prometheus,
@@ -40,7 +40,9 @@ def deploy_group() -> None:
 @click.option("--config", "registry", default=str(SITES_REGISTRY), show_default=True,
               type=click.Path(exists=True, dir_okay=False), help="Deploy registry (config schema).")
 @click.option("--out", default=str(HAPROXY_OUT), show_default=True, type=click.Path(dir_okay=False))
-@click.option("--k8s", is_flag=True, help="Also render deploy/k8s/control-plane/haproxy.cfg from its triton-hybrid.yaml.")
+@click.option("--k8s", is_flag=True, help="Also render the Kubernetes site entries' configs (deploy/k8s/entry/haproxy.cfg, "
+                                         "entry.yaml, overlays/<site>/haproxy.cfg) from "
+                                         "deploy/k8s/control-plane/triton-hybrid.yaml.")
 def render_haproxy_cmd(registry: str, out: str, k8s: bool) -> None:
     """haproxy.cfg from the registry (control/adapters/haproxy_config.py, as for the local stack)."""
     _load(registry)
@@ -49,8 +51,9 @@ def render_haproxy_cmd(registry: str, out: str, k8s: bool) -> None:
     click.echo(f"wrote {out}")
     if k8s:
         _load(K8S_REGISTRY)
-        K8S_HAPROXY_OUT.write_text(render_haproxy(K8S_REGISTRY))
-        click.echo(f"wrote {K8S_HAPROXY_OUT}")
+        for path, text in k8s_generated(K8S_REGISTRY).items():
+            path.write_text(text)
+            click.echo(f"wrote {path}")
 
 
 @deploy_group.command("render-prometheus")

@@ -200,6 +200,28 @@ def _mount_of(c: dict, path: str) -> dict | None:
     return max(hits, key=lambda m: len(m["mountPath"]), default=None)
 
 
+def secret_file_problems(where: str, spec: dict) -> list[str]:
+    """Secrets reach a pod's containers only as files (Secret volumes with defaultMode 0400)."""
+    p: list[str] = []
+    for c in spec.get("containers", []) + spec.get("initContainers", []):
+        for e in c.get("env", []):
+            if "secretKeyRef" in (e.get("valueFrom") or {}):
+                p.append(f"{where}: container {c['name']} takes env {e['name']} from a Secret; mount the Secret "
+                         "as files (defaultMode 0400)")
+        for ef in c.get("envFrom", []):
+            if "secretRef" in ef:
+                p.append(f"{where}: container {c['name']} takes envFrom Secret {ef['secretRef']['name']}; mount "
+                         "it as files (defaultMode 0400)")
+    for v in spec.get("volumes", []):
+        if "secret" in v:
+            modes = [v["secret"].get("defaultMode", 0o644)] + [i["mode"] for i in v["secret"].get("items", [])
+                                                                if "mode" in i]
+            if any(m != SECRET_FILE_MODE for m in modes):
+                p.append(f"{where}: Secret volume {v['name']} must have defaultMode 0400 (has "
+                         f"{', '.join(f'{m:o}' for m in modes)})")
+    return p
+
+
 def triton_pod_problems(where: str, spec: dict) -> list[str]:
     """The host-agent shape of a pod with a container named `triton` (module docstring)."""
     p: list[str] = []
@@ -243,23 +265,67 @@ def triton_pod_problems(where: str, spec: dict) -> list[str]:
         p.append(f"{where}: triton's readinessProbe must GET {AGENT_READY_PATH} on the agent sidecar's port "
                  f"(a port number among {sorted(x for x in agent_ports if x) or 'none'}; has "
                  f"{probe.get('path')!r} on {probe.get('port')!r})")
-    for c in spec.get("containers", []) + spec.get("initContainers", []):
-        for e in c.get("env", []):
-            if "secretKeyRef" in (e.get("valueFrom") or {}):
-                p.append(f"{where}: container {c['name']} takes env {e['name']} from a Secret; mount the Secret "
-                         "as files (defaultMode 0400)")
-        for ef in c.get("envFrom", []):
-            if "secretRef" in ef:
-                p.append(f"{where}: container {c['name']} takes envFrom Secret {ef['secretRef']['name']}; mount "
-                         "it as files (defaultMode 0400)")
-    for v in spec.get("volumes", []):
-        if "secret" in v:
-            modes = [v["secret"].get("defaultMode", 0o644)] + [i["mode"] for i in v["secret"].get("items", [])
-                                                                if "mode" in i]
-            if any(m != SECRET_FILE_MODE for m in modes):
-                p.append(f"{where}: Secret volume {v['name']} must have defaultMode 0400 (has "
-                         f"{', '.join(f'{m:o}' for m in modes)})")
-    return p
+    return p + secret_file_problems(where, spec)
+
+
+_ENTRY = re.compile(r"\btriton-hybrid\b.*\sentry\b")
+_CONTROL = re.compile(r"\btriton-hybrid\b.*\scontrol\s+run\b")
+_STATS_SOCKET = re.compile(r"^\s*stats socket (\S+)(.*)$", re.M)
+MIN_ENTRY_REPLICAS = 2
+
+
+def entry_pod_problems(where: str, res: dict, configmaps: dict[str, dict]) -> list[str]:
+    """The site-entry shape of a pod with a container named `haproxy` (module docstring)."""
+    p: list[str] = []
+    spec = _pod_spec(res)
+    containers = spec.get("containers", [])
+    haproxy = next(c for c in containers if c["name"] == "haproxy")
+    if any(_CONTROL.search(_command(c)) for c in containers + spec.get("initContainers", [])):
+        p.append(f"{where}: HAProxy shares a pod with the control plane; the site entry is a Deployment of its own "
+                 "(a control-plane rollout must not drop client traffic)")
+    if res["kind"] == "Deployment":
+        if (res["spec"].get("replicas") or 1) < MIN_ENTRY_REPLICAS:
+            p.append(f"{where}: a site entry needs at least {MIN_ENTRY_REPLICAS} replicas")
+        strat = res["spec"].get("strategy") or {}
+        ru = strat.get("rollingUpdate") or {}
+        if strat.get("type", "RollingUpdate") != "RollingUpdate" or str(ru.get("maxUnavailable", "25%")) != "0" \
+                or str(ru.get("maxSurge", "25%")) in ("0", "0%"):
+            p.append(f"{where}: a site entry rolls one replica at a time with none missing: strategy RollingUpdate, "
+                     "maxUnavailable 0, maxSurge 1")
+    if not haproxy.get("readinessProbe"):
+        p.append(f"{where}: haproxy has no readinessProbe")
+    if not ((haproxy.get("lifecycle") or {}).get("preStop")):
+        p.append(f"{where}: haproxy has no preStop hook (requests in flight must finish before it stops: wait for "
+                 "the endpoints to drop the pod, then soft-stop with SIGUSR1)")
+    sidecars = [c for c in containers if _ENTRY.search(_command(c))]
+    if not sidecars:
+        p.append(f"{where}: no sidecar runs `triton-hybrid entry` (it applies the decided weights to this HAProxy)")
+    # The runtime socket: a unix socket on an emptyDir both containers mount, never a network address.
+    empty = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+    cfg_text = ""
+    for m in haproxy.get("volumeMounts", []):
+        vol = next((v for v in spec.get("volumes", []) if v["name"] == m["name"]), {})
+        if "configMap" in vol:
+            cfg_text = (configmaps.get(vol["configMap"]["name"]) or {}).get("data", {}).get("haproxy.cfg", cfg_text)
+    sockets = _STATS_SOCKET.findall(cfg_text)
+    if not sockets:
+        p.append(f"{where}: haproxy's config (haproxy.cfg in its ConfigMap) declares no runtime socket")
+    if "stats admin" in cfg_text:
+        p.append(f"{where}: haproxy.cfg has `stats admin`: the stats page must not change servers")
+    for path, _rest in sockets:
+        if not path.startswith("/"):
+            p.append(f"{where}: haproxy's runtime socket {path} is not a unix socket path; it must never be on the "
+                     "network")
+            continue
+        mount = _mount_of(haproxy, path)
+        if mount is None or mount["name"] not in empty:
+            p.append(f"{where}: haproxy's runtime socket {path} is not on an emptyDir of the pod")
+            continue
+        for c in sidecars:
+            if _mount_of(c, path) is None or _mount_of(c, path)["name"] != mount["name"]:
+                p.append(f"{where}: entry sidecar {c['name']} does not mount {mount['name']} (HAProxy's runtime "
+                         "socket) at the same path")
+    return p + secret_file_problems(where, spec)
 
 
 def object_problems(resources: list[dict]) -> list[str]:
@@ -293,6 +359,8 @@ def object_problems(resources: list[dict]) -> list[str]:
                 p.append(f"{where}: container {c['name']} image {image!r} needs a pinned tag")
         if any(c["name"] == "triton" for c in spec.get("containers", [])):
             p += triton_pod_problems(where, spec)
+        if any(c["name"] == "haproxy" for c in spec.get("containers", [])):
+            p += entry_pod_problems(where, r, by_kind.get("ConfigMap", {}))
     for svc in by_kind.get("Service", {}).values():
         sel = svc.get("spec", {}).get("selector") or {}
         if not any(all(lbl.get(k) == v for k, v in sel.items()) for lbl in pod_labels):

@@ -29,11 +29,12 @@ def haproxy_binary(settings) -> str:
     return binary
 
 
-def write_config(settings) -> str:
+def write_config(settings, site: str | None = None) -> str:
+    """`site`: a site entry's config (its own site's servers first; control/entry/)."""
     binary = haproxy_binary(settings)
     path = config_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(settings))
+    path.write_text(render(settings, site=site))
     if settings.haproxy.guard:
         install_guard(path.parent)  # haproxy.cfg loads the Lua request guard from its own folder
     check = subprocess.run([binary, "-c", "-q", "-f", str(path)], capture_output=True, text=True)
@@ -42,10 +43,10 @@ def write_config(settings) -> str:
     return binary
 
 
-def start_haproxy(settings, timeout: float = 15.0) -> ManagedProcess:
+def start_haproxy(settings, timeout: float = 15.0, site: str | None = None) -> ManagedProcess:
     h = settings.haproxy
     require_free_ports(NAME, [(f"haproxy.{f}", h.host, getattr(h, f)) for f in ("http_port", "grpc_port", "stats_port")])
-    binary = write_config(settings)
+    binary = write_config(settings, site)
     socket_path(settings).unlink(missing_ok=True)
     # -db: stay in the foreground so the process group we supervise is HAProxy itself.
     return start_ready(NAME, [binary, "-db", "-f", str(config_path(settings))], settings.run_path,

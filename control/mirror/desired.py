@@ -110,21 +110,30 @@ def control_key(s3cfg, *parts: str) -> str:
 
 @dataclass
 class Read:
-    state: DesiredState
+    state: Any          # the store's model (DesiredState for DesiredStore)
     etag: str | None  # None: the object does not exist yet
 
 
-class DesiredStore:
-    """Conditional reads and writes of desired.json (and the agents' status objects)."""
+class ControlObjectStore:
+    """One JSON object under `_control/`, read with ETag conditions and written only with If-Match /
+    If-None-Match, with generation fencing. Subclasses name the object (`name`) and its pydantic model
+    (`model`: a BaseModel with schema_version, revision, generation, updated_at, updated_by).
+    DesiredStore (desired.json) and control/traffic/entries.TrafficStore (traffic.json) are two."""
+
+    name: str = DESIRED_NAME
+    model: type[BaseModel] = DesiredState
+    schema: int = SCHEMA
+    what: str = "desired state"
+    # What an operator does when the object is damaged (the error names it).
+    restore_hint: str = "delete it and set the versions again (`triton-hybrid rollout`)"
 
     def __init__(self, client, s3cfg):
         self.client, self.s3cfg = client, s3cfg
         self.bucket = s3cfg.bucket
-        self.key = control_key(s3cfg, DESIRED_NAME)
+        self.key = control_key(s3cfg, self.name)
 
-    # ---- desired state -----------------------------------------------------------------------
     def read(self, previous: Read | None = None) -> Read:
-        """The desired state and its ETag. Given the previous read, the object is fetched only when it
+        """The object and its ETag. Given the previous read, the object is fetched only when it
         changed (If-None-Match: S3 answers 304 and `previous` is returned as it is)."""
         cond = {"IfNoneMatch": previous.etag} if previous is not None and previous.etag else {}
         try:
@@ -134,24 +143,24 @@ class DesiredStore:
             if cond and s3x.error_code(e) in ("304", "NotModified"):
                 return previous
             if s3x.is_not_found(e):
-                return Read(DesiredState(), None)
+                return Read(self.model(), None)
             raise s3x.describe(e, self.bucket, self.key) from None
-        return Read(self._parse(body, obj.get("Metadata", {}), self.key, DesiredState), obj["ETag"])
+        return Read(self._parse(body, obj.get("Metadata", {}), self.key, self.model), obj["ETag"])
 
     def _parse(self, body: bytes, meta: dict, key: str, model):
         where = f"s3://{self.bucket}/{key}"
         if meta.get("sha256") != _sha(body):
             raise DesiredStateError(f"{where}: sha256 of the body does not match its metadata: the object is damaged "
                                     "or was not written by triton-hybrid. Nothing was changed; restore it from a "
-                                    "backup or delete it and set the versions again (`triton-hybrid rollout`)")
+                                    f"backup or {self.restore_hint}")
         try:
             state = model.model_validate_json(body)
         except ValidationError as e:
             raise DesiredStateError(f"{where}: not a valid {model.__name__}: {e.errors()[0]['msg']} at "
                                     f"{'.'.join(str(p) for p in e.errors()[0]['loc'])}") from None
-        if isinstance(state, DesiredState) and state.schema_version > SCHEMA:
+        if model is self.model and state.schema_version > self.schema:
             raise DesiredStateError(f"{where}: schema {state.schema_version} is newer than this release knows "
-                                    f"({SCHEMA}); upgrade triton-hybrid")
+                                    f"({self.schema}); upgrade triton-hybrid")
         return state
 
     def _put(self, key: str, body: bytes, **cond) -> str:
@@ -162,14 +171,14 @@ class DesiredStore:
             raise s3x.describe(e, self.bucket, key) from None
         return r["ETag"]
 
-    def write(self, state: DesiredState, etag: str | None) -> str:
+    def write(self, state, etag: str | None) -> str:
         """Write `state` if the object is still at `etag` (None: only if it does not exist).
         Raises s3x.PreconditionFailed when another writer got there first."""
         body = state.model_dump_json(indent=1).encode()
         return self._put(self.key, body, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
 
-    def update(self, change: Callable[[DesiredState], DesiredState | None], by: str, generation: int = 0,
-               attempts: int = 8, clock: Callable[[], float] = time.time, current: Read | None = None) -> DesiredState:
+    def update(self, change: Callable[[Any], Any | None], by: str, generation: int = 0,
+               attempts: int = 8, clock: Callable[[], float] = time.time, current: Read | None = None):
         """Read, apply `change` (pure: returns the new state, or None for "nothing to do"), write
         conditionally; on a lost race re-read and re-decide. Returns the state now in S3 (the very
         `current.state` object when nothing was written). `current`: a read the caller already made,
@@ -193,6 +202,36 @@ class DesiredStore:
         raise DesiredStateError(f"s3://{self.bucket}/{self.key}: lost {attempts} write races in a row; "
                                 "another writer keeps changing it. Try again")
 
+
+    def read_all(self, folder: str, model, key_of: Callable[[Any], str],
+                 what: str = "status") -> tuple[dict[str, Any], list[str]]:
+        """Every object under `_control/<folder>/` parsed as `model`, by its key's name: ({name: obj},
+        [problems]). A damaged or stray object (one whose content belongs under another key) is
+        skipped and named, never half-read."""
+        out, problems = {}, []
+        prefix = control_key(self.s3cfg, folder) + "/"
+        for key in s3x.list_keys(self.client, self.bucket, prefix):
+            try:
+                obj = self.client.get_object(Bucket=self.bucket, Key=key)
+                st = self._parse(obj["Body"].read(), obj.get("Metadata", {}), key, model)
+            except (DesiredStateError, s3x.S3Error) as e:
+                problems.append(str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - a vanished object between list and get
+                problems.append(f"s3://{self.bucket}/{key}: {type(e).__name__}: {e}")
+                continue
+            want = key_of(st)
+            if key != want:
+                name = want.rsplit("/", 1)[-1].removesuffix(".json")
+                problems.append(f"s3://{self.bucket}/{key}: holds the {what} of {name!r}; ignored")
+                continue
+            out[key[len(prefix):].removesuffix(".json")] = st
+        return out, problems
+
+
+class DesiredStore(ControlObjectStore):
+    """Conditional reads and writes of desired.json (and the agents' status objects)."""
+
     # ---- agent status --------------------------------------------------------------------------
     def status_key(self, instance: str) -> str:
         validate_model_name(instance)  # same character rules: the name becomes a key
@@ -204,23 +243,7 @@ class DesiredStore:
 
     def statuses(self) -> tuple[dict[str, InstanceStatus], list[str]]:
         """({instance: status}, [problems]): a damaged or stray status object is skipped and named."""
-        out, problems = {}, []
-        prefix = control_key(self.s3cfg, "status") + "/"
-        for key in s3x.list_keys(self.client, self.bucket, prefix):
-            try:
-                obj = self.client.get_object(Bucket=self.bucket, Key=key)
-                st = self._parse(obj["Body"].read(), obj.get("Metadata", {}), key, InstanceStatus)
-            except (DesiredStateError, s3x.S3Error) as e:
-                problems.append(str(e))
-                continue
-            except Exception as e:  # noqa: BLE001 - a vanished object between list and get
-                problems.append(f"s3://{self.bucket}/{key}: {type(e).__name__}: {e}")
-                continue
-            if key != self.status_key(st.instance):
-                problems.append(f"s3://{self.bucket}/{key}: holds the status of {st.instance!r}; ignored")
-                continue
-            out[st.instance] = st
-        return out, problems
+        return self.read_all("status", InstanceStatus, lambda st: self.status_key(st.instance))
 
 
 def reject(model: str, version: int, reason: str, by: str, now: float) -> Callable[[DesiredState], DesiredState]:

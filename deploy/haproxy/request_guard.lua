@@ -1,1 +1,1 @@
-../k8s/control-plane/request_guard.lua
+../k8s/entry/request_guard.lua
