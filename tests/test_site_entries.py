@@ -169,16 +169,16 @@ def test_traffic_writes_are_fenced_by_generation(sites):
     res = new.apply(Plan({"onprem": 80, "cloud": 20}, {"onprem-1": 80, "cloud-1": 20}))
     assert res.commands and "revision 2" in res.commands[0]
     assert new.apply(Plan({"onprem": 80, "cloud": 20}, {"onprem-1": 80, "cloud-1": 20})).commands == []
-    with pytest.raises(Exception, match="generation 2; this writer has 1"):
+    with pytest.raises(ActuatorError, match="generation 2; this writer has 1"):
         old.apply(Plan({"onprem": 0, "cloud": 100}, {"onprem-1": 0, "cloud-1": 100}))
     st = sites.store.read().state
     assert (st.revision, st.generation, st.instance_weights) == (2, 2, {"onprem-1": 80, "cloud-1": 20})
     # The daemon's gate: a control plane that lost its lease mid-tick writes nothing.
     def standby() -> int:
         raise NotLeader("this control plane (b@cloud) is standby; the leader is a@onprem: send changes there")
-    new.set_fencing(standby)
+    lost = EntriesActuator(sites.store, sites.settings.instances, by="new", generation=standby)
     with pytest.raises(ActuatorError, match="not writing .*traffic.json: this control plane .* is standby"):
-        new.apply(Plan({"onprem": 0, "cloud": 100}, {"onprem-1": 0, "cloud-1": 100}))
+        lost.apply(Plan({"onprem": 0, "cloud": 100}, {"onprem-1": 0, "cloud-1": 100}))
     assert sites.store.read().state.revision == 2
     # A damaged object is refused by name, never half-read.
     sites.client.put_object(Bucket=sites.settings.s3.bucket, Key=sites.store.key, Body=b"{}")

@@ -27,7 +27,7 @@ def control_group():
 
 
 @control_group.command("run")
-@click.option("--actuator", "actuators", type=click.Choice(["haproxy", "route53", "dry-run"]), multiple=True,
+@click.option("--actuator", "actuators", type=click.Choice(["haproxy", "route53", "entries", "dry-run"]), multiple=True,
               help="Override control.actuators (repeat for several: --actuator haproxy --actuator route53).")
 @click.pass_context
 def run_cmd(ctx, actuators):

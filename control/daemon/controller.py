@@ -72,11 +72,12 @@ class Controller:
         self.metrics = metrics or ControlMetrics()
         self.audit = Audit(settings.database_path)
         self.registry = Registry(settings)
-        self.actuator: WeightActuator = actuator or make_actuator(settings)
-        for name in actuator_names(self.actuator):
-            self.metrics.init_series(settings.instances, name)
         self.leader = leader_elector.from_settings(settings, self.metrics.registry, on_leader_change)
         self.gate = Gate(self.leader)
+        # Every traffic.json write (the `entries` actuator) carries the lease generation.
+        self.actuator: WeightActuator = actuator or make_actuator(settings, self.gate.fencing_token)
+        for name in actuator_names(self.actuator):
+            self.metrics.init_series(settings.instances, name)
         self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, clock, self.gate)
         self.capacity = CapacityJob(settings, self.registry, self.traffic, self.audit, self.metrics, clock, self.gate)
         self.rollout = RolloutJob(settings, self.metrics, clock, registry=self.registry, gate=self.gate)

@@ -13,6 +13,7 @@ site entry. Dry-run: logs, remembers. `control.actuators` names one or several: 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -264,7 +265,7 @@ def actuator_names(actuator: WeightActuator) -> list[str]:
     return list(actuator.names) if isinstance(actuator, CompositeActuator) else [actuator.name]
 
 
-def _make_one(kind: str, settings) -> WeightActuator:
+def _make_one(kind: str, settings, generation: Callable[[], int]) -> WeightActuator:
     if kind == "haproxy":
         # Backend names and socket come from the config generator: one source for both sides.
         return HAProxyActuator(HAProxyRuntime.for_settings(settings), settings.instances,
@@ -272,10 +273,14 @@ def _make_one(kind: str, settings) -> WeightActuator:
     if kind == "route53":
         from control.adapters.route53 import Route53Actuator  # noqa: PLC0415 - boto3 only when used
         return Route53Actuator.from_settings(settings)
+    if kind == "entries":
+        from control.traffic.entries import EntriesActuator  # noqa: PLC0415 - boto3 only when used
+        return EntriesActuator.from_settings(settings, generation)
     return DryRunActuator(settings.instances)
 
 
-def make_actuator(settings) -> WeightActuator:
-    """`control.actuators`: one actuator, or a CompositeActuator over several."""
-    parts = [_make_one(kind, settings) for kind in settings.control.actuators]
+def make_actuator(settings, generation: Callable[[], int] = lambda: 0) -> WeightActuator:
+    """`control.actuators`: one actuator, or a CompositeActuator over several. `generation`: the
+    leader's fencing token for actuators that write shared state (`entries`: traffic.json in S3)."""
+    parts = [_make_one(kind, settings, generation) for kind in settings.control.actuators]
     return parts[0] if len(parts) == 1 else CompositeActuator(parts)

@@ -133,7 +133,7 @@ class EntriesActuator:
 
     @classmethod
     def from_settings(cls, settings, generation: Callable[[], int] = lambda: 0) -> "EntriesActuator":
-        """`generation`: until the daemon hands over its lease's (`set_fencing`), 0 (election off)."""
+        """`generation`: the daemon's lease generation (Gate.fencing_token; 0 with election off)."""
         leader = settings.control.leader
         by = f"{leader.name}@{leader.site}" if leader.enabled and leader.name else "control-plane"
         return cls(TrafficStore(s3x.make_client(settings.s3), settings.s3), settings.instances, by=by,
@@ -141,11 +141,6 @@ class EntriesActuator:
 
     def set_instances(self, instances) -> None:
         self.instances = list(instances)
-
-    def set_fencing(self, generation: Callable[[], int]) -> None:
-        """Where the lease generation of every write comes from (the daemon's `Gate.fencing_token`,
-        which raises when this control plane does not lead)."""
-        self.generation = generation
 
     def _state(self) -> TrafficState:
         try:
