@@ -530,7 +530,9 @@ class _MirrorScenario(Scenario):
         if bad:
             (vdir / "model.py").write_text(BAD_MODEL)
         else:
-            shutil.copy(src / "1" / "model.py", vdir / "model.py")
+            # Same behaviour, new bytes (as a new version's weights would be): an agent must download
+            # it, not hard-link the copy of v1 it holds already (control/agent/pull.py local_copies).
+            (vdir / "model.py").write_text((src / "1" / "model.py").read_text() + f"\n# version {version}\n")
 
     def publish(self, env, version: int) -> None:
         """Publish `version` (raises PublishError when S3 refuses it); rollout times count from the
