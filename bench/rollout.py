@@ -306,10 +306,10 @@ def run(ctx: Ctx) -> Section:
                 "in their last column, so compare the shape (every instance at once vs canary, analysis, then one "
                 "host per wave) more than the seconds.")
     if any(r["promoted_by_hand"] for res in results for r in res["runs"]):
-        body.append("1 host: there is no stable host of its site to judge a canary against, so the rollout waits "
-                    "in `published` (it would stop with `no_baseline` at the progress deadline); the benchmark "
-                    "sends the operator's `POST /v1/rollouts/ranker/promote` as soon as it waits (analysis "
-                    "skipped), the way an operator rolls out to a single host.")
+        body.append("1 host: no other host of its site is a baseline, so the rollout first collects an analysis "
+                    "window of the host's own stable version (`lone_instance_self_baseline`) before its canary "
+                    "switch; the benchmark sends the operator's `POST /v1/rollouts/ranker/promote` as soon as the "
+                    "rollout waits (analysis skipped), the way an operator rolls out to a single host at once.")
     errors = {k: v for res in results for k, v in res["errors"].items()}
     if errors:
         body.append(f"Load errors: {errors}")
