@@ -1,14 +1,24 @@
-"""What the control plane's and the agent's HTTP APIs share (flask on waitress): a JSON response,
-the bearer-token check (constant time), and the server on a thread of its own whose `shutdown()`
+"""What the control plane's and the agents' HTTP APIs share (flask on waitress): a JSON response,
+the bearer-token check (constant time), the server on a thread of its own whose `shutdown()`
 stops its loop and closes the listener and every client connection before returning (so the port
-is free for a restarted process)."""
+is free for a restarted process), and `serve_sidecar_api`: the four endpoints every agent beside a
+server has (the host agent beside Triton, the entry agent beside HAProxy):
+
+    GET /healthz     200 while the process serves (liveness), no auth
+    GET /ready       200 or 503 with what the agent says (readiness), no auth
+    GET /metrics     Prometheus text of its registry, no auth
+    GET /v1/status   its full status; `Authorization: Bearer <token>`, compared in constant time
+"""
 from __future__ import annotations
 
 import hmac
 import json
 import threading
 
+from collections.abc import Callable
+
 from flask import Flask, Response, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from waitress.server import create_server
 
 
@@ -54,3 +64,35 @@ class WaitressServer:
     def shutdown(self) -> None:
         self._stopping.set()
         self.thread.join(10)
+
+
+def serve_sidecar_api(name: str, cfg, token: str, *, identity: dict, ready: Callable[[], tuple[bool, dict]],
+                      status: Callable[[], dict], registry: CollectorRegistry) -> WaitressServer:
+    """Start the API of an agent beside a server (see the module doc) on cfg.api_host:api_port.
+    `ready()` -> (ready, the body to show); `status()` -> the token-protected status."""
+    token_b = token.encode()
+    app = Flask(name)
+
+    @app.get("/healthz")
+    def healthz():
+        return json_response(200, {"ok": True, **identity})
+
+    @app.get("/ready")
+    def ready_():
+        ok, body = ready()
+        return json_response(200 if ok else 503, {"ready": ok, **body})
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/status")
+    def status_():
+        return bearer_refusal(token_b, name) or json_response(200, status())
+
+    @app.errorhandler(404)
+    def not_found(_e):
+        return json_response(404, {"error": f"no endpoint {request.path}"})
+
+    return WaitressServer(app, cfg.api_host, cfg.api_port, name, threads=cfg.api_threads,
+                          channel_timeout=cfg.api_timeout_s).start()

@@ -182,13 +182,19 @@ def run_agent(s3cfg, cfg, *, once: bool = False, stop: threading.Event | None = 
         if not ok:
             log.error("not converged%s", f": {agent.last_error}" if agent.last_error else "")
         return 0 if ok else 1
-    token = read_secret(cfg.token, cfg.token_file, "agent.token")
+    return run_with_api(agent, cfg, "agent", serve_api, stop)
+
+
+def run_with_api(agent, cfg, section: str, serve_api, stop: threading.Event | None) -> int:
+    """The long-running side of an agent beside a server (this one, the entry agent): its status API
+    behind its `<section>.token`, then its loop until `stop` (SIGTERM/SIGINT)."""
+    token = read_secret(cfg.token, cfg.token_file, f"{section}.token")
     if not token:
-        raise AgentSetupError("agent.token is empty: the status API needs a token. Set agent.token_file (mode 600) "
-                              "or TRITON_HYBRID__AGENT__TOKEN")
+        raise AgentSetupError(f"{section}.token is empty: the status API needs a token. Set {section}.token_file "
+                              f"(mode 600) or TRITON_HYBRID__{section.upper()}__TOKEN")
     stop = stop or threading.Event()
     server = serve_api(agent, token, cfg)
-    log.info("agent API on http://%s:%d", cfg.api_host, server.port)
+    log.info("%s API on http://%s:%d", section, cfg.api_host, server.port)
     try:
         agent.run(stop)
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from control.adapters import haproxy_config
 from control.adapters import s3 as s3x
 from control.adapters.haproxy_runtime import HAProxyRuntime
-from control.agent.main import AgentSetupError, read_secret
+from control.agent.main import AgentSetupError, run_with_api
 from control.entry.metrics import EntryMetrics
 from control.local.procs import write_private
 from control.mirror.desired import DesiredStateError, Read
@@ -185,15 +185,4 @@ def run_entry(settings, *, once: bool = False, stop: threading.Event | None = No
         for e in report.errors:
             log.error("%s", e)
         return 0 if agent.ready and not report.errors else 1
-    token = read_secret(cfg.token, cfg.token_file, "entry.token")
-    if not token:
-        raise AgentSetupError("entry.token is empty: the status API needs a token. Set entry.token_file (mode 600) "
-                              "or TRITON_HYBRID__ENTRY__TOKEN")
-    stop = stop or threading.Event()
-    server = serve_api(agent, token, cfg)
-    log.info("entry API on http://%s:%d", cfg.api_host, server.port)
-    try:
-        agent.run(stop)
-    finally:
-        server.shutdown()
-    return 0
+    return run_with_api(agent, cfg, "entry", serve_api, stop)

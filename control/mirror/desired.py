@@ -61,12 +61,17 @@ class ModelState(BaseModel):
         return self.stable
 
 
-class DesiredState(BaseModel):
+class ControlObject(BaseModel):
+    """What every object a ControlObjectStore keeps carries: who wrote it, when, its revision, and the
+    writing leader's generation (the fencing token a newer leader's write raises)."""
     schema_version: int = SCHEMA
     revision: int = 0          # +1 on every write
     generation: int = 0        # the writing leader's lease generation (fencing token)
     updated_at: float = 0.0
     updated_by: str = ""
+
+
+class DesiredState(ControlObject):
     models: dict[str, ModelState] = Field(default_factory=dict)
 
     @field_validator("models")

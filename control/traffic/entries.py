@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from control.adapters import s3 as s3x
 from control.leader.gate import NotLeader
-from control.mirror.desired import ControlObjectStore, DesiredStateError, Read, control_key
+from control.mirror.desired import ControlObject, ControlObjectStore, DesiredStateError, Read, control_key
 from control.mirror.manifest import ManifestError, validate_model_name
 from control.traffic.actuators import ActuatorError, ApplyResult, Observed, Plan, site_weights_from_instances
 
@@ -32,12 +32,8 @@ ENTRIES_DIR = "entries"
 TRAFFIC_SCHEMA = 1
 
 
-class TrafficState(BaseModel):
+class TrafficState(ControlObject):
     schema_version: int = TRAFFIC_SCHEMA
-    revision: int = 0          # +1 on every write
-    generation: int = 0        # the writing leader's lease generation (fencing token)
-    updated_at: float = 0.0
-    updated_by: str = ""
     site_weights: dict[str, int] = Field(default_factory=dict)
     instance_weights: dict[str, int] = Field(default_factory=dict)
     drained: list[str] = Field(default_factory=list)
