@@ -154,6 +154,19 @@ def pad_candidates(queries: list[dict], features: np.ndarray) -> tuple[np.ndarra
     return x, m
 
 
+def ranking_batch(queries: list[dict], b: np.ndarray, features: np.ndarray):
+    """One training batch of queries `b`: (indices, candidate features, mask, ListNet target: each
+    candidate's share of the query's 2^relevance - 1 gain), as tensors."""
+    qs = [queries[i] for i in b]
+    x, m = pad_candidates(qs, features)
+    g = np.zeros(m.shape, np.float32)
+    for i, q in enumerate(qs):
+        g[i, : len(q["relevance"])] = q["relevance"]
+    gain = torch.pow(2.0, torch.from_numpy(g)) - 1.0
+    target = gain / gain.sum(-1, keepdim=True).clamp(min=1e-9)
+    return torch.from_numpy(b), torch.from_numpy(x), torch.from_numpy(m), target
+
+
 def train_ranker(profile: Profile, teacher: QueryIntentModel, enc: Encoded, queries: list[dict],
                  features: np.ndarray, layout: dict, num_intents: int, seed: int, progress=None) -> Ranker:
     """Listwise (ListNet) training on teacher embeddings/intent probabilities of the training queries."""
@@ -168,17 +181,8 @@ def train_ranker(profile: Profile, teacher: QueryIntentModel, enc: Encoded, quer
     emb = torch.from_numpy(emb)
 
     def loss_of(b):
-        qs = [queries[i] for i in b]
-        x, m = pad_candidates(qs, features)
-        g = np.zeros(m.shape, np.float32)
-        for i, q in enumerate(qs):
-            g[i, : len(q["relevance"])] = q["relevance"]
-        bt = torch.from_numpy(b)
-        scores = ranker(emb[bt], probs[bt], torch.from_numpy(x))
-        mt = torch.from_numpy(m)
-        gain = torch.pow(2.0, torch.from_numpy(g)) - 1.0
-        target = gain / gain.sum(-1, keepdim=True).clamp(min=1e-9)
-        logp = F.log_softmax(scores.masked_fill(~mt, -1e4), dim=-1)
+        bt, xt, mt, target = ranking_batch(queries, b, features)
+        logp = F.log_softmax(ranker(emb[bt], probs[bt], xt).masked_fill(~mt, -1e4), dim=-1)
         return -(target * logp).sum(-1).mean()
 
     ranker.train()
@@ -212,17 +216,10 @@ def train_student_ranker(profile: Profile, student: QueryIntentModel, teacher: Q
     T = cfg.distill_temperature
 
     def loss_of(b):
-        qs = [queries[i] for i in b]
-        x, m = pad_candidates(qs, features)
-        g = np.zeros(m.shape, np.float32)
-        for i, q in enumerate(qs):
-            g[i, : len(q["relevance"])] = q["relevance"]
-        bt, xt, mt = torch.from_numpy(b), torch.from_numpy(x), torch.from_numpy(m)
+        bt, xt, mt, target = ranking_batch(queries, b, features)
         with torch.no_grad():
             t_scores = ranker(t_emb[bt], t_probs[bt], xt).masked_fill(~mt, -1e4)
         scores = srk(s_emb[bt], s_probs[bt], xt).masked_fill(~mt, -1e4)
-        gain = torch.pow(2.0, torch.from_numpy(g)) - 1.0
-        target = gain / gain.sum(-1, keepdim=True).clamp(min=1e-9)
         listnet = -(target * F.log_softmax(scores, dim=-1)).sum(-1).mean()
         kd = -(F.softmax(t_scores / T, -1) * F.log_softmax(scores / T, -1)).sum(-1).mean() * T * T
         return listnet + kd
