@@ -100,6 +100,16 @@ class Sites:
             f"entry-{site}", [sys.executable, "-m", "control.cli", "--config", s.source, "entry"], s.run_path,
             lambda: http_ok(f"{api}/ready"), 30, "ready (/ready)")
 
+    def start_two_entries(self) -> None:
+        """S3, both Tritons, and per site its HAProxy + entry agent, every server UP."""
+        self.start_s3()
+        for name in ADD:
+            self.start_triton(name)
+        for site in ("onprem", "cloud"):
+            self.start_haproxy(site)
+            self.start_agent(site)
+            wait_until(lambda site=site: all(x.up for x in self.runtime(site).servers()), 30, f"{site} entry: all UP")
+
     def stop(self, name: str):
         p = self.procs.pop(name, None)
         if p is not None:
@@ -188,13 +198,7 @@ def test_traffic_writes_are_fenced_by_generation(sites):
 
 @pytest.mark.slow
 def test_weights_reach_both_entries_and_sensitive_requests_never_reach_the_cloud(sites):
-    sites.start_s3()
-    for name in ADD:
-        sites.start_triton(name)
-    for site in ("onprem", "cloud"):
-        sites.start_haproxy(site)
-        sites.start_agent(site)
-        wait_until(lambda site=site: all(x.up for x in sites.runtime(site).servers()), 30, f"{site} entry: all UP")
+    sites.start_two_entries()
     assert sites.weights("cloud") == {"onprem-1": 50, "cloud-1": 50}   # config weights until decided
 
     # The leader writes once; both entries apply it.
@@ -318,13 +322,7 @@ def test_a_seamless_reload_of_an_entry_haproxy_under_load_fails_no_request(sites
 def test_the_control_planes_decisions_reach_both_entries(sites):
     """The daemon's traffic job with the `entries` actuator: every decision lands in traffic.json and
     both entries' HAProxies follow it; the on-prem Triton stopped -> both entries send it nothing."""
-    sites.start_s3()
-    for name in ADD:
-        sites.start_triton(name)
-    for site in ("onprem", "cloud"):
-        sites.start_haproxy(site)
-        sites.start_agent(site)
-        wait_until(lambda site=site: all(x.up for x in sites.runtime(site).servers()), 30, f"{site} entry: all UP")
+    sites.start_two_entries()
     actuator = EntriesActuator(sites.store, sites.settings.instances, by="control-test", generation=lambda: 1)
     ctl = Controller(sites.settings, actuator=actuator, metrics=ControlMetrics(CollectorRegistry()))
     try:
