@@ -148,11 +148,9 @@ def start_host(settings, instance, ready_timeout: float | None = None, say=lambd
     return procs
 
 
-def agent_ready(instance, timeout: float = 2.0) -> bool:
-    try:
-        return requests.get(f"{instance.agent_url}/ready", timeout=timeout).status_code == 200
-    except requests.RequestException:
-        return False
+def agent_ready(instance) -> bool:
+    """The agent's /ready: every model live at its desired version."""
+    return bool(_ready_body(instance).get("ready"))
 
 
 def _ready_body(instance) -> dict:
@@ -172,17 +170,21 @@ def wait_agent_ready(proc: ManagedProcess, instance, timeout: float) -> None:
     """Until the agent's /ready is 200 (every model live at its desired version). A version that
     failed on the host (verify, load, smoke: the agent does not retry it) ends the wait at once;
     the error names each model that is not live and why."""
+    last: dict = {}  # one /ready per poll: what `ready` read, `failed` judges
+
+    def ready() -> bool:
+        last.clear()
+        last.update(_ready_body(instance))
+        return bool(last.get("ready"))
+
     def failed() -> str | None:
-        body = _ready_body(instance)
-        bad = any(r.get("state") in ("failed", "refused") for r in (body.get("not_live") or {}).values())
-        return f"a desired version failed on this host: {_summary(body)}" if bad else None
+        bad = any(r.get("state") in ("failed", "refused") for r in (last.get("not_live") or {}).values())
+        return f"a desired version failed on this host: {_summary(last)}" if bad else None
 
     try:
-        wait_for_process(lambda: agent_ready(instance), proc, timeout, "ready (/ready: every model live)",
-                         interval=0.2, failed=failed)
+        wait_for_process(ready, proc, timeout, "ready (/ready: every model live)", interval=0.2, failed=failed)
     except NotReady as e:
-        raise ComponentError(proc.name, f"{e.message}; not live: {_summary(_ready_body(instance))}",
-                             e.log_tail) from None
+        raise ComponentError(proc.name, f"{e.message}; not live: {_summary(last)}", e.log_tail) from None
 
 
 def agent_status(settings, instance, timeout: float = 2.0) -> dict:

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control.capacity.cost import cost_summary
 from control.daemon.client import weights_summary
 from control.local.admin_keys import admin_key
-from control.local.agents import agent_name, agent_ready, agent_status, start_host
+from control.local.agents import agent_name, agent_status, start_host
 from control.local.haproxy import start_haproxy
 from control.local.procs import (
     AlreadyRunning,
@@ -282,7 +282,7 @@ def status(settings) -> dict:
         if info["running"]:
             # What the agent reports (its API, with the instance's token): per model target, live, state.
             st = agent_status(settings, inst)
-            info["healthy"] = agent_ready(inst)
+            info["healthy"] = bool(st.get("ready"))  # the status carries it: no second request
             info["error"] = st.get("error") or st.get("last_error") or ""
             info["versions"] = {m: {k: r.get(k) for k in ("target", "live", "state", "error")}
                                 for m, r in (st.get("models") or {}).items()}

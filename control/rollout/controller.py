@@ -212,9 +212,9 @@ class RolloutController:
         d = self.last_desired
         out: dict[str, int] = {}
         for ms in (d.models.values() if d is not None else []):
-            r = ms.canary.rollout if ms.canary is not None else {}
-            if r.get("phase") in (Phase.CANARY, Phase.ANALYSIS) and r.get("weight") is not None:
-                out |= {c: int(r["weight"]) for c in r.get("canaries") or []}
+            st = state_of(ms, self.clock())
+            if st is not None and st.phase in (Phase.CANARY, Phase.ANALYSIS) and st.weight is not None:
+                out |= {c: st.weight for c in st.canaries}
         return out
 
     def command(self, model: str, cmd: Command) -> Transition | None:
