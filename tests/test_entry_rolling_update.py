@@ -138,6 +138,9 @@ def test_rolling_update_of_a_site_entry_under_load_fails_no_request(tmp_path):
     assert all(set(v["by_status"]) <= {"200"} for v in per.values())
     assert all(per[f"entry-g1-{k}"]["served"] > 0 for k in range(2))
     assert rep["served_by_generation"]["2"] > 0
+    # each replica runs its generation's config (the new one changed a knob)
+    assert all(v["config_health_interval_ms"] == [rolling.GEN_HEALTH_INTERVAL_MS[v["generation"]]]
+               for v in per.values())
     steps = [(t["step"], t["pod"]) for t in rep["timeline"]]
     assert steps.index(("available", "entry-g2-0")) < steps.index(("remove-endpoint", "entry-g1-0"))
     assert rep["namespaces"] and not set(rep["namespaces"]) & set(netns.leftovers())

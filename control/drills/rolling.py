@@ -217,6 +217,7 @@ def declared_chains(rules: str) -> list[str]:
 
 
 _INFER = re.compile(r'"POST \S*(?:/v2/models/[^/ ]+/infer|/inference\.GRPCInferenceService/ModelInfer) ')
+_INTER = re.compile(r"default-server inter (\d+)ms")  # the knob a generation changes (GEN_HEALTH_INTERVAL_MS)
 _STATUS = re.compile(r"\] \S+ \S+ \S+ (-?\d+) ")
 
 
@@ -387,6 +388,7 @@ class Drill:
         self.timeline: list[dict] = []
         self.replicas: dict[str, Replica] = {}
         self.finished: list[Replica] = []
+        self.in_service: set[str] = set()   # the pods whose endpoint the Service has
 
     def mark(self, step: str, pod: str, **extra) -> None:
         self.timeline.append({"t": round(time.monotonic() - self.t0, 2), "step": str(step), "pod": pod, **extra})
@@ -508,7 +510,6 @@ class Drill:
             site = "onprem"
             old = [f"entry-g1-{k}" for k in range(spec.replicas)]
             new = [f"entry-g2-{k}" for k in range(spec.replicas)]
-            self.in_service: set[str] = set()
             for name in old:
                 self.wait_ready(self.start_replica(name, 1, hosts, site))
                 self.in_service.add(name)
@@ -549,7 +550,8 @@ class Drill:
         per = {}
         for r in sorted(self.finished, key=lambda x: x.name):
             counts = served_requests(r.proc.log_path.read_text(errors="replace"))
-            per[r.name] = {"generation": r.generation, "served": sum(counts.values()), "by_status": counts}
+            per[r.name] = {"generation": r.generation, "served": sum(counts.values()), "by_status": counts,
+                           "config_health_interval_ms": sorted({int(x) for x in _INTER.findall(r.config.read_text())})}
         by_gen: dict[int, int] = {}
         for v in per.values():
             by_gen[v["generation"]] = by_gen.get(v["generation"], 0) + v["served"]
