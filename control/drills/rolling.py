@@ -63,7 +63,7 @@ NODE_IP = f"{POD_SUBNET}.1"
 SERVICE_VIP = "10.96.0.10"      # a ClusterIP: exists only as DNAT rules in the node namespace
 SERVICE_RANGE = "10.96.0.0/16"
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}   # as the k8s registry's instances
-BACKENDS = {"onprem-1": ("onprem", 1.0), "cloud-1": ("cloud", 100.0)}  # name: (site, what add_one adds)
+BACKENDS = {"onprem-1": 1.0, "cloud-1": 100.0}  # the registry's instances: what their add_one adds
 # Each generation's config differs in one visible knob (its health-check interval), as a real config
 # change would: a new replica must come up on the new file.
 GEN_HEALTH_INTERVAL_MS = {1: 1000, 2: 500}
@@ -397,7 +397,7 @@ class Drill:
     # -- backends: two Triton pods on the pod network
     def start_backends(self, stack: ExitStack) -> dict[str, str]:
         hosts = {}
-        for name, (_site, add) in BACKENDS.items():
+        for name, add in BACKENDS.items():
             pod = self.net.add_pod(name)
             run = self.run_dir / name
             repo = run / "repository"
@@ -515,7 +515,7 @@ class Drill:
                 self.in_service.add(name)
             self.set_endpoints(Step.ADD_ENDPOINT, ",".join(old))
             load = LoadProcess(self.net, self.run_dir / "load", SERVICE_VIP, service_ports, self.rate)
-            stack.callback(load.stop)
+            stack.callback(load.close)
             load.start()
             load.wait_answers(self.settle, "load flowing through the Service")
             t_roll = time.monotonic()
@@ -591,6 +591,11 @@ class LoadProcess:
 
     def wait_answers(self, n: int, what: str) -> None:
         wait_for_process(lambda: self.answers() >= n, self.proc, 60 + n / self.rate, f"{what} ({n} answers)")
+
+    def close(self) -> None:
+        """Stop the generator whatever state it is in (cleanup after a failed drill: nothing is read)."""
+        if self.proc is not None:
+            self.proc.stop(timeout=30)
 
     def stop(self) -> list[dict]:
         """SIGTERM: the generator stops scheduling, finishes what is in flight and writes every record."""
