@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/triton-hybrid
 PROFILE ?= full
 # Debian packages the stack runs: HAProxy, Prometheus (+promtool), libb64 for perf_analyzer,
-# iproute2 for the network-namespace drills.
-APT_PACKAGES := haproxy prometheus libb64-0d iproute2
+# iproute2 for the network-namespace drills; iptables (a Service VIP's DNAT rules) and curl (its
+# probes) for the entry rolling-update drill (control/drills/rolling.py).
+APT_PACKAGES := haproxy prometheus libb64-0d iproute2 iptables curl
 PYTEST_ARGS ?=
 
 .PHONY: demo test install system-deps venv models repo up down status bench clean-run

@@ -18,10 +18,13 @@ from control.cli import cli
 from control.config import PROJECT_ROOT, load_config
 from control.deploy.kustomize import (
     KustomizeError,
+    across_sites_problems,
     check_tree,
+    container_config,
     object_problems,
     render,
     schema_problems,
+    site_facts,
     source_problems,
 )
 from control.deploy.render import K8S_REGISTRY, k8s_generated, render_haproxy
@@ -120,8 +123,7 @@ def test_overlay_patches_merge_by_name_and_references_follow_the_prefix(_overlay
     assert set(secrets.values()) == {"onprem-triton-s3-credentials", "onprem-triton-admin-key",
                                      "onprem-triton-agent-token"}
     site = r.get("ConfigMap", "onprem-triton-agent-site")["data"]
-    assert site["TRITON_HYBRID__AGENT__SITE"] == "onprem"
-    assert site["TRITON_HYBRID__S3__ENDPOINT_URL"] == "http://minio.storage.svc.cluster.local:9000"
+    assert site == {"TRITON_HYBRID__AGENT__SITE": "onprem"}   # the mirror is the same for both sites
     for name in ("agent-init", "agent"):
         assert {"configMapRef": {"name": "onprem-triton-agent-site"}} in c[name]["envFrom"]
     # the patch did not drop what it does not mention
@@ -133,16 +135,95 @@ def test_overlay_patches_merge_by_name_and_references_follow_the_prefix(_overlay
 def test_cloud_overlay(_overlay):
     r = _overlay("cloud")
     site = r.get("ConfigMap", "cloud-triton-agent-site")["data"]
-    assert site["TRITON_HYBRID__AGENT__SITE"] == "cloud"
-    assert site["TRITON_HYBRID__S3__BUCKET"] == "acme-search-triton-models"
-    assert site["TRITON_HYBRID__S3__REGION"] == "eu-west-1"
+    assert site == {"TRITON_HYBRID__AGENT__SITE": "cloud"}
+    triton = r.get("Deployment", "cloud-triton")
+    spec = triton["spec"]["template"]["spec"]
+    agent = _containers(triton)["agent"]
+    s3 = container_config(spec, agent, {c["metadata"]["name"]: c for c in r.resources if c["kind"] == "ConfigMap"}).s3
+    assert (s3.bucket, s3.region, s3.sse) == ("acme-search-triton-models", "eu-west-1", "aws:kms")
     svc = r.get("Service", "cloud-triton")
     assert svc["spec"]["type"] == "LoadBalancer"
     assert svc["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internal"
-    assert not r.get("Deployment", "cloud-triton-hybrid-control")  # the control plane runs on-prem
+    assert r.get("Deployment", "cloud-triton-hybrid-control")  # issue 16: a control plane per site
     entry_site = r.get("ConfigMap", "cloud-triton-hybrid-entry-site")["data"]
-    assert entry_site["TRITON_HYBRID__ENTRY__SITE"] == "cloud"
-    assert entry_site["TRITON_HYBRID__S3__BUCKET"] == "acme-search-triton-models"
+    assert entry_site == {"TRITON_HYBRID__ENTRY__SITE": "cloud"}
+
+
+def _configmaps(r) -> dict[str, dict]:
+    return {c["metadata"]["name"]: c for c in r.resources if c["kind"] == "ConfigMap"}
+
+
+@pytest.mark.parametrize("site", ["onprem", "cloud"])
+def test_each_site_runs_its_own_control_plane_with_leader_election(_overlay, site):
+    """Issue 16: a control plane per site, alone in its pod, leader election on under its site and a
+    name of its own (as the pod will load its config: the registry ConfigMap + the site's env), the
+    weights to the entries and Route53 (one health-checked record per site entry), no volume that
+    outlives the pod, secrets only as files (0400)."""
+    r = _overlay(site)
+    dep = r.get("Deployment", f"{site}-triton-hybrid-control")
+    assert dep, f"no control plane in overlays/{site}"
+    spec = dep["spec"]["template"]["spec"]
+    c = _containers(dep)
+    assert list(c) == ["control"]
+    cfg = container_config(spec, c["control"], _configmaps(r))
+    leader = cfg.control.leader
+    assert leader.enabled and leader.site == site and leader.name == f"control-{site}"
+    assert cfg.control.actuators == ["entries", "route53"]
+    assert set(cfg.control.route53.targets) == set(cfg.control.route53.health_checks) == {"onprem", "cloud"}
+    assert cfg.control.route53.hosted_zone_id
+    # A rollout of the control plane starts the new pod (a standby) before the old one releases the lease.
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes["state"]
+    assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert not [x for x in r.resources if x["kind"] == "PersistentVolumeClaim"]
+    secrets = [v for v in spec["volumes"] if "secret" in v]
+    assert [v["secret"]["defaultMode"] for v in secrets] == [0o400]
+    assert "secretRef" not in json.dumps(dep) and "secretKeyRef" not in json.dumps(dep)
+    mounts = {m["name"]: m for m in c["control"]["volumeMounts"]}
+    assert mounts[secrets[0]["name"]]["readOnly"] is True
+    assert cfg.run_dir == mounts["state"]["mountPath"]   # its SQLite lives on the pod's own volume
+
+
+def test_the_sites_have_distinct_leaders_and_one_mirror(rendered):
+    """Two control planes, one per overlay, with distinct names in their own sites; every triton-hybrid
+    container of both sites (control planes, host agents, entry agents) points at the same S3 mirror:
+    a lease works only in one place both sites reach."""
+    facts = {o: site_facts(rendered[f"overlays/{o}"].resources) for o in ("onprem", "cloud")}
+    leaders = [(site, name) for f in facts.values() for _, site, name in f["leaders"]]
+    assert sorted(leaders) == [("cloud", "control-cloud"), ("onprem", "control-onprem")]
+    mirrors = {m for f in facts.values() for m in f["mirrors"].values()}
+    assert mirrors == {("https://s3.eu-west-1.amazonaws.com", "acme-search-triton-models", "repository")}
+    assert all(len(f["mirrors"]) >= 4 for f in facts.values())  # agent-init, agent, entry, control
+    assert not rendered["(across overlays)"].problems
+
+
+def test_control_container_reads_its_secrets_from_the_secret_files(_overlay, tmp_path):
+    """control-env.sh (from the rendered ConfigMap) run by a real shell with a stand-in `triton-hybrid`
+    that prints its environment: the S3 keys (also Route53's) and the admin token come from the files;
+    a missing file stops the container."""
+    r = _overlay("cloud")
+    c = _containers(r.get("Deployment", "cloud-triton-hybrid-control"))["control"]
+    script = r.get("ConfigMap", "cloud-triton-hybrid-config")["data"]["control-env.sh"]
+    (tmp_path / "control-env.sh").write_text(script.replace("/run/secrets/triton-hybrid", str(tmp_path / "secrets")))
+    assert c["command"][:2] == ["/bin/sh", "/etc/triton-hybrid/control-env.sh"]
+    _fake(tmp_path / "bin", "triton-hybrid", 'echo "args=$*"; env | grep "^TRITON_HYBRID__" | sort')
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    cmd = ["/bin/sh", str(tmp_path / "control-env.sh"), *c["command"][2:]]
+    failed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
+    assert failed.returncode != 0 and "args=" not in failed.stdout
+    d = tmp_path / "secrets" / "control"
+    d.mkdir(parents=True)
+    for k, v in (("ADMIN_TOKEN", "adm"), ("AWS_ACCESS_KEY_ID", "AKID"), ("AWS_SECRET_ACCESS_KEY", "s3cret")):
+        (d / k).write_text(v + "\n")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "args=" + " ".join(c["command"][3:])
+    assert set(lines[1:]) == {"TRITON_HYBRID__CONTROL__ADMIN_TOKEN=adm", "TRITON_HYBRID__S3__ACCESS_KEY_ID=AKID",
+                              "TRITON_HYBRID__S3__SECRET_ACCESS_KEY=s3cret",
+                              "TRITON_HYBRID__CONTROL__ROUTE53__ACCESS_KEY_ID=AKID",
+                              "TRITON_HYBRID__CONTROL__ROUTE53__SECRET_ACCESS_KEY=s3cret"}
 
 
 @pytest.mark.parametrize("site", ["onprem", "cloud"])
@@ -492,6 +573,80 @@ def test_the_entry_checkers_template_passes(tmp_path):
 def test_checker_flags_a_site_entry_without_its_shape(tmp_path, old, new, cfg, expected):
     problems = _rendered_entry(tmp_path, old, new, cfg)
     assert any(expected in p for p in problems), problems
+
+
+# A per-site control-plane pod that passes every check; tests break one thing at a time.
+CONTROL_TMPL = """apiVersion: apps/v1
+kind: Deployment
+metadata: {name: control}
+spec:
+  selector: {matchLabels: {app: c}}
+  template:
+    metadata:
+      labels: {app: c}
+      annotations: {prometheus.io/scrape: "true", prometheus.io/port: "8301"}
+    spec:
+      containers:
+        - name: control
+          image: registry.example/control:1.0
+          command: [triton-hybrid, --config, /etc/th/th.yaml, control, run]
+          envFrom: [{configMapRef: {name: site}}]
+          volumeMounts: [{name: cfg, mountPath: /etc/th}, {name: state, mountPath: /var/lib/th}]
+      volumes:
+        - {name: cfg, configMap: {name: cfg}}
+        - {name: state, emptyDir: {}}
+"""
+CONTROL_REGISTRY = "run_dir: /var/lib/th\ncontrol: {leader: {enabled: true, site: onprem}}\n"
+
+
+def _rendered_control(tmp_path, old: str = "", new: str = "", site_env: str = "TRITON_HYBRID__CONTROL__LEADER__NAME=a"):
+    """`site_env`: the site ConfigMap's literals, comma-separated."""
+    assert old in CONTROL_TMPL, old
+    kust = KUSTOMIZATION.format(extra=", pvc.yaml") + "generatorOptions: {disableNameSuffixHash: true}\n" \
+        f"configMapGenerator: [{{name: cfg, files: [th.yaml]}}, {{name: site, literals: [{site_env}]}}]\n"
+    pvc = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: st}\n" \
+          "spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n"
+    root = _tree(tmp_path, {"kustomization.yaml": kust, "d.yaml": CONTROL_TMPL.replace(old, new, 1),
+                            "th.yaml": CONTROL_REGISTRY, "pvc.yaml": pvc})
+    return render(root)
+
+
+def test_the_control_checkers_template_passes(tmp_path):
+    resources = _rendered_control(tmp_path)
+    assert object_problems(resources) == []
+    assert site_facts(resources)["leaders"] == [("Deployment control (control)", "onprem", "a")]
+
+
+@pytest.mark.parametrize("old,new,site_env,expected", [
+    ("{name: state, emptyDir: {}}", "{name: state, persistentVolumeClaim: {claimName: st}}",
+     "TRITON_HYBRID__CONTROL__LEADER__NAME=a", "mounts PersistentVolumeClaim st"),
+    ("", "", "TRITON_HYBRID__CONTROL__LEADER__ENABLED=false", "control.leader.enabled is off"),
+    ("", "", "TRITON_HYBRID__CONTROL__LEADER__SITE=onprem", "control.leader.name is empty"),
+    ("envFrom: [{configMapRef: {name: site}}]", "envFrom: [{configMapRef: {name: site}}, {secretRef: {name: cfg}}]",
+     "TRITON_HYBRID__CONTROL__LEADER__NAME=a", "takes envFrom Secret cfg"),
+    ("--config, /etc/th/th.yaml, ", "--config, /elsewhere/th.yaml, ", "TRITON_HYBRID__CONTROL__LEADER__NAME=a",
+     "is not a key of a ConfigMap mounted there"),
+])
+def test_checker_flags_a_control_plane_without_its_shape(tmp_path, old, new, site_env, expected):
+    problems = object_problems(_rendered_control(tmp_path, old, new, site_env))
+    assert any(expected in p for p in problems), problems
+
+
+def test_checker_flags_sites_sharing_a_leader_name_or_a_mirror_or_lacking_a_control_plane(tmp_path):
+    a = _rendered_control(tmp_path / "a")
+    b = _rendered_control(tmp_path / "b", site_env="TRITON_HYBRID__CONTROL__LEADER__SITE=cloud")
+    cloud_b = _rendered_control(tmp_path / "c", site_env="TRITON_HYBRID__CONTROL__LEADER__SITE=cloud, "
+                                "TRITON_HYBRID__CONTROL__LEADER__NAME=b, TRITON_HYBRID__S3__BUCKET=other")
+    assert across_sites_problems({"overlays/onprem": a}) == []
+    problems = across_sites_problems({"overlays/onprem": a, "overlays/cloud": a})
+    assert any("has control.leader.site 'onprem'; set this overlay's site" in p for p in problems), problems
+    assert any("leader name 'a'" in p and "a name of its own" in p for p in problems), problems
+    assert any("control.leader.name is empty" in p for p in object_problems(b))
+    problems = across_sites_problems({"overlays/onprem": a, "overlays/cloud": cloud_b})
+    assert len(problems) == 1 and "more than one S3 mirror" in problems[0], problems
+    no_control = [x for x in a if x["kind"] != "Deployment"]
+    assert any("overlays/cloud: no control plane" in p
+               for p in across_sites_problems({"overlays/onprem": a, "overlays/cloud": no_control}))
 
 
 def test_checker_flags_secrets_in_env_and_secret_files_others_can_read(tmp_path):

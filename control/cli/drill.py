@@ -17,7 +17,7 @@ from rich.table import Table
 
 from control.cli import settings_from
 from control.cli.output import json_option
-from control.drills import scenarios
+from control.drills import rolling, scenarios
 from control.drills.load import RequestSpec, auto_spec
 from control.drills.runner import (
     MODEL_ADD_ONE,
@@ -82,8 +82,13 @@ def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_co
     """Run a disaster-recovery drill: SCENARIO is one of the list below, or `all`.
 
     onprem-crash, onprem-hang, onprem-partition, cloud-latency, s3-outage, bad-model,
-    corrupt-artifact, control-crash, haproxy-restart, query-of-death."""
+    corrupt-artifact, control-crash, haproxy-restart, query-of-death; and entry-rolling-update (a
+    site entry's HAProxy replicas rolled as its Kubernetes Deployment would be, under --rate load;
+    needs root: control/drills/rolling.py)."""
     settings = settings_from(ctx)
+    if scenario == rolling.NAME:
+        _entry_rolling_update(ctx, settings, rate, reports_dir, as_json)
+        return
     names = list(scenarios.SCENARIOS) if scenario == "all" else [scenario]
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
     if unknown:
@@ -128,6 +133,28 @@ def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_co
     if as_json:
         click.echo(json.dumps([{k: v for k, v in r.items() if k != "series"} for r in results], indent=2, default=str))
     if any(r.get("status") in ("failed", "error") for r in results):
+        ctx.exit(1)
+
+
+def _entry_rolling_update(ctx, settings, rate: float, reports_dir, as_json: bool) -> None:
+    ok, why = rolling.available()
+    if not ok:
+        raise click.ClickException(why)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = Path(reports_dir or default_reports_dir()) / f"{stamp}-{rolling.NAME}"
+    rep = rolling.run_rolling_update(settings.run_path / "drills" / f"{stamp}-{rolling.NAME}", rate=rate,
+                                     say=lambda m: console.print(f"[dim]{m}[/dim]"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    color = "green" if rep["failed"] == 0 else "red"
+    console.print(f"[{color}]{rolling.NAME}: {rep['requests']} requests, {rep['failed']} failed[/{color}] "
+                  f"(rollout {rep['rollout_s']}s at {rep['rate']:g}/s)")
+    for name, v in rep["served_by_replica"].items():
+        console.print(f"  {name} (generation {v['generation']}): {v['served']} requests")
+    console.print(f"  report: {out}/report.json")
+    if rep["failed"]:
         ctx.exit(1)
 
 

@@ -20,6 +20,13 @@ sidecar `triton-hybrid agent` that both mount, writable, the volume holding that
 Triton mounts read-only (the agent is its only writer); Triton's readiness probe is the sidecar's
 `/ready` (every model live at its desired version); secrets reach its containers only as files
 (Secret volumes with defaultMode 0400), never as environment variables.
+
+A control-plane pod (a container running `triton-hybrid ... control run`): its effective config (the
+registry ConfigMap it is pointed at + its env overrides, loaded by control/config.py) has leader
+election on with a site and a name; no PersistentVolumeClaim (its SQLite is the pod's own; what a
+leader needs is in S3); secrets only as files. Across the overlays of one tree (`check_tree`): every
+control plane has a distinct leader name and its own overlay's site, and every component of every site
+(control planes, agents, entry agents) uses one S3 mirror: the lease only works in one place.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ from pathlib import Path
 
 import kubernetes_validate
 import yaml
+
+from control.config import ENV_CONFIG, ConfigError, Settings, load_config
 
 AGENT_READY_PATH = "/ready"           # the agent's readiness: every model live at its desired version
 SECRET_FILE_MODE = 0o400
@@ -328,6 +337,119 @@ def entry_pod_problems(where: str, res: dict, configmaps: dict[str, dict]) -> li
     return p + secret_file_problems(where, spec)
 
 
+def _config_path(c: dict) -> str | None:
+    """The config file a triton-hybrid container reads: `--config PATH` or TRITON_HYBRID_CONFIG."""
+    argv = [str(x) for x in c.get("command", []) + c.get("args", [])]
+    if "--config" in argv[:-1]:
+        return argv[argv.index("--config") + 1]
+    return next((e.get("value") for e in c.get("env", []) if e["name"] == ENV_CONFIG), None)
+
+
+def container_config(spec: dict, c: dict, configmaps: dict[str, dict]) -> Settings:
+    """The settings a triton-hybrid container of a rendered pod starts with: its config file (a key of
+    the ConfigMap volume mounted there) and the env overrides the pod gives it (ConfigMaps by envFrom,
+    literal env values; values from fields or Secrets are left out: they are per pod or secret).
+    Raises ConfigError when the pod does not say where its config is, or the config is invalid."""
+    path = _config_path(c)
+    mount = _mount_of(c, path) if path else None
+    vol = next((v for v in spec.get("volumes", []) if mount and v["name"] == mount["name"]), {})
+    cm = (configmaps.get((vol.get("configMap") or {}).get("name", "")) or {}).get("data", {})
+    key = Path(path).name if path else ""
+    if key not in cm:
+        raise ConfigError(f"container {c['name']}: its config {path or '(none)'} is not a key of a ConfigMap "
+                          "mounted there")
+    env: dict[str, str] = {}
+    for ef in c.get("envFrom", []):
+        if "configMapRef" in ef:
+            env.update((configmaps.get(ef["configMapRef"]["name"]) or {}).get("data", {}))
+    env.update({e["name"]: str(e["value"]) for e in c.get("env", []) if "value" in e})
+    with tempfile.TemporaryDirectory(prefix="pod-config-") as d:
+        f = Path(d) / key
+        f.write_text(cm[key])
+        return load_config(f, environ=env)
+
+
+def _control_containers(spec: dict) -> list[dict]:
+    return [c for c in spec.get("containers", []) if _CONTROL.search(_command(c))]
+
+
+def control_pod_problems(where: str, spec: dict, configmaps: dict[str, dict]) -> list[str]:
+    """The per-site control plane's shape (module docstring)."""
+    p: list[str] = []
+    for v in spec.get("volumes", []):
+        if "persistentVolumeClaim" in v:
+            p.append(f"{where}: the control plane mounts PersistentVolumeClaim {v['persistentVolumeClaim']['claimName']}; "
+                     "its SQLite is a per-pod cache and audit (an emptyDir): a leader takes what it needs from S3, "
+                     "and a volume would tie the site's control plane to one node and one pod at a time")
+    for c in _control_containers(spec):
+        try:
+            leader = container_config(spec, c, configmaps).control.leader
+        except ConfigError as e:
+            p.append(f"{where}: {e}")
+            continue
+        if not leader.enabled:
+            p.append(f"{where}: control.leader.enabled is off: with a control plane per site both would act; "
+                     "enable leader election (TRITON_HYBRID__CONTROL__LEADER__ENABLED=true)")
+        if not leader.name:
+            p.append(f"{where}: control.leader.name is empty: name each site's control plane "
+                     "(TRITON_HYBRID__CONTROL__LEADER__NAME), the lease, status and audit say which one leads")
+    return p + secret_file_problems(where, spec)
+
+
+def _mirror(s: Settings) -> tuple[str, str, str]:
+    return (s.s3.endpoint_url, s.s3.bucket, s.s3.prefix)
+
+
+def site_facts(resources: list[dict]) -> dict:
+    """What an overlay's control planes and triton-hybrid containers say: leaders [(where, site, name)]
+    and mirrors {where: (endpoint, bucket, prefix)}."""
+    cms = {r["metadata"]["name"]: r for r in resources if r["kind"] == "ConfigMap"}
+    leaders, mirrors = [], {}
+    for r in resources:
+        spec = _pod_spec(r)
+        if spec is None:
+            continue
+        for c in spec.get("initContainers", []) + spec.get("containers", []):
+            if not _config_path(c):
+                continue
+            where = f"{r['kind']} {r['metadata']['name']} ({c['name']})"
+            try:
+                s = container_config(spec, c, cms)
+            except ConfigError:
+                continue  # reported by the pod's own checks
+            mirrors[where] = _mirror(s)
+            if c in _control_containers(spec):
+                leaders.append((where, s.control.leader.site, s.control.leader.name))
+    return {"leaders": leaders, "mirrors": mirrors}
+
+
+def across_sites_problems(sites: dict[str, list[dict]]) -> list[str]:
+    """Overlay name -> its rendered objects. Distinct leader names, each control plane in its own site
+    (the overlay's name ends with the site), one mirror for everything."""
+    p: list[str] = []
+    names: dict[str, str] = {}
+    mirrors: dict[tuple, list[str]] = {}
+    for overlay, resources in sites.items():
+        facts = site_facts(resources)
+        if not facts["leaders"]:
+            p.append(f"{overlay}: no control plane; each site runs its own (the leader or the standby), or losing "
+                     "the site that has one loses every decision")
+        for where, site, name in facts["leaders"]:
+            if not overlay.endswith(site):
+                p.append(f"{overlay}: {where} has control.leader.site {site!r}; set this overlay's site")
+            if name in names:
+                p.append(f"{overlay}: {where} has leader name {name!r}, as {names[name]}: each site's control "
+                         "plane needs a name of its own")
+            names.setdefault(name, f"{overlay} {where}")
+        for where, m in facts["mirrors"].items():
+            mirrors.setdefault(m, []).append(f"{overlay}: {where}")
+    if len(mirrors) > 1:
+        p.append("the sites use more than one S3 mirror; the lease, the desired state and the weights must be in "
+                 "one place both sites reach: " + "; ".join(f"{m[0] or '(local)'}/{m[1]}/{m[2]}: {', '.join(w)}"
+                                                          for m, w in mirrors.items()))
+    return p
+
+
 def object_problems(resources: list[dict]) -> list[str]:
     p: list[str] = []
     by_kind: dict[str, dict[str, dict]] = {}
@@ -361,6 +483,8 @@ def object_problems(resources: list[dict]) -> list[str]:
             p += triton_pod_problems(where, spec)
         if any(c["name"] == "haproxy" for c in spec.get("containers", [])):
             p += entry_pod_problems(where, r, by_kind.get("ConfigMap", {}))
+        if _control_containers(spec):
+            p += control_pod_problems(where, spec, by_kind.get("ConfigMap", {}))
     for svc in by_kind.get("Service", {}).values():
         sel = svc.get("spec", {}).get("selector") or {}
         if not any(all(lbl.get(k) == v for k, v in sel.items()) for lbl in pod_labels):
@@ -384,6 +508,9 @@ def check_tree(root: Path) -> dict[str, Result]:
                 results[name] = Result(name, problems=[str(e)])
                 continue
             results[name] = Result(name, resources, schema_problems(resources) + object_problems(resources))
+    sites = {n: r.resources for n, r in results.items() if n.startswith("overlays/") and r.resources}
+    if len(sites) > 1:
+        results["(across overlays)"] = Result("(across overlays)", problems=across_sites_problems(sites))
     return results
 
 
