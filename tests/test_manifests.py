@@ -400,14 +400,18 @@ def test_no_inline_secret_anywhere_and_secret_env_files_are_ignored_by_git():
         assert r.returncode == 0, f"{real} would not be ignored by git"
 
 
-def test_haproxy_server_of_the_onprem_site_is_the_onprem_triton_service(_overlay):
-    r = _overlay("onprem")
-    svc = r.get("Service", "onprem-triton")
+def test_each_sites_triton_is_named_by_an_address_the_other_site_resolves(_overlay):
+    """Both sites' entries and control planes list both sites' Tritons: a Triton is named by its
+    site's load-balancer address (reached over the site-to-site link), never by a cluster-local
+    name that the other site's cluster cannot resolve; its Service is that load balancer."""
     registry = load_config(K8S / "control-plane" / "triton-hybrid.yaml", environ={})
-    onprem = [i for i in registry.instances if i.site == "onprem"]
-    assert [i.host for i in onprem] == [f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"]
-    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
-    assert (onprem[0].http_port, onprem[0].grpc_port, onprem[0].metrics_port) == (ports["http"], ports["grpc"], ports["metrics"])
+    for site in ("onprem", "cloud"):
+        svc = _overlay(site).get("Service", f"{site}-triton")
+        assert svc["spec"]["type"] == "LoadBalancer"
+        mine = [i for i in registry.instances if i.site == site]
+        assert mine and all(not i.host.endswith(".cluster.local") for i in mine)
+        ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+        assert (mine[0].http_port, mine[0].grpc_port, mine[0].metrics_port) == (ports["http"], ports["grpc"], ports["metrics"])
 
 
 # The checker itself: each rule catches what it is for ----------------------------------------
