@@ -22,7 +22,22 @@ from control.config import load_config
 from control.daemon.client import AdminClient, DaemonError
 from control.local.procs import free_port
 from control.local.stack import start_control_daemon
-from control.traffic.operator import set_override
+from control.daemon.controller import Controller
+from control.local.isolated import isolated_settings
+from control.mirror.desired import DesiredStateError
+from control.traffic.actuators import DryRunActuator
+from control.traffic.audit import Audit
+from control.traffic.operator import (
+    OperatorState,
+    OperatorStore,
+    OperatorView,
+    clear_override,
+    drain,
+    import_legacy,
+    set_override,
+    undrain,
+)
+from control.traffic.policy import Override
 from control.waiting import wait_until
 from tests.test_control_plane import FakeTriton
 from tests.test_leader_sites import BOUND, LEADER, follows, leader_view, leads, s3, site_settings  # noqa: F401
@@ -136,3 +151,94 @@ def test_new_leader_inherits_drain_and_override_with_its_expiry(tmp_path, s3, fa
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+# ---- the pure changes ----------------------------------------------------------------------------
+def test_changes_are_pure_and_say_when_there_is_nothing_to_do():
+    s = OperatorState()
+    s = set_override({"onprem": 30, "cloud": 70}, 60, "op", "why", now=100.0)(s)
+    assert s.override.expires_at == 160.0 and s.controls().override.weights == {"onprem": 30, "cloud": 70}
+    assert clear_override(now=161.0)(s.model_copy(deep=True)) is None        # expired already: nothing to clear
+    assert clear_override(now=150.0)(s.model_copy(deep=True)).override is None
+    s = drain("onprem-2", "instance", "op", 100.0)(s)
+    assert drain("onprem-2", "instance", "op", 101.0)(s.model_copy(deep=True)) is None
+    assert s.controls().drained == frozenset({"onprem-2"})
+    assert undrain("cloud-1")(s.model_copy(deep=True)) is None
+    assert undrain("onprem-2")(s.model_copy(deep=True)).drains == {}
+
+
+def test_import_from_the_database_adds_drains_and_an_override_only_when_s3_has_none_in_force():
+    legacy_ov = Override({"onprem": 20, "cloud": 80}, expires_at=500.0, by="old")
+    drains = [{"target": "cloud", "kind": "site", "created_at": 1.0, "by": ""}]
+    s = import_legacy(legacy_ov, drains, now=100.0)(OperatorState())
+    assert s.drains["cloud"].kind == "site" and s.override.weights == {"onprem": 20, "cloud": 80}
+    newer = set_override({"onprem": 50, "cloud": 50}, 600, "op", "", now=90.0)(OperatorState())
+    s = import_legacy(legacy_ov, [], now=100.0)(newer)
+    assert s is None  # S3's override in force wins; nothing else to import
+    assert import_legacy(Override({"onprem": 1, "cloud": 99}, 50.0), [], now=100.0)(OperatorState()) is None
+
+
+# ---- the store and the daemon's copy, against the real S3 endpoint ------------------------------
+@pytest.fixture
+def store(s3):
+    settings, client, _ = s3
+    st = OperatorStore(client, settings.s3)
+    client.delete_object(Bucket=settings.s3.bucket, Key=st.key)
+    return st
+
+
+def test_writes_are_fenced_and_a_damaged_object_is_refused_naming_it(store):
+    store.update(drain("onprem", "site", "a", 1.0), by="a", generation=3)
+    with pytest.raises(DesiredStateError, match="generation 3; this writer has 2: a newer leader"):
+        store.update(undrain("onprem"), by="old", generation=2)
+    assert "onprem" in store.read().state.drains
+    store.client.put_object(Bucket=store.bucket, Key=store.key, Body=b'{"drains": {}}',
+                            Metadata={"sha256": "0" * 64})
+    with pytest.raises(DesiredStateError, match=r"operator\.json: sha256 of the body does not match.*weights set"):
+        store.read()
+
+
+def test_the_view_reads_at_most_every_refresh_and_at_once_under_a_new_generation(store, s3_calls):
+    calls = s3_calls(store.client)
+    t = [1000.0]
+    view = OperatorView(store, refresh_s=5.0, generation=lambda: 7, clock=lambda: t[0])
+    assert view.state().drains == {} and calls["GetObject"] == 1
+    other = OperatorStore(store.client, store.s3cfg)  # another writer (a previous leader)
+    other.update(drain("cloud-1", "instance", "x", t[0]), by="x", generation=6)
+    calls.reset()
+    t[0] += 1
+    assert view.state(t[0]).drains == {} and calls["GetObject"] == 0   # cached: no request per tick
+    assert "cloud-1" in view.state(t[0], leading_generation=7).drains   # leads now: re-read at once
+    calls.reset()
+    view.state(t[0] + 5.0)                                              # refresh: conditional GET, 304
+    assert calls["GetObject"] == 1
+    # Its own write updates the copy: decided on at once, no read.
+    calls.reset()
+    st = view.change(undrain("cloud-1"), by="api")
+    assert st.generation == 7 and view.state(t[0] + 1.0).drains == {} and calls["GetObject"] == 0
+
+
+def test_operator_state_in_the_database_of_an_earlier_release_is_imported_once(tmp_path, s3, store):
+    s3settings, _, _ = s3
+    settings = isolated_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 90, True), ("onprem-2", "onprem",
+                                                               0, True), ("cloud-1", "cloud", 10, False)),
+                                 s3={"port": s3settings.s3.port, "start_local_server": False},
+                                 control={"actuators": ["dry-run"]})
+    audit = Audit(settings.database_path)  # what an earlier release left: a drain, an override in force
+    audit.conn.execute("INSERT INTO control_drains (target, kind, created_at, by) VALUES ('onprem-2', 'instance', 1, 'op')")
+    audit.conn.execute("INSERT INTO control_overrides (created_at, expires_at, weights, by, note) VALUES (?,?,?,?,?)",
+                       (time.time(), time.time() + 600, json.dumps({"onprem": 60, "cloud": 40}), "op", ""))
+    audit.close()
+    c = Controller(settings, actuator=DryRunActuator(settings.instances))
+    try:
+        d = c.tick()
+        assert d.reason == "override" and d.weights == {"onprem": 60, "cloud": 40}
+        st = store.read().state
+        assert set(st.drains) == {"onprem-2"} and st.override.weights == {"onprem": 60, "cloud": 40}
+        assert c.audit.legacy_controls() == (None, [])
+        [row] = c.audit.operator_history()
+        assert row["action"] == "import" and row["detail"]["drains"] == ["onprem-2"]
+        c.tick()
+        assert len(c.audit.operator_history()) == 1 and store.read().state.revision == st.revision
+    finally:
+        c.close()
