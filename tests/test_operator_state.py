@@ -129,7 +129,7 @@ def test_new_leader_inherits_drain_and_override_with_its_expiry(tmp_path, s3, fa
         assert st["override"]["weights"] == {"onprem": 30, "cloud": 70}
 
         # Every decision ctl-b applied before the expiry: the override's weights, onprem-2 drained.
-        wait_until(lambda: time.time() > expires_at + 3, TTL_S + 10, "the override to expire")
+        wait_until(lambda: time.time() > expires_at + 4.5, TTL_S + 10, "the override to expire")
         rows = applied(b)
         before = [r for r in rows if r["ts"] < expires_at - 0.5]
         after = [r for r in rows if r["ts"] > expires_at + 1.5]
