@@ -13,6 +13,7 @@ from control.daemon.api import serve_api
 from control.daemon.controller import Controller
 from control.drills.models import write_add_model
 from control.local.isolated import isolated_settings as make_settings
+from control.local.procs import free_port
 from control.local.s3_endpoint import start_s3_server
 from control.mirror.desired import DesiredStore, InstanceStatus, seed_stable
 from control.mirror.publish import publish_version
@@ -327,3 +328,32 @@ def test_body_over_the_size_limit_is_refused(svc):
                       headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert r.status_code in (400, 413), r.text
     assert no_override(c)
+
+
+# ---- issue 16: operator state in S3 ------------------------------------------------------------
+def test_operator_changes_go_to_s3_and_only_real_changes_are_audited(svc):
+    base, c = svc
+    assert call(base, "POST", "/v1/drain", {"target": "cloud-1"}).json()["changed"] is True
+    assert call(base, "POST", "/v1/drain", {"target": "cloud-1"}).json()["changed"] is False
+    assert call(base, "DELETE", "/v1/weights/override").json()["cleared"] is False
+    st = c.operator.store.read().state
+    assert set(st.drains) == {"cloud-1"} and st.drains["cloud-1"].by == "api:127.0.0.1"
+    rows = c.audit.operator_history()
+    assert [(r["action"], r["target"], r["revision"]) for r in rows] == [("drain", "cloud-1", st.revision)]
+    assert call(base, "GET", "/v1/status").json()["operator_state"]["revision"] == st.revision
+
+
+def test_operator_state_unwritable_is_503_and_nothing_changes(tmp_path):
+    settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
+                             control={"admin_token": TOKEN, "actuators": ["dry-run"]},
+                             s3={"port": free_port(), "start_local_server": False})  # nothing listens there
+    c = Controller(settings, actuator=DryRunActuator(settings.instances))
+    srv = serve_api(settings, c)
+    try:
+        base = f"http://{settings.control.api_host}:{settings.control.api_port}"
+        r = call(base, "POST", "/v1/drain", {"target": "onprem"})
+        assert r.status_code == 503 and "operator.json" in r.json()["error"] and "nothing changed" in r.json()["error"]
+        assert c.audit.operator_history() == [] and c.tick().reason != "drain"
+    finally:
+        srv.shutdown()
+        c.close()

@@ -54,7 +54,7 @@ def s3_at(endpoint: str) -> dict:
 def operator_override(c, weights: dict[str, int], ttl_s: float = 60.0) -> None:
     """An override in the controller's operator state (S3), as the admin API writes it."""
     s3x.ensure_bucket(c.operator.store.client, c.settings.s3)
-    c.operator.change(set_override(weights, ttl_s, "test", "", time.time()), by="test")
+    assert c.operator.change(set_override(weights, ttl_s, "test", "", time.time()), by="test").written
 TTL_S = 25.0
 
 
@@ -214,8 +214,8 @@ def test_the_view_reads_at_most_every_refresh_and_at_once_under_a_new_generation
     assert calls["GetObject"] == 1
     # Its own write updates the copy: decided on at once, no read.
     calls.reset()
-    st = view.change(undrain("cloud-1"), by="api")
-    assert st.generation == 7 and view.state(t[0] + 1.0).drains == {} and calls["GetObject"] == 0
+    r = view.change(undrain("cloud-1"), by="api")
+    assert r.written and r.state.generation == 7 and view.state(t[0] + 1.0).drains == {} and calls["GetObject"] == 0
 
 
 def test_operator_state_in_the_database_of_an_earlier_release_is_imported_once(tmp_path, s3, store):

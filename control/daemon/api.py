@@ -56,6 +56,10 @@ from control.traffic.policy import SITES
 log = logging.getLogger(__name__)
 
 
+class OperatorStateUnwritable(RuntimeError):
+    """S3 refused or did not answer the operator state write (answered 503: nothing changed)."""
+
+
 class BadRequest(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
@@ -160,9 +164,8 @@ class AdminService:
         note = body.get("note", "")
         if not isinstance(note, str) or len(note) > 500:
             raise BadRequest("note", "must be a string of at most 500 characters")
-        now = self.c.clock()
-        st = self._change(op.set_override(w, ttl, by, note, now), by, "override", "", {"weights": w, "ttl_s": ttl,
-                                                                                       "note": note})
+        st = self._change(op.set_override(w, ttl, by, note, self.c.clock()), by, "override", "",
+                          {"weights": w, "ttl_s": ttl, "note": note}).state
         ov = st.override
         d = self.c.tick()  # apply now, not at the next tick
         return {"override": {"weights": ov.weights, "expires_at": ov.expires_at, "ttl_s": ttl, "by": ov.by,
@@ -170,33 +173,33 @@ class AdminService:
                 "decision": {"reason": d.reason, "weights": d.weights, "message": d.message}}
 
     def clear_override(self, by: str = "") -> dict:
-        now = self.c.clock()
-        before = self.c.operator.state(now).override
-        st = self._change(op.clear_override(now), by, "clear_override")
+        written = self._change(op.clear_override(self.c.clock()), by, "clear_override").written
         d = self.c.tick()
-        return {"cleared": before is not None and before.expires_at > now and st.override is None,
+        return {"cleared": written,
                 "decision": {"reason": d.reason, "weights": d.weights}}
 
     def drain(self, body: dict, by: str, undrain: bool = False) -> dict:
         target, kind = validate_target(self.settings, body.get("target"))
-        now = self.c.clock()
-        was = target in self.c.operator.state(now).drains
         if undrain:
-            st = self._change(op.undrain(target), by, "undrain", target)
-            changed = was and target not in st.drains
+            changed = self._change(op.undrain(target), by, "undrain", target).written
         else:
-            st = self._change(op.drain(target, kind, by, now), by, "drain", target, {"kind": kind})
-            changed = not was
+            changed = self._change(op.drain(target, kind, by, self.c.clock()), by, "drain", target,
+                                   {"kind": kind}).written
         d = self.c.tick()
         return {"target": target, "kind": kind, "drained": not undrain, "changed": changed,
                 "decision": {"reason": d.reason, "weights": d.weights, "message": d.message}}
 
     def _change(self, fn: op.Change, by: str, action: str, target: str = "", detail: dict | None = None):
-        """Write the operator state in S3 (fenced; the cached copy follows), then audit the change."""
-        st = self.c.operator.change(fn, by)
-        self.c.audit.record_operator(ts=self.c.clock(), action=action, target=target, detail=detail, by=by,
-                                     generation=st.generation, revision=st.revision)
-        return st
+        """Write the operator state in S3 (fenced; the cached copy follows), then audit the change
+        (only a change that was written: a drain of a drained target is no action)."""
+        try:
+            read = self.c.operator.change(fn, by)
+        except (DesiredStateError, s3x.S3Error) as e:
+            raise OperatorStateUnwritable(f"the operator state could not be written, nothing changed: {e}") from None
+        if read.written:
+            self.c.audit.record_operator(ts=self.c.clock(), action=action, target=target, detail=detail, by=by,
+                                         generation=read.state.generation, revision=read.state.revision)
+        return read
 
     def policy(self) -> dict:
         return policy_view(self.settings, self.c.state.to_dict())
@@ -283,10 +286,9 @@ def create_app(settings, service: AdminService) -> Flask:
     def not_leader(e: NotLeader):  # the lease was lost between the check and the write
         return json_response(409, {"error": str(e), "leader": service.leader().get("leader")})
 
-    @app.errorhandler(DesiredStateError)
-    @app.errorhandler(s3x.S3Error)
-    def s3_unwritable(e: Exception):
-        return json_response(503, {"error": f"the operator state could not be written, nothing changed: {e}"})
+    @app.errorhandler(OperatorStateUnwritable)
+    def s3_unwritable(e: OperatorStateUnwritable):
+        return json_response(503, {"error": str(e)})
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

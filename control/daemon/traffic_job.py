@@ -170,7 +170,7 @@ class TrafficJob(DecisionJob):
     def _import_legacy(self, now: float) -> None:
         ov, drains = self.legacy
         try:
-            st = self.operator.change(import_legacy(ov, drains, now), by="database import")
+            st = self.operator.change(import_legacy(ov, drains, now), by="database import").state
         except Exception as e:  # noqa: BLE001 - S3 down or lease lost: the next acting tick retries
             log.warning("could not import the operator state from the control database yet: %s", e)
             return

@@ -117,6 +117,7 @@ def control_key(s3cfg, *parts: str) -> str:
 class Read:
     state: Any          # the store's model (DesiredState for DesiredStore)
     etag: str | None  # None: the object does not exist yet
+    written: bool = False  # from update_read: this state was just written (not: nothing to do)
 
 
 class DamagedObject(RuntimeError):
@@ -259,11 +260,11 @@ class ControlObjectStore:
                                         "exists, refusing to write")
             new = change(cur.state.model_copy(deep=True))
             if new is None:
-                return cur
+                return Read(cur.state, cur.etag)  # (the very state object: `update` callers compare with `is`)
             new = new.model_copy(update={"revision": cur.state.revision + 1, "generation": generation,
                                          "updated_at": clock(), "updated_by": by})
             try:
-                return Read(new, self.write(new, cur.etag))
+                return Read(new, self.write(new, cur.etag), written=True)
             except s3x.PreconditionFailed:
                 continue  # another writer won: re-read, re-decide
         raise DesiredStateError(f"s3://{self.bucket}/{self.key}: lost {attempts} write races in a row; "

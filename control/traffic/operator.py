@@ -158,14 +158,15 @@ class OperatorView:
                                 None if self._read is None else self._read.state.revision)
             return self._read.state if self._read is not None else OperatorState()
 
-    def change(self, fn: Change, by: str) -> OperatorState:
-        """A fenced, conditional write of `fn` applied to what S3 holds. Raises NotLeader (standby),
+    def change(self, fn: Change, by: str) -> Read:
+        """A fenced, conditional write of `fn` applied to what S3 holds: the state now in S3, and
+        whether it was written (`written`; False: nothing to do). Raises NotLeader (standby),
         DesiredStateError (a newer leader wrote it, or it is damaged) or s3x.S3Error."""
         generation = self.generation()
         with self._lock:
             read = self.store.update_read(fn, by=by, generation=generation, clock=self.clock, current=self._read)
             self._read, self._read_at, self.error = read, self.clock(), None
-            return read.state
+            return read
 
     def status(self) -> dict:
         r = self._read
