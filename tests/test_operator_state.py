@@ -40,7 +40,7 @@ from control.traffic.operator import (
 from control.traffic.policy import Override
 from control.waiting import wait_until
 from tests.test_control_plane import FakeTriton
-from tests.test_leader_sites import BOUND, LEADER, follows, leader_view, leads, s3, site_settings  # noqa: F401
+from tests.test_leader_sites import BOUND, follows, leads, s3, site_settings  # noqa: F401 - s3: the fixture
 
 INSTANCES = ("onprem-1", "onprem-2", "cloud-1")
 
