@@ -505,6 +505,9 @@ class ControlConfig(_Section):
     poll_interval_s: float = 1.0
     poll_timeout_s: float = 0.8
     decide_interval_s: float = 1.0
+    # The operator state (overrides, drains: _control/operator.json in S3) is re-read at most this
+    # often (a conditional GET), and at once when this control plane starts to lead (docs/traffic.md).
+    operator_refresh_s: float = Field(5.0, gt=0)
     # The routing layers the decided weights are applied to, each at every tick, in this order;
     # the first is the source of the observed state (weights, health): haproxy first when listed.
     # Two sites: [haproxy, route53] (each site's HAProxy and the DNS records between the sites), or

@@ -1,7 +1,7 @@
 """The control plane's SQLite database: one file under the run dir, shared by the traffic and
 scaling audit (control/traffic/audit.py), the rollout audit (control/rollout/audit.py) and the cost
-ledger. Only audit and cache: the decisions that must survive (desired versions, rejections) live
-in the S3 mirror. Each module owns its tables and creates them with
+ledger. Only audit and cache: the decisions that must survive (desired versions, rejections, the
+operator's overrides and drains) live in the S3 mirror, where the other site's control plane reads them. Each module owns its tables and creates them with
 `migrate`; WAL mode so the CLI can read while the daemon writes.
 
 Schema versions: each module (component) hands `migrate` its list of migration scripts; script i

@@ -13,6 +13,7 @@ from control.daemon.controller import Controller
 from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
 from control.local.procs import free_port
+from tests.test_operator_state import operator_override, s3_at
 from control.traffic.actuators import (
     ActuatorError,
     CompositeActuator,
@@ -41,9 +42,11 @@ def zone(client):
         client.delete_health_check(HealthCheckId=hc["Id"])
 
 
-def two_layer_settings(run_dir, endpoint, zone):
+def two_layer_settings(run_dir, endpoint, zone, s3_endpoint: str | None = None):
+    """`s3_endpoint`: where the operator state lives (default: `endpoint`, moto serves both)."""
     return make_settings(run_dir, control={"actuators": ["haproxy", "route53"], "route53": {
-        "endpoint_url": endpoint, "hosted_zone_id": zone, "record_name": RECORD, "targets": TARGETS}})
+        "endpoint_url": endpoint, "hosted_zone_id": zone, "record_name": RECORD, "targets": TARGETS}},
+        s3=s3_at(s3_endpoint or endpoint))
 
 
 @pytest.fixture
@@ -103,7 +106,7 @@ def test_site_weights_move_haproxy_and_dns_together(haproxy_settings, client, zo
     c = Controller(settings)
     try:
         assert c.actuator.name == "haproxy+route53"
-        c.audit.set_override({"onprem": 30, "cloud": 70}, 60, by="test")
+        operator_override(c, {"onprem": 30, "cloud": 70})
         c.tick()
         row = c.audit.last()
         assert row.applied and row.error is None and row.actuator == "haproxy+route53"
@@ -144,15 +147,15 @@ def test_site_weights_move_haproxy_and_dns_together(haproxy_settings, client, zo
         c.close()
 
 
-def test_a_failing_route53_does_not_stop_the_haproxy_apply(tmp_path, zone, client):
+def test_a_failing_route53_does_not_stop_the_haproxy_apply(tmp_path, zone, client, moto_endpoint):
     """Route53 unreachable (nothing listens on its endpoint): HAProxy still gets the weights; the
     audit row says which layer failed and apply_errors counts it under its own name."""
-    settings = two_layer_settings(tmp_path / "run", f"http://127.0.0.1:{free_port()}", zone)
+    settings = two_layer_settings(tmp_path / "run", f"http://127.0.0.1:{free_port()}", zone, moto_endpoint)
     proc = start_haproxy(settings)
     c = Controller(settings)
     try:
         assert c.traffic.observe_error is None   # HAProxy observed: Route53's read error is a layer's error
-        c.audit.set_override({"onprem": 20, "cloud": 80}, 60, by="test")
+        operator_override(c, {"onprem": 20, "cloud": 80})
         c.tick()
         row = c.audit.last()
         assert row.applied and row.error and row.error.startswith("route53: ")
@@ -167,12 +170,12 @@ def test_a_failing_route53_does_not_stop_the_haproxy_apply(tmp_path, zone, clien
         proc.stop()
 
 
-def test_when_every_layer_fails_nothing_is_applied(tmp_path, zone):
+def test_when_every_layer_fails_nothing_is_applied(tmp_path, zone, moto_endpoint):
     """No HAProxy running and Route53 unreachable: the tick is not applied, each layer's error counted."""
-    settings = two_layer_settings(tmp_path / "run", f"http://127.0.0.1:{free_port()}", zone)
+    settings = two_layer_settings(tmp_path / "run", f"http://127.0.0.1:{free_port()}", zone, moto_endpoint)
     c = Controller(settings)
     try:
-        c.audit.set_override({"onprem": 40, "cloud": 60}, 60, by="test")
+        operator_override(c, {"onprem": 40, "cloud": 60})
         c.tick()
         row = c.audit.last()
         assert not row.applied and "haproxy: " in row.error and "route53: " in row.error

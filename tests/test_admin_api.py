@@ -13,6 +13,7 @@ from control.daemon.api import serve_api
 from control.daemon.controller import Controller
 from control.drills.models import write_add_model
 from control.local.isolated import isolated_settings as make_settings
+from control.local.procs import free_port
 from control.local.s3_endpoint import start_s3_server
 from control.mirror.desired import DesiredStore, InstanceStatus, seed_stable
 from control.mirror.publish import publish_version
@@ -21,10 +22,37 @@ from control.traffic.actuators import DryRunActuator
 TOKEN = "test-admin-token-123"
 
 
+@pytest.fixture(scope="module")
+def s3srv(tmp_path_factory):
+    """One S3 endpoint (moto's server, its own process) for the module: the operator state lives there."""
+    settings = make_settings(tmp_path_factory.mktemp("api-s3") / "run")
+    proc = start_s3_server(settings)
+    try:
+        client = s3x.make_client(settings.s3)
+        s3x.ensure_bucket(client, settings.s3)
+        yield settings, client
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
-def svc(tmp_path):
+def s3(s3srv):
+    """The module's S3 endpoint, emptied: no operator state of an earlier test."""
+    settings, client = s3srv
+    for key in s3x.list_keys(client, settings.s3.bucket, ""):
+        client.delete_object(Bucket=settings.s3.bucket, Key=key)
+    return {"port": settings.s3.port, "start_local_server": False}
+
+
+def no_override(c) -> bool:
+    """Nothing an operator set reached S3 (read past the daemon's cache)."""
+    return c.operator.store.read().state.override is None
+
+
+@pytest.fixture
+def svc(tmp_path, s3):
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
-                             control={"admin_token": TOKEN, "actuators": ["dry-run"]})
+                             control={"admin_token": TOKEN, "actuators": ["dry-run"]}, s3=s3)
     c = Controller(settings, actuator=DryRunActuator(settings.instances))
     srv = serve_api(settings, c)
     base = f"http://{settings.control.api_host}:{settings.control.api_port}"
@@ -46,7 +74,7 @@ def test_no_or_wrong_token_is_401(svc, token, method, path):
     r = call(base, method, path, {"weights": {"onprem": 0, "cloud": 100}, "ttl_s": 60}, token=token)
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    assert c.audit.override() is None  # nothing happened
+    assert no_override(c)  # nothing happened
 
 
 def test_other_auth_schemes_are_401(svc):
@@ -81,7 +109,7 @@ def test_bad_weights_are_400_naming_the_field(svc, body, field):
     assert r.status_code == 400, r.text
     assert r.json()["field"] == field
     assert r.json()["error"].startswith(field + ":")
-    assert c.audit.override() is None
+    assert no_override(c)
 
 
 def test_bad_json_and_bad_targets_are_400(svc):
@@ -128,7 +156,7 @@ def test_clear_override(svc):
     base, c = svc
     call(base, "POST", "/v1/weights", {"weights": {"onprem": 50, "cloud": 50}, "ttl_s": 600})
     r = call(base, "DELETE", "/v1/weights/override").json()
-    assert r["cleared"] is True and c.audit.override() is None
+    assert r["cleared"] is True and no_override(c)
 
 
 def test_drain_and_undrain(svc):
@@ -162,44 +190,40 @@ def test_rollouts_through_the_api_and_the_agents_versions_as_metrics(svc, tmp_pa
     versions each agent reports become triton_hybrid_live_version / version_lag."""
     base, c = svc
     settings = c.settings
-    s3 = start_s3_server(settings)
-    try:
-        client = s3x.make_client(settings.s3)
-        s3x.ensure_bucket(client, settings.s3)
-        store = DesiredStore(client, settings.s3)
-        for v in (1, 2):
-            write_add_model(tmp_path / "build", v, float(v))
-            publish_version(settings, tmp_path / "build", "add_one", v, client=client, retention=False)
-        store.update(seed_stable({"add_one": 1}), by="test")
-        store.write_status(InstanceStatus(instance="onprem-1", site="onprem", at=time.time(), ready=True,
-                                          models={"add_one": {"target": 1, "live": 1, "state": "live"}}))
-        store.write_status(InstanceStatus(instance="cloud-1", site="cloud", at=time.time(),
-                                          models={"add_one": {"target": 1, "live": None, "state": "waiting"}}))
-        [t] = c.rollout.tick()  # v2 published above stable v1: a rollout starts by itself
-        assert (t.model, t.version, str(t.to_phase)) == ("add_one", 2, "published")
-        reg = c.metrics.registry
-        assert reg.get_sample_value("triton_hybrid_live_version", {"instance": "onprem-1", "model": "add_one"}) == 1
-        assert reg.get_sample_value("triton_hybrid_version_lag", {"instance": "onprem-1", "model": "add_one"}) == 0
-        assert reg.get_sample_value("triton_hybrid_version_lag", {"instance": "cloud-1", "model": "add_one"}) == 1
-        assert reg.get_sample_value("triton_hybrid_last_rollout_tick_timestamp_seconds") > 0
+    # The module's S3 endpoint (fixture s3srv) holds the mirror too.
+    client = s3x.make_client(settings.s3)
+    store = DesiredStore(client, settings.s3)
+    for v in (1, 2):
+        write_add_model(tmp_path / "build", v, float(v))
+        publish_version(settings, tmp_path / "build", "add_one", v, client=client, retention=False)
+    store.update(seed_stable({"add_one": 1}), by="test")
+    store.write_status(InstanceStatus(instance="onprem-1", site="onprem", at=time.time(), ready=True,
+                                      models={"add_one": {"target": 1, "live": 1, "state": "live"}}))
+    store.write_status(InstanceStatus(instance="cloud-1", site="cloud", at=time.time(),
+                                      models={"add_one": {"target": 1, "live": None, "state": "waiting"}}))
+    [t] = c.rollout.tick()  # v2 published above stable v1: a rollout starts by itself
+    assert (t.model, t.version, str(t.to_phase)) == ("add_one", 2, "published")
+    reg = c.metrics.registry
+    assert reg.get_sample_value("triton_hybrid_live_version", {"instance": "onprem-1", "model": "add_one"}) == 1
+    assert reg.get_sample_value("triton_hybrid_version_lag", {"instance": "onprem-1", "model": "add_one"}) == 0
+    assert reg.get_sample_value("triton_hybrid_version_lag", {"instance": "cloud-1", "model": "add_one"}) == 1
+    assert reg.get_sample_value("triton_hybrid_last_rollout_tick_timestamp_seconds") > 0
 
-        m = call(base, "GET", "/v1/rollouts/add_one").json()["models"]["add_one"]
-        assert (m["phase"], m["stable"], m["canary"]["version"]) == ("published", 1, 2)
-        r = call(base, "POST", "/v1/rollouts/add_one/abort")
-        assert r.status_code == 200 and r.json()["transition"]["to"] == "rolled_back", r.text
-        m = call(base, "GET", "/v1/rollouts").json()["models"]["add_one"]
-        assert m["stable"] == 1 and "2" in {str(v) for v in m["rejected"]} and m["canary"] is None
-        assert call(base, "GET", "/v1/status").json()["rollout"]["transitions"][0]["to"] == "published"
+    m = call(base, "GET", "/v1/rollouts/add_one").json()["models"]["add_one"]
+    assert (m["phase"], m["stable"], m["canary"]["version"]) == ("published", 1, 2)
+    r = call(base, "POST", "/v1/rollouts/add_one/abort")
+    assert r.status_code == 200 and r.json()["transition"]["to"] == "rolled_back", r.text
+    m = call(base, "GET", "/v1/rollouts").json()["models"]["add_one"]
+    assert m["stable"] == 1 and "2" in {str(v) for v in m["rejected"]} and m["canary"] is None
+    assert call(base, "GET", "/v1/status").json()["rollout"]["transitions"][0]["to"] == "published"
 
-        bad = call(base, "POST", "/v1/rollouts/add_one/explode")
-        assert bad.status_code == 400 and bad.json()["field"] == "command" and "rollback" in bad.json()["error"]
-        bad = call(base, "POST", "/v1/rollouts/add_one/rollback", {"to": "one"})
-        assert bad.status_code == 400 and bad.json()["field"] == "to"
-        bad = call(base, "POST", "/v1/rollouts/add_one/pause")  # nothing runs: the machine says why
-        assert bad.status_code == 400 and bad.json()["field"] == "command"
-        assert call(base, "POST", "/v1/rollouts/add_one/pause", token=None).status_code == 401
-    finally:
-        s3.stop()
+    bad = call(base, "POST", "/v1/rollouts/add_one/explode")
+    assert bad.status_code == 400 and bad.json()["field"] == "command" and "rollback" in bad.json()["error"]
+    bad = call(base, "POST", "/v1/rollouts/add_one/rollback", {"to": "one"})
+    assert bad.status_code == 400 and bad.json()["field"] == "to"
+    bad = call(base, "POST", "/v1/rollouts/add_one/pause")  # nothing runs: the machine says why
+    assert bad.status_code == 400 and bad.json()["field"] == "command"
+    assert call(base, "POST", "/v1/rollouts/add_one/pause", token=None).status_code == 401
 
 
 def test_decision_metrics_are_exported(svc):
@@ -221,11 +245,12 @@ from control.waiting import wait_until  # noqa: E402
 
 
 @pytest.fixture
-def daemon(tmp_path):
+def daemon(tmp_path, s3):
     """The whole daemon (scheduler + admin API), dry-run actuator, decide every 0.2 s."""
     settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
                              control={"admin_token": TOKEN, "actuators": ["dry-run"], "decide_interval_s": 0.2,
-                                      "poll_interval_s": 0.2, "poll_timeout_s": 0.1, "rollout": {"enabled": False}})
+                                      "poll_interval_s": 0.2, "poll_timeout_s": 0.1, "rollout": {"enabled": False}},
+                             s3=s3)
     d = Daemon(settings, actuator=DryRunActuator(settings.instances), serve_metrics=False).start()
     yield settings, d
     d.stop()
@@ -268,7 +293,7 @@ def test_a_client_holding_a_partial_body_does_not_stop_the_decide_ticks(daemon):
                           "the server to close the stalled connection", interval=0.0)
     finally:
         sock.close()
-    assert c.audit.override() is None  # the half-sent override never happened
+    assert no_override(c)  # the half-sent override never happened
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "1e3", "+5", "5, 5", "0x10", " "])
@@ -285,7 +310,7 @@ def test_malformed_content_length_is_400_not_a_dropped_connection(daemon, value,
     finally:
         sock.close()
     assert line.startswith("HTTP/1.1 400"), f"Content-Length {value!r}: {line or '(connection dropped)'}"
-    assert d.controller.audit.override() is None
+    assert no_override(d.controller)
 
 
 @pytest.mark.parametrize("ttl", [0.5, "0.5s", "0.2", 0.999])
@@ -294,7 +319,7 @@ def test_ttl_below_the_documented_minimum_is_refused(svc, ttl):
     r = call(base, "POST", "/v1/weights", {"weights": {"onprem": 70, "cloud": 30}, "ttl_s": ttl})
     assert r.status_code == 400, f"ttl_s={ttl!r} was accepted: {r.text}"
     assert r.json()["field"] == "ttl_s" and "between 1s" in r.json()["error"]
-    assert c.audit.override() is None
+    assert no_override(c)
 
 
 def test_body_over_the_size_limit_is_refused(svc):
@@ -302,4 +327,33 @@ def test_body_over_the_size_limit_is_refused(svc):
     r = requests.post(base + "/v1/weights", data=b"{" + b" " * (2 * 1024 * 1024) + b"}", timeout=10,
                       headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert r.status_code in (400, 413), r.text
-    assert c.audit.override() is None
+    assert no_override(c)
+
+
+# ---- issue 16: operator state in S3 ------------------------------------------------------------
+def test_operator_changes_go_to_s3_and_only_real_changes_are_audited(svc):
+    base, c = svc
+    assert call(base, "POST", "/v1/drain", {"target": "cloud-1"}).json()["changed"] is True
+    assert call(base, "POST", "/v1/drain", {"target": "cloud-1"}).json()["changed"] is False
+    assert call(base, "DELETE", "/v1/weights/override").json()["cleared"] is False
+    st = c.operator.store.read().state
+    assert set(st.drains) == {"cloud-1"} and st.drains["cloud-1"].by == "api:127.0.0.1"
+    rows = c.audit.operator_history()
+    assert [(r["action"], r["target"], r["revision"]) for r in rows] == [("drain", "cloud-1", st.revision)]
+    assert call(base, "GET", "/v1/status").json()["operator_state"]["revision"] == st.revision
+
+
+def test_operator_state_unwritable_is_503_and_nothing_changes(tmp_path):
+    settings = make_settings(tmp_path / "run", instances=(("onprem-1", "onprem", 100, True), ("cloud-1", "cloud", 0, False)),
+                             control={"admin_token": TOKEN, "actuators": ["dry-run"]},
+                             s3={"port": free_port(), "start_local_server": False})  # nothing listens there
+    c = Controller(settings, actuator=DryRunActuator(settings.instances))
+    srv = serve_api(settings, c)
+    try:
+        base = f"http://{settings.control.api_host}:{settings.control.api_port}"
+        r = call(base, "POST", "/v1/drain", {"target": "onprem"})
+        assert r.status_code == 503 and "operator.json" in r.json()["error"] and "nothing changed" in r.json()["error"]
+        assert c.audit.operator_history() == [] and c.tick().reason != "drain"
+    finally:
+        srv.shutdown()
+        c.close()

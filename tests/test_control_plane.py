@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from bench.common import load_queries, triton_http_caller
 from bench.rollout import SteadyLoad, next_version_dir
+from control.adapters import s3 as s3x
 from control.adapters.haproxy_runtime import HAProxyRuntime
 from control.cli import cli
 from control.daemon.controller import Controller, Daemon
@@ -32,6 +33,7 @@ from control.drills.models import write_add_model
 from control.local import stack as local_stack
 from control.local.haproxy import start_haproxy
 from control.local.isolated import isolated_settings as make_settings
+from control.local.s3_endpoint import start_s3_server
 from control.local.triton_server import start_triton
 from control.traffic.actuators import DryRunActuator
 from control.traffic.audit import Audit
@@ -85,6 +87,8 @@ def stack(tmp_path_factory):
             procs.append(start_triton(inst.name, repo, inst.http_port, inst.grpc_port, inst.metrics_port,
                                       settings.run_path, load_models=(MODEL,), ready_timeout=60))
         procs.append(start_haproxy(settings))
+        procs.append(start_s3_server(settings))  # the operator state (overrides, drains) lives in S3
+        s3x.ensure_bucket(s3x.make_client(settings.s3), settings.s3)
         daemon = Daemon(settings).start()
         stack_info = {"settings": settings, "daemon": daemon, "procs": {p.name: p for p in procs}, "repo": repo,
                "rt": HAProxyRuntime.for_settings(settings)}

@@ -63,7 +63,7 @@ def fresh(s3):
 def elector(settings, client, name, site, wall, mono, fence=True, audit=None, store=None):
     registry = CollectorRegistry()
     e = Elector(store or LeaseStore(client, settings.s3), CFG, Me(name, f"s-{name}", site),
-                desired=DesiredStore(client, settings.s3) if fence else None, audit=audit,
+                fenced=[DesiredStore(client, settings.s3)] if fence else (), audit=audit,
                 metrics=LeaderMetrics(registry), clock=wall, mono=mono)
     return e, registry
 

@@ -247,13 +247,14 @@ def test_daemon_with_route53_actuator_changes_records(moto_endpoint, zone, tmp_p
     """The control loop end to end on DNS: an operator override goes through decide + apply into
     the weighted records of the local endpoint server, and is audited."""
     from control.daemon.controller import Controller  # noqa: PLC0415 - deferred: pulls in boto3, botocore, tritonclient
+    from tests.test_operator_state import operator_override, s3_at  # noqa: PLC0415 - deferred like the above
     settings = make_settings(tmp_path / "run", control={"actuators": ["route53"], "route53": {
         "endpoint_url": moto_endpoint, "hosted_zone_id": zone, "record_name": "triton.search.example.com.",
-        "targets": TARGETS}})
+        "targets": TARGETS}}, s3=s3_at(moto_endpoint))  # moto serves the operator state too
     c = Controller(settings)
     try:
         assert c.actuator.name == "route53"
-        c.audit.set_override({"onprem": 35, "cloud": 65}, 60, by="test")
+        operator_override(c, {"onprem": 35, "cloud": 65})
         d = c.tick()
         assert d.reason == "override"
         assert c.actuator.observe().site_weights == {"onprem": 35, "cloud": 65}

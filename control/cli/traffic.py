@@ -2,8 +2,9 @@
 `policy show`, `history` (all with --json).
 
 Writes (weights set/clear, drain, undrain) go through the daemon's admin API with the token from
-the config: the daemon applies them at once and audits them; if the daemon is down they fail with
-a clear message. Read-only views (weights show, policy show, history) ask the API and, when the
+the config: the leading daemon writes them to the operator state in S3 (_control/operator.json, so
+the other site's control plane inherits them), applies them at once and audits them; a standby
+answers 409 naming the leader; if the daemon is down they fail with a clear message. Read-only views (weights show, policy show, history) ask the API and, when the
 daemon is down, read the SQLite database directly (and say so).
 """
 from __future__ import annotations

@@ -28,7 +28,10 @@ thread, and only then may an operation take the traffic job's lock (an override 
 A malformed Content-Length is answered 400 by waitress before any of this code runs.
 
 With leader election on (control.leader), a standby answers every change (POST, DELETE) with 409 and
-the leader's name: only the leader acts (docs/leader.md).
+the leader's name: only the leader acts (docs/leader.md). Overrides and drains are written to the
+operator state in S3 (_control/operator.json, fenced by the lease generation; control/traffic/operator.py),
+so the other site's control plane inherits them; each change is also a row of the operator audit.
+The operator state unwritable (S3 down, a newer leader wrote it): 503 with the reason.
 """
 from __future__ import annotations
 
@@ -39,14 +42,22 @@ import time
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException
 
+from control.adapters import s3 as s3x
 from control.capacity.cost import cost_summary
 from control.durations import DurationError, parse_duration, since_to_ts
 from control.http_api import WaitressServer, bearer_refusal, json_response
+from control.leader.gate import NotLeader
+from control.mirror.desired import DesiredStateError
 from control.mirror.manifest import ManifestError, validate_model_name
 from control.rollout.phases import Command, CommandError, CommandKind
+from control.traffic import operator as op
 from control.traffic.policy import SITES
 
 log = logging.getLogger(__name__)
+
+
+class OperatorStateUnwritable(RuntimeError):
+    """S3 refused or did not answer the operator state write (answered 503: nothing changed)."""
 
 
 class BadRequest(ValueError):
@@ -153,25 +164,42 @@ class AdminService:
         note = body.get("note", "")
         if not isinstance(note, str) or len(note) > 500:
             raise BadRequest("note", "must be a string of at most 500 characters")
-        ov = self.c.audit.set_override(w, ttl, by=by, note=note, now=self.c.clock())
+        st = self._change(op.set_override(w, ttl, by, note, self.c.clock()), by, "override", "",
+                          {"weights": w, "ttl_s": ttl, "note": note}).state
+        ov = st.override
         d = self.c.tick()  # apply now, not at the next tick
-        return {"override": ov, "decision": {"reason": d.reason, "weights": d.weights, "message": d.message}}
+        return {"override": {"weights": ov.weights, "expires_at": ov.expires_at, "ttl_s": ttl, "by": ov.by,
+                             "note": ov.note, "revision": st.revision},
+                "decision": {"reason": d.reason, "weights": d.weights, "message": d.message}}
 
-    def clear_override(self) -> dict:
-        cleared = self.c.audit.clear_override(self.c.clock())
+    def clear_override(self, by: str = "") -> dict:
+        written = self._change(op.clear_override(self.c.clock()), by, "clear_override").written
         d = self.c.tick()
-        return {"cleared": cleared, "decision": {"reason": d.reason, "weights": d.weights}}
+        return {"cleared": written,
+                "decision": {"reason": d.reason, "weights": d.weights}}
 
     def drain(self, body: dict, by: str, undrain: bool = False) -> dict:
         target, kind = validate_target(self.settings, body.get("target"))
         if undrain:
-            changed = self.c.audit.undrain(target)
+            changed = self._change(op.undrain(target), by, "undrain", target).written
         else:
-            self.c.audit.drain(target, kind, by=by, now=self.c.clock())
-            changed = True
+            changed = self._change(op.drain(target, kind, by, self.c.clock()), by, "drain", target,
+                                   {"kind": kind}).written
         d = self.c.tick()
         return {"target": target, "kind": kind, "drained": not undrain, "changed": changed,
                 "decision": {"reason": d.reason, "weights": d.weights, "message": d.message}}
+
+    def _change(self, fn: op.Change, by: str, action: str, target: str = "", detail: dict | None = None):
+        """Write the operator state in S3 (fenced; the cached copy follows), then audit the change
+        (only a change that was written: a drain of a drained target is no action)."""
+        try:
+            read = self.c.operator.change(fn, by)
+        except (DesiredStateError, s3x.S3Error) as e:
+            raise OperatorStateUnwritable(f"the operator state could not be written, nothing changed: {e}") from None
+        if read.written:
+            self.c.audit.record_operator(ts=self.c.clock(), action=action, target=target, detail=detail, by=by,
+                                         generation=read.state.generation, revision=read.state.revision)
+        return read
 
     def policy(self) -> dict:
         return policy_view(self.settings, self.c.state.to_dict())
@@ -254,6 +282,14 @@ def create_app(settings, service: AdminService) -> Flask:
     def bad_request(e: BadRequest):
         return json_response(400, {"error": str(e), "field": e.field})
 
+    @app.errorhandler(NotLeader)
+    def not_leader(e: NotLeader):  # the lease was lost between the check and the write
+        return json_response(409, {"error": str(e), "leader": service.leader().get("leader")})
+
+    @app.errorhandler(OperatorStateUnwritable)
+    def s3_unwritable(e: OperatorStateUnwritable):
+        return json_response(503, {"error": str(e)})
+
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
         msg = {404: f"no endpoint {request.path}", 405: f"{request.method} not allowed on {request.path}"}
@@ -270,7 +306,7 @@ def create_app(settings, service: AdminService) -> Flask:
         ("/v1/leader", "GET", service.leader),
         ("/v1/weights", "GET", service.weights),
         ("/v1/weights", "POST", lambda: service.set_weights(body(), by())),
-        ("/v1/weights/override", "DELETE", service.clear_override),
+        ("/v1/weights/override", "DELETE", lambda: service.clear_override(by())),
         ("/v1/drain", "POST", lambda: service.drain(body(), by())),
         ("/v1/undrain", "POST", lambda: service.drain(body(), by(), undrain=True)),
         ("/v1/ready", "POST", lambda: service.drain(body(), by(), undrain=True)),

@@ -8,7 +8,10 @@ from typing import Callable
 
 import requests
 
+from control.adapters import s3 as s3x
+from control.mirror.desired import DesiredStateError
 from control.traffic.audit import Audit
+from control.traffic.operator import OperatorStore
 
 
 class DaemonError(RuntimeError):
@@ -66,16 +69,21 @@ def daemon_or_database(settings, path: str, read_db: Callable[[Audit], dict], *,
 
 
 def weights_summary(settings) -> dict:
-    """For `triton-hybrid status`: the weights part, from the daemon or (daemon down) the database."""
+    """For `triton-hybrid status`: the weights part, from the daemon or (daemon down) the database
+    and the operator state in S3 (override, drains)."""
     def read_db(audit) -> dict:
         last = audit.last()
-        ov = audit.override()
         now = time.time()
-        return {"weights": last.new_weights if last else None,
-                "instance_weights": last.instance_weights if last else None,
-                "last_decision": None if last is None else {"reason": last.reason, "message": last.message,
-                                                            "time": last.to_dict()["time"]},
-                "override": None if ov is None or ov.expires_at <= now else
-                {"weights": ov.weights, "ttl_left_s": round(ov.expires_at - now, 1)},
-                "drained": [d["target"] for d in audit.drains()]}
+        out = {"weights": last.new_weights if last else None,
+               "instance_weights": last.instance_weights if last else None,
+               "last_decision": None if last is None else {"reason": last.reason, "message": last.message,
+                                                           "time": last.to_dict()["time"]}}
+        try:
+            st = OperatorStore(s3x.make_client(settings.s3, connect_timeout=2, read_timeout=3), settings.s3).read().state
+        except (s3x.S3Error, DesiredStateError) as e:
+            return out | {"operator_state_error": str(e)}
+        ov = st.override
+        return out | {"override": None if ov is None or ov.expires_at <= now else
+                      {"weights": ov.weights, "ttl_left_s": round(ov.expires_at - now, 1)},
+                      "drained": sorted(st.drains)}
     return daemon_or_database(settings, "/v1/weights", read_db, any_error=True, no_database={"weights": None})

@@ -43,7 +43,9 @@ from control.leader.audit import Transition
 from control.leader.gate import Gate
 from control.leader.lease import Event
 from control.traffic.actuators import WeightActuator, actuator_names, make_actuator
+from control.leader.store import lease_client
 from control.traffic.audit import Audit
+from control.traffic.operator import OperatorStore, OperatorView
 from control.traffic.policy import Decision
 
 log = logging.getLogger("triton_hybrid.control")
@@ -78,7 +80,13 @@ class Controller:
         self.actuator: WeightActuator = actuator or make_actuator(settings, self.gate.fencing_token)
         for name in actuator_names(self.actuator):
             self.metrics.init_series(settings.instances, name)
-        self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, clock, self.gate)
+        # Overrides and drains: S3 (_control/operator.json), written by the leader only (fenced). Read
+        # from the decide tick: short timeouts, no retries (the next refresh is the retry), as the lease.
+        client = lease_client(settings.s3, settings.control.leader.s3_timeout_s)
+        self.operator = OperatorView(OperatorStore(client, settings.s3),
+                                     settings.control.operator_refresh_s, self.gate.fencing_token, clock)
+        self.traffic = TrafficJob(settings, self.registry, self.actuator, self.audit, self.metrics, self.operator,
+                                  clock, self.gate)
         self.capacity = CapacityJob(settings, self.registry, self.traffic, self.audit, self.metrics, clock, self.gate)
         self.rollout = RolloutJob(settings, self.metrics, clock, registry=self.registry, gate=self.gate)
 

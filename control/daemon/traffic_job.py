@@ -4,7 +4,8 @@ weight actuator, read back, audit, export metrics.
   poll    every control.poll_interval_s: scrape every instance (control/traffic/poller.py)
   decide  every control.decide_interval_s: the poller's probe windows + the actuator's observed
           state (weights, HAProxy's health verdict) -> control/traffic/health.py -> snapshots,
-          + operator controls -> control/traffic/policy.py -> apply + read back -> audit + metrics.
+          + operator controls (S3, control/traffic/operator.py) -> control/traffic/policy.py -> apply
+          + read back -> audit + metrics.
           Each tick starts from the state the actuator *observes*, so a hand edit or an HAProxy
           restart (drift) is reconciled.
 
@@ -27,6 +28,7 @@ from control.daemon.registry import Registry
 from control.leader.gate import Gate
 from control.traffic.actuators import ActuatorError, Observed, Plan, WeightActuator
 from control.traffic.audit import Audit
+from control.traffic.operator import OperatorView, import_legacy
 from control.traffic.health import assess
 from control.traffic.policy import (
     SITES,
@@ -53,11 +55,16 @@ class TrafficJob(DecisionJob):
     name = "traffic"
 
     def __init__(self, settings, registry: Registry, actuator: WeightActuator, audit: Audit,
-                 metrics: ControlMetrics, clock=time.time, gate: Gate | None = None):
+                 metrics: ControlMetrics, operator: OperatorView, clock=time.time, gate: Gate | None = None):
         super().__init__(settings, registry, audit, metrics, clock)
         self.cfg = settings.control.policy
         self.actuator = actuator
+        self.operator = operator
         self.gate = gate or Gate()
+        # An earlier release kept overrides and drains in the control database: the first time this
+        # daemon acts, they go to S3 (once), then the database keeps only the audit.
+        ov, drains = audit.legacy_controls()
+        self.legacy = (ov, drains) if ov is not None or drains else None
         c = settings.control
         self.poller = Poller(registry.instances, c.poll_timeout_s, c.dcgm_exporter_urls, clock=clock,
                              on_result=metrics.observe_poll, history=self.cfg.health_window)
@@ -122,7 +129,7 @@ class TrafficJob(DecisionJob):
             if obs is not None:
                 self.last_health = dict(obs.health)
             snaps = self.snapshots(now)
-            controls = self.audit.controls(now)
+            controls = self._controls(now)
             # Start from what the actuator really has (reconcile drift); fall back to our memory.
             current = obs.site_weights if obs is not None and obs.site_weights else dict(self.weights)
             old = dict(self.weights)
@@ -151,6 +158,29 @@ class TrafficJob(DecisionJob):
             if self.ticks % 600 == 0:
                 self.audit.prune(now - self.settings.control.audit_retention_h * 3600)
             return d
+
+    def _controls(self, now: float):
+        """The operator's controls from S3 (the cached copy; re-read at once under a new lease
+        generation, so a new leader decides with what its predecessor's operator set)."""
+        generation = self.gate.acting_generation()
+        if generation is not None and self.legacy is not None:
+            self._import_legacy(now)
+        return self.operator.state(now, generation).controls()
+
+    def _import_legacy(self, now: float) -> None:
+        ov, drains = self.legacy
+        try:
+            st = self.operator.change(import_legacy(ov, drains, now), by="database import").state
+        except Exception as e:  # noqa: BLE001 - S3 down or lease lost: the next acting tick retries
+            log.warning("could not import the operator state from the control database yet: %s", e)
+            return
+        self.audit.record_operator(ts=now, action="import", detail={"drains": [d["target"] for d in drains],
+                                   "override": None if ov is None else ov.weights}, by="database import",
+                                   generation=st.generation, revision=st.revision)
+        self.audit.forget_legacy_controls(now)
+        self.legacy = None
+        log.info("imported the operator state from the control database into S3: drains %s, override %s",
+                 [d["target"] for d in drains], None if ov is None else ov.weights)
 
     def _apply(self, plan: Plan, now: float) -> tuple[bool, list[str], list[str], str | None]:
         if not self.gate.acting():  # standby: decided (for its status), never applied
@@ -195,7 +225,7 @@ class TrafficJob(DecisionJob):
         now = self.clock()
         obs = self._observe()
         snaps = self.snapshots(now, None if obs is None else obs.health)
-        controls = self.audit.controls(now)
+        controls = self.operator.state(now).controls()
         d = self.last_decision
         ov = controls.override
         return {
@@ -212,6 +242,7 @@ class TrafficJob(DecisionJob):
             "drained": sorted(controls.drained),
             "instances": {k: v.to_dict() for k, v in snaps.items()},
             "last_apply_ok": self.last_apply_ok, "last_error": self.last_error, "resumed_from": self.resumed_from,
+            "operator_state": self.operator.status(),
         }
 
     def close(self) -> None:

@@ -304,6 +304,13 @@ class DrillEnv:
         DesiredStore(client, self.settings.s3).update(
             seed_stable({r.model: r.version for r in published}), by="drill")
 
+    def start_control_s3(self) -> None:
+        """A bare S3 endpoint for a traffic drill's control plane: its operator state (overrides,
+        drains) lives in the mirror (control/traffic/operator.py)."""
+        from control.adapters import s3 as s3x  # noqa: PLC0415 - boto3 only for drills that need S3
+        self.procs["s3"] = start_s3_server(self.settings)
+        s3x.ensure_bucket(s3x.make_client(self.settings.s3), self.settings.s3)
+
     def start_s3_proxy(self) -> None:
         s3 = self.settings.s3
         self.proxies["s3"] = [DelayProxy(s3.host, s3.port, s3.host, self.s3_real_port).start()]
@@ -321,6 +328,8 @@ class DrillEnv:
             self.settings = write_settings_file(self.settings)
         if self.with_s3:
             self.start_s3()
+        elif self.with_control:
+            self.start_control_s3()
         for inst in self.settings.instances:
             for (port, real) in zip((inst.http_port, inst.grpc_port), self.listen_ports.get(inst.name, ())):
                 if port != real:

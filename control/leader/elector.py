@@ -8,9 +8,10 @@ lease_s - skew_margin_s). A leader cut off from S3, or whose renewals hang, stop
 deadline by itself, whether or not its thread is stuck in a request; a standby can only take over
 `skew_margin_s` or more later (docs/leader.md).
 
-After an acquisition and before acting, the new leader writes its generation into the desired state
-(the fence): from then on, any desired-state write of an older leader, even one already sent, is
-refused (If-Match fails on the changed ETag; the re-read shows a newer generation).
+After an acquisition and before acting, the new leader writes its generation into every fenced
+control object (the fence: the desired state and the operator state): from then on, any write of an
+older leader to them, even one already sent, is refused (If-Match fails on the changed ETag; the
+re-read shows a newer generation).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -40,7 +41,8 @@ from control.leader.lease import (
     observe,
 )
 from control.leader.store import LeaseStore, lease_client
-from control.mirror.desired import DesiredStateError, DesiredStore
+from control.mirror.desired import ControlObjectStore, DesiredStateError, DesiredStore
+from control.traffic.operator import OperatorStore
 
 log = logging.getLogger("triton_hybrid.leader")
 
@@ -62,11 +64,11 @@ def me_from(cfg) -> Me:
 
 
 class Elector:
-    def __init__(self, store: LeaseStore, cfg, me: Me, *, desired: DesiredStore | None = None,
+    def __init__(self, store: LeaseStore, cfg, me: Me, *, fenced: Sequence[ControlObjectStore] = (),
                  audit: LeaderAudit | None = None, metrics: LeaderMetrics | None = None,
                  clock: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic,
                  on_change: Callable[[Transition], None] | None = None):
-        self.store, self.cfg, self.me, self.desired = store, cfg, me, desired
+        self.store, self.cfg, self.me, self.fenced_stores = store, cfg, me, list(fenced)
         self.audit, self.clock, self.mono, self.on_change = audit, clock, mono, on_change
         self.metrics = metrics or LeaderMetrics()
         self.metrics.leader.set_function(lambda: 1 if self.is_leader else 0)
@@ -74,7 +76,7 @@ class Elector:
         self.last_read: LeaseRead | None = None
         self.last_decision: Decision | None = None
         self.last_error: str | None = None
-        self.fenced = 0                   # the generation written into the desired state
+        self.fenced = 0                   # the generation written into every fenced control object
         self.role_since = clock()         # wall time of the last change of role
         self.failed_rounds = 0
         self._announced: tuple[str, str, int] | None = None  # the other leader last recorded as followed
@@ -106,11 +108,12 @@ class Elector:
             mono, now = self.mono(), self.clock()
             self.view = observe(self.view, read, mono)
             d = decide(now, mono, read, self.view, self.me, self.cfg)
-            if d.action == Action.ACQUIRE and self.desired is not None:
-                try:  # the generations already used in the desired state stay below ours
-                    d = decide(now, mono, read, self.view, self.me, self.cfg, floor=self.desired.read().state.generation)
+            if d.action == Action.ACQUIRE and self.fenced_stores:
+                try:  # the generations already used in the fenced objects stay below ours
+                    floor = max(st.read().state.generation for st in self.fenced_stores)
+                    d = decide(now, mono, read, self.view, self.me, self.cfg, floor=floor)
                 except (s3x.S3Error, DesiredStateError) as e:
-                    self.last_error = f"desired state unreadable, not acquiring: {e}"
+                    self.last_error = f"control objects unreadable, not acquiring: {e}"
                     d = Decision(Action.FOLLOW, Reason.S3_ERROR, message=self.last_error)
             self.last_decision = d
             self._act(d, read, mono, now)
@@ -169,17 +172,15 @@ class Elector:
             self._transition(Event.RENEWED, d.reason, f"renewed after {failed} failed round(s)")
 
     def _fence(self, generation: int) -> bool:
-        """Write `generation` into the desired state (no other change) before acting on it."""
-        if self.desired is None:
-            self.fenced = generation
-            return True
-        try:
-            self.desired.update(lambda s: s, by=f"leader {self.me.name}@{self.me.site}", generation=generation,
-                                clock=self.clock)
-        except (s3x.S3Error, DesiredStateError) as e:
-            self.last_error = f"could not fence the desired state with generation {generation}: {e}"
-            log.error("%s; not acting until it is written", self.last_error)
-            return False
+        """Write `generation` into every fenced control object (no other change) before acting on it."""
+        for st in self.fenced_stores:
+            try:
+                st.update(lambda s: s, by=f"leader {self.me.name}@{self.me.site}", generation=generation,
+                          clock=self.clock)
+            except (s3x.S3Error, DesiredStateError) as e:
+                self.last_error = f"could not fence the {st.what} with generation {generation}: {e}"
+                log.error("%s; not acting until it is written", self.last_error)
+                return False
         self.fenced = generation
         return True
 
@@ -269,11 +270,13 @@ class Elector:
 
 def from_settings(settings, registry: CollectorRegistry | None = None,
                   on_change: Callable[[Transition], None] | None = None) -> Elector | None:
-    """The elector for a config (None when `control.leader.enabled` is off): the lease and the desired
-    state through a client with the lease's short timeouts, the audit in the control database."""
+    """The elector for a config (None when `control.leader.enabled` is off): the lease and the fenced
+    objects (desired and operator state) through a client with the lease's short timeouts, the audit
+    in the control database."""
     cfg = settings.control.leader
     if not cfg.enabled:
         return None
     client = lease_client(settings.s3, cfg.s3_timeout_s)
-    return Elector(LeaseStore(client, settings.s3), cfg, me_from(cfg), desired=DesiredStore(client, settings.s3),
+    return Elector(LeaseStore(client, settings.s3), cfg, me_from(cfg),
+                   fenced=[DesiredStore(client, settings.s3), OperatorStore(client, settings.s3)],
                    audit=LeaderAudit(settings.database_path), metrics=LeaderMetrics(registry), on_change=on_change)

@@ -30,6 +30,13 @@ class Gate:
             raise NotLeader(self.refusal())
         return self.elector.generation
 
+    def acting_generation(self) -> int | None:
+        """The generation this daemon acts under now (0 with election off); None when standby."""
+        try:
+            return self.fencing_token()
+        except NotLeader:
+            return None
+
     def refusal(self) -> str:
         """Why this daemon does not act, naming the leader (for logs and the admin API's 409)."""
         st = self.elector.status() if self.elector is not None else {}

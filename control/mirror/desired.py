@@ -117,13 +117,74 @@ def control_key(s3cfg, *parts: str) -> str:
 class Read:
     state: Any          # the store's model (DesiredState for DesiredStore)
     etag: str | None  # None: the object does not exist yet
+    written: bool = False  # from update_read: this state was just written (not: nothing to do)
+
+
+class DamagedObject(RuntimeError):
+    """An object's body does not match the sha256 in its metadata (the message names the key)."""
+
+
+@dataclass
+class Got:
+    body: bytes | None  # None: not modified since the ETag given (304)
+    etag: str
+
+
+class CheckedObjects:
+    """The lower level every control object shares (the lease, desired.json, traffic.json,
+    operator.json): JSON bodies with their sha256 in the metadata, checked on every read, encrypted
+    at rest (s3x.sse_args), and written only conditionally where one writer must not overwrite
+    another (If-Match on the ETag read; If-None-Match: * to create)."""
+
+    def __init__(self, client, s3cfg):
+        self.client, self.s3cfg = client, s3cfg
+        self.bucket = s3cfg.bucket
+
+    def where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def get(self, key: str, if_none_match: str | None = None) -> Got | None:
+        """The body and ETag (None: no such object; Got.body None: unchanged since `if_none_match`).
+        Raises s3x.S3Error (unreachable, denied) or DamagedObject."""
+        cond = {"IfNoneMatch": if_none_match} if if_none_match else {}
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=key, **cond)
+            body = obj["Body"].read()
+        except Exception as e:  # noqa: BLE001 - classified below
+            if cond and s3x.error_code(e) in ("304", "NotModified"):
+                return Got(None, if_none_match)
+            if s3x.is_not_found(e):
+                return None
+            raise s3x.describe(e, self.bucket, key) from None
+        self.check(key, body, obj.get("Metadata", {}))
+        return Got(body, obj["ETag"])
+
+    def check(self, key: str, body: bytes, meta: dict) -> None:
+        if meta.get("sha256") != _sha(body):
+            raise DamagedObject(f"{self.where(key)}: sha256 of the body does not match its metadata: the object is "
+                                "damaged or was not written by triton-hybrid")
+
+    def put(self, key: str, body: bytes, **cond) -> str:
+        """Write `body` (with its sha256); `cond`: IfMatch / IfNoneMatch, or none for a key only one
+        writer ever writes. Raises s3x.PreconditionFailed when the condition does not hold."""
+        try:
+            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
+                                       Metadata={"sha256": _sha(body)}, **cond, **s3x.sse_args(self.s3cfg))
+        except Exception as e:  # noqa: BLE001
+            raise s3x.describe(e, self.bucket, key) from None
+        return r["ETag"]
+
+    def put_if(self, key: str, body: bytes, etag: str | None) -> str:
+        """Write `body` if the object is still at `etag` (None: only if it does not exist)."""
+        return self.put(key, body, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
 
 
 class ControlObjectStore:
     """One JSON object under `_control/`, read with ETag conditions and written only with If-Match /
     If-None-Match, with generation fencing. Subclasses name the object (`name`) and its pydantic model
     (`model`: a BaseModel with schema_version, revision, generation, updated_at, updated_by).
-    DesiredStore (desired.json) and control/traffic/entries.TrafficStore (traffic.json) are two."""
+    DesiredStore (desired.json), control/traffic/entries.TrafficStore (traffic.json) and
+    control/traffic/operator.OperatorStore (operator.json) are three."""
 
     name: str = DESIRED_NAME
     model: type[BaseModel] = DesiredState
@@ -134,30 +195,34 @@ class ControlObjectStore:
 
     def __init__(self, client, s3cfg):
         self.client, self.s3cfg = client, s3cfg
+        self.objects = CheckedObjects(client, s3cfg)
         self.bucket = s3cfg.bucket
         self.key = control_key(s3cfg, self.name)
 
     def read(self, previous: Read | None = None) -> Read:
         """The object and its ETag. Given the previous read, the object is fetched only when it
         changed (If-None-Match: S3 answers 304 and `previous` is returned as it is)."""
-        cond = {"IfNoneMatch": previous.etag} if previous is not None and previous.etag else {}
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.key, **cond)
-            body = obj["Body"].read()
-        except Exception as e:  # noqa: BLE001 - classified below
-            if cond and s3x.error_code(e) in ("304", "NotModified"):
-                return previous
-            if s3x.is_not_found(e):
-                return Read(self.model(), None)
-            raise s3x.describe(e, self.bucket, self.key) from None
-        return Read(self._parse(body, obj.get("Metadata", {}), self.key, self.model), obj["ETag"])
+            got = self.objects.get(self.key, previous.etag if previous is not None and previous.etag else None)
+        except DamagedObject as e:
+            raise DesiredStateError(f"{e}. Nothing was changed; restore it from a backup or {self.restore_hint}") \
+                from None
+        if got is None:
+            return Read(self.model(), None)
+        if got.body is None:
+            return previous
+        return Read(self._validate(got.body, self.key, self.model), got.etag)
 
     def _parse(self, body: bytes, meta: dict, key: str, model):
-        where = f"s3://{self.bucket}/{key}"
-        if meta.get("sha256") != _sha(body):
-            raise DesiredStateError(f"{where}: sha256 of the body does not match its metadata: the object is damaged "
-                                    "or was not written by triton-hybrid. Nothing was changed; restore it from a "
-                                    f"backup or {self.restore_hint}")
+        try:
+            self.objects.check(key, body, meta)
+        except DamagedObject as e:
+            raise DesiredStateError(f"{e}. Nothing was changed; restore it from a backup or {self.restore_hint}") \
+                from None
+        return self._validate(body, key, model)
+
+    def _validate(self, body: bytes, key: str, model):
+        where = self.objects.where(key)
         try:
             state = model.model_validate_json(body)
         except ValidationError as e:
@@ -169,18 +234,12 @@ class ControlObjectStore:
         return state
 
     def _put(self, key: str, body: bytes, **cond) -> str:
-        try:
-            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json",
-                                       Metadata={"sha256": _sha(body)}, **cond, **s3x.sse_args(self.s3cfg))
-        except Exception as e:  # noqa: BLE001
-            raise s3x.describe(e, self.bucket, key) from None
-        return r["ETag"]
+        return self.objects.put(key, body, **cond)
 
     def write(self, state, etag: str | None) -> str:
         """Write `state` if the object is still at `etag` (None: only if it does not exist).
         Raises s3x.PreconditionFailed when another writer got there first."""
-        body = state.model_dump_json(indent=1).encode()
-        return self._put(self.key, body, **({"IfMatch": etag} if etag else {"IfNoneMatch": "*"}))
+        return self.objects.put_if(self.key, state.model_dump_json(indent=1).encode(), etag)
 
     def update(self, change: Callable[[Any], Any | None], by: str, generation: int = 0,
                attempts: int = 8, clock: Callable[[], float] = time.time, current: Read | None = None):
@@ -188,6 +247,11 @@ class ControlObjectStore:
         conditionally; on a lost race re-read and re-decide. Returns the state now in S3 (the very
         `current.state` object when nothing was written). `current`: a read the caller already made,
         used for the first attempt instead of reading again."""
+        return self.update_read(change, by, generation, attempts, clock, current).state
+
+    def update_read(self, change: Callable[[Any], Any | None], by: str, generation: int = 0,
+                    attempts: int = 8, clock: Callable[[], float] = time.time, current: Read | None = None) -> Read:
+        """`update`, returning the state with its ETag (a cache of the object stays valid without a read)."""
         for attempt in range(attempts):
             cur = current if attempt == 0 and current is not None else self.read()
             if generation < cur.state.generation:
@@ -196,17 +260,15 @@ class ControlObjectStore:
                                         "exists, refusing to write")
             new = change(cur.state.model_copy(deep=True))
             if new is None:
-                return cur.state
+                return Read(cur.state, cur.etag)  # (the very state object: `update` callers compare with `is`)
             new = new.model_copy(update={"revision": cur.state.revision + 1, "generation": generation,
                                          "updated_at": clock(), "updated_by": by})
             try:
-                self.write(new, cur.etag)
-                return new
+                return Read(new, self.write(new, cur.etag), written=True)
             except s3x.PreconditionFailed:
                 continue  # another writer won: re-read, re-decide
         raise DesiredStateError(f"s3://{self.bucket}/{self.key}: lost {attempts} write races in a row; "
                                 "another writer keeps changing it. Try again")
-
 
     def read_all(self, folder: str, model, key_of: Callable[[Any], str],
                  what: str = "status") -> tuple[dict[str, Any], list[str]]:

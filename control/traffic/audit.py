@@ -1,7 +1,11 @@
-"""Decision audit and operator controls (overrides with TTL, drains) in the control plane's SQLite
-database (control/db.py). Every policy decision is a row: time, inputs summary, old and new
-weights, reason and message, what the actuator did. The last row also carries the policy state,
-so a restarted daemon resumes where it stopped."""
+"""Decision audit in the control plane's SQLite database (control/db.py). Every policy decision is a
+row: time, inputs summary, old and new weights, reason and message, what the actuator did. The last
+row also carries the policy state, so a restarted daemon resumes where it stopped. Every change an
+operator made (override, drain) is a row of `operator_actions`; the operator state itself lives in
+S3 (control/traffic/operator.py), so the other site's control plane inherits it.
+
+The tables `control_overrides` and `control_drains` held the operator state before it moved to S3:
+they are only read once, to import what they still hold into S3 (`legacy_controls`), then emptied."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from control import db
-from control.traffic.policy import Controls, Override, PolicyState
+from control.traffic.policy import Override, PolicyState
 
 DDL = """
 CREATE TABLE IF NOT EXISTS control_decisions (
@@ -67,8 +71,21 @@ CREATE TABLE IF NOT EXISTS control_drains (
     by TEXT NOT NULL DEFAULT ''
 );
 """
+OPERATOR_ACTIONS = """
+CREATE TABLE IF NOT EXISTS operator_actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '{}',
+    by TEXT NOT NULL DEFAULT '',
+    generation INTEGER NOT NULL DEFAULT 0,
+    revision INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS operator_actions_ts ON operator_actions(ts);
+"""
 # Migration i takes the tables from schema version i to i+1 (control/db.migrate); append, never edit.
-MIGRATIONS = [DDL]
+MIGRATIONS = [DDL, OPERATOR_ACTIONS]
 
 
 @dataclass
@@ -205,49 +222,32 @@ class Audit(db.Store):
         return self.conn.execute("DELETE FROM scale_decisions WHERE ts < ? AND action = 'hold' AND error IS NULL",
                                  (older_than,)).rowcount
 
-    # ---- overrides -----------------------------------------------------------------------------
+    # ---- operator actions (the state is in S3: control/traffic/operator.py) -------------------------
     @_locked
-    def set_override(self, weights: dict, ttl_s: float, by: str = "", note: str = "", now: float | None = None) -> dict:
-        now = time.time() if now is None else now
-        self.conn.execute("UPDATE control_overrides SET cleared_at = ? WHERE cleared_at IS NULL", (now,))
-        cur = self.conn.execute(
-            "INSERT INTO control_overrides (created_at, expires_at, weights, by, note) VALUES (?,?,?,?,?)",
-            (now, now + ttl_s, json.dumps(weights), by, note))
-        return {"id": cur.lastrowid, "weights": weights, "expires_at": now + ttl_s, "ttl_s": ttl_s, "by": by, "note": note}
+    def record_operator(self, *, ts: float, action: str, target: str = "", detail: dict | None = None, by: str = "",
+                        generation: int = 0, revision: int = 0) -> int:
+        return self.conn.execute(
+            "INSERT INTO operator_actions (ts, action, target, detail, by, generation, revision) VALUES (?,?,?,?,?,?,?)",
+            (ts, action, target, json.dumps(detail or {}), by, generation, revision)).lastrowid
 
     @_locked
-    def clear_override(self, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        return self.conn.execute("UPDATE control_overrides SET cleared_at = ? WHERE cleared_at IS NULL",
-                                 (now,)).rowcount > 0
+    def operator_history(self, since: float | None = None, limit: int = 100) -> list[dict]:
+        rows = self.conn.execute("SELECT * FROM operator_actions WHERE ts >= ? ORDER BY id DESC LIMIT ?",
+                                 (since or 0.0, limit)).fetchall()
+        return [dict(r) | {"detail": json.loads(r["detail"]),
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["ts"]))} for r in reversed(rows)]
 
+    # ---- the one-time import of an earlier release's operator state ------------------------------
     @_locked
-    def override(self) -> Override | None:
-        """The newest uncleared override, expired or not (the policy reports expiry itself)."""
+    def legacy_controls(self) -> tuple[Override | None, list[dict]]:
+        """What the control database still holds from before operator state moved to S3: the
+        uncleared override (expired or not) and the drains."""
         r = self.conn.execute("SELECT * FROM control_overrides WHERE cleared_at IS NULL ORDER BY id DESC LIMIT 1").fetchone()
-        if not r:
-            return None
-        return Override(json.loads(r["weights"]), r["expires_at"], r["by"], r["note"])
-
-    # ---- drains --------------------------------------------------------------------------------
-    @_locked
-    def drain(self, target: str, kind: str, by: str = "", now: float | None = None) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO control_drains (target, kind, created_at, by) VALUES (?,?,?,?)",
-                          (target, kind, time.time() if now is None else now, by))
+        ov = None if r is None else Override(json.loads(r["weights"]), r["expires_at"], r["by"], r["note"])
+        return ov, [dict(d) for d in self.conn.execute("SELECT * FROM control_drains ORDER BY target")]
 
     @_locked
-    def undrain(self, target: str) -> bool:
-        return self.conn.execute("DELETE FROM control_drains WHERE target = ?", (target,)).rowcount > 0
-
-    @_locked
-    def drains(self) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM control_drains ORDER BY target")]
-
-    @_locked
-    def controls(self, now: float) -> Controls:
-        ov = self.override()
-        # An override long past its expiry is cleared once the policy has reported it (next tick).
-        if ov is not None and ov.expires_at + 60 < now:
-            self.clear_override(now)
-            ov = None
-        return Controls(override=ov, drained=frozenset(d["target"] for d in self.drains()))
+    def forget_legacy_controls(self, now: float) -> None:
+        """After the import: the rows stay as history (overrides cleared), drains go."""
+        self.conn.execute("UPDATE control_overrides SET cleared_at = ? WHERE cleared_at IS NULL", (now,))
+        self.conn.execute("DELETE FROM control_drains")
