@@ -28,6 +28,8 @@ from control.local.s3_endpoint import start_s3_server
 from control.mirror.desired import DesiredStateError, DesiredStore, ModelState
 from control.rollout.controller import from_settings
 from control.rollout.phases import Command, CommandKind
+from control.traffic.actuators import Plan
+from control.traffic.entries import TrafficStore, set_plan
 
 CFG = LeaderConfig(enabled=True, lease_s=5.0, renew_s=1.0, skew_margin_s=1.0, s3_timeout_s=1.0)
 
@@ -113,6 +115,33 @@ def test_without_the_fence_the_old_leaders_write_lands(fresh):
     a, store, read_by_a, b = take_over_while_a_is_frozen(settings, client, fence_b=False)
     store.update(_stable(99), by="ctl-a", generation=1, current=read_by_a)
     assert store.read().state.models["m"].stable == 99
+
+
+def test_traffic_weights_are_fenced_on_acquisition_but_never_created_empty(fresh):
+    """traffic.json (the entries' weights) is fenced like the desired state: a new leader raises the
+    generation of the existing object before it acts, so the old leader's prepared weights are
+    refused. A missing traffic.json is not created by the fence: an empty one is a plan with every
+    weight 0, which the entries would apply."""
+    settings, client = fresh
+    traffic = TrafficStore(client, settings.s3)
+    wall, mono = Clock(1_000.0), Clock(0.0)
+    a = Elector(LeaseStore(client, settings.s3), CFG, Me("ctl-a", "s-a", "onprem"), fenced=[traffic],
+                metrics=LeaderMetrics(CollectorRegistry()), clock=wall, mono=mono)
+    assert a.step().action == Action.ACQUIRE and a.is_leader
+    assert traffic.read().etag is None                     # nothing created
+    traffic.update(set_plan(Plan({"onprem": 100, "cloud": 0}, {"onprem-1": 100}, frozenset())),
+                   by="ctl-a", generation=a.generation)
+    read_by_a = traffic.read()
+    wall.t += CFG.lease_s + CFG.skew_margin_s + 0.5
+    b = Elector(LeaseStore(client, settings.s3), CFG, Me("ctl-b", "s-b", "cloud"), fenced=[traffic],
+                metrics=LeaderMetrics(CollectorRegistry()), clock=wall, mono=Clock(100.0))
+    assert b.step().action == Action.ACQUIRE and b.is_leader and b.generation == 2
+    now = traffic.read().state
+    assert (now.generation, now.instance_weights) == (2, {"onprem-1": 100})   # fenced, weights kept
+    with pytest.raises(DesiredStateError, match="newer leader|generation 2; this writer has 1"):
+        traffic.update(set_plan(Plan({"onprem": 0, "cloud": 100}, {"onprem-1": 0}, frozenset())),
+                       by="ctl-a", generation=1, current=read_by_a)
+    assert traffic.read().state.instance_weights == {"onprem-1": 100}
 
 
 def test_standby_rollout_job_writes_nothing_and_the_token_refuses(fresh):

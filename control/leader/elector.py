@@ -42,6 +42,7 @@ from control.leader.lease import (
 )
 from control.leader.store import LeaseStore, lease_client
 from control.mirror.desired import ControlObjectStore, DesiredStateError, DesiredStore
+from control.traffic.entries import TrafficStore
 from control.traffic.operator import OperatorStore
 
 log = logging.getLogger("triton_hybrid.leader")
@@ -174,8 +175,9 @@ class Elector:
     def _fence(self, generation: int) -> bool:
         """Write `generation` into every fenced control object (no other change) before acting on it."""
         for st in self.fenced_stores:
+            keep = (lambda s: s) if st.fence_creates else (lambda s: s if s.revision else None)
             try:
-                st.update(lambda s: s, by=f"leader {self.me.name}@{self.me.site}", generation=generation,
+                st.update(keep, by=f"leader {self.me.name}@{self.me.site}", generation=generation,
                           clock=self.clock)
             except (s3x.S3Error, DesiredStateError) as e:
                 self.last_error = f"could not fence the {st.what} with generation {generation}: {e}"
@@ -271,12 +273,14 @@ class Elector:
 def from_settings(settings, registry: CollectorRegistry | None = None,
                   on_change: Callable[[Transition], None] | None = None) -> Elector | None:
     """The elector for a config (None when `control.leader.enabled` is off): the lease and the fenced
-    objects (desired and operator state) through a client with the lease's short timeouts, the audit
+    objects (desired and operator state, and traffic.json when the entries apply weights) through a client with the lease's short timeouts, the audit
     in the control database."""
     cfg = settings.control.leader
     if not cfg.enabled:
         return None
     client = lease_client(settings.s3, cfg.s3_timeout_s)
-    return Elector(LeaseStore(client, settings.s3), cfg, me_from(cfg),
-                   fenced=[DesiredStore(client, settings.s3), OperatorStore(client, settings.s3)],
+    fenced = [DesiredStore(client, settings.s3), OperatorStore(client, settings.s3)]
+    if "entries" in settings.control.actuators:
+        fenced.append(TrafficStore(client, settings.s3))
+    return Elector(LeaseStore(client, settings.s3), cfg, me_from(cfg), fenced=fenced,
                    audit=LeaderAudit(settings.database_path), metrics=LeaderMetrics(registry), on_change=on_change)

@@ -4,7 +4,10 @@ that every desired-state write carries, and refuses (NotLeader) when this daemon
 lease lost in the middle of a rollout tick stops the writes that were still to come."""
 from __future__ import annotations
 
-from control.leader.elector import Elector
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only a type here: the elector imports the stores that import NotLeader from here
+    from control.leader.elector import Elector
 
 
 class NotLeader(RuntimeError):

@@ -192,6 +192,8 @@ class ControlObjectStore:
     what: str = "desired state"
     # What an operator does when the object is damaged (the error names it).
     restore_hint: str = "delete it and set the versions again (`triton-hybrid rollout`)"
+    # Whether a new leader's fencing write may create the object when it does not exist yet.
+    fence_creates: bool = True
 
     def __init__(self, client, s3cfg):
         self.client, self.s3cfg = client, s3cfg

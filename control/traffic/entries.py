@@ -78,6 +78,9 @@ class TrafficStore(ControlObjectStore):
     schema = TRAFFIC_SCHEMA
     what = "traffic weights"
     restore_hint = "delete it: the leading control plane writes it again on its next decision"
+    # An empty traffic.json is a plan with every weight 0: fencing raises the generation of an
+    # existing one only; the leader's first decision creates it.
+    fence_creates = False
 
     def report_key(self, site: str, name: str) -> str:
         return control_key(self.s3cfg, ENTRIES_DIR, f"{entry_id(site, name)}.json")
