@@ -58,7 +58,7 @@ from control.drills.models import ADD_ONE, write_add_model
 from control.drills.netns import NetnsError
 from control.drills.runner import add_one_spec
 from control.drills.scenarios import target
-from control.local.haproxy import haproxy_binary, write_config
+from control.local.haproxy import write_config
 from control.local.isolated import isolated_settings
 from control.local.procs import ManagedProcess, free_port, http_ok, start_ready
 from control.local.s3_endpoint import start_s3_server
@@ -562,11 +562,12 @@ def _stop_loads(loads: dict[str, OpenLoopLoad]) -> dict[str, list]:
     return {site: load.join() for site, load in loads.items()}
 
 
-def _failures(records, t0_mono: float | None = None, t1_mono: float | None = None) -> dict:
+def _failures(records) -> dict:
     failed = [r for r in records if not r.ok]
     kinds: dict[str, int] = {}
     for r in failed:
-        kinds[r.error.split(":")[0][:60]] = kinds.get(r.error.split(":")[0][:60], 0) + 1
+        kind = r.error.split(":")[0][:60]
+        kinds[kind] = kinds.get(kind, 0) + 1
     return {"sent": len(records), "failed": len(failed), "by_kind": kinds}
 
 
