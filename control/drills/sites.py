@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -72,7 +73,6 @@ SENSITIVE_MODEL = "add_sensitive"
 ENTRY_TOKEN_BYTES = 24
 ZONE = "sites.triton-hybrid.test."
 RECORD = f"search.{ZONE}"
-DRILLS = ("site-down", "control-partition")
 
 
 class SiteDrillError(RuntimeError):
@@ -490,8 +490,7 @@ class TwoSites:
 
 
 def _route53_client(settings: Settings):
-    # boto3 is imported by control.adapters.s3 already; Route53 is served by the same moto server.
-    import boto3  # noqa: PLC0415 - heavy import, only for the drills that use DNS
+    """The drill's own view of Route53: moto's server, the same endpoint and keys as S3."""
     s3 = settings.s3
     return boto3.client("route53", endpoint_url=s3.url, region_name=s3.region,
                         aws_access_key_id=s3.access_key_id.get_secret_value(),
@@ -755,6 +754,7 @@ def _terminate_as_exit():
 
 
 DRILL_FUNCS = {"site-down": site_down, "control-partition": control_partition}
+DRILLS = tuple(DRILL_FUNCS)
 
 
 def run_site_drill(name: str, run_root: Path, cfg: SiteDrillConfig | None = None, *, say=print,
