@@ -97,7 +97,7 @@ def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_co
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
     if unknown:
         raise click.BadParameter(f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.SCENARIOS)}, all, "
-                                 f"{', '.join(sites.DRILLS)}",
+                                 f"{rolling.NAME}, {', '.join(sites.DRILLS)}",
                                  param_hint="SCENARIO")
     if len(settings.site_instances("onprem")) < 1 or len(settings.site_instances("cloud")) < 1:
         raise click.ClickException("a drill needs at least one onprem and one cloud instance in the config")
