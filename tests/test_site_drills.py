@@ -101,6 +101,8 @@ def test_control_partition(dirs):
     for name, w in f["writes"].items():
         assert w["old_after_new"] == 0 and w["old_stamped_after_new_led"] == 0, (name, w)
         assert w["generations"] == sorted(w["generations"]), (name, w)
+    # The new leader raised both objects' generation before it acted (its fence).
     assert f["writes"]["desired.json"]["generations"][-1] == f["generation"]
+    assert f["writes"]["traffic.json"]["generations"][-1] == f["generation"]
     assert all(e["failed"] == 0 for e in f["entries"].values()), f["entries"]
     assert not f["audit"]["overlaps"]

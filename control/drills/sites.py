@@ -728,6 +728,9 @@ def control_partition(lab: TwoSites) -> dict:
         target("desired.json carries the new generation", bool(late["desired.json"]["generations"])
                and late["desired.json"]["generations"][-1] == gen_new, late["desired.json"]["generations"][-1:],
                f"[{gen_new}]"),
+        target("traffic.json carries the new generation (the new leader's fence)",
+               bool(late["traffic.json"]["generations"]) and late["traffic.json"]["generations"][-1] == gen_new,
+               late["traffic.json"]["generations"][-1:], f"[{gen_new}]"),
         target("failed requests at both entries", sum(v["failed"] for v in f["entries"].values()) == 0,
                sum(v["failed"] for v in f["entries"].values()), "0"),
         target("two control planes never acted at once", not f["audit"]["overlaps"]
