@@ -27,6 +27,7 @@ SECTIONS = [
     ("failover", "bench.failover", "4. Failover: onprem-crash, onprem-hang and query-of-death drills"),
     ("rollout", "bench.rollout", "5. Rollout: publish -> live on every instance, under load"),
     ("control", "bench.control_plane", "6. Control-plane cost: CPU time per poll + decide tick"),
+    ("sites", "bench.sites", "7. Site down"),
 ]
 KEYS = [k for k, _, _ in SECTIONS]
 

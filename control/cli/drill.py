@@ -17,7 +17,7 @@ from rich.table import Table
 
 from control.cli import settings_from
 from control.cli.output import json_option
-from control.drills import rolling, scenarios
+from control.drills import rolling, scenarios, sites
 from control.drills.load import RequestSpec, auto_spec
 from control.drills.runner import (
     MODEL_ADD_ONE,
@@ -82,17 +82,22 @@ def drill_cmd(ctx, scenario, duration, rate, model, repository, weights, with_co
     """Run a disaster-recovery drill: SCENARIO is one of the list below, or `all`.
 
     onprem-crash, onprem-hang, onprem-partition, cloud-latency, s3-outage, bad-model,
-    corrupt-artifact, control-crash, haproxy-restart, query-of-death; and entry-rolling-update (a
+    corrupt-artifact, control-crash, haproxy-restart, query-of-death; entry-rolling-update (a
     site entry's HAProxy replicas rolled as its Kubernetes Deployment would be, under --rate load;
-    needs root: control/drills/rolling.py)."""
+    needs root: control/drills/rolling.py); and the two-site drills (their own stack: each site and
+    each control plane in network namespaces, needs root; not in `all`): site-down, control-partition."""
     settings = settings_from(ctx)
     if scenario == rolling.NAME:
         _entry_rolling_update(ctx, settings, rate, reports_dir, as_json)
         return
+    if scenario in sites.DRILLS:
+        _two_site_drill(ctx, settings, scenario, rate, reports_dir, as_json)
+        return
     names = list(scenarios.SCENARIOS) if scenario == "all" else [scenario]
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
     if unknown:
-        raise click.BadParameter(f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.SCENARIOS)}, all",
+        raise click.BadParameter(f"unknown scenario {unknown[0]!r}; known: {', '.join(scenarios.SCENARIOS)}, all, "
+                                 f"{rolling.NAME}, {', '.join(sites.DRILLS)}",
                                  param_hint="SCENARIO")
     if len(settings.site_instances("onprem")) < 1 or len(settings.site_instances("cloud")) < 1:
         raise click.ClickException("a drill needs at least one onprem and one cloud instance in the config")
@@ -155,6 +160,25 @@ def _entry_rolling_update(ctx, settings, rate: float, reports_dir, as_json: bool
         console.print(f"  {name} (generation {v['generation']}): {v['served']} requests")
     console.print(f"  report: {out}/report.json")
     if rep["failed"]:
+        ctx.exit(1)
+
+
+def _two_site_drill(ctx, settings, name: str, rate: float, reports_dir, as_json: bool) -> None:
+    ok, why = sites.available()
+    if not ok:
+        raise click.ClickException(f"drill {name} puts each site and each control plane in a network namespace of "
+                                   f"its own: {why}. Run it as root on a machine with iproute2 and util-linux.")
+    # --rate applies to each entry here; its default (made for one stack) gives way to the drill's own.
+    explicit = ctx.get_parameter_source("rate") is not click.core.ParameterSource.DEFAULT
+    cfg = sites.SiteDrillConfig(**({"rate": min(rate, 200.0)} if explicit else {}))
+    reports = Path(reports_dir) if reports_dir else default_reports_dir(settings)
+    console.rule(f"drill {name}")
+    rep = sites.run_site_drill(name, settings.run_path / "drills" / "sites", cfg, reports_dir=reports,
+                               say=lambda m: console.print(f"[dim]{m}[/dim]"))
+    _print_one(rep)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, default=str))
+    if rep.get("status") != "passed":
         ctx.exit(1)
 
 
