@@ -38,6 +38,23 @@ def moto_endpoint():
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """(settings, client): the project's S3 endpoint (moto's server, its own process) with its bucket,
+    for a module's tests."""
+    from control.adapters import s3 as s3x  # noqa: PLC0415 - deferred: pulls in boto3
+    from control.local.s3_endpoint import start_s3_server  # noqa: PLC0415 - deferred: pulls in boto3
+
+    settings = make_settings(tmp_path_factory.mktemp("s3") / "run")
+    proc = start_s3_server(settings)
+    try:
+        client = s3x.make_client(settings.s3)
+        s3x.ensure_bucket(client, settings.s3)
+        yield settings, client
+    finally:
+        proc.stop()
+
+
 @pytest.fixture
 def settings_factory(tmp_path):
     return lambda **kw: make_settings(tmp_path / "run", **kw)

@@ -14,7 +14,6 @@ from control.daemon.controller import Controller
 from control.drills.models import write_add_model
 from control.local.isolated import isolated_settings as make_settings
 from control.local.procs import free_port
-from control.local.s3_endpoint import start_s3_server
 from control.mirror.desired import DesiredStore, InstanceStatus, seed_stable
 from control.mirror.publish import publish_version
 from control.traffic.actuators import DryRunActuator
@@ -22,23 +21,10 @@ from control.traffic.actuators import DryRunActuator
 TOKEN = "test-admin-token-123"
 
 
-@pytest.fixture(scope="module")
-def s3srv(tmp_path_factory):
-    """One S3 endpoint (moto's server, its own process) for the module: the operator state lives there."""
-    settings = make_settings(tmp_path_factory.mktemp("api-s3") / "run")
-    proc = start_s3_server(settings)
-    try:
-        client = s3x.make_client(settings.s3)
-        s3x.ensure_bucket(client, settings.s3)
-        yield settings, client
-    finally:
-        proc.stop()
-
-
 @pytest.fixture
-def s3(s3srv):
+def s3(s3_server):
     """The module's S3 endpoint, emptied: no operator state of an earlier test."""
-    settings, client = s3srv
+    settings, client = s3_server
     for key in s3x.list_keys(client, settings.s3.bucket, ""):
         client.delete_object(Bucket=settings.s3.bucket, Key=key)
     return {"port": settings.s3.port, "start_local_server": False}
@@ -190,7 +176,7 @@ def test_rollouts_through_the_api_and_the_agents_versions_as_metrics(svc, tmp_pa
     versions each agent reports become triton_hybrid_live_version / version_lag."""
     base, c = svc
     settings = c.settings
-    # The module's S3 endpoint (fixture s3srv) holds the mirror too.
+    # The module's S3 endpoint (fixture s3_server) holds the mirror too.
     client = s3x.make_client(settings.s3)
     store = DesiredStore(client, settings.s3)
     for v in (1, 2):

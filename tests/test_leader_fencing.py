@@ -23,8 +23,6 @@ from control.leader.elector import Elector, LeaderMetrics
 from control.leader.gate import Gate, NotLeader
 from control.leader.lease import Action, Me, Reason
 from control.leader.store import LeaseStore, lease_client
-from control.local.isolated import isolated_settings
-from control.local.s3_endpoint import start_s3_server
 from control.mirror.desired import DesiredStateError, DesiredStore, ModelState
 from control.rollout.controller import from_settings
 from control.rollout.phases import Command, CommandKind
@@ -42,21 +40,9 @@ class Clock:
         return self.t
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    settings = isolated_settings(tmp_path_factory.mktemp("fence") / "run")
-    proc = start_s3_server(settings)
-    try:
-        client = s3x.make_client(settings.s3)
-        s3x.ensure_bucket(client, settings.s3)
-        yield settings, client
-    finally:
-        proc.stop()
-
-
 @pytest.fixture
-def fresh(s3):
-    settings, client = s3
+def fresh(s3_server):
+    settings, client = s3_server
     for key in s3x.list_keys(client, settings.s3.bucket, ""):
         client.delete_object(Bucket=settings.s3.bucket, Key=key)
     return settings, client
