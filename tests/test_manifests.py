@@ -198,28 +198,40 @@ def test_the_sites_have_distinct_leaders_and_one_mirror(rendered):
     assert not rendered["(across overlays)"].problems
 
 
+def _env_script(r, container: dict, configmap: str, name: str, tmp_path: Path):
+    """A container's env script (from its rendered ConfigMap, secrets dir moved under tmp_path) and a
+    stand-in `triton-hybrid` that prints its args and environment: (run, container args). run()
+    runs the container's command through it with a real shell. A missing secret file must stop it
+    before `triton-hybrid` runs."""
+    script = r.get("ConfigMap", configmap)["data"][name]
+    (tmp_path / name).write_text(script.replace("/run/secrets/triton-hybrid", str(tmp_path / "secrets")))
+    assert container["command"][:2] == ["/bin/sh", f"/etc/triton-hybrid/{name}"]
+    _fake(tmp_path / "bin", "triton-hybrid", 'echo "args=$*"; env | grep "^TRITON_HYBRID__" | sort')
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    cmd = ["/bin/sh", str(tmp_path / name), *container["command"][2:]]
+
+    def run():
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
+    failed = run()
+    assert failed.returncode != 0 and "args=" not in failed.stdout
+    return run, " ".join(container["command"][3:])
+
+
 def test_control_container_reads_its_secrets_from_the_secret_files(_overlay, tmp_path):
     """control-env.sh (from the rendered ConfigMap) run by a real shell with a stand-in `triton-hybrid`
     that prints its environment: the S3 keys (also Route53's) and the admin token come from the files;
     a missing file stops the container."""
     r = _overlay("cloud")
     c = _containers(r.get("Deployment", "cloud-triton-hybrid-control"))["control"]
-    script = r.get("ConfigMap", "cloud-triton-hybrid-config")["data"]["control-env.sh"]
-    (tmp_path / "control-env.sh").write_text(script.replace("/run/secrets/triton-hybrid", str(tmp_path / "secrets")))
-    assert c["command"][:2] == ["/bin/sh", "/etc/triton-hybrid/control-env.sh"]
-    _fake(tmp_path / "bin", "triton-hybrid", 'echo "args=$*"; env | grep "^TRITON_HYBRID__" | sort')
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
-    cmd = ["/bin/sh", str(tmp_path / "control-env.sh"), *c["command"][2:]]
-    failed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
-    assert failed.returncode != 0 and "args=" not in failed.stdout
+    run, args = _env_script(r, c, "cloud-triton-hybrid-config", "control-env.sh", tmp_path)
     d = tmp_path / "secrets" / "control"
     d.mkdir(parents=True)
     for k, v in (("ADMIN_TOKEN", "adm"), ("AWS_ACCESS_KEY_ID", "AKID"), ("AWS_SECRET_ACCESS_KEY", "s3cret")):
         (d / k).write_text(v + "\n")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
+    out = run()
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "args=" + " ".join(c["command"][3:])
+    assert lines[0] == "args=" + args
     assert set(lines[1:]) == {"TRITON_HYBRID__CONTROL__ADMIN_TOKEN=adm", "TRITON_HYBRID__S3__ACCESS_KEY_ID=AKID",
                               "TRITON_HYBRID__S3__SECRET_ACCESS_KEY=s3cret",
                               "TRITON_HYBRID__CONTROL__ROUTE53__ACCESS_KEY_ID=AKID",
@@ -330,20 +342,13 @@ def test_agent_containers_get_their_secrets_from_the_secret_files(_overlay, tmp_
     only where its volume is mounted (the sidecar); a missing file stops the container."""
     r = _overlay("onprem")
     c = _containers(r.get("Deployment", "onprem-triton"))[container]
-    script = r.get("ConfigMap", "onprem-triton-agent-config")["data"]["agent-env.sh"]
-    (tmp_path / "agent-env.sh").write_text(script.replace("/run/secrets/triton-hybrid", str(tmp_path / "secrets")))
-    assert c["command"][:2] == ["/bin/sh", "/etc/triton-hybrid/agent-env.sh"]
-    _fake(tmp_path / "bin", "triton-hybrid", 'echo "args=$*"; env | grep "^TRITON_HYBRID__" | sort')
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
-    cmd = ["/bin/sh", str(tmp_path / "agent-env.sh"), *c["command"][2:]]
-    failed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
-    assert failed.returncode != 0 and "args=" not in failed.stdout
+    run, args = _env_script(r, c, "onprem-triton-agent-config", "agent-env.sh", tmp_path)
     mounted = {m["name"] for m in c["volumeMounts"]}
     _secret_files(tmp_path / "secrets", token="agent-token" in mounted)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=20)
+    out = run()
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "args=" + " ".join(c["command"][3:])
+    assert lines[0] == "args=" + args
     want = {"TRITON_HYBRID__S3__ACCESS_KEY_ID=AKID", "TRITON_HYBRID__S3__SECRET_ACCESS_KEY=s3cret",
             "TRITON_HYBRID__AGENT__ADMIN_KEY=adm1n"}
     if container == "agent":
