@@ -39,6 +39,31 @@ from control.local.procs import free_port
 CONCURRENCY = (1, 4, 16)
 BREAKDOWN_CONCURRENCY = (1, 16)
 TOP_K = 10
+# Issue 17's targets: concurrency-1 p50 at most 3x the in-process pipeline's (the median of the
+# per-round ratios decides); at the top concurrency perf_analyzer reaches >= 0.6x the in-process bound.
+MAX_C1_P50_RATIO = 3.0
+MIN_TOP_THROUGHPUT_RATIO = 0.6
+
+
+def targets(http_c1: float | None, perf_c1: float | None, perf_top: float | None, beats_flask: bool,
+            top: int) -> list[list]:
+    """Rows [target, figure, met / missed] of issue 17's serving targets from this run's figures
+    (median per-round p50 ratios at concurrency 1, perf_analyzer's throughput / the in-process bound
+    at the top concurrency, whether Triton beat Flask on p50 and p99 everywhere)."""
+    def verdict(ok):
+        return "not measured" if ok is None else ("met" if ok else "missed")
+
+    def le(x, bound):
+        return None if x is None else x <= bound
+
+    return [[f"concurrency 1: p50 Triton (HTTP, Python client) / in-process <= {MAX_C1_P50_RATIO:g}x",
+             fmt_ratio(http_c1, 1.0), verdict(le(http_c1, MAX_C1_P50_RATIO))],
+            [f"concurrency 1: p50 Triton (perf_analyzer gRPC) / in-process <= {MAX_C1_P50_RATIO:g}x",
+             fmt_ratio(perf_c1, 1.0), verdict(le(perf_c1, MAX_C1_P50_RATIO))],
+            [f"concurrency {top}: throughput Triton (perf_analyzer) / in-process >= {MIN_TOP_THROUGHPUT_RATIO:g}x",
+             fmt_ratio(perf_top, 1.0), verdict(None if perf_top is None else perf_top >= MIN_TOP_THROUGHPUT_RATIO)],
+            ["Triton faster than Flask on p50 and p99 at every concurrency", "yes" if beats_flask else "no",
+             verdict(beats_flask)]]
 
 
 def server_breakdown(ctx: Ctx, http: str, grpc: str, data: dict, concurrency=BREAKDOWN_CONCURRENCY,
@@ -245,6 +270,9 @@ def run(ctx: Ctx) -> Section:
                 for c in conc for k in ("p50_ms", "p99_ms"))
     hlo, hmed, hhi = mmm(http_ratios)
     plo, pmed, phi = mmm(perf_ratios)
+    goals = targets(hmed, pmed, pa16[2] / b["throughput"] if pa16 and b["throughput"] else None, beats, top)
+    body[:0] = ["Issue 17's targets, judged on this run (concurrency-1 ratios: the median over the rounds):",
+                md_table(["target", "figure", "verdict"], goals)]
     headline = (f"Concurrency {low}: Triton p50 {t1['p50_ms']:.2f} ms vs the in-process pipeline's {b1['p50_ms']:.2f} ms; "
                 f"per round, Triton / in-process = {fmt_ratio(hmed, 1.0)} median ({fmt_ratio(hlo, 1.0)}-"
                 f"{fmt_ratio(hhi, 1.0)} over {len(http_ratios)} rounds)"
@@ -254,7 +282,10 @@ def run(ctx: Ctx) -> Section:
                 f"the Flask service and {fmt_ratio(t['throughput'], b['throughput'])} the in-process bound "
                 f"({b['throughput']:.0f} req/s)"
                 + (f"; with perf_analyzer as the client {pa16[2]:.0f} req/s = {fmt_ratio(pa16[2], b['throughput'])}" if pa16 else "")
-                + f". Triton {'beats' if beats else 'does NOT beat'} Flask on p50 and p99 at every concurrency measured.")
+                + f". Triton {'beats' if beats else 'does NOT beat'} Flask on p50 and p99 at every concurrency measured. "
+                f"Targets: {sum(g[2] == 'met' for g in goals)} of {len(goals)} met"
+                + ("" if all(g[2] == "met" for g in goals) else
+                   " (missed: " + "; ".join(g[0] for g in goals if g[2] != "met") + ")") + ".")
     return Section(
         "serving", "", headline=headline,
         what="The ensemble on Triton vs the same pipeline in-process (one Python process, numpy + onnxruntime: "

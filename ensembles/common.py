@@ -118,7 +118,9 @@ def request_top_k(request, default, values=None):
         if values.size == 0:
             raise BadRequest("TOP_K is empty")
         return int(values[0])
-    params = json.loads(request.parameters() or "{}")
+    raw = request.parameters()
+    # most requests carry no parameters ("{}"): no JSON parse for them
+    params = json.loads(raw) if raw and raw != "{}" else {}
     k = params.get("top_k", default)
     if isinstance(k, bool) or not isinstance(k, (int, str)):
         raise BadRequest(f"request parameter top_k must be an integer, got {k!r}")

@@ -109,7 +109,10 @@ def train_teacher(profile: Profile, tok: Tokenizer, enc: Encoded, num_intents: i
 def train_student(profile: Profile, tok: Tokenizer, enc: Encoded, teacher: QueryIntentModel, num_intents: int,
                   seed: int, progress=None) -> QueryIntentModel:
     """Distillation: KL to the teacher's softened intent distribution, MSE to the teacher's
-    embedding (so the ranker accepts the student's embedding), and the true intent label."""
+    embedding (so the ranker accepts the student's embedding), the true intent label, and (weight
+    `student_attr_distill`) KL of the teacher's frozen attribute heads read on the student's
+    embedding to the same heads on the teacher's: the rankers read brand/colour/material/size
+    through those heads, and the MSE alone leaves their answers off where it matters."""
     torch.manual_seed(seed + 1)
     cfg = profile.train
     student = QueryIntentModel(tok.vocab_size, tok.max_len, profile.student, num_intents, {})
@@ -119,12 +122,22 @@ def train_student(profile: Profile, tok: Tokenizer, enc: Encoded, teacher: Query
         t_logits, t_emb = predict(teacher, enc.ids, enc.mask)
         t_logits, t_emb = torch.from_numpy(t_logits), torch.from_numpy(t_emb)
     T = cfg.distill_temperature
+    w_attr = cfg.student_attr_distill
+    heads = copy.deepcopy(teacher.aux)
+    for p in heads.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        t_attr = {k: F.softmax(h(t_emb), -1) for k, h in heads.items()}
 
     def loss_of(b):
         b = torch.from_numpy(b)
         logits, emb = student(ids[b], mask[b])
         kd = F.kl_div(F.log_softmax(logits / T, -1), F.softmax(t_logits[b] / T, -1), reduction="batchmean") * T * T
-        return kd + 0.5 * F.cross_entropy(logits, y[b]) + 5.0 * F.mse_loss(emb, t_emb[b])
+        loss = kd + 0.5 * F.cross_entropy(logits, y[b]) + 5.0 * F.mse_loss(emb, t_emb[b])
+        if w_attr:
+            loss = loss + w_attr * sum(F.kl_div(F.log_softmax(h(emb), -1), t_attr[k][b], reduction="batchmean")
+                                       for k, h in heads.items())
+        return loss
 
     student.train()
     _optimize(opt, cfg.student_epochs, len(y), cfg.batch_size, seed + 1, progress, "student (distill)", loss_of)

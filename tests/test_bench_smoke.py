@@ -5,7 +5,7 @@ from __future__ import annotations
 from bench import run as bench_run
 from bench.common import Ctx, Section, stats_breakdown
 from bench.formats import guard
-from bench.serving import round_ratios, spread_row
+from bench.serving import round_ratios, spread_row, targets
 
 
 def test_control_section_writes_markdown_with_the_machine(tmp_path):
@@ -68,3 +68,13 @@ def test_the_concurrency_1_ratio_is_reported_per_round():
     assert ratios == [3.0, 5.0, 2.0]
     assert spread_row("x", ratios) == ["x", 3, "2.00x", "3.00x", "5.00x", "3.00 5.00 2.00"]
     assert spread_row("y", []) == ["y", 0, "-", "-", "-", "-"]
+
+
+def test_the_serving_targets_are_judged_met_or_missed():
+    """Issue 17: the serving section says which target this run met and which it missed (a missed
+    one stays marked missed), from the median per-round ratios."""
+    rows = targets(3.5, 2.8, 1.24, True, 16)
+    assert [r[2] for r in rows] == ["missed", "met", "met", "met"]
+    assert rows[0][1] == "3.50x" and "<= 3x" in rows[0][0]
+    rows = targets(None, 3.0, 0.55, False, 16)
+    assert [r[2] for r in rows] == ["not measured", "met", "missed", "missed"]

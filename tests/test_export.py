@@ -191,6 +191,40 @@ def test_onnx_files_and_parity(export_run):
         assert ps["max"] <= PARITY, ps
 
 
+def test_student_attribute_distillation(export_run):
+    """Issue 17: with `student_attr_distill` the student's embedding, read through the teacher's
+    attribute heads (as the rankers read it), answers closer to the teacher's than without: the
+    held-out KL between the two is lower, for the same seed and epochs."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415 - deferred: heavy
+    import torch.nn.functional as F  # noqa: PLC0415 - deferred: heavy
+
+    from export.pipeline import load_checkpoint  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
+    from export.train import aux_sizes_for, encode_queries, predict, train_student  # noqa: PLC0415 - deferred: torch
+
+    res, base = export_run
+    ds = load_dataset(next((base / "data").iterdir()))
+    feats, layout = build_item_features(ds.catalog)
+    aux = aux_sizes_for(ds)
+    tok, teacher, *_ = load_checkpoint(res.path / "checkpoint.pt", TINY, len(ds.catalog.leaves), aux, layout,
+                                       feats.shape[1])
+    enc, held = encode_queries(tok, ds.train, aux), encode_queries(tok, ds.heldout, aux)
+    _, t_emb = predict(teacher, held.ids, held.mask)
+
+    def attr_kl(weight: float) -> float:
+        prof = replace(TINY, train=replace(TINY.train, student_epochs=3, student_attr_distill=weight))
+        student = train_student(prof, tok, enc, teacher, len(ds.catalog.leaves), SEED)
+        _, s_emb = predict(student, held.ids, held.mask)
+        with torch.no_grad():
+            s, t = torch.from_numpy(s_emb), torch.from_numpy(t_emb)
+            return float(sum(F.kl_div(F.log_softmax(h(s), -1), F.softmax(h(t), -1), reduction="batchmean")
+                             for h in teacher.aux.values()))
+
+    without, with_ = attr_kl(0.0), attr_kl(1.0)
+    assert with_ < 0.8 * without, (with_, without)
+
+
 # ------------------------------------------------------------------------------------- INT8
 
 def test_int8_guard_branches():
