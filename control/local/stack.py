@@ -100,8 +100,12 @@ def start_control_daemon(settings, timeout: float = 30.0) -> ManagedProcess:
     argv = [sys.executable, "-m", "control.cli"]
     if settings.source:
         argv += ["--config", settings.source]
+    # Ready when both servers answer: the metrics exporter and the admin API start separately, and a
+    # caller's first request goes to the API.
     return start_ready(CONTROL_NAME, argv + ["control", "run"], settings.run_path,
-                       lambda: http_ok(f"http://{c.api_host}:{c.metrics_port}/metrics"), timeout, "exporting its metrics")
+                       lambda: http_ok(f"http://{c.api_host}:{c.metrics_port}/metrics")
+                       and http_ok(f"http://{c.api_host}:{c.api_port}/healthz"), timeout,
+                       "exporting its metrics and answering on its admin API")
 
 
 def planned_ports(settings, with_control: bool, with_prometheus: bool = False,
