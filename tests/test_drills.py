@@ -1,7 +1,7 @@
 """Disaster-recovery drills (issue 8) at small scale: every scenario against real Tritons (a
 Python-backend `add_one`) behind the real HAProxy, with the real control daemon and S3 endpoint
 where the scenario needs them. Each test asserts detection, recovery, failure counts and that the
-report files exist and parse. Full-length figures: control/drills/README_SECTION_DRILLS.md.
+report files exist and parse. Full-length figures: BENCHMARKS.md section 4 and docs/drills.md.
 """
 from __future__ import annotations
 
