@@ -158,6 +158,12 @@ def test_drain_and_undrain(svc):
     r = call(base, "POST", "/v1/ready", {"target": "cloud-1"}).json()
     assert r["changed"] is True
     assert call(base, "GET", "/v1/status").json()["drained"] == []
+    # The history shows who drained what, in order, with the operator state's revision.
+    acts = call(base, "GET", "/v1/history", params={"since": "5m"}).json()["operator_actions"]
+    assert [(a["action"], a["target"]) for a in acts][-4:] == [
+        ("drain", "onprem"), ("drain", "cloud-1"), ("undrain", "onprem"), ("undrain", "cloud-1")]
+    assert all(a["by"].startswith("api:127.0.0.1") for a in acts[-4:])
+    assert [a["revision"] for a in acts[-4:]] == sorted(a["revision"] for a in acts[-4:])
 
 
 def test_status_and_policy_views(svc):

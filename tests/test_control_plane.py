@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -283,6 +284,8 @@ def test_07_cli_reads_daemon_and_sets_weights(stack, tmp_path):
     assert r.exit_code != 0 and "must add up to 100" in r.output
     r = CliRunner().invoke(cli, ["--config", str(cfg), "history", "--since", "5m", "--json"])
     assert r.exit_code == 0 and any(d["reason"] == "override" for d in json.loads(r.output)["decisions"])
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "history", "--since", "5m"])
+    assert r.exit_code == 0 and re.search(r"operator override +- +by api:127\.0\.0\.1 \(generation", r.output), r.output
     r = CliRunner().invoke(cli, ["--config", str(cfg), "policy", "show", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["config"]["queue_time_high_ms"] == 15.0
     api(stack, "DELETE", "/v1/weights/override")

@@ -9,6 +9,7 @@ daemon is down, read the SQLite database directly (and say so).
 """
 from __future__ import annotations
 
+import json
 import re
 
 import click
@@ -172,7 +173,8 @@ def history_cmd(ctx, since, limit, all_rows, as_json):
     ts = since_param(since)
     params = {"since": since, "limit": limit, "all": int(all_rows)}
     d = daemon_or_database(settings, "/v1/history", lambda audit: {"decisions": [
-        r.to_dict() for r in audit.history(ts, limit, changes_only=not all_rows)]}, params=params, timeout=5)
+        r.to_dict() for r in audit.history(ts, limit, changes_only=not all_rows)],
+        "operator_actions": audit.operator_history(ts, limit)}, params=params, timeout=5)
 
     def human(d):
         click.echo(f"source: {d['source']}")
@@ -181,4 +183,8 @@ def history_cmd(ctx, since, limit, all_rows, as_json):
             arrow = f"{ow['onprem']}/{ow['cloud']} -> {nw['onprem']}/{nw['cloud']}"
             err = f" ERROR {r['error']}" if r.get("error") else ""
             click.echo(f"{r['time']}  {r['reason']:<20} {arrow:<16} {r['message']}{err}")
+        # What operators changed (overrides, drains), as written to the operator state in S3.
+        for r in d.get("operator_actions", []):
+            click.echo(f"{r['time']}  operator {r['action']:<11} {r['target'] or '-':<16} by {r['by'] or '?'} "
+                       f"(generation {r['generation']}, revision {r['revision']}) {json.dumps(r['detail'])}")
     _print(d, as_json, human)

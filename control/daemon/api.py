@@ -13,7 +13,7 @@ constant time). No or wrong token -> 401; bad input -> 400 with a message naming
   POST   /v1/drain                   {"target": "onprem" | "cloud" | "<instance>"}
   POST   /v1/undrain                 {"target": ...}   (= /v1/ready)
   GET    /v1/policy                  policy config and state
-  GET    /v1/history?since=10m&limit=100&all=1
+  GET    /v1/history?since=10m&limit=100&all=1     decisions, and the operator actions (overrides, drains)
   GET    /v1/scale                   scaler config, cloud instances, state, last decision, cost
   GET    /v1/scale/history?since=10m&limit=100&all=1    scaling decisions with reasons
   GET    /v1/cost                    cost so far and burn rate per site, cloud budget
@@ -207,7 +207,8 @@ class AdminService:
     def history(self, query) -> dict:
         since = _since(query.get("since"))
         rows = self.c.audit.history(since, _limit(query), changes_only=not _all_rows(query))
-        return {"decisions": [r.to_dict() for r in rows]}
+        return {"decisions": [r.to_dict() for r in rows],
+                "operator_actions": self.c.audit.operator_history(since, _limit(query))}
 
     def scale(self) -> dict:
         return self.c.scale_status()
