@@ -15,7 +15,6 @@ actuator is dry-run (what it would apply is in each daemon's decision audit: `ap
 from __future__ import annotations
 
 import signal
-import sqlite3
 import time
 
 import pytest
@@ -29,6 +28,7 @@ from control.cli import cli
 from control.daemon.client import AdminClient, DaemonError
 from control.drills.faults import DelayProxy
 from control.drills.models import ADD_ONE, write_add_model
+from control.drills.sites import applied_times, leading_intervals, transitions
 from control.local.isolated import isolated_settings
 from control.local.procs import free_port
 from control.local.s3_endpoint import start_s3_server
@@ -92,37 +92,10 @@ def status_line(settings) -> str:
     return next(line for line in r.output.splitlines() if line.startswith("control plane leader"))
 
 
-def transitions(settings) -> list[dict]:
-    with sqlite3.connect(settings.database_path) as db:
-        db.row_factory = sqlite3.Row
-        return [dict(r) for r in db.execute("SELECT * FROM leader_transitions ORDER BY id")]
-
-
-def applied_times(settings) -> list[float]:
-    with sqlite3.connect(settings.database_path) as db:
-        return [r[0] for r in db.execute("SELECT ts FROM control_decisions WHERE applied = 1 ORDER BY id")]
-
-
-def intervals(rows: list[dict], ends: list[float]) -> list[tuple[float, float]]:
-    """Leading intervals from one daemon's audit; an interval still open when its process was
-    killed ends at the next of `ends` (kill times) after its start, else now."""
-    out, start = [], None
-    for r in rows:
-        if r["event"] in ("acquired", "recovered") and start is None:
-            start = r["ts"]
-        elif r["event"] in ("stepped_down", "released") and start is not None:
-            out.append((start, r["ts"]))
-            start = None
-        elif r["event"] == "following" and start is not None:  # a restarted process: the old life ended
-            out.append((start, min([e for e in ends if e >= start], default=r["ts"])))
-            start = None
-    if start is not None:
-        out.append((start, min([e for e in ends if e >= start], default=time.time())))
-    return out
-
-
 def check_never_two_leaders(a, b, a_ends=(), b_ends=()) -> None:
-    ia, ib = intervals(transitions(a), list(a_ends)), intervals(transitions(b), list(b_ends))
+    now = time.time()
+    ia = leading_intervals(transitions(a), now, list(a_ends))
+    ib = leading_intervals(transitions(b), now, list(b_ends))
     for s1, e1 in ia:
         for s2, e2 in ib:
             assert e1 <= s2 or e2 <= s1, f"both led: {a.control.leader.name} {s1:.2f}..{e1:.2f}, " \

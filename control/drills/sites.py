@@ -207,17 +207,22 @@ def applied_times(settings: Settings) -> list[float]:
         return [r[0] for r in db.execute("SELECT ts FROM control_decisions WHERE applied = 1 ORDER BY id")]
 
 
-def leading_intervals(rows: list[dict], now: float) -> list[tuple[float, float]]:
-    """Leading intervals from one daemon's leader_transitions (a pure function); one still open ends now."""
+def leading_intervals(rows: list[dict], now: float, ends: list[float] = ()) -> list[tuple[float, float]]:
+    """Leading intervals from one daemon's leader_transitions (a pure function). An interval still
+    open when its process was killed ends at the next of `ends` (kill times) after its start; one
+    still open otherwise ends now; a `following` row without a kill closes it."""
     out, start = [], None
     for r in rows:
         if r["event"] in ("acquired", "recovered") and start is None:
             start = r["ts"]
-        elif r["event"] in ("stepped_down", "released", "following") and start is not None:
+        elif r["event"] in ("stepped_down", "released") and start is not None:
             out.append((start, r["ts"]))
             start = None
+        elif r["event"] == "following" and start is not None:  # a restarted process: the old life ended
+            out.append((start, min([e for e in ends if e >= start], default=r["ts"])))
+            start = None
     if start is not None:
-        out.append((start, now))
+        out.append((start, min([e for e in ends if e >= start], default=now)))
     return out
 
 
