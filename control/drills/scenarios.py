@@ -574,10 +574,6 @@ class _MirrorScenario(Scenario):
             if rejected:
                 ro["rejected"] = rejected["reason"]
             ro["live_on"] = sorted(n for n, s in st["instances"].items() if s.get("live") == version)
-            # The controller writes desired state, then the audit row: a status read between the two
-            # sees the row without the rejection. A rollback always rejects: wait until it shows.
-            if ro.get("phase") == "rolled_back" and not ro.get("rejected"):
-                return None
             return ro if ro.get("phase") in TERMINAL_PHASES else None
 
         wait_until(poll, self.rollout_timeout_s, f"the rollout of {self.model} v{version} to end", interval=0.2)

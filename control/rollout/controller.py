@@ -281,9 +281,14 @@ class RolloutController:
         """{model: {...}}: stable, canary, the rollout's phase and reason, rejected versions with reasons
         (all from S3), what each agent reports for the model, and the last audit rows (if any)."""
         now = self.clock()
-        desired = self.store.read().state
+        first = self.store.read() if model is None else None
+        models = [model] if model else sorted(first.state.models)
+        # The audit rows before the desired state: a transition is written to S3 first and to the
+        # audit after, so every row read here has its state in the read below (If-None-Match: a
+        # 304 when nothing changed in between).
+        histories = {m: self.audit.history(m, history) if self.audit is not None else [] for m in models}
+        desired = self.store.read(first).state
         statuses, problems = self.store.statuses()
-        models = [model] if model else sorted(desired.models)
         out = {}
         for m in models:
             ms = desired.models.get(m) or ModelState()
@@ -297,7 +302,7 @@ class RolloutController:
                 "rejected": {v: r.model_dump() for v, r in sorted(ms.rejected.items())},
                 "instances": {n: {"site": s.site, "age_s": round(now - s.at, 1), **(s.models.get(m) or {})}
                               for n, s in sorted(statuses.items())},
-                "history": self.audit.history(m, history) if self.audit is not None else [],
+                "history": histories[m],
             }
         return {"revision": desired.revision, "models": out, "problems": problems}
 
