@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import perf
+from bench.ceiling import ceiling_repository
 from bench.common import (
     Ctx,
     Missing,
@@ -33,6 +34,7 @@ VARIANT_NAMES = ("fp32", "int8", "student")
 CONCURRENCY = (1, 16)
 MIN_SPEEDUP = 1.5          # end-to-end throughput vs fp32 at concurrency 16
 MAX_NDCG_DROP = 0.01       # 1 point of held-out NDCG@10
+CEILING = "ceiling"        # the FP32 repository with graphs that cost nothing (bench/ceiling.py)
 
 
 def variant_files(variant: str) -> tuple[str, str]:
@@ -94,7 +96,7 @@ def ort_section(ctx: Ctx, export: Path, headline_parts: list[str]) -> list[str]:
                            "ranker_student.onnx")
                if not (export / f).exists()]
     out = ["onnxruntime alone (`export.bench.run_bench`, median of the runs, one session per file, "
-           "default threading):",
+           "`export.ort_session`'s threading: one intra-op thread):",
            md_table(["model", "variant", "batch", "candidates", "latency ms", "items/s", "speedup vs fp32"], table)]
     if missing:
         out.append(f"Not in this export: {', '.join(missing)}.")
@@ -137,6 +139,8 @@ def run(ctx: Ctx) -> Section:
                 triton_note += f" {v}: {', '.join(missing)} not in the export (its gate rejected it), skipped."
                 continue
             variants[v] = ctx.repository(v, export, variant=v)
+        if "fp32" in variants:
+            variants[CEILING] = ceiling_repository(variants["fp32"], ctx.work_dir / "repos" / CEILING)
         conc = CONCURRENCY
         rounds = int(ctx.dur(5, 1))
         interval = int(ctx.dur(2000, 1000))
@@ -150,8 +154,9 @@ def run(ctx: Ctx) -> Section:
                 https[v], urls[v] = stack.enter_context(single_triton(ctx, f"formats-{v}", repo))
             names = list(urls)
             for v in names:
-                ctx.say(f"formats: held-out NDCG@10 served by {v}")
-                ndcg[v] = served_ndcg(https[v], export)
+                if v != CEILING:   # its answers mean nothing: every score is 0
+                    ctx.say(f"formats: held-out NDCG@10 served by {v}")
+                    ndcg[v] = served_ndcg(https[v], export)
                 perf.warmup(urls[v], data, "grpc")
             for r in range(rounds):
                 for c in conc:
@@ -175,7 +180,8 @@ def run(ctx: Ctx) -> Section:
         top = conc[-1]
         guard_rows, hl = [], []
         base_ndcg = ndcg.get("fp32", (None, 0))[0]
-        for v in names:
+        ceiling = mmm(round_ratios(res.get((CEILING, top), []), res.get(("fp32", top), []), "throughput"))
+        for v in (n for n in names if n != CEILING):
             # the variant's throughput over fp32's of the same round (measured one after the other),
             # median over the rounds: a burst of load elsewhere shifts both figures of a round
             per_round = [] if v == "fp32" else round_ratios(res.get((v, top), []), res.get(("fp32", top), []),
@@ -189,6 +195,8 @@ def run(ctx: Ctx) -> Section:
                                "kept" if kept else "rejected", why])
             if v != "fp32":
                 hl.append(f"{v} {fmt_ratio(speed, 1.0)} ({'kept' if kept else 'rejected'})")
+        if ceiling[1] is not None:
+            hl.append(f"ceiling (graphs that cost nothing) {fmt_ratio(ceiling[1], 1.0)}")
         if hl:
             headline_parts.append(f"end to end through Triton at concurrency {top}, throughput vs fp32: " + ", ".join(hl))
         body += [f"Through Triton (the whole `search_ranking` ensemble, gRPC, perf_analyzer, {len(queries)} held-out "
@@ -201,6 +209,14 @@ def run(ctx: Ctx) -> Section:
                  md_table(["variant", "served NDCG@10", "queries", "NDCG@10 vs fp32 (points)",
                            f"throughput vs fp32 at c={top} (median of rounds)", "per round (min-max)", "decision",
                            "why"], guard_rows)]
+        if ceiling[1] is not None:
+            reach = "can" if ceiling[1] >= MIN_SPEEDUP else "cannot"
+            body.append(f"The ceiling of any variant on this serving path: the FP32 repository with null graphs "
+                        f"(`bench/ceiling.py`: the same inputs and outputs, zeros out, next to no compute) reaches "
+                        f"{fmt_ratio(ceiling[1], 1.0)} fp32's throughput at concurrency {top} (median of rounds; per "
+                        f"round {fmt_ratio(ceiling[0], 1.0)}-{fmt_ratio(ceiling[2], 1.0)}). A variant's end-to-end "
+                        f"gain stays below it, so here a variant {reach} reach the guard's {MIN_SPEEDUP}x: the rest "
+                        "of each request's cost is the serving path itself (client, Triton, the Python steps).")
         body += breakdowns
         if triton_note:
             body.append(triton_note.strip())
@@ -218,5 +234,6 @@ def run(ctx: Ctx) -> Section:
             "Tritons run at once; perf_analyzer visits them in rotating order per round. On the CPU target each "
             "step runs its graph through onnxruntime (1 intra-op thread) inside a Python-backend model; the int8 "
             "graphs (dynamic quantization: results depend on what shares a batch) run one query per "
-            "onnxruntime call, the others one call per execute.",
+            "onnxruntime call, the others one call per execute. The ceiling row serves graphs that cost "
+            "nothing (`bench/ceiling.py`) in the FP32 repository: the most any variant can gain here.",
         body=body)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifacts import load_metadata
-from .onnx_export import session
+from .ort_session import session
 from .tokenizer import Tokenizer
 
 

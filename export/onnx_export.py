@@ -2,16 +2,15 @@
 FP32 parity against PyTorch on held-out inputs."""
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from .models import QueryIntentModel, Ranker
+from .ort_session import session
 
 QI_INPUTS = ["input_ids", "attention_mask"]
 QI_OUTPUTS = ["intent_logits", "query_embedding"]
@@ -20,14 +19,6 @@ RANKER_OUTPUTS = ["scores"]
 
 _DTYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.FLOAT16: "FP16",
            onnx.TensorProto.INT32: "INT32"}
-
-
-def session(path: Path | str, threads: int | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads or int(os.environ.get("TRITON_HYBRID_ORT_THREADS", "1"))
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _export(model: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],

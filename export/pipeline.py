@@ -380,7 +380,7 @@ def run_export(profile: Profile, seed: int, out_root: Path | str = artifacts.DEF
                                  g.tensorrt_fp16_max_abs_diff)
             E, F = profile.teacher.emb_dim, features.shape[1]
             rfeeds = ranker_feeds(E, num_intents, features, 64, 50)
-            from .onnx_export import session  # noqa: PLC0415 - deferred: pulls in torch, onnx, onnxruntime
+            from .ort_session import session  # noqa: PLC0415 - deferred: pulls in onnxruntime
             r_ref = session(tmp / "ranker.onnx").run(["scores"], rfeeds)[0]
             # The plan must take what the repository admits: up to PLAN_MAX_CANDIDATES candidates
             # (the ensemble's default max_candidates) in batches up to PLAN_MAX_RANKER_BATCH.

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import onnxruntime as ort
 
 from .artifacts import load_metadata
+from .ort_session import session
 from .ranking import (
     FeatureTable,
     RankingError,
@@ -47,10 +47,8 @@ class ReferencePipeline:
         self.intents: list[str] = json.loads((self.dir / "intents.json").read_text(encoding="utf-8"))
         self.table = FeatureTable.load(self.dir / "item_features.npz")
         self.strict = strict
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        self._qi = ort.InferenceSession(str(self.dir / query_model), so, providers=["CPUExecutionProvider"])
-        self._rk = ort.InferenceSession(str(self.dir / ranker_model), so, providers=["CPUExecutionProvider"])
+        self._qi = session(self.dir / query_model)
+        self._rk = session(self.dir / ranker_model)
 
     def lookup(self, candidate_ids) -> np.ndarray:
         """[N] item ids -> [N, feat_dim] features; unknown ids get the cold-start row (strict: ValueError)."""

@@ -78,3 +78,38 @@ def test_the_serving_targets_are_judged_met_or_missed():
     assert rows[0][1] == "3.50x" and "<= 3x" in rows[0][0]
     rows = targets(None, 3.0, 0.55, False, 16)
     assert [r[2] for r in rows] == ["not measured", "met", "missed", "missed"]
+
+
+def test_ceiling_graphs_keep_the_signature_and_cost_nothing(tiny_export, tmp_path):
+    """bench/ceiling.py: the null graph answers with zeros of the shapes the real graph would give
+    (dynamic dims from the inputs), under the same input and output names and types."""
+    import numpy as np  # noqa: PLC0415
+    import onnx  # noqa: PLC0415
+    import pytest  # noqa: PLC0415
+
+    from bench.ceiling import null_graph  # noqa: PLC0415
+    from export.ort_session import session  # noqa: PLC0415
+
+    def signature(path):
+        g = onnx.load(str(path)).graph
+        return [(x.name, x.type.tensor_type.elem_type,
+                 [d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim]) for x in [*g.input, *g.output]]
+
+    for name in ("query_intent", "ranker"):
+        src = tiny_export / f"{name}.onnx"
+        dst = null_graph(src, tmp_path / f"{name}_null.onnx")
+        assert signature(dst) == signature(src)
+        real, null = session(src), session(dst)
+        feeds = {}
+        for x in real.get_inputs():
+            shape = [3 if d == "batch" else 7 if isinstance(d, str) else d for d in x.shape]
+            feeds[x.name] = (np.ones(shape, np.int64) if "int64" in x.type else np.random.rand(*shape).astype(np.float32))
+        for want, got in zip(real.run(None, feeds), null.run(None, feeds)):
+            assert got.shape == want.shape and got.dtype == want.dtype and not got.any()
+        assert len(onnx.load(str(dst)).graph.initializer) == 0   # no weights: next to no compute
+
+    g = onnx.load(str(tiny_export / "ranker.onnx"))
+    g.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "not_on_any_input"
+    onnx.save(g, str(tmp_path / "bad.onnx"))
+    with pytest.raises(ValueError, match="not_on_any_input"):
+        null_graph(tmp_path / "bad.onnx", tmp_path / "bad_null.onnx")
