@@ -16,6 +16,7 @@ import numpy as np
 import requests
 
 from bench import perf
+from bench.ceiling import ceiling_repository
 from bench.common import (
     BREAKDOWN_HEADERS,
     PROJECT_ROOT,
@@ -43,6 +44,8 @@ TOP_K = 10
 # per-round ratios decides); at the top concurrency perf_analyzer reaches >= 0.6x the in-process bound.
 MAX_C1_P50_RATIO = 3.0
 MIN_TOP_THROUGHPUT_RATIO = 0.6
+# the same ensemble serving graphs that cost nothing (bench/ceiling.py): the serving path's own cost
+CEILING_PATH = "Triton, graphs that cost nothing (HTTP)"
 
 
 def targets(http_c1: float | None, perf_c1: float | None, perf_top: float | None, beats_flask: bool,
@@ -166,6 +169,7 @@ def run(ctx: Ctx) -> Section:
         raise Missing(f"{e.name} is not importable") from None
     queries = load_queries(export, 16)
     repo = ctx.repository("fp32")
+    ceiling_repo = ceiling_repository(repo, ctx.work_dir / "repos" / "serving-ceiling")
     dur = ctx.dur(8.0, 2.0)
     warm = ctx.dur(1.5, 0.5)
     conc = CONCURRENCY
@@ -177,17 +181,21 @@ def run(ctx: Ctx) -> Section:
     breakdown: list[str] = []
     flask_proc, flask_url = start_flask(ctx, export)
     try:
-        with single_triton(ctx, "serving-triton", repo) as (http, grpc):
+        with single_triton(ctx, "serving-triton", repo) as (http, grpc), \
+                single_triton(ctx, "serving-ceiling", ceiling_repo) as (ceiling_http, _):
             paths = {"in-process (bound)": inprocess_caller(pipe, queries),
                      "Triton ensemble (HTTP)": triton_http_caller(http, queries, TOP_K),
                      "Flask + onnxruntime (HTTP)": flask_caller(flask_url, queries)}
             names = list(paths)
+            # at concurrency 1 only: how much of Triton's latency is the serving path itself
+            paths[CEILING_PATH] = triton_http_caller(ceiling_http, queries, TOP_K)
             rounds = int(ctx.dur(5, 1))
             runs: dict[tuple[str, int], list[dict]] = {}
             for r in range(rounds):          # interleaved rounds: a burst of load elsewhere hits every path
                 for c in conc:
                     k = CONCURRENCY.index(c) + r
-                    for name in names[k % 3:] + names[:k % 3]:   # rotate the order per concurrency and round
+                    these = names + [CEILING_PATH] if c == conc[0] else names
+                    for name in these[k % len(these):] + these[:k % len(these)]:   # rotate per concurrency and round
                         ctx.say(f"serving: round {r + 1}/{rounds} {name} c={c} for {dur / rounds:g}s")
                         runs.setdefault((name, c), []).append(
                             drive(paths[name], c, dur / rounds, warmup_s=warm).as_dict())
@@ -224,7 +232,9 @@ def run(ctx: Ctx) -> Section:
     rows = []
     for c in conc:
         bound = res[("in-process (bound)", c)]
-        for name in names:
+        for name in names + [CEILING_PATH]:
+            if (name, c) not in res:
+                continue
             r = res[(name, c)]
             rows.append([c, name, r["throughput"], r["p50_ms"], r["p99_ms"], r["failed"],
                          fmt_ratio(r["throughput"], bound["throughput"]),
@@ -243,7 +253,9 @@ def run(ctx: Ctx) -> Section:
     low = conc[0]
     http_ratios = round_ratios(runs[("Triton ensemble (HTTP)", low)], runs[("in-process (bound)", low)])
     perf_ratios = round_ratios(perf_runs.get(("grpc", low), []), perf_bound)
-    spread = [spread_row("Triton ensemble (HTTP, Python client) / in-process", http_ratios)]
+    ceiling_ratios = round_ratios(runs[(CEILING_PATH, low)], runs[("in-process (bound)", low)])
+    spread = [spread_row("Triton ensemble (HTTP, Python client) / in-process", http_ratios),
+              spread_row("Triton, graphs that cost nothing (HTTP, Python client) / in-process", ceiling_ratios)]
     if perf_ratios:
         spread.append(spread_row("Triton ensemble (perf_analyzer gRPC) / in-process", perf_ratios))
     errors = {f"{n} c={c}": r["errors"] for (n, c), r in res.items() if r["errors"]}
@@ -271,8 +283,13 @@ def run(ctx: Ctx) -> Section:
     hlo, hmed, hhi = mmm(http_ratios)
     plo, pmed, phi = mmm(perf_ratios)
     goals = targets(hmed, pmed, pa16[2] / b["throughput"] if pa16 and b["throughput"] else None, beats, top)
+    clo, cmed, chi = mmm(ceiling_ratios)
     body[:0] = ["Issue 17's targets, judged on this run (concurrency-1 ratios: the median over the rounds):",
-                md_table(["target", "figure", "verdict"], goals)]
+                md_table(["target", "figure", "verdict"], goals),
+                f"The serving path's own cost at concurrency {low}: the same ensemble serving graphs that cost nothing "
+                f"(`bench/ceiling.py`) answers in {fmt_ratio(cmed, 1.0)} the in-process pipeline's p50 (median of rounds, "
+                f"{fmt_ratio(clo, 1.0)}-{fmt_ratio(chi, 1.0)}): client, HTTP, Triton and the two Python-backend hops "
+                "before any model runs. The models' own time comes on top of it."]
     headline = (f"Concurrency {low}: Triton p50 {t1['p50_ms']:.2f} ms vs the in-process pipeline's {b1['p50_ms']:.2f} ms; "
                 f"per round, Triton / in-process = {fmt_ratio(hmed, 1.0)} median ({fmt_ratio(hlo, 1.0)}-"
                 f"{fmt_ratio(hhi, 1.0)} over {len(http_ratios)} rounds)"
@@ -297,9 +314,11 @@ def run(ctx: Ctx) -> Section:
             "interleaved per concurrency (order rotated per round). perf_analyzer: the same rounds, medians, each round "
             "after its own in-process run at concurrency 1. The concurrency-1 latency ratio is also given per round "
             "(min, median, max): the spread is this machine's noise. In-process: "
-            "`export.reference.ReferencePipeline.rank` called by the threads (default onnxruntime threading). "
+            "`export.reference.ReferencePipeline.rank` called by the threads (`export.ort_session`: one "
+            "intra-op thread, its fastest and steadiest setting here). "
             "Triton: one Triton (no HAProxy) serving the CPU repository built from the export, tritonclient.http "
-            "(binary tensors), one client per thread. Flask: `bench/flask_service.py` (Flask 3, werkzeug "
+            "(binary tensors), one client per thread; at concurrency 1 also a second Triton serving that repository "
+            "with graphs that cost nothing (`bench/ceiling.py`). Flask: `bench/flask_service.py` (Flask 3, werkzeug "
             "threaded server, one process) running the same ReferencePipeline, `requests` + JSON. "
             f"{len(queries)} held-out queries rotated, TOP_K {TOP_K}. The client shares the machine's cores with "
             "the server, and its GIL caps what one Python client can send: perf_analyzer figures for Triton are "
