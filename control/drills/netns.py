@@ -3,7 +3,9 @@
 Addresses: a private /30 we create ourselves (10.213.N.1 root side, 10.213.N.2 in the namespace);
 traffic flows only between those two endpoints. Names carry a unique prefix (`thd` + a short id)
 so cleanup never touches anything we did not make. `SiteNetns` is a context manager: the
-namespace and the veth pair are removed on exit, also when the drill fails.
+namespace and the veth pair are removed on exit, also when the drill fails. `Bridge` joins several
+namespaces on one segment (the two-site and rolling-update drills); `run` is the one runner of the
+drills' network commands.
 
 Needs root and iproute2. `available()` says whether namespaces can be made here, and why not.
 """
@@ -22,12 +24,18 @@ class NetnsError(RuntimeError):
     pass
 
 
-def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    argv = (["ip", "netns", "exec", ns] if ns else []) + ["ip", *args]
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+def run(argv: list[str], *, check: bool = True, stdin: str | None = None,
+        timeout: float = 20) -> subprocess.CompletedProcess:
+    """The one runner of the drills' network commands (ip, iptables, tc): a failure names the
+    command and what it printed."""
+    p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise NetnsError(f"`{' '.join(argv)}` failed: {(p.stderr or p.stdout).strip()}")
     return p
+
+
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return run((["ip", "-n", ns] if ns else ["ip"]) + list(args), check=check, timeout=10)
 
 
 def available() -> tuple[bool, str]:
@@ -72,16 +80,54 @@ def netem_available() -> tuple[bool, str]:
         subprocess.run(["ip", "link", "del", f"{name}a"], capture_output=True)
 
 
-def _used_subnets() -> set[int]:
-    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+def free_subnet(prefix: str) -> int:
+    """A third octet N such that no address of this machine starts with `prefix`.N. (prefix "10.213"),
+    picked at random so that two drills running at once rarely race for the same one."""
     used = set()
-    for tok in out.split():
-        if tok.startswith("10.213."):
+    for tok in run(["ip", "-o", "-4", "addr", "show"], timeout=10).stdout.split():
+        if tok.startswith(prefix + "."):
             try:
                 used.add(int(tok.split(".")[2]))
             except (IndexError, ValueError):
                 pass
-    return used
+    free = [n for n in range(1, 255) if n not in used]
+    if not free:
+        raise NetnsError(f"no free {prefix}.N.0 subnet left")
+    return random.choice(free)
+
+
+@dataclass
+class Bridge:
+    """A Linux bridge with an address, in the root namespace (ns None) or inside namespace `ns`;
+    `attach` puts another namespace on it through a veth pair. Removed with its namespace, or by
+    destroy() when in the root namespace."""
+
+    name: str
+    ip: str
+    prefix_len: int = 24
+    ns: str | None = None
+    created: bool = False
+
+    def create(self) -> "Bridge":
+        _ip("link", "add", self.name, "type", "bridge", ns=self.ns)
+        self.created = True
+        _ip("addr", "add", f"{self.ip}/{self.prefix_len}", "dev", self.name, ns=self.ns)
+        _ip("link", "set", self.name, "up", ns=self.ns)
+        return self
+
+    def attach(self, ns: str, port: str, inside: str, ip: str) -> None:
+        """Namespace `ns` joins the bridge: a veth pair with `port` on the bridge and `inside` in `ns`
+        holding `ip`; `ns`'s loopback comes up too."""
+        _ip("link", "add", port, "type", "veth", "peer", "name", inside, "netns", ns, ns=self.ns)
+        _ip("link", "set", port, "master", self.name, "up", ns=self.ns)
+        _ip("addr", "add", f"{ip}/{self.prefix_len}", "dev", inside, ns=ns)
+        _ip("link", "set", inside, "up", ns=ns)
+        _ip("link", "set", "lo", "up", ns=ns)
+
+    def destroy(self) -> None:
+        if self.created:
+            _ip("link", "del", self.name, ns=self.ns, check=False)
+            self.created = False
 
 
 @dataclass
@@ -108,11 +154,7 @@ class SiteNetns:
 
     def create(self) -> "SiteNetns":
         if self.subnet is None:
-            used = _used_subnets()
-            free = [n for n in range(1, 255) if n not in used]
-            if not free:
-                raise NetnsError("no free 10.213.N.0/30 subnet left")
-            self.subnet = random.choice(free)
+            self.subnet = free_subnet("10.213")
             self.__post_init__()
         try:
             _ip("netns", "add", self.ns)
@@ -131,13 +173,13 @@ class SiteNetns:
 
     def destroy(self) -> None:
         """Remove the veth pair and the namespace; safe to call twice."""
-        subprocess.run(["ip", "link", "del", self.veth_root], capture_output=True)
+        _ip("link", "del", self.veth_root, check=False)
         if self.created:
-            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+            _ip("netns", "del", self.ns, check=False)
             self.created = False
 
     def exists(self) -> bool:
-        return self.ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        return self.ns in _ip("netns", "list").stdout.split()
 
     # Faults ----------------------------------------------------------------------------------
     def link_down(self) -> None:
@@ -154,15 +196,12 @@ class SiteNetns:
         for argv in (["tc", "qdisc", "replace", "dev", self.veth_root, "root", "netem", "delay", half],
                      ["ip", "netns", "exec", self.ns, "tc", "qdisc", "replace", "dev", self.veth_ns, "root", "netem",
                       "delay", half]):
-            p = subprocess.run(argv, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise NetnsError(f"`{' '.join(argv)}` failed: {(p.stderr or p.stdout).strip()}")
+            run(argv)
         self.delay_ms = ms
 
     def clear_delay(self) -> None:
-        subprocess.run(["tc", "qdisc", "del", "dev", self.veth_root, "root"], capture_output=True)
-        subprocess.run(["ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev", self.veth_ns, "root"],
-                       capture_output=True)
+        run(["tc", "qdisc", "del", "dev", self.veth_root, "root"], check=False)
+        run(["ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev", self.veth_ns, "root"], check=False)
         self.delay_ms = 0.0
 
     def __enter__(self) -> "SiteNetns":
@@ -174,5 +213,5 @@ class SiteNetns:
 
 def leftovers() -> list[str]:
     """Namespaces with our prefix (for a test's cleanup assertion)."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = _ip("netns", "list", check=False).stdout
     return [ln.split()[0] for ln in out.splitlines() if ln.startswith(PREFIX)]

@@ -49,6 +49,7 @@ from control.config import PROJECT_ROOT, load_config
 from control.deploy.render import K8S_DIR, K8S_REGISTRY
 from control.drills.load import OpenLoopLoad, auto_spec
 from control.drills.models import ADD_ONE, write_add_model
+from control.drills import netns
 from control.drills.netns import PREFIX
 from control.local.haproxy import write_config
 from control.local.procs import ManagedProcess, pid_alive, start_process, start_ready, wait_for_process
@@ -262,10 +263,7 @@ def available() -> tuple[bool, str]:
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str:
-    p = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=20)
-    if p.returncode != 0:
-        raise RollingError(f"`{' '.join(argv)}` failed: {(p.stderr or p.stdout).strip()}")
-    return p.stdout
+    return netns.run(argv, stdin=stdin).stdout
 
 
 @dataclass
@@ -282,6 +280,7 @@ class PodNetwork:
     tag: str = field(default_factory=lambda: f"{os.getpid() % 1000:03d}{random.randrange(16**3):03x}")
     pods: dict[str, Pod] = field(default_factory=dict)
     node: str = ""
+    bridge: netns.Bridge | None = None
     made: list[str] = field(default_factory=list)   # every namespace this network created
     _next_ip: int = 2
 
@@ -289,13 +288,10 @@ class PodNetwork:
         self.node = f"{PREFIX}{self.tag}node"
         _run(["ip", "netns", "add", self.node])
         self.made.append(self.node)
-        n = ["ip", "-n", self.node]
-        _run(n + ["link", "set", "lo", "up"])
-        _run(n + ["link", "add", "thdbr", "type", "bridge"])
-        _run(n + ["addr", "add", f"{NODE_IP}/24", "dev", "thdbr"])
-        _run(n + ["link", "set", "thdbr", "up"])
+        _run(["ip", "-n", self.node, "link", "set", "lo", "up"])
+        self.bridge = netns.Bridge("thdbr", NODE_IP, ns=self.node).create()   # goes with the node namespace
         # The ClusterIP range: routed onto the pod network; the DNAT in OUTPUT picks the pod.
-        _run(n + ["route", "add", SERVICE_RANGE, "dev", "thdbr", "src", NODE_IP])
+        _run(["ip", "-n", self.node, "route", "add", SERVICE_RANGE, "dev", self.bridge.name, "src", NODE_IP])
         return self
 
     def add_pod(self, name: str) -> Pod:
@@ -305,11 +301,7 @@ class PodNetwork:
         _run(["ip", "netns", "add", ns])
         self.made.append(ns)
         pod = self.pods[name] = Pod(name, ns, f"{POD_SUBNET}.{k}")
-        _run(["ip", "-n", self.node, "link", "add", f"thdv{k}", "type", "veth", "peer", "name", "eth0", "netns", ns])
-        _run(["ip", "-n", self.node, "link", "set", f"thdv{k}", "master", "thdbr", "up"])
-        _run(["ip", "-n", ns, "addr", "add", f"{pod.ip}/24", "dev", "eth0"])
-        _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
-        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        self.bridge.attach(ns, f"thdv{k}", "eth0", pod.ip)
         return pod
 
     def remove_pod(self, name: str) -> None:

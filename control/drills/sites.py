@@ -35,7 +35,6 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -100,92 +99,41 @@ class SiteDrillConfig(BaseModel):
 
 # Network: one bridge, a veth per namespace --------------------------------------------------------
 
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    if check and p.returncode != 0:
-        raise NetnsError(f"`{' '.join(argv)}` failed: {(p.stderr or p.stdout).strip()}")
-    return p
-
-
-def _free_bridge_subnet() -> int:
-    out = _run(["ip", "-o", "-4", "addr", "show"]).stdout
-    used = {int(t.split(".")[2]) for t in out.split() if t.startswith("10.214.")}
-    free = [n for n in range(1, 255) if n not in used]
-    if not free:
-        raise NetnsError("no free 10.214.N.0/24 subnet left for the sites' bridge")
-    return random.choice(free)
-
-
-@dataclass
-class Bridge:
-    tag: str
-    subnet: int
-    name: str = field(init=False)
-    ip: str = field(init=False)
-    created: bool = False
-
-    def __post_init__(self) -> None:
-        self.name, self.ip = f"{netns.PREFIX}{self.tag}br", f"10.214.{self.subnet}.1"
-
-    def create(self) -> "Bridge":
-        _run(["ip", "link", "add", self.name, "type", "bridge"])
-        self.created = True
-        _run(["ip", "addr", "add", f"{self.ip}/24", "dev", self.name])
-        _run(["ip", "link", "set", self.name, "up"])
-        return self
-
-    def destroy(self) -> None:
-        if self.created:
-            _run(["ip", "link", "del", self.name], check=False)
-            self.created = False
-
-
 @dataclass
 class BridgedNs:
-    """A namespace on the bridge: what Host needs of a SiteNetns (ns, root_ip, ns_ip, exec_prefix,
+    """A namespace on the sites' bridge: what Host needs of a SiteNetns (ns, root_ip, ns_ip, exec_prefix,
     destroy, link_down/up); root_ip is the bridge's address (where the host's S3 forwarder listens)."""
 
-    bridge: Bridge
-    suffix: str
-    host_no: int
-    ns: str = field(init=False)
+    bridge: netns.Bridge
+    ns: str
+    ns_ip: str
     veth_root: str = field(init=False)
     veth_ns: str = field(init=False)
     root_ip: str = field(init=False)
-    ns_ip: str = field(init=False)
     created: bool = False
 
     def __post_init__(self) -> None:
-        self.ns = f"{netns.PREFIX}{self.bridge.tag}{self.suffix}"
-        self.veth_root, self.veth_ns = f"{self.ns}r", f"{self.ns}n"
-        self.root_ip, self.ns_ip = self.bridge.ip, f"10.214.{self.bridge.subnet}.{self.host_no}"
+        self.veth_root, self.veth_ns, self.root_ip = f"{self.ns}r", f"{self.ns}n", self.bridge.ip
 
     def exec_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.ns]
 
     def create(self) -> "BridgedNs":
-        _run(["ip", "netns", "add", self.ns])
+        netns.run(["ip", "netns", "add", self.ns])
         self.created = True
-        _run(["ip", "link", "add", self.veth_root, "type", "veth", "peer", "name", self.veth_ns])
-        _run(["ip", "link", "set", self.veth_ns, "netns", self.ns])
-        _run(["ip", "link", "set", self.veth_root, "master", self.bridge.name])
-        _run(["ip", "link", "set", self.veth_root, "up"])
-        pre = self.exec_prefix()
-        _run(pre + ["ip", "addr", "add", f"{self.ns_ip}/24", "dev", self.veth_ns])
-        _run(pre + ["ip", "link", "set", self.veth_ns, "up"])
-        _run(pre + ["ip", "link", "set", "lo", "up"])
+        self.bridge.attach(self.ns, self.veth_root, self.veth_ns, self.ns_ip)
         return self
 
     def link_down(self) -> None:
-        _run(self.exec_prefix() + ["ip", "link", "set", self.veth_ns, "down"])
+        netns.run(["ip", "-n", self.ns, "link", "set", self.veth_ns, "down"])
 
     def link_up(self) -> None:
-        _run(self.exec_prefix() + ["ip", "link", "set", self.veth_ns, "up"])
+        netns.run(["ip", "-n", self.ns, "link", "set", self.veth_ns, "up"])
 
     def destroy(self) -> None:
-        _run(["ip", "link", "del", self.veth_root], check=False)
+        netns.run(["ip", "link", "del", self.veth_root], check=False)
         if self.created:
-            _run(["ip", "netns", "del", self.ns], check=False)
+            netns.run(["ip", "netns", "del", self.ns], check=False)
             self.created = False
 
 
@@ -251,7 +199,7 @@ class TwoSites:
     def __init__(self, run_dir: Path, cfg: SiteDrillConfig | None = None, say=print):
         self.run_dir, self.cfg, self.say = Path(run_dir), cfg or SiteDrillConfig(), say
         self.tag = f"{os.getpid() % 1000:03d}{random.randrange(16):x}"
-        self.bridge: Bridge | None = None
+        self.bridge: netns.Bridge | None = None
         self.spaces: dict[str, BridgedNs] = {}
         self.settings: Settings | None = None
         self.entries: dict[str, Settings] = {}
@@ -294,10 +242,12 @@ class TwoSites:
         return self
 
     def _network(self) -> None:
-        self.bridge = Bridge(self.tag, _free_bridge_subnet()).create()
+        subnet = netns.free_subnet("10.214")
+        self.bridge = netns.Bridge(f"{netns.PREFIX}{self.tag}br", f"10.214.{subnet}.1").create()
         for key, suffix, no in (("onprem", "on", 2), ("cloud", "cl", 3), ("ctl-onprem", "con", 4),
                                 ("ctl-cloud", "ccl", 5)):
-            self.spaces[key] = BridgedNs(self.bridge, suffix, no).create()
+            self.spaces[key] = BridgedNs(self.bridge, f"{netns.PREFIX}{self.tag}{suffix}",
+                                         f"10.214.{subnet}.{no}").create()
 
     def _settings(self) -> None:
         c = self.cfg
@@ -783,7 +733,7 @@ def run_site_drill(name: str, run_root: Path, cfg: SiteDrillConfig | None = None
         say(f"{name}: two sites up in {lab.timings['start_s']:.1f}s")
         out = DRILL_FUNCS[name](lab)
         made = [ns.ns for ns in lab.spaces.values()] + [lab.bridge.name]
-    links = _run(["ip", "-o", "link"]).stdout
+    links = netns.run(["ip", "-o", "link"]).stdout
     left = [n for n in made if n in netns.leftovers() or f" {n}:" in links or f" {n}@" in links]
     out["targets"].append(target("namespaces and bridge removed", not left, left, "[]"))
     out["figures"]["made"] = made
