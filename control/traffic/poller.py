@@ -38,7 +38,6 @@ class Poller:
         self.clock = clock
         self.on_result = on_result  # (snapshot, scrape_error, seconds) -> None, for metrics
         self._prev: dict[str, tuple[float, Totals]] = {}
-        self._latest: dict[str, InstanceSnapshot] = {}
         self._history: dict[str, deque[InstanceSnapshot]] = {}
         self.history_size = max(1, history)
         self._lock = threading.Lock()
@@ -57,7 +56,6 @@ class Poller:
     def forget(self, name: str) -> None:
         """Drop what we know of a removed instance."""
         with self._lock:
-            self._latest.pop(name, None)
             self._history.pop(name, None)
         self._prev.pop(name, None)
 
@@ -71,7 +69,8 @@ class Poller:
 
     def latest(self, now: float | None = None, stale_after_s: float | None = None) -> dict[str, InstanceSnapshot]:
         with self._lock:
-            snaps = dict(self._latest)
+            # the newest of each history: one store, so the latest and the history never disagree
+            snaps = {k: v[-1] for k, v in self._history.items() if v}
         if now is not None and stale_after_s is not None:
             snaps = {k: v.aged(now, stale_after_s) for k, v in snaps.items()}
         return snaps
@@ -94,7 +93,6 @@ class Poller:
                                              reason=f"poller error: {e}", capacity=inst.capacity,
                                              sensitive_ok=inst.sensitive_ok)
         with self._lock:
-            self._latest.update(out)
             for name, snap in out.items():
                 self._history.setdefault(name, deque(maxlen=self.history_size)).append(snap)
         return out
