@@ -52,8 +52,10 @@ class CapacityJob(DecisionJob):
     def schedule(self) -> list[Scheduled]:
         return [Scheduled("scale", self.tick, self.sc.interval_s)]
 
-    def account_cost(self, now: float | None = None) -> dict:
-        """Accrue observed up-time of every registered instance into the cost ledger; export it."""
+    def account_cost(self, now: float | None = None, listed: list | None = None) -> dict:
+        """Accrue observed up-time of every registered instance into the cost ledger; export it.
+        `listed`: the actuator's instances where the caller has just listed them (one listing per
+        tick: with asg/ec2 each is a cloud API call)."""
         now = self.clock() if now is None else now
         if self._ledger is None:
             self._ledger = CostLedger(self.settings.database_path)
@@ -67,7 +69,7 @@ class CapacityJob(DecisionJob):
         extra = set()
         if self.scaler is not None and self.sc.actuator in EXTERNAL_CAPACITY:
             try:
-                for ci in self.scaler.instances():
+                for ci in (self.scaler.instances() if listed is None else listed):
                     if ci.name not in registered:
                         extra.add(ci.name)
                         self._ledger.observe(ci.name, "cloud", ci.cost_per_hour, True, now, gap)
@@ -88,13 +90,22 @@ class CapacityJob(DecisionJob):
 
     def tick(self) -> ScaleDecision | None:
         now = self.clock()
-        totals = self.account_cost(now)
-        if not self.sc.enabled or self.scaler is None or not self.gate.acting():  # standby: cost only
+        acting = self.sc.enabled and self.scaler is not None and self.gate.acting()
+        listed, list_error = None, None
+        if acting:
+            try:
+                listed = self.scaler.instances()
+            except Exception as e:  # noqa: BLE001 - the cost is still accounted, then the tick fails
+                list_error = e
+        totals = self.account_cost(now, listed)
+        if not acting:  # standby: cost only
             return None
+        if list_error is not None:
+            raise list_error
         snaps = self.traffic.snapshots(now)
         cloud_weight = int(self.traffic.weights.get("cloud", 0))
         draining = self.registry.draining()
-        insts = [i for i in self.scaler.instances() if i.name not in draining]
+        insts = [i for i in listed if i.name not in draining]
         cost = {"cloud_burn_per_hour": sum(i.cost_per_hour for i in insts),
                 "sites": {k: {"dollars": v["dollars"], "burn_per_hour": v["burn_per_hour"]} for k, v in totals.items()}}
         d = decide_scale(snaps, cloud_weight, insts, self.sc, self.state, now, new_instance_cost(self.settings))
@@ -113,7 +124,7 @@ class CapacityJob(DecisionJob):
                 error = f"{type(e).__name__}: {e}"
                 self.metrics.scale_errors.labels(d.action).inc()
                 log.exception("scale %s failed", d.action)
-        after = len(self.scaler.instances())
+        after = len(listed) if d.action == ScaleAction.HOLD else len(self.scaler.instances())
         self.audit.record_scale(ts=now, action=d.action, reason=d.reason, message=d.message, count_before=d.count,
                                 count_after=after, instance=(result or {}).get("instance") or d.instance,
                                 inputs=d.inputs, state=d.state.to_dict(), cost=cost, actuator=self.scaler.name,
