@@ -13,7 +13,6 @@ import numpy as np
 import tritonclient.http as th
 from tritonclient.utils import InferenceServerException
 
-from control.local.admin_keys import admin_key
 from control.mirror.manifest import version_of
 from control.waiting import WaitTimeout, wait_until
 
@@ -49,11 +48,6 @@ class TritonAdmin:
         self.host = self.url.split("://", 1)[-1]
         self._headers = {"admin-key": admin_key} if admin_key else {}
         self.timeout = timeout
-
-    @classmethod
-    def for_instance(cls, settings, instance, timeout: float = 120.0) -> "TritonAdmin":
-        """The adapter for one instance, with that instance's own admin key."""
-        return cls(instance.name, instance.http_url, admin_key(settings, instance), timeout=timeout)
 
     def client(self, timeout: float | None = None) -> th.InferenceServerClient:
         t = timeout or self.timeout

@@ -41,6 +41,7 @@ from control.adapters.haproxy_runtime import HAProxyError, HAProxyRuntime
 from control.adapters.triton import TritonAdminError
 from control.capacity.scaler import CloudInstance, ScaleDecision
 from control.config import InstanceConfig
+from control.local.admin_keys import admin_key
 from control.local.agents import agent_name, start_host
 from control.local.procs import ComponentError, free_port, load_managed, managed_names
 from control.traffic.triton_metrics import parse
@@ -96,7 +97,7 @@ def new_instance_cost(settings) -> float:
 def ready_versions(settings, inst, timeout: float = 5.0) -> dict[str, list[int]]:
     """{model: sorted READY versions} from the instance's repository index (admin key)."""
     from control.adapters.triton import TritonAdmin, ready_versions_of  # noqa: PLC0415 - tritonclient only when used
-    admin = TritonAdmin.for_instance(settings, inst, timeout=timeout)
+    admin = TritonAdmin(inst.name, inst.http_url, admin_key(settings, inst), timeout=timeout)
     return {k: sorted(v) for k, v in sorted(ready_versions_of(admin.index()).items())}
 
 
