@@ -154,7 +154,8 @@ def test_killed_agent_is_restarted_and_reports_its_host_ready_again(supervised):
     wait_until(lambda: agent_ready(inst), 60, "the restarted agent ready")
     assert load_managed(settings.run_path, inst.name).pid == triton_pid  # its Triton was left alone
     events = read_state(settings)["instances"][f"agent-{inst.name}"]["events"]
-    assert [e["event"] for e in events][-2:] == ["crashed", "restarted"] and events[-1]["pid"] == new.pid
+    assert [e["event"] for e in events][-2:] == ["crashed", "restarted"] and events[-1]["pid"] == new.pid, \
+        [(e["event"], e["message"]) for e in events]
     comps = {c["name"]: c for c in stack.status(settings)["components"]}
     assert comps[f"agent-{inst.name}"]["restarts"] == 1 and comps[f"agent-{inst.name}"]["not_live"] == []
 
