@@ -119,6 +119,10 @@ class SuperviseConfig(_Section):
     # at most backoff_max_s.
     backoff_initial_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
+    # A restart first waits up to this long for the dead process's ports to be free again: the
+    # kernel keeps its closed connections bound for a moment (seen in CI: an agent's port still in
+    # use 0.2 s after its kill, free 1 s later).
+    port_release_s: float = Field(5.0, ge=0)
     start_timeout_s: float = Field(20.0, gt=0)  # for the supervisor itself to report in
 
 

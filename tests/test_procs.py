@@ -118,3 +118,23 @@ def test_pid_file_has_no_secret_and_run_dir_files_are_private(run_dir, cleanup):
                        (pid_file_for(run_dir, "comp"), 0o600), (proc.log_path, 0o600)):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     proc.stop()
+
+
+def test_wait_ports_free_waits_for_a_release_and_gives_up_on_a_held_port():
+    """What the supervisor does before a restart: the dead process's port is released a moment
+    after its death; one that stays taken is reported (False) after the wait."""
+    import socket  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from control.local.procs import free_port, port_in_use, wait_ports_free  # noqa: PLC0415
+
+    port = free_port()
+    held = socket.socket()
+    held.bind(("127.0.0.1", port))
+    held.listen()
+    ports = [("agent_port", "127.0.0.1", port)]
+    assert port_in_use("127.0.0.1", port)
+    assert wait_ports_free(ports, 0.3) is False
+    threading.Timer(0.3, held.close).start()
+    assert wait_ports_free(ports, 10) is True
+    assert not port_in_use("127.0.0.1", port)

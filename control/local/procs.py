@@ -423,6 +423,17 @@ def require_free_ports(component: str, ports: Iterable[tuple[str, str, int]],
             raise ComponentError(component, f"port {host}:{port} ({setting}) is already in use; {remedy}")
 
 
+def wait_ports_free(ports: Iterable[tuple[str, str, int]], timeout_s: float) -> bool:
+    """True once none of the (setting, host, port) is bound any more; False if one still is after
+    timeout_s (the start that follows then fails with require_free_ports' clear error)."""
+    ports = list(ports)
+    try:
+        waiting.wait_until(lambda: not any(port_in_use(h, p) for _, h, p in ports), timeout_s, "ports free")
+        return True
+    except waiting.WaitTimeout:
+        return False
+
+
 def start_ready(name: str, argv: list[str], run_dir: Path, check: Callable[[], bool], timeout: float, what: str,
                 log_lines: int = 25, **start_kwargs) -> ManagedProcess:
     """start_process, then wait_for_process; a component that does not get ready is stopped again

@@ -38,6 +38,7 @@ from control.local.procs import (
     rss_bytes,
     start_process,
     wait_for_process,
+    wait_ports_free,
     write_private,
 )
 from control.local.triton_server import server_binary, start_instance
@@ -112,12 +113,24 @@ def supervised(settings) -> dict[str, Callable[[], ManagedProcess]]:
     return out
 
 
+def listening_ports(settings) -> dict[str, list[tuple[str, str, int]]]:
+    """{component name: its (setting, host, port)}: what a restart waits to be released."""
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    for inst in settings.instances:
+        if inst.managed:
+            out[inst.name] = [(f"{inst.name}.{f}", inst.host, getattr(inst, f))
+                              for f in ("http_port", "grpc_port", "metrics_port")]
+            out[agent_name(inst)] = [(f"{inst.name}.agent_port", inst.host, inst.agent_port)] if inst.agent_port else []
+    return out
+
+
 class Supervisor:
     def __init__(self, settings, clock: Callable[[], float] = time.time):
         self.settings = settings
         self.cfg = settings.triton.supervise
         self.clock = clock
         self.components = supervised(settings)
+        self.ports = listening_ports(settings)
         previous = read_state(settings).get("instances", {})
         self.instances = {name: previous.get(name, _instance_state()) for name in self.components}
 
@@ -164,6 +177,7 @@ class Supervisor:
                                                   "after fixing the cause")
             return
         st["restart_times"] = [t for t in st["restart_times"] if now - t < self.cfg.window_s] + [now]
+        wait_ports_free(self.ports.get(name, []), self.cfg.port_release_s)   # else the start says which is taken
         try:
             new = self.components[name]()
         except AlreadyRunning:
