@@ -79,36 +79,10 @@ def port_in_use(host: str, port: int) -> bool:
 _handed_out: set[int] = set()
 
 
-EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-FREE_PORT_SPAN = 12000   # how many ports below the kernel's ephemeral range free_port draws from
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768   # Linux's default
-
-
 def free_port(host: str = "127.0.0.1") -> int:
-    """A free port for a server, never one this process handed out before (a stack's config must
-    not name one port twice). Drawn below the kernel's ephemeral range: there, no client's
-    connection takes it as its source port while its server is down, so a supervised restart finds
-    it free (from the ephemeral range, an agent's restart once failed on "port already in use")."""
-    low = _ephemeral_low()
-    lo = max(1024, low - FREE_PORT_SPAN)
-    for _ in range(200):
-        port = secrets.randbelow(low - lo) + lo if low > lo else 0
-        if port == 0 or port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))   # no SO_REUSEADDR: a port with connections in TIME_WAIT is not free
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    while True:   # that span is full: what the kernel offers
+    """A free port, never one this process handed out before (the kernel may offer a just-closed
+    ephemeral port again, and a stack's config must not name one port twice)."""
+    while True:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
